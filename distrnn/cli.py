@@ -1,0 +1,109 @@
+"""``distrnn fit|validate|test|predict --config X.yaml`` (LightningCLI) and ``distrnn generate``.
+
+Bad input ends with one line on stderr naming the key or the file, and exit code 2, before any
+MLflow run or checkpoint is created.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, Optional
+
+from jsonargparse import ArgumentParser
+from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.plugins.io import CheckpointIO
+
+from distrnn.checkpoint import AtomicCheckpointIO, CheckpointError
+from distrnn.config import ConfigError
+from distrnn.data.base import RecurrentDataModule
+from distrnn.engine import TBPTTModule
+from distrnn.tracking import LogConfigToMLflow
+
+CHECKPOINT_DEFAULTS: dict[str, Any] = {
+    "monitor": "val/loss",
+    "mode": "min",
+    "save_top_k": 1,
+    "save_last": True,
+    "filename": "best-{step}",
+    "auto_insert_metric_name": False,
+}
+
+
+def fail(message: str) -> None:
+    print(f"distrnn: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+class DistrnnCLI(LightningCLI):
+    def __init__(self, args: Optional[list[str]] = None, **kwargs: Any) -> None:
+        super().__init__(
+            TBPTTModule,
+            RecurrentDataModule,
+            subclass_mode_data=True,
+            save_config_callback=LogConfigToMLflow,
+            save_config_kwargs={"save_to_log_dir": False},
+            parser_kwargs={"default_env": False},
+            args=args,
+            **kwargs,
+        )
+
+    def add_arguments_to_parser(self, parser: ArgumentParser) -> None:
+        # Always one ModelCheckpoint, configured under the top-level `checkpoint:` key.
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults({f"checkpoint.{k}": v for k, v in CHECKPOINT_DEFAULTS.items()})
+        parser.set_defaults({"trainer.logger": {"class_path": "distrnn.tracking.MLflowLogger"}})
+        # the data decides what the model reads and predicts
+        parser.link_arguments("data.task", "model.task", apply_on="instantiate")
+        parser.link_arguments("seed_everything", "model.seed")
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        plugins = self.config_init[self.subcommand]["trainer"].get("plugins") or []
+        plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
+        if not any(isinstance(p, CheckpointIO) for p in plugins):
+            self.config_init[self.subcommand]["trainer"]["plugins"] = [*plugins, AtomicCheckpointIO()]
+        return super().instantiate_trainer(**kwargs)
+
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except (ConfigError, CheckpointError, FileNotFoundError) as e:
+            fail(str(e).splitlines()[0])
+        except (ValueError, TypeError) as e:
+            fail(str(e).splitlines()[0])
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "generate":
+        from distrnn.generate import main as generate_main
+
+        sys.exit(generate_main(argv[1:]))
+    if argv and argv[0] == "download":
+        from distrnn.data.download import main as download_main
+
+        sys.exit(download_main(argv[1:]))
+    try:
+        cli = DistrnnCLI(args=argv)
+    except (ConfigError, CheckpointError) as e:
+        fail(str(e).splitlines()[0])
+    if cli.subcommand == "fit" and cli.trainer.is_global_zero:
+        _print_where(cli)
+
+
+def _print_where(cli: DistrnnCLI) -> None:
+    from lightning.pytorch.loggers import MLFlowLogger
+
+    logger = cli.trainer.logger
+    ckpt = cli.trainer.checkpoint_callback
+    print()
+    if isinstance(logger, MLFlowLogger) and logger.run_id:
+        print(f"MLflow run {logger.run_id} in experiment '{logger._experiment_name}' at {logger._tracking_uri}")
+        print("  look at it with:  make mlflow-ui   (then open http://127.0.0.1:5000)")
+    if ckpt is not None and ckpt.last_model_path:
+        print(f"checkpoints: {ckpt.dirpath}  (last: {ckpt.last_model_path})")
+
+
+if __name__ == "__main__":
+    main()

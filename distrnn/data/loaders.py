@@ -1,0 +1,246 @@
+"""Resumable batch iterables: the one place where stream batching and read positions live.
+
+A loader yields dict batches ``{"x", "y", "mask", "reset", "epoch", "index"}``:
+``mask_BT`` marks the steps that carry a loss, ``reset_BT`` the steps before which a row's state
+must be zeroed (a new sequence starts there). Loaders implement Lightning's ``state_dict`` /
+``load_state_dict`` protocol, so the read position is saved in every checkpoint and a resumed run
+continues at the next unseen batch. The TBPTT module pulls batches itself (``dataloader_iter``),
+so nothing is prefetched and the saved position is exactly the number of batches consumed.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Iterator, Optional
+
+import torch
+from torch import Tensor
+
+Batch = dict[str, Any]
+
+
+def batch_generator(seed: int, *parts: int) -> torch.Generator:
+    """A generator owned by one batch: the same (seed, epoch, index, ...) gives the same numbers,
+    whatever ran before, so resumed runs draw what uninterrupted runs draw."""
+    g = torch.Generator()
+    h = seed & 0xFFFFFFFF
+    for p in parts:
+        h = (h * 1_000_003 + (p & 0xFFFFFFFF) + 0x9E3779B9) % (2**63 - 1)
+    g.manual_seed(h)
+    return g
+
+
+class ResumableLoader:
+    """Batches indexed by (epoch, index); iteration starts at the saved position after a resume."""
+
+    def __init__(self) -> None:
+        self._epoch_source: Optional[Callable[[], int]] = None
+        self._own_epoch = -1
+        self.epoch = 0
+        self.position = 0
+        self._resume: Optional[tuple[int, int]] = None
+
+    def bind_epoch(self, source: Callable[[], int]) -> None:
+        """Take the epoch number from the trainer, which restores it on resume."""
+        self._epoch_source = source
+
+    def __len__(self) -> int:
+        return self.num_batches()
+
+    def num_batches(self) -> int:
+        raise NotImplementedError
+
+    def make_batch(self, epoch: int, index: int) -> Batch:
+        raise NotImplementedError
+
+    def __iter__(self) -> Iterator[Batch]:
+        if self._epoch_source is not None:
+            epoch = self._epoch_source()
+        else:
+            self._own_epoch += 1
+            epoch = self._own_epoch
+        start = 0
+        if self._resume is not None and self._resume[0] == epoch:
+            start = self._resume[1]
+        self._resume = None
+        self.epoch, self.position = epoch, start
+        return self._iterate(epoch, start)
+
+    def _iterate(self, epoch: int, start: int) -> Iterator[Batch]:
+        for index in range(start, self.num_batches()):
+            batch = self.make_batch(epoch, index)
+            self.position = index + 1
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "next_index": self.position}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._resume = (int(state["epoch"]), int(state["next_index"]))
+        self._own_epoch = int(state["epoch"]) - 1
+
+
+class StreamLoader(ResumableLoader):
+    """A token corpus cut into contiguous streams, served chunk by chunk in order.
+
+    The ``N - 1`` input positions of the corpus are split into ``batch_size * world_size``
+    contiguous streams whose lengths differ by at most one; rank r reads streams
+    ``[r * batch_size, (r + 1) * batch_size)``. Across all ranks every input token is read exactly
+    once per epoch and every target exactly once. The first chunk of an epoch resets every row;
+    ``doc_start_N`` marks further reset points (document boundaries in a folder corpus).
+    """
+
+    def __init__(
+        self,
+        tokens_N: Tensor,
+        batch_size: int,
+        seq_len: int,
+        doc_start_N: Optional[Tensor] = None,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        super().__init__()
+        n_inputs = tokens_N.numel() - 1
+        n_streams = batch_size * world_size
+        if n_inputs < n_streams:
+            raise ValueError(
+                f"corpus of {tokens_N.numel()} tokens is too short for {n_streams} streams"
+                f" (batch_size {batch_size} x world size {world_size})"
+            )
+        self.tokens_N = tokens_N
+        self.doc_start_N = doc_start_N
+        self.batch_size = batch_size
+        self.seq_len = seq_len
+        base, extra = divmod(n_inputs, n_streams)
+        lengths_S = torch.full((n_streams,), base, dtype=torch.long)
+        lengths_S[:extra] += 1
+        offsets_S = torch.cumsum(lengths_S, 0) - lengths_S
+        rows = slice(rank * batch_size, (rank + 1) * batch_size)
+        self.lengths_B = lengths_S[rows]
+        self.offsets_B = offsets_S[rows]
+        self.stream_len = int(lengths_S.max())
+
+    def num_batches(self) -> int:
+        return math.ceil(self.stream_len / self.seq_len)
+
+    def make_batch(self, epoch: int, index: int) -> Batch:
+        t_L = torch.arange(index * self.seq_len, min((index + 1) * self.seq_len, self.stream_len))
+        valid_BL = t_L[None, :] < self.lengths_B[:, None]
+        pos_BL = torch.minimum(self.offsets_B[:, None] + t_L[None, :], self.offsets_B[:, None] + self.lengths_B[:, None] - 1)
+        reset_BL = torch.zeros_like(valid_BL)
+        if self.doc_start_N is not None:
+            reset_BL = self.doc_start_N[pos_BL] & valid_BL
+        if index == 0:
+            reset_BL[:, 0] = True
+        return {
+            "x": self.tokens_N[pos_BL].long(),
+            "y": self.tokens_N[pos_BL + 1].long(),
+            "mask": valid_BL,
+            "reset": reset_BL,
+            "epoch": epoch,
+            "index": index,
+        }
+
+    def stream_positions(self, index: int) -> Tensor:
+        """Corpus positions of the inputs of batch ``index`` (-1 where a row has ended); for tests."""
+        t_L = torch.arange(index * self.seq_len, min((index + 1) * self.seq_len, self.stream_len))
+        pos = self.offsets_B[:, None] + t_L[None, :]
+        return torch.where(t_L[None, :] < self.lengths_B[:, None], pos, torch.full_like(pos, -1))
+
+
+class TensorLoader(ResumableLoader):
+    """Batches of whole sequences from tensors with a leading sample dimension.
+
+    The order is a permutation drawn from (seed, epoch) when ``shuffle``; each rank takes every
+    ``world_size``-th batch. Every batch starts new sequences, so ``reset[:, 0]`` is True.
+    ``fields`` holds ``x`` (sample count from its first dimension) and anything ``transform``
+    turns into ``x``, ``y`` and optionally ``mask`` per batch (so large per-step targets need not be
+    stored).
+    """
+
+    def __init__(
+        self,
+        fields: dict[str, Tensor],
+        batch_size: int,
+        shuffle: bool = False,
+        seed: int = 0,
+        drop_last: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+        transform: Optional[Callable[[dict[str, Tensor]], dict[str, Tensor]]] = None,
+    ) -> None:
+        super().__init__()
+        self.fields = fields
+        self.transform = transform
+        self.n = fields["x"].shape[0]
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.seed = seed
+        self.drop_last = drop_last
+        self.rank = rank
+        self.world_size = world_size
+
+    def _global_batches(self) -> int:
+        if self.drop_last:
+            return self.n // self.batch_size
+        return math.ceil(self.n / self.batch_size)
+
+    def num_batches(self) -> int:
+        return self._global_batches() // self.world_size
+
+    def make_batch(self, epoch: int, index: int) -> Batch:
+        if self.shuffle:
+            order = torch.randperm(self.n, generator=batch_generator(self.seed, epoch))
+        else:
+            order = torch.arange(self.n)
+        g = index * self.world_size + self.rank
+        idx = order[g * self.batch_size : (g + 1) * self.batch_size]
+        batch = {k: v[idx] for k, v in self.fields.items()}
+        if self.transform is not None:
+            batch = self.transform(batch)
+        return _complete(batch, epoch, index)
+
+
+class GeneratedLoader(ResumableLoader):
+    """Batches made on the fly by ``generate(generator, batch_size)`` from (seed, epoch, index, rank).
+
+    Synthetic tasks at any length T need no memory for a data set, and a resumed run draws
+    exactly the batches that an uninterrupted run draws.
+    """
+
+    def __init__(
+        self,
+        generate: Callable[[torch.Generator, int], dict[str, Tensor]],
+        batch_size: int,
+        batches_per_epoch: int,
+        seed: int,
+        rank: int = 0,
+        fixed: bool = False,
+    ) -> None:
+        super().__init__()
+        self.generate = generate
+        self.batch_size = batch_size
+        self.batches_per_epoch = batches_per_epoch
+        self.seed = seed
+        self.rank = rank
+        self.fixed = fixed  # validation: the same batches every epoch
+
+    def num_batches(self) -> int:
+        return self.batches_per_epoch
+
+    def make_batch(self, epoch: int, index: int) -> Batch:
+        g = batch_generator(self.seed, 0 if self.fixed else epoch, index, self.rank)
+        return _complete(self.generate(g, self.batch_size), epoch, index)
+
+
+def _complete(batch: dict[str, Tensor], epoch: int, index: int) -> Batch:
+    x = batch["x"]
+    B, T = x.shape[0], x.shape[1]
+    if "mask" not in batch:
+        batch["mask"] = torch.ones(B, T, dtype=torch.bool)
+    reset = torch.zeros(B, T, dtype=torch.bool)
+    reset[:, 0] = True
+    batch["reset"] = reset
+    batch["epoch"] = epoch
+    batch["index"] = index
+    return batch

@@ -1,0 +1,121 @@
+"""Byte-level corpora: any local text file or folder, served as contiguous streams."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from distrnn.config import ConfigError, TaskSpec
+from distrnn.data.base import RecurrentDataModule, existing_path
+from distrnn.data.loaders import StreamLoader
+
+BYTE_VOCAB = 256
+
+
+def read_bytes(path: Path) -> tuple[Tensor, Tensor]:
+    """The bytes of a file, or of every file below a folder in sorted order; and a mask of the
+    positions where a file starts (the streams reset their state there)."""
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+    if not files:
+        raise ConfigError(f"data.path: no files under {path}")
+    chunks, starts, offset = [], [], 0
+    for f in files:
+        data = np.fromfile(f, dtype=np.uint8)
+        if data.size == 0:
+            continue
+        chunks.append(data)
+        starts.append(offset)
+        offset += data.size
+    if not chunks:
+        raise ConfigError(f"data.path: {path} holds no bytes")
+    tokens = torch.from_numpy(np.concatenate(chunks))
+    doc_start = torch.zeros(tokens.numel(), dtype=torch.bool)
+    doc_start[torch.tensor(starts)] = True
+    return tokens, doc_start
+
+
+class ByteCorpusDataModule(RecurrentDataModule):
+    """Byte-level language modelling on a local file or folder, or a public corpus by name.
+
+    Args:
+        path: a text file or a folder of them. Ignored when ``corpus`` is set.
+        corpus: enwik8, text8 or tiny_shakespeare, fetched into ``cache_dir`` (SHA-256 checked).
+        cache_dir: where downloaded corpora are kept.
+        batch_size: streams per rank (B).
+        seq_len: steps per batch chunk; the TBPTT module cuts it into updates of k1 steps.
+        val_fraction: the tail of the corpus held out for validation.
+        seed: unused by streams (their order is fixed); kept for a uniform interface.
+    """
+
+    def __init__(
+        self,
+        path: Optional[str] = None,
+        corpus: Optional[str] = None,
+        cache_dir: str = "data_cache",
+        batch_size: int = 32,
+        seq_len: int = 128,
+        val_fraction: float = 0.05,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(batch_size, seed)
+        if seq_len <= 0:
+            raise ConfigError(f"data.seq_len: must be > 0, got {seq_len}")
+        if not 0.0 < val_fraction < 1.0:
+            raise ConfigError(f"data.val_fraction: must be in (0, 1), got {val_fraction}")
+        if corpus is None and path is None:
+            raise ConfigError("data.path: give a file or folder (or data.corpus)")
+        if corpus is None:
+            self.path = existing_path(path, "data.path")
+        else:
+            from distrnn.data.download import CORPORA
+
+            if corpus not in CORPORA:
+                raise ConfigError(f"data.corpus: unknown corpus {corpus!r}; known: {sorted(CORPORA)}")
+            self.path = None
+        self.corpus = corpus
+        self.cache_dir = cache_dir
+        self.seq_len = seq_len
+        self.val_fraction = val_fraction
+        self.task = TaskSpec(kind="language_model", output_dim=BYTE_VOCAB, vocab_size=BYTE_VOCAB)
+        self._tokens: Optional[Tensor] = None
+
+    def prepare_data(self) -> None:
+        if self.corpus is not None:
+            from distrnn.data.download import fetch_corpus
+
+            fetch_corpus(self.corpus, self.cache_dir)
+
+    def setup(self, stage: str) -> None:
+        if self._tokens is not None:
+            return
+        path = self.path
+        if path is None:
+            from distrnn.data.download import fetch_corpus
+
+            path = fetch_corpus(self.corpus, self.cache_dir)
+        self._tokens, self._doc_start = read_bytes(path)
+        n = self._tokens.numel()
+        self._split = n - max(2, int(n * self.val_fraction))
+
+    def _streams(self, a: int, b: int, batch_size: int) -> StreamLoader:
+        try:
+            loader = StreamLoader(
+                self._tokens[a:b], batch_size, self.seq_len, self._doc_start[a:b], self.rank, self.world_size
+            )
+        except ValueError as e:
+            raise ConfigError(f"data.batch_size: {e}") from None
+        return self._bind(loader)
+
+    def train_dataloader(self) -> StreamLoader:
+        return self._streams(0, self._split, self.batch_size)
+
+    def val_dataloader(self) -> StreamLoader:
+        val_tokens = self._tokens.numel() - self._split
+        return self._streams(self._split, self._tokens.numel(), max(1, min(self.batch_size, (val_tokens - 1) // self.seq_len)))
+
+    def test_dataloader(self) -> StreamLoader:
+        return self.val_dataloader()

@@ -1,0 +1,335 @@
+"""The TBPTT engine: one LightningModule with manual optimization for every recurrence and task.
+
+What it owns, and saves as one unit in every checkpoint (``checkpoint["distrnn"]``):
+the carried hidden state (and, for k2 > k1, the last k2 - k1 inputs that the next window
+re-runs) and the RNG states. Weights, optimizer, scheduler and the data loader's read position are
+saved by Lightning beside it, so a resumed run continues exactly where the original stopped.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from typing import Any, Iterator, Optional
+
+import lightning as L
+import numpy as np
+import torch
+from torch import Tensor
+
+from distrnn.bptt import LN2, chunk_bounds, loss_sum, run_window
+from distrnn.config import (
+    ConfigError,
+    NetworkConfig,
+    OptimizerConfig,
+    TaskSpec,
+    TBPTTConfig,
+    coerce,
+    to_plain,
+)
+from distrnn.model import RecurrentModel
+from distrnn.state import State, detach_state, map_state, state_tensors
+
+CHECKPOINT_KEY = "distrnn"
+CHECKPOINT_FORMAT = 1
+
+
+class Carry:
+    """What truncated BPTT carries from one update to the next."""
+
+    def __init__(self, state: Optional[State] = None, history: Optional[dict[str, Tensor]] = None) -> None:
+        self.state = state
+        self.history = history  # x, y, reset of the steps the next window re-runs (k2 > k1)
+
+    def batch_size(self) -> Optional[int]:
+        tensors = state_tensors(self.state)
+        return tensors[0].shape[1] if tensors else None
+
+    def to(self, device: torch.device) -> "Carry":
+        history = self.history
+        if history is not None:  # the reset mask stays on the host
+            history = {k: v if k == "reset" else v.to(device) for k, v in history.items()}
+        return Carry(map_state(lambda s: s.to(device), self.state), history)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "state": map_state(lambda s: s.detach().cpu(), self.state),
+            "history": None if self.history is None else {k: v.cpu() for k, v in self.history.items()},
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Carry":
+        return cls(d.get("state"), d.get("history"))
+
+
+def capture_rng() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "python": random.getstate(),
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached": float(np_state[4])},
+    }
+
+
+def restore_rng(s: dict[str, Any]) -> None:
+    torch.set_rng_state(s["torch"])
+    if s["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+    random.setstate(s["python"])
+    n = s["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+
+
+class TBPTTModule(L.LightningModule):
+    """Trains a :class:`RecurrentModel` by truncated, full or checkpointed BPTT.
+
+    Args:
+        network: the recurrent network.
+        tbptt: the gradient mode and truncation lengths.
+        optimizer: optimizer, schedule, clipping.
+        task: set from the data module by the CLI (``data.task``).
+        seed: seeds the randomized chunk lengths.
+    """
+
+    def __init__(
+        self,
+        network: Optional[NetworkConfig] = None,
+        tbptt: Optional[TBPTTConfig] = None,
+        optimizer: Optional[OptimizerConfig] = None,
+        task: Optional[TaskSpec] = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if task is None:
+            raise ConfigError("model.task: not set; the data module provides it (data.task)")
+        self.network_cfg = coerce(NetworkConfig, network)
+        self.tbptt_cfg = coerce(TBPTTConfig, tbptt)
+        self.optim_cfg = coerce(OptimizerConfig, optimizer)
+        self.task = coerce(TaskSpec, task)
+        self.seed = seed
+        if self.task.seq_len is not None and self.tbptt_cfg.k1 > self.task.seq_len:
+            raise ConfigError(
+                f"model.tbptt.k1: {self.tbptt_cfg.k1} is longer than the data's sequences ({self.task.seq_len} steps)"
+            )
+        self.save_hyperparameters(
+            {
+                "network": to_plain(self.network_cfg),
+                "tbptt": to_plain(self.tbptt_cfg),
+                "optimizer": to_plain(self.optim_cfg),
+                "task": to_plain(self.task),
+                "seed": seed,
+            },
+            logger=False,
+        )
+        self.model = RecurrentModel(self.network_cfg, self.task)
+        self.automatic_optimization = False
+        self._carry = Carry()
+        self._val_state: Optional[State] = None
+        self._pending_rng: Optional[dict[str, Any]] = None
+        self._grad_norm: Optional[Tensor] = None
+        self._lr_scale = 1.0
+        self._t_last: Optional[float] = None
+
+    # ---------------------------------------------------------------- optimization
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        c = self.optim_cfg
+        params = self.model.parameters()
+        if c.name == "sgd":
+            opt: torch.optim.Optimizer = torch.optim.SGD(params, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
+        elif c.name == "adam":
+            opt = torch.optim.Adam(params, lr=c.lr, betas=c.betas, weight_decay=c.weight_decay)
+        else:
+            opt = torch.optim.AdamW(params, lr=c.lr, betas=c.betas, weight_decay=c.weight_decay)
+        total = max(1, self._total_updates())
+
+        def factor(update: int) -> float:
+            if c.warmup_updates and update < c.warmup_updates:
+                return (update + 1) / c.warmup_updates
+            if c.schedule == "cosine":
+                p = min(1.0, (update - c.warmup_updates) / max(1, total - c.warmup_updates))
+                return c.min_lr_ratio + (1 - c.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * p))
+            return 1.0
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def _total_updates(self) -> int:
+        try:
+            batches = int(self.trainer.estimated_stepping_batches)
+        except Exception:
+            return 1
+        if self.tbptt_cfg.mode == "tbptt" and self.task.seq_len:
+            return batches * math.ceil(self.task.seq_len / self.tbptt_cfg.k1)
+        return batches
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        # Called after fp16 unscaling and before the step (Lightning forbids the Trainer's
+        # gradient_clip_val with manual optimization, so clipping lives here).
+        clip = self.optim_cfg.clip_norm
+        self._grad_norm = torch.nn.utils.clip_grad_norm_(
+            self.model.parameters(), clip if clip is not None else float("inf"), foreach=True
+        )
+
+    def _update(self, x: Tensor, y: Tensor, mask: Tensor, reset: Tensor, n_loss: int, lr_scale: float) -> Optional[Tensor]:
+        """One optimizer update over the window that ends with this chunk; returns the mean loss."""
+        cfg = self.tbptt_cfg
+        carry = self._carry
+        T_new = x.shape[1]
+        if carry.history is not None:
+            h = carry.history
+            x = torch.cat([h["x"], x], dim=1)
+            y = torch.cat([h["y"], y], dim=1)
+            no_loss = torch.zeros(x.shape[0], h["x"].shape[1], dtype=torch.bool, device=mask.device)
+            mask = torch.cat([no_loss, mask], dim=1)
+            reset = torch.cat([h["reset"], reset], dim=1)
+        T_win = x.shape[1]
+        keep = min(cfg.window - cfg.k1, T_win) if cfg.mode == "tbptt" else 0
+        capture_at = T_win - keep if keep > 0 else None
+        segment = cfg.k1 if cfg.mode == "checkpointed" else None
+
+        if n_loss == 0:
+            # No loss in this chunk (e.g. a label at the end of a long sequence): move the state on.
+            with torch.no_grad():
+                res = run_window(self.model, self.task, x, y, mask, reset, carry.state, capture_at)
+            self._advance_carry(res, x, y, reset, keep)
+            return None
+
+        opt = self.optimizers()
+        sched = self.lr_schedulers()
+        res = run_window(self.model, self.task, x, y, mask, reset, carry.state, capture_at, segment)
+        loss = res.loss_sum / n_loss
+        opt.zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        if lr_scale != 1.0:
+            for g in opt.param_groups:
+                g["lr"] *= lr_scale
+        opt.step()
+        if lr_scale != 1.0:
+            for g in opt.param_groups:
+                g["lr"] /= lr_scale
+        sched.step()
+        self._advance_carry(res, x, y, reset, keep)
+        return loss.detach()
+
+    def _advance_carry(self, res: Any, x: Tensor, y: Tensor, reset: Tensor, keep: int) -> None:
+        if keep > 0:
+            start = x.shape[1] - keep
+            self._carry = Carry(
+                detach_state(res.captured),
+                {"x": x[:, start:].detach(), "y": y[:, start:].detach(), "reset": reset[:, start:]},
+            )
+        else:
+            self._carry = Carry(detach_state(res.state), None)
+
+    # ---------------------------------------------------------------- steps
+
+    def _unpack(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """Move x, y, mask to the device; the reset mask and a copy of the loss mask stay on the
+        host, where their boundaries and counts are read without a device sync."""
+        x = batch["x"].to(self.device, non_blocking=True)
+        if x.is_floating_point():
+            x = x.to(self.dtype)
+        y = batch["y"].to(self.device, non_blocking=True)
+        if y.is_floating_point():
+            y = y.to(self.dtype)
+        mask_cpu = batch["mask"].cpu()
+        return x, y, mask_cpu.to(self.device, non_blocking=True), batch["reset"].cpu(), mask_cpu
+
+    def training_step(self, dataloader_iter: Iterator) -> None:
+        batch, _, _ = next(dataloader_iter)  # StopIteration ends the epoch
+        if self._pending_rng is not None:
+            restore_rng(self._pending_rng)
+            self._pending_rng = None
+        if self._t_last is None:
+            self._t_last = time.perf_counter()
+        x, y, mask, reset, mask_cpu = self._unpack(batch)
+        B, T = x.shape[0], x.shape[1]
+        if self._carry.batch_size() not in (None, B):
+            self._carry = Carry()  # a smaller last batch: its rows all start new sequences
+        self._carry = self._carry.to(self.device)
+        cfg = self.tbptt_cfg
+        if cfg.mode == "tbptt":
+            bounds = chunk_bounds(T, cfg.k1, cfg.randomize, self.seed, batch["epoch"], batch["index"])
+        else:
+            bounds = [(0, T)]
+        counts = [int(mask_cpu[:, a:b].sum()) for a, b in bounds]
+        losses, weights = [], []
+        for (a, b), n in zip(bounds, counts):
+            scale = (b - a) / cfg.k1 if cfg.randomize else 1.0
+            loss = self._update(x[:, a:b], y[:, a:b], mask[:, a:b], reset[:, a:b], n, scale)
+            if loss is not None:
+                losses.append(loss * n)
+                weights.append(n)
+        if weights:
+            mean = torch.stack(losses).sum() / sum(weights)
+            self.log("train/loss", mean, prog_bar=True, batch_size=sum(weights))
+            if self.task.kind == "language_model":
+                self.log("train/bpb", mean / LN2, batch_size=sum(weights))
+            if self._grad_norm is not None:
+                self.log("train/grad_norm", self._grad_norm, batch_size=B)
+            self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=B)
+        now = time.perf_counter()
+        self.log("train/tokens_per_s", float(B * T) / max(now - self._t_last, 1e-9), batch_size=B)
+        self._t_last = now
+
+    def on_train_epoch_start(self) -> None:
+        self._t_last = None
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_state = None
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def on_test_epoch_start(self) -> None:
+        self._val_state = None
+
+    def _eval_step(self, batch: dict[str, Any], stage: str) -> None:
+        x, y, mask, reset, mask_cpu = self._unpack(batch)
+        state = self._val_state
+        if state is not None and state_tensors(state)[0].shape[1] != x.shape[0]:
+            state = None
+        y_hat, state = self.model(x, state, reset)
+        self._val_state = detach_state(state)
+        n = int(mask_cpu.sum())
+        if n == 0:
+            return
+        loss = loss_sum(y_hat, y, mask, self.task) / n
+        self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=n, sync_dist=True)
+        if self.task.kind == "language_model":
+            self.log(f"{stage}/bpb", loss / LN2, batch_size=n, sync_dist=True)
+        elif self.task.kind == "classification":
+            correct = ((y_hat.argmax(-1) == y) & mask).sum()
+            self.log(f"{stage}/accuracy", correct.float() / n, prog_bar=True, batch_size=n, sync_dist=True)
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        x, _, _, reset, _ = self._unpack(batch)
+        y_hat, _ = self.model(x, None, reset)
+        return y_hat
+
+    # ---------------------------------------------------------------- checkpoint
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[CHECKPOINT_KEY] = {
+            "format": CHECKPOINT_FORMAT,
+            "carry": self._carry.to_dict(),
+            "rng": capture_rng(),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        d = checkpoint.get(CHECKPOINT_KEY)
+        if d is None:
+            return  # weights-only use (generate, fine-tuning from a foreign file)
+        if d.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"checkpoint format {d.get('format')} is not {CHECKPOINT_FORMAT}")
+        self._carry = Carry.from_dict(d["carry"])
+        # Applied at the first training step, after Lightning's own start-up (sanity validation),
+        # so the resumed run continues with the generator the original had after its last step.
+        self._pending_rng = d["rng"]

@@ -1,0 +1,117 @@
+"""Recurrent layers behind one stateful interface, and the registry that names them.
+
+Every layer maps ``x_BTD`` and an optional state to ``(y_BTH, final_state)``; the state layout is
+described in :mod:`distrnn.state`. ``step`` runs one time step, for streaming generation.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Literal, Optional
+
+import torch
+from torch import Tensor, nn
+
+from distrnn.state import State
+
+RECURRENCES: dict[str, type["Recurrence"]] = {}
+
+
+def register_recurrence(name: str) -> Callable[[type["Recurrence"]], type["Recurrence"]]:
+    def add(cls: type["Recurrence"]) -> type["Recurrence"]:
+        if name in RECURRENCES:
+            raise ValueError(f"recurrence {name!r} is already registered by {RECURRENCES[name].__qualname__}")
+        RECURRENCES[name] = cls
+        cls.registry_name = name
+        return cls
+
+    return add
+
+
+def build_recurrence(name: str, **kwargs) -> "Recurrence":
+    if name not in RECURRENCES:
+        raise ValueError(f"network.recurrence: unknown recurrence {name!r}; registered: {sorted(RECURRENCES)}")
+    return RECURRENCES[name](**kwargs)
+
+
+class Recurrence(nn.Module):
+    """Base class: ``forward(x_BTD, state=None) -> (y_BTH, final_state)``."""
+
+    registry_name: str = ""
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.input_size = input_size
+        self.hidden_size = hidden_size
+        self.num_layers = num_layers
+        self.dropout = dropout
+
+    def forward(self, x_BTD: Tensor, state: Optional[State] = None) -> tuple[Tensor, State]:
+        raise NotImplementedError
+
+    def step(self, x_BD: Tensor, state: Optional[State] = None) -> tuple[Tensor, State]:
+        y_B1H, state = self.forward(x_BD.unsqueeze(1), state)
+        return y_B1H.squeeze(1), state
+
+
+class _CudnnRecurrence(Recurrence):
+    """Shared body of the layers that run on ``nn.RNN``/``nn.LSTM``/``nn.GRU`` (cuDNN on a GPU).
+
+    cuDNN has been seen to stall for minutes on a single bf16 LSTM call at T=4096 (B=64, H=1024)
+    while T=2048 takes 50 ms, so long inputs on CUDA are fed through in pieces of
+    ``cuda_max_steps`` with the state carried: the result is the same as one long call.
+    """
+
+    cuda_max_steps: int = 2048
+    rnn: nn.RNNBase
+
+    def forward(self, x_BTD: Tensor, state: Optional[State] = None) -> tuple[Tensor, State]:
+        T = x_BTD.shape[1]
+        if not x_BTD.is_cuda or T <= self.cuda_max_steps:
+            return self.rnn(x_BTD, state)
+        ys = []
+        for start in range(0, T, self.cuda_max_steps):
+            y, state = self.rnn(x_BTD[:, start : start + self.cuda_max_steps], state)
+            ys.append(y)
+        return torch.cat(ys, dim=1), state
+
+
+@register_recurrence("elman")
+class ElmanRNN(_CudnnRecurrence):
+    """Elman RNN, ``h_t = f(W x_t + U h_{t-1} + b)`` with f in {tanh, relu}.
+
+    ``nn.RNN`` keeps two bias vectors (b_ih + b_hh); their sum is the b of the formula. The output
+    ``y_t = g(V h_t + c)`` is the task head of :class:`distrnn.model.RecurrentModel`.
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        num_layers: int = 1,
+        dropout: float = 0.0,
+        nonlinearity: Literal["tanh", "relu"] = "tanh",
+    ) -> None:
+        super().__init__(input_size, hidden_size, num_layers, dropout)
+        if nonlinearity not in ("tanh", "relu"):
+            raise ValueError(f"network.nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
+        self.rnn = nn.RNN(
+            input_size, hidden_size, num_layers, nonlinearity=nonlinearity, batch_first=True, dropout=dropout
+        )
+
+
+@register_recurrence("lstm")
+class LSTM(_CudnnRecurrence):
+    """LSTM on ``nn.LSTM``; state ``(h_LBH, c_LBH)``."""
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, dropout: float = 0.0) -> None:
+        super().__init__(input_size, hidden_size, num_layers, dropout)
+        self.rnn = nn.LSTM(input_size, hidden_size, num_layers, batch_first=True, dropout=dropout)
+
+
+@register_recurrence("gru")
+class GRU(_CudnnRecurrence):
+    """GRU on ``nn.GRU``; state ``h_LBH``."""
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, dropout: float = 0.0) -> None:
+        super().__init__(input_size, hidden_size, num_layers, dropout)
+        self.rnn = nn.GRU(input_size, hidden_size, num_layers, batch_first=True, dropout=dropout)

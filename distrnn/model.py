@@ -1,0 +1,77 @@
+"""The model wrapper: input encoder, recurrent stack, task head.
+
+It knows nothing of distributed training: strategies wrap it from outside.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from distrnn.config import NetworkConfig, TaskSpec
+from distrnn.layers import build_recurrence
+from distrnn.state import State, mask_state
+
+
+class RecurrentModel(nn.Module):
+    """``forward(x, state=None, reset_BT=None) -> (y_BTO, final_state)``.
+
+    ``x`` is ``x_BT`` (token ids) or ``x_BTD`` (features). ``reset_BT[b, t]`` True zeroes row b's
+    state before step t: a sequence ended there and another begins.
+    """
+
+    def __init__(self, network: NetworkConfig, task: TaskSpec) -> None:
+        super().__init__()
+        self.network = network
+        self.task = task
+        if task.vocab_size is not None:
+            in_dim = network.embedding_dim or network.hidden_size
+            self.encoder: nn.Module = nn.Embedding(task.vocab_size, in_dim)
+        else:
+            in_dim = task.input_dim
+            self.encoder = nn.Identity()
+        extra = {"nonlinearity": network.nonlinearity} if network.nonlinearity else {}
+        self.recurrence = build_recurrence(
+            network.recurrence,
+            input_size=in_dim,
+            hidden_size=network.hidden_size,
+            num_layers=network.num_layers,
+            dropout=network.dropout,
+            **extra,
+        )
+        self.head = nn.Linear(network.hidden_size, task.output_dim)
+
+    def forward(
+        self, x: Tensor, state: Optional[State] = None, reset_BT: Optional[Tensor] = None
+    ) -> tuple[Tensor, State]:
+        h_BTH, state = self.hidden(x, state, reset_BT)
+        return self.head(h_BTH), state
+
+    def hidden(
+        self, x: Tensor, state: Optional[State] = None, reset_BT: Optional[Tensor] = None
+    ) -> tuple[Tensor, State]:
+        """The last layer's hidden states, cut at the steps where any row resets."""
+        e = self.encoder(x)
+        T = e.shape[1]
+        if reset_BT is None:
+            return self.recurrence(e, state)
+        # Resets are rare (sequence boundaries), so the input runs in as few pieces as there are
+        # reset steps; the cuDNN kernels see long pieces.
+        starts = torch.nonzero(reset_BT.any(dim=0)).flatten().tolist()
+        bounds = sorted(set([0, *starts, T]))
+        ys = []
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            if state is not None and reset_BT[:, a].any():
+                state = mask_state(state, ~reset_BT[:, a])
+            y, state = self.recurrence(e[:, a:b], state)
+            ys.append(y)
+        return torch.cat(ys, dim=1), state
+
+    @torch.no_grad()
+    def step(self, x_B: Tensor, state: Optional[State] = None) -> tuple[Tensor, State]:
+        """One step for streaming: ``x_B`` tokens (or ``x_BD`` features) -> ``(y_BO, state)``."""
+        e = self.encoder(x_B)
+        h, state = self.recurrence.step(e, state)
+        return self.head(h), state

@@ -1,0 +1,43 @@
+"""Helpers on recurrent state.
+
+Every recurrence in distrnn keeps its state as a tensor or a tuple of tensors shaped
+``(num_layers, B, H)``: the batch sits in dim 1 for all of them (the cuDNN convention), so
+detaching, masking and gathering need no per-layer code.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Union
+
+import torch
+from torch import Tensor
+
+State = Union[Tensor, tuple[Tensor, ...]]
+
+
+def map_state(fn: Callable[[Tensor], Tensor], state: Optional[State]) -> Optional[State]:
+    if state is None:
+        return None
+    if isinstance(state, Tensor):
+        return fn(state)
+    return tuple(fn(s) for s in state)
+
+
+def detach_state(state: Optional[State]) -> Optional[State]:
+    return map_state(lambda s: s.detach(), state)
+
+
+def mask_state(state: Optional[State], keep_B: Tensor) -> Optional[State]:
+    """Zero the rows of ``state`` where ``keep_B`` is False (their sequence has ended)."""
+    keep = keep_B.view(1, -1, 1)
+    return map_state(lambda s: s * keep.to(s.dtype), state)
+
+
+def state_tensors(state: Optional[State]) -> tuple[Tensor, ...]:
+    if state is None:
+        return ()
+    return (state,) if isinstance(state, Tensor) else tuple(state)
+
+
+def slice_state(state: Optional[State], rows: slice) -> Optional[State]:
+    return map_state(lambda s: s[:, rows], state)
