@@ -7,6 +7,7 @@ MLflow run or checkpoint is created.
 from __future__ import annotations
 
 import sys
+import warnings
 from typing import Any, Optional
 
 from jsonargparse import ArgumentParser
@@ -29,6 +30,12 @@ CHECKPOINT_DEFAULTS: dict[str, Any] = {
     "filename": "best-{step}",
     "auto_insert_metric_name": False,
 }
+
+
+# distrnn pulls its batches in training_step (dataloader_iter) on purpose: no prefetch, so the
+# saved read position is exact. Lightning warns about that flavour on every run.
+warnings.filterwarnings("ignore", message=".*dataloader_iter.*")
+warnings.filterwarnings("ignore", message=".*LeafSpec.*")
 
 
 def fail(message: str) -> None:

@@ -1,0 +1,168 @@
+"""Gradient modes against independent references (float64)."""
+
+import math
+
+import pytest
+import torch
+
+from distrnn.bptt import chunk_bounds, run_window
+from distrnn.config import NetworkConfig, TaskSpec
+from distrnn.data.loaders import StreamLoader, TensorLoader
+from distrnn.model import RecurrentModel
+from distrnn.state import state_tensors
+
+from helpers import GradRecorder, ListDataModule, make_module, trainer
+
+LM = TaskSpec(kind="language_model", output_dim=11, vocab_size=11)
+
+
+def _grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def _full_reference(model, task, x, y, mask, reset):
+    """Plain autograd through one long forward pass."""
+    model.zero_grad()
+    y_hat, _ = model(x, None, reset)
+    if task.kind == "regression":
+        per = (y_hat - y).pow(2).mean(-1)
+    else:
+        per = torch.nn.functional.cross_entropy(y_hat.flatten(0, 1), y.flatten(), reduction="none").view_as(mask)
+    loss = (per * mask).sum() / mask.sum()
+    loss.backward()
+    return loss.detach(), _grads(model)
+
+
+@pytest.mark.parametrize("name", ["elman", "lstm", "gru"])
+def test_checkpointed_bptt_gives_full_bptt_gradients(name):
+    torch.manual_seed(1)
+    model = RecurrentModel(NetworkConfig(recurrence=name, hidden_size=7, num_layers=2), LM).double()
+    B, T = 3, 53
+    x, y = torch.randint(0, 11, (B, T)), torch.randint(0, 11, (B, T))
+    mask = torch.rand(B, T) < 0.7
+    reset = torch.zeros(B, T, dtype=torch.bool)
+    reset[:, 0] = True
+    reset[1, 20] = True
+    ref_loss, ref = _full_reference(model, LM, x, y, mask, reset)
+    model.zero_grad()
+    res = run_window(model, LM, x, y, mask, reset, None, segment=10)
+    (res.loss_sum / mask.sum()).backward()
+    torch.testing.assert_close(res.loss_sum / mask.sum(), ref_loss, rtol=0, atol=1e-10)
+    for n, g in _grads(model).items():
+        torch.testing.assert_close(g, ref[n], rtol=0, atol=1e-10, msg=n)
+
+
+def _sequence_batches(x, y, mask, batch_size):
+    return TensorLoader({"x": x, "y": y, "mask": mask}, batch_size, shuffle=False)
+
+
+@pytest.mark.parametrize("mode,k1", [("tbptt", 40), ("full", 40), ("checkpointed", 9)])
+def test_module_update_equals_full_bptt(mode, k1):
+    """One optimizer step of the module (k1 = T for tbptt) sees the gradients of full BPTT."""
+    task = TaskSpec(kind="regression", output_dim=2, input_dim=3, seq_len=40)
+    B, T = 4, 40
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(B, T, 3, generator=g).double(), torch.randn(B, T, 2, generator=g).double()
+    mask = torch.zeros(B, T, dtype=torch.bool)
+    mask[:, -5:] = True
+    module = make_module(task, recurrence="gru", mode=mode, k1=k1).double()
+    ref_model = RecurrentModel(module.network_cfg, task).double()
+    ref_model.load_state_dict(module.model.state_dict())
+    reset = torch.zeros(B, T, dtype=torch.bool)
+    reset[:, 0] = True
+    _, ref = _full_reference(ref_model, task, x, y, mask.double(), reset)
+    rec = GradRecorder()
+    trainer(max_steps=1, precision="64-true", callbacks=[rec]).fit(module, ListDataModule(_sequence_batches(x, y, mask, B)))
+    assert len(rec.grads) == 1
+    for n, gr in rec.grads[0].items():
+        torch.testing.assert_close(gr, ref[n.removeprefix("model.")], rtol=0, atol=1e-10, msg=n)
+
+
+def _stream(n=400, B=3, seq_len=24):
+    g = torch.Generator().manual_seed(5)
+    tokens = torch.randint(0, 11, (n,), generator=g, dtype=torch.uint8)
+    return tokens, StreamLoader(tokens, B, seq_len)
+
+
+def _long_pass_state(model, loader, upto):
+    """The state of one long forward pass over each stream's first `upto` inputs."""
+    xs = torch.cat([loader.make_batch(0, i)["x"] for i in range(len(loader))], dim=1)
+    _, s = model(xs[:, :upto])
+    return s, xs
+
+
+@pytest.mark.parametrize("k1,k2", [(6, 6), (6, 10), (4, 15)])
+def test_carried_state_equals_one_long_pass(k1, k2):
+    """With updates too small to move float64 weights, TBPTT's carried state (and, for k2 > k1,
+    its window start and re-run history) equals the state of one uninterrupted forward pass."""
+    tokens, loader = _stream()
+    module = make_module(LM, recurrence="lstm", k1=k1, k2=k2, lr=1e-300).double()
+    w0 = {k: v.clone() for k, v in module.state_dict().items()}
+    trainer(max_epochs=1, precision="64-true").fit(module, ListDataModule(loader))
+    for k, v in module.state_dict().items():
+        assert torch.equal(v, w0[k]), k  # the weights did not move
+    ref = RecurrentModel(module.network_cfg, LM).double()
+    ref.load_state_dict(module.model.state_dict())
+    T_total = loader.stream_len
+    keep = k2 - k1
+    s_ref, xs = _long_pass_state(ref, loader, T_total - keep)
+    for a, b in zip(state_tensors(module._carry.state), state_tensors(s_ref)):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    if keep:
+        assert torch.equal(module._carry.history["x"], xs[:, T_total - keep :])
+    else:
+        assert module._carry.history is None
+
+
+def test_tbptt_k1_k2_window_gradient():
+    """TBPTT(k1, k2): the update after a chunk is the gradient of that chunk's loss through the
+    last k2 steps, starting from the (detached) state k2 steps back."""
+    tokens, loader = _stream(n=200, B=2, seq_len=6)
+    k1, k2 = 6, 14
+    module = make_module(LM, recurrence="gru", k1=k1, k2=k2, lr=1e-300).double()
+    rec = GradRecorder()
+    trainer(max_steps=4, precision="64-true", callbacks=[rec]).fit(module, ListDataModule(loader))
+    ref = RecurrentModel(module.network_cfg, LM).double()
+    ref.load_state_dict(module.model.state_dict())
+    xs = torch.cat([loader.make_batch(0, i)["x"] for i in range(4)], dim=1)
+    ys = torch.cat([loader.make_batch(0, i)["y"] for i in range(4)], dim=1)
+    end = 4 * k1  # the 4th update covers steps [end - k2, end), loss on the last k1
+    with torch.no_grad():
+        _, s0 = ref(xs[:, : end - k2])
+    ref.zero_grad()
+    y_hat, _ = ref(xs[:, end - k2 : end], s0)
+    loss = torch.nn.functional.cross_entropy(y_hat[:, -k1:].flatten(0, 1), ys[:, end - k1 : end].flatten())
+    loss.backward()
+    for n, gr in rec.grads[3].items():
+        torch.testing.assert_close(gr, dict(ref.named_parameters())[n.removeprefix("model.")].grad, rtol=0, atol=1e-10)
+
+
+def test_randomized_chunk_lengths():
+    T, k = 5000, 70
+    b1 = chunk_bounds(T, k, True, seed=3, epoch=1, index=2)
+    assert b1 == chunk_bounds(T, k, True, seed=3, epoch=1, index=2)  # resumable
+    assert b1 != chunk_bounds(T, k, True, seed=3, epoch=1, index=3)
+    assert b1[0][0] == 0 and b1[-1][1] == T
+    assert all(a2 == b for (_, b), (a2, _) in zip(b1[:-1], b1[1:]))
+    lengths = [b - a for a, b in b1[:-1]]
+    assert min(lengths) >= 5
+    assert abs(sum(lengths) / len(lengths) - k) < 6  # ~ 0.95 k + 0.05 k/2
+    assert any(l < 0.7 * k for l in lengths)  # the k/2 branch is taken sometimes
+    assert chunk_bounds(10, 4) == [(0, 4), (4, 8), (8, 10)]
+
+
+def test_randomized_lr_is_scaled_by_length():
+    """The optimizer sees lr * len / k1 during a randomized step and the base lr afterwards."""
+    tokens, loader = _stream(n=600, B=2, seq_len=60)
+    module = make_module(LM, k1=20, randomize=True, lr=0.5)
+    seen = []
+
+    class LR(GradRecorder):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            seen.append(optimizer.param_groups[0]["lr"])
+
+    trainer(max_steps=6, callbacks=[LR()]).fit(module, ListDataModule(loader))
+    bounds = chunk_bounds(60, 20, True, 0, 0, 0) + chunk_bounds(60, 20, True, 0, 0, 1)
+    expect = [0.5 * (b - a) / 20 for a, b in bounds][: len(seen)]
+    assert seen == pytest.approx(expect, rel=1e-12)
+    assert module.optimizers().param_groups[0]["lr"] == pytest.approx(0.5)
