@@ -144,13 +144,17 @@ class TBPTTModule(L.LightningModule):
             opt = torch.optim.Adam(params, lr=c.lr, betas=c.betas, weight_decay=c.weight_decay)
         else:
             opt = torch.optim.AdamW(params, lr=c.lr, betas=c.betas, weight_decay=c.weight_decay)
-        total = max(1, self._total_updates())
+        total: list[int] = []
 
         def factor(update: int) -> float:
+            # The total is read lazily: asking the trainer for it while optimizers are configured
+            # builds the train loader before a resumed checkpoint restores its read position.
+            if not total and update > 0:
+                total.append(max(1, self._total_updates()))
             if c.warmup_updates and update < c.warmup_updates:
                 return (update + 1) / c.warmup_updates
             if c.schedule == "cosine":
-                p = min(1.0, (update - c.warmup_updates) / max(1, total - c.warmup_updates))
+                p = min(1.0, (update - c.warmup_updates) / max(1, (total[0] if total else 1) - c.warmup_updates))
                 return c.min_lr_ratio + (1 - c.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * p))
             return 1.0
 
@@ -275,6 +279,15 @@ class TBPTTModule(L.LightningModule):
         now = time.perf_counter()
         self.log("train/tokens_per_s", float(B * T) / max(now - self._t_last, 1e-9), batch_size=B)
         self._t_last = now
+
+    def on_train_start(self) -> None:
+        # If anything built the train loader before Lightning restored the checkpoint (a callback
+        # asking for estimated_stepping_batches early), Lightning keeps the read position pending
+        # and never applies it; apply it here, before the first batch is read.
+        fit_loop = self.trainer.fit_loop
+        if getattr(fit_loop, "_combined_loader_states_to_load", None) and fit_loop._combined_loader is not None:
+            fit_loop._combined_loader._load_state_dicts(fit_loop._combined_loader_states_to_load)
+            fit_loop._combined_loader_states_to_load = []
 
     def on_train_epoch_start(self) -> None:
         self._t_last = None

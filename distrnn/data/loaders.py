@@ -59,14 +59,17 @@ class ResumableLoader:
         else:
             self._own_epoch += 1
             epoch = self._own_epoch
+        self.epoch, self.position = epoch, 0
+        return self._iterate(epoch)
+
+    def _iterate(self, epoch: int) -> Iterator[Batch]:
+        # The saved position is read at the first batch, not at iter(): Lightning may create the
+        # iterator before it hands the loader its state.
         start = 0
         if self._resume is not None and self._resume[0] == epoch:
             start = self._resume[1]
         self._resume = None
-        self.epoch, self.position = epoch, start
-        return self._iterate(epoch, start)
-
-    def _iterate(self, epoch: int, start: int) -> Iterator[Batch]:
+        self.position = start
         for index in range(start, self.num_batches()):
             batch = self.make_batch(epoch, index)
             self.position = index + 1

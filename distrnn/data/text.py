@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sysconfig
 from pathlib import Path
 from typing import Optional
 
@@ -16,12 +17,19 @@ from distrnn.data.loaders import StreamLoader
 BYTE_VOCAB = 256
 
 
-def read_bytes(path: Path) -> tuple[Tensor, Tensor]:
-    """The bytes of a file, or of every file below a folder in sorted order; and a mask of the
-    positions where a file starts (the streams reset their state there)."""
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+LOCAL_CORPORA = {
+    # The running interpreter's standard library: a few MB of real source code on every machine
+    # with Python, so the default experiment trains offline on data nobody has to download.
+    "python_stdlib": lambda: (Path(sysconfig.get_paths()["stdlib"]), "*.py"),
+}
+
+
+def read_bytes(path: Path, glob: str = "**/*") -> tuple[Tensor, Tensor]:
+    """The bytes of a file, or of every file below a folder matching ``glob`` in sorted order; and
+    a mask of the positions where a file starts (the streams reset their state there)."""
+    files = [path] if path.is_file() else sorted(p for p in path.glob(glob) if p.is_file() and not p.name.startswith("."))
     if not files:
-        raise ConfigError(f"data.path: no files under {path}")
+        raise ConfigError(f"data.path: no files matching {glob!r} under {path}")
     chunks, starts, offset = [], [], 0
     for f in files:
         data = np.fromfile(f, dtype=np.uint8)
@@ -43,7 +51,9 @@ class ByteCorpusDataModule(RecurrentDataModule):
 
     Args:
         path: a text file or a folder of them. Ignored when ``corpus`` is set.
-        corpus: enwik8, text8 or tiny_shakespeare, fetched into ``cache_dir`` (SHA-256 checked).
+        corpus: enwik8, text8 or tiny_shakespeare, fetched into ``cache_dir`` (SHA-256 checked); or
+            python_stdlib, the running Python's standard library sources (no download).
+        glob: which files of a folder to read.
         cache_dir: where downloaded corpora are kept.
         batch_size: streams per rank (B).
         seq_len: steps per batch chunk; the TBPTT module cuts it into updates of k1 steps.
@@ -55,6 +65,7 @@ class ByteCorpusDataModule(RecurrentDataModule):
         self,
         path: Optional[str] = None,
         corpus: Optional[str] = None,
+        glob: str = "**/*",
         cache_dir: str = "data_cache",
         batch_size: int = 32,
         seq_len: int = 128,
@@ -68,13 +79,16 @@ class ByteCorpusDataModule(RecurrentDataModule):
             raise ConfigError(f"data.val_fraction: must be in (0, 1), got {val_fraction}")
         if corpus is None and path is None:
             raise ConfigError("data.path: give a file or folder (or data.corpus)")
+        self.glob = glob
         if corpus is None:
             self.path = existing_path(path, "data.path")
+        elif corpus in LOCAL_CORPORA:
+            self.path, self.glob = LOCAL_CORPORA[corpus]()
         else:
             from distrnn.data.download import CORPORA
 
             if corpus not in CORPORA:
-                raise ConfigError(f"data.corpus: unknown corpus {corpus!r}; known: {sorted(CORPORA)}")
+                raise ConfigError(f"data.corpus: unknown corpus {corpus!r}; known: {sorted(CORPORA) + sorted(LOCAL_CORPORA)}")
             self.path = None
         self.corpus = corpus
         self.cache_dir = cache_dir
@@ -84,7 +98,7 @@ class ByteCorpusDataModule(RecurrentDataModule):
         self._tokens: Optional[Tensor] = None
 
     def prepare_data(self) -> None:
-        if self.corpus is not None:
+        if self.path is None:
             from distrnn.data.download import fetch_corpus
 
             fetch_corpus(self.corpus, self.cache_dir)
@@ -97,7 +111,7 @@ class ByteCorpusDataModule(RecurrentDataModule):
             from distrnn.data.download import fetch_corpus
 
             path = fetch_corpus(self.corpus, self.cache_dir)
-        self._tokens, self._doc_start = read_bytes(path)
+        self._tokens, self._doc_start = read_bytes(path, self.glob)
         n = self._tokens.numel()
         self._split = n - max(2, int(n * self.val_fraction))
 

@@ -1,0 +1,209 @@
+"""Data modules and loaders: coverage, order, resets, resume, formats."""
+
+import gzip
+import hashlib
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from distrnn.config import ConfigError
+from distrnn.data import (
+    ByteCorpusDataModule,
+    SequentialMNISTDataModule,
+    StreamLoader,
+    SyntheticDataModule,
+    TensorLoader,
+    TimeSeriesDataModule,
+)
+from distrnn.data.download import Corpus, DownloadError, fetch_corpus
+from distrnn.data.mnist import read_idx
+from distrnn.data.synthetic import adding_problem, copy_memory, selective_copy
+
+
+@pytest.mark.parametrize("n,B,L,world", [(1000, 4, 32, 1), (1001, 3, 50, 2), (97, 2, 7, 3)])
+def test_streams_read_every_token_once(n, B, L, world):
+    tokens = torch.arange(n) % 251
+    seen_inputs, seen_targets = [], []
+    for rank in range(world):
+        loader = StreamLoader(tokens.to(torch.uint8), B, L, rank=rank, world_size=world)
+        for i, batch in enumerate(loader):
+            pos = loader.stream_positions(i)
+            m = batch["mask"]
+            assert torch.equal(pos >= 0, m)
+            assert torch.equal(batch["x"][m], tokens[pos[m]])
+            assert torch.equal(batch["y"][m], tokens[pos[m] + 1])
+            seen_inputs.append(pos[m])
+            seen_targets.append(pos[m] + 1)
+            assert batch["reset"][:, 0].all() == (i == 0)
+    # across ranks: inputs 0..n-2 once each, targets 1..n-1 once each
+    assert torch.equal(torch.cat(seen_inputs).sort().values, torch.arange(n - 1))
+    assert torch.equal(torch.cat(seen_targets).sort().values, torch.arange(1, n))
+
+
+def test_streams_are_contiguous_in_order():
+    tokens = torch.arange(1000)
+    loader = StreamLoader(tokens, 4, 16)
+    rows = torch.cat([b["x"] for b in loader], dim=1)
+    for r in range(4):
+        valid = rows[r][: int(loader.lengths_B[r])]
+        assert torch.equal(valid, torch.arange(int(loader.offsets_B[r]), int(loader.offsets_B[r]) + valid.numel()))
+
+
+def test_doc_starts_reset_the_rows_that_cross_them(tmp_path):
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    (folder / "a.txt").write_text("a" * 50)
+    (folder / "b.txt").write_text("b" * 70)
+    dm = ByteCorpusDataModule(path=str(folder), batch_size=2, seq_len=10, val_fraction=0.1)
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    resets = []
+    for i, batch in enumerate(loader):
+        pos = loader.stream_positions(i)
+        for r, t in zip(*torch.nonzero(batch["reset"], as_tuple=True)):
+            resets.append((i, int(r), int(t), int(pos[r, t])))
+    starts = {p for (i, r, t, p) in resets if i > 0 or t > 0}
+    assert starts == {50}  # the first byte of b.txt, wherever its stream reads it
+
+
+def test_loader_resumes_at_the_saved_position():
+    tokens = torch.arange(3000) % 200
+    a = StreamLoader(tokens, 3, 20)
+    it = iter(a)
+    for _ in range(7):
+        next(it)
+    state = a.state_dict()
+    assert state == {"epoch": 0, "next_index": 7}
+    rest = list(it)
+    b = StreamLoader(tokens, 3, 20)
+    b.load_state_dict(state)
+    resumed = list(b)
+    assert len(resumed) == len(rest)
+    for x, y in zip(rest, resumed):
+        assert torch.equal(x["x"], y["x"]) and x["index"] == y["index"]
+    assert list(b)[0]["index"] == 0  # the next epoch starts at the beginning
+
+
+def test_tensor_loader_shuffles_per_epoch_and_shards():
+    x = torch.arange(40)[:, None].repeat(1, 3)
+    loaders = [TensorLoader({"x": x, "y": x}, 4, shuffle=True, seed=1, rank=r, world_size=2) for r in range(2)]
+    e0 = torch.cat([b["x"][:, 0] for ld in loaders for b in ld])
+    assert torch.equal(e0.sort().values, torch.arange(40))
+    e1 = torch.cat([b["x"][:, 0] for ld in loaders for b in ld])
+    assert not torch.equal(e0, e1)
+
+
+def test_adding_problem():
+    g = torch.Generator().manual_seed(0)
+    b = adding_problem(g, 64, 1000)
+    x, y, m = b["x"], b["y"], b["mask"]
+    assert x.shape == (64, 1000, 2) and y.shape == (64, 1000, 1)
+    assert (x[..., 1].sum(1) == 2).all()
+    assert (x[:, :500, 1].sum(1) == 1).all()
+    torch.testing.assert_close(y[:, -1, 0], (x[..., 0] * x[..., 1]).sum(1))
+    assert m[:, -1].all() and m.sum() == 64
+    # always answering 1 scores about 1/6
+    assert abs(((y[:, -1, 0] - 1) ** 2).mean() - 1 / 6) < 0.05
+
+
+def test_copy_memory_and_selective_copy():
+    g = torch.Generator().manual_seed(0)
+    c = copy_memory(g, 8, 120)
+    assert c["x"].shape == (8, 120)
+    assert torch.equal(c["y"][:, -10:], c["x"][:, :10])
+    assert (c["x"][:, 10:] != 0).sum(1).eq(1).all()  # only the delimiter
+    s = selective_copy(g, 8, 200, num_tokens=16, alphabet=8)
+    for r in range(8):
+        data = s["x"][r, :184]
+        assert torch.equal(data[data != 0], s["y"][r, 184:])
+    assert s["mask"][:, 184:].all() and s["mask"].sum() == 8 * 16
+
+
+def test_synthetic_batches_come_from_the_seed():
+    dm = SyntheticDataModule("selective_copy", seq_len=64, batch_size=4, train_batches=3, seed=5)
+    a = [b["x"] for b in dm.train_dataloader()]
+    b = [b["x"] for b in SyntheticDataModule("selective_copy", seq_len=64, batch_size=4, train_batches=3, seed=5).train_dataloader()]
+    assert all(torch.equal(p, q) for p, q in zip(a, b))
+    assert not torch.equal(a[0], a[1])
+    with pytest.raises(ConfigError, match="data.seq_len"):
+        SyntheticDataModule("copy_memory", seq_len=15)
+
+
+def _write_idx(path: Path, arr: np.ndarray, gz: bool) -> None:
+    code = {np.uint8: 0x08}[arr.dtype.type]
+    raw = bytes([0, 0, code, arr.ndim]) + struct.pack(f">{arr.ndim}I", *arr.shape) + arr.tobytes()
+    (gzip.open if gz else open)(path, "wb").write(raw)
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_mnist_from_idx_files(tmp_path, gz):
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (30, 28, 28), dtype=np.uint8)
+    labels = rng.integers(0, 10, (30,), dtype=np.uint8)
+    sfx = ".gz" if gz else ""
+    _write_idx(tmp_path / f"train-images-idx3-ubyte{sfx}", images, gz)
+    _write_idx(tmp_path / f"train-labels-idx1-ubyte{sfx}", labels, gz)
+    assert np.array_equal(read_idx(tmp_path / f"train-images-idx3-ubyte{sfx}"), images)
+    for permuted in (False, True):
+        dm = SequentialMNISTDataModule(str(tmp_path), permuted=permuted, batch_size=5, val_size=10, seed=3)
+        dm.setup("fit")
+        batch = next(iter(dm.val_dataloader()))
+        assert batch["x"].shape == (5, 784, 1) and batch["mask"][:, -1].all() and batch["mask"].sum() == 5
+        pixels = torch.from_numpy(images[20:25].reshape(5, 784)).float() / 255
+        assert torch.allclose(batch["x"][..., 0], pixels[:, dm.permutation])
+        assert torch.equal(batch["y"][:, -1], torch.from_numpy(labels[20:25].astype(np.int64)))
+        assert permuted == (not torch.equal(dm.permutation, torch.arange(784)))
+
+
+def test_mnist_errors_name_the_file(tmp_path):
+    with pytest.raises(ConfigError, match="train-images-idx3-ubyte"):
+        SequentialMNISTDataModule(str(tmp_path))
+    (tmp_path / "train-images-idx3-ubyte").write_bytes(bytes([0, 0, 8, 3]) + struct.pack(">3I", 10, 28, 28) + b"\0" * 100)
+    with pytest.raises(ConfigError, match="truncated"):
+        read_idx(tmp_path / "train-images-idx3-ubyte")
+
+
+@pytest.mark.parametrize("fmt", ["csv", "parquet"])
+def test_time_series_windows(tmp_path, fmt):
+    import pandas as pd
+
+    t = np.arange(300, dtype=np.float64)
+    frame = pd.DataFrame({"a": np.sin(t / 7), "b": np.cos(t / 5), "c": t / 300})
+    path = tmp_path / f"s.{fmt}"
+    frame.to_csv(path, index=False) if fmt == "csv" else frame.to_parquet(path)
+    dm = TimeSeriesDataModule(str(path), features=["a", "b", "c"], targets=["a"], window=20, horizon=3, batch_size=8)
+    dm.setup("fit")
+    assert dm.task.input_dim == 3 and dm.task.output_dim == 1
+    batch = next(iter(dm.val_dataloader()))
+    x, y = batch["x"], batch["y"]
+    assert x.shape == (8, 20, 3) and y.shape == (8, 20, 1)
+    # the target at step t is feature a at t + horizon (same standardization)
+    torch.testing.assert_close(y[:, :-3, 0], x[:, 3:, 0])
+    with pytest.raises(ConfigError, match="columns"):
+        TimeSeriesDataModule(str(path), features=["zz"]).setup("fit")
+
+
+def test_download_verifies_and_caches(tmp_path):
+    payload = b"hello corpus\n" * 100
+    src = tmp_path / "remote.txt"
+    src.write_bytes(payload)
+    good = Corpus(src.as_uri(), None, hashlib.sha256(payload).hexdigest(), "c.txt")
+    path = fetch_corpus("c", tmp_path / "cache", good)
+    assert path.read_bytes() == payload
+    src.unlink()  # cached: no second download
+    assert fetch_corpus("c", tmp_path / "cache", good) == path
+    src.write_bytes(payload)
+    bad = Corpus(src.as_uri(), None, "0" * 64, "d.txt")
+    with pytest.raises(DownloadError, match="SHA-256"):
+        fetch_corpus("d", tmp_path / "cache", bad)
+    assert not (tmp_path / "cache" / "d.txt").exists()
+
+
+def test_byte_corpus_errors():
+    with pytest.raises(ConfigError, match="data.path: no such file"):
+        ByteCorpusDataModule(path="nope.txt")
+    with pytest.raises(ConfigError, match="data.corpus"):
+        ByteCorpusDataModule(corpus="nope")

@@ -1,0 +1,118 @@
+"""Exact resume: a run that crashes after a mid-epoch checkpoint and resumes from it ends with
+the weights of an uninterrupted run."""
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from distrnn.checkpoint import AtomicCheckpointIO, CheckpointError, load_checkpoint_file
+from distrnn.data import ByteCorpusDataModule
+from distrnn.engine import TBPTTModule, Carry
+
+from conftest import write_corpus
+from helpers import make_module
+
+
+class Crash(L.Callback):
+    def __init__(self, at_step):
+        self.at_step = at_step
+
+    def on_train_batch_start(self, trainer, *args):
+        if trainer.global_step >= self.at_step:
+            raise RuntimeError("simulated crash")
+
+
+def _run(tmp_path, corpus, ckpt_dir, ckpt_path=None, crash_at=None, max_epochs=2):
+    L.seed_everything(0)
+    dm = ByteCorpusDataModule(path=str(corpus), batch_size=4, seq_len=24, val_fraction=0.1)
+    module = make_module(dm.task, recurrence="lstm", layers=2, dropout=0.3, k1=8, k2=12, name="adamw", lr=3e-3, clip=0.5)
+    callbacks = [ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=6, save_top_k=-1, filename="{step}")]
+    if crash_at is not None:
+        callbacks.append(Crash(crash_at))
+    trainer = L.Trainer(
+        accelerator="cpu", max_epochs=max_epochs, logger=False, enable_progress_bar=False, enable_model_summary=False,
+        callbacks=callbacks, plugins=[AtomicCheckpointIO()], limit_val_batches=2, num_sanity_val_steps=1,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(module, dm, ckpt_path=ckpt_path)
+    return module, trainer
+
+
+def test_resume_mid_epoch_equals_uninterrupted(tmp_path):
+    corpus = write_corpus(tmp_path / "c.txt", 4000)
+    ref, ref_trainer = _run(tmp_path, corpus, tmp_path / "ref")
+    steps_per_epoch = ref_trainer.global_step // 2
+    assert steps_per_epoch > 20
+
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _run(tmp_path, corpus, tmp_path / "b", crash_at=21)
+    ckpt = tmp_path / "b" / "step=18.ckpt"  # mid-epoch 0, mid-sequence
+    assert ckpt.exists()
+    saved = load_checkpoint_file(ckpt)
+    assert saved["global_step"] == 18
+    assert saved["distrnn"]["carry"]["history"]["x"].shape == (4, 4)
+    resumed, trainer = _run(tmp_path, corpus, tmp_path / "c", ckpt_path=str(ckpt))
+    assert trainer.global_step == ref_trainer.global_step
+    for (k, a), (_, b) in zip(ref.state_dict().items(), resumed.state_dict().items()):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-6, msg=k)
+    ref_opt = ref_trainer.optimizers[0].state_dict()["state"]
+    for i, s in trainer.optimizers[0].state_dict()["state"].items():
+        torch.testing.assert_close(s["exp_avg"], ref_opt[i]["exp_avg"], rtol=0, atol=1e-6)
+
+
+def test_negative_control_dropping_the_state_breaks_resume(tmp_path, monkeypatch):
+    """The same resume with the carried state thrown away must not match: the test above would
+    catch a checkpoint that forgot the hidden state."""
+    corpus = write_corpus(tmp_path / "c.txt", 4000)
+    ref, _ = _run(tmp_path, corpus, tmp_path / "ref", max_epochs=1)
+    with pytest.raises(RuntimeError):
+        _run(tmp_path, corpus, tmp_path / "b", crash_at=21, max_epochs=1)
+    original = TBPTTModule.on_load_checkpoint
+
+    def forget_state(self, checkpoint):
+        original(self, checkpoint)
+        self._carry = Carry()
+
+    monkeypatch.setattr(TBPTTModule, "on_load_checkpoint", forget_state)
+    resumed, _ = _run(tmp_path, corpus, tmp_path / "c", ckpt_path=str(tmp_path / "b" / "step=18.ckpt"), max_epochs=1)
+    diff = max((a - b).abs().max().item() for a, b in zip(ref.state_dict().values(), resumed.state_dict().values()))
+    assert diff > 1e-6
+
+
+def test_checkpoint_write_is_atomic_and_loads_are_safe(tmp_path):
+    io = AtomicCheckpointIO()
+    target = tmp_path / "x.ckpt"
+    io.save_checkpoint({"state_dict": {"w": torch.ones(2)}}, target)
+    assert [p.name for p in tmp_path.iterdir()] == ["x.ckpt"]  # no temporary left behind
+
+    class Boom:
+        def __call__(self, *a):
+            raise RuntimeError("disk full")
+
+    import distrnn.checkpoint as ck
+
+    orig = ck.torch.save
+    try:
+        ck.torch.save = Boom()
+        with pytest.raises(RuntimeError, match="disk full"):
+            io.save_checkpoint({"state_dict": {"w": torch.zeros(2)}}, target)
+    finally:
+        ck.torch.save = orig
+    assert torch.equal(io.load_checkpoint(target)["state_dict"]["w"], torch.ones(2))  # previous intact
+    assert [p.name for p in tmp_path.iterdir()] == ["x.ckpt"]
+
+    target.write_bytes(target.read_bytes()[:50])
+    with pytest.raises(CheckpointError, match="x.ckpt"):
+        io.load_checkpoint(target)
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    evil = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {}, "x": Evil()}, evil)
+    with pytest.raises(CheckpointError, match="evil.ckpt"):
+        io.load_checkpoint(evil)
+    assert not marker.exists()
