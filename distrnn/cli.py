@@ -6,14 +6,15 @@ MLflow run or checkpoint is created.
 
 from __future__ import annotations
 
+import re
 import sys
 import warnings
-from typing import Any, Optional
+from typing import Any, NoReturn, Optional
 
 from jsonargparse import ArgumentParser
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import CheckpointIO
 
 from distrnn.checkpoint import AtomicCheckpointIO, CheckpointError
@@ -38,9 +39,33 @@ warnings.filterwarnings("ignore", message=".*dataloader_iter.*")
 warnings.filterwarnings("ignore", message=".*LeafSpec.*")
 
 
-def fail(message: str) -> None:
+_KEY_LINE = re.compile(r"((?:model|data|trainer|checkpoint)\.[\w.]+: .*)")
+
+
+def _key_line(message: str) -> str:
+    """jsonargparse wraps an error raised while instantiating in lines about union subtypes;
+    the line that names the key is the one a user needs."""
+    for line in message.splitlines():
+        m = _KEY_LINE.search(line)
+        if m:
+            return m.group(1).strip()
+    return message.strip().splitlines()[0] if message.strip() else "invalid configuration"
+
+
+def fail(message: str) -> NoReturn:
     print(f"distrnn: error: {message}", file=sys.stderr)
     sys.exit(2)
+
+
+class _Parser(LightningArgumentParser):
+    """Bad input: one line naming the key, exit code 2 (not argparse's usage block)."""
+
+    def error(self, message: str, ex: Optional[Exception] = None) -> NoReturn:
+        if not getattr(self, "exit_on_error", True):  # jsonargparse tries alternatives internally
+            super().error(message, ex)
+        lines = [ln.strip() for ln in str(message).splitlines() if ln.strip()]
+        keys = [ln for ln in lines if ln.startswith("Parser key") or "not accepted" in ln or "Expected" in ln]
+        fail(" ".join(keys[:3]) if keys else " ".join(lines[:2]))
 
 
 class DistrnnCLI(LightningCLI):
@@ -49,6 +74,7 @@ class DistrnnCLI(LightningCLI):
             TBPTTModule,
             RecurrentDataModule,
             subclass_mode_data=True,
+            parser_class=_Parser,
             save_config_callback=LogConfigToMLflow,
             save_config_kwargs={"save_to_log_dir": False},
             parser_kwargs={"default_env": False},
@@ -63,7 +89,6 @@ class DistrnnCLI(LightningCLI):
         parser.set_defaults({"trainer.logger": {"class_path": "distrnn.tracking.MLflowLogger"}})
         # the data decides what the model reads and predicts
         parser.link_arguments("data.task", "model.task", apply_on="instantiate")
-        parser.link_arguments("seed_everything", "model.seed")
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         plugins = self.config_init[self.subcommand]["trainer"].get("plugins") or []
@@ -75,10 +100,8 @@ class DistrnnCLI(LightningCLI):
     def instantiate_classes(self) -> None:
         try:
             super().instantiate_classes()
-        except (ConfigError, CheckpointError, FileNotFoundError) as e:
-            fail(str(e).splitlines()[0])
-        except (ValueError, TypeError) as e:
-            fail(str(e).splitlines()[0])
+        except (ValueError, TypeError, FileNotFoundError, CheckpointError) as e:
+            fail(_key_line(str(e)))
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -92,9 +115,9 @@ def main(argv: Optional[list[str]] = None) -> None:
 
         sys.exit(download_main(argv[1:]))
     try:
-        cli = DistrnnCLI(args=argv)
+        cli = DistrnnCLI(args=argv if argv != sys.argv[1:] else None)
     except (ConfigError, CheckpointError) as e:
-        fail(str(e).splitlines()[0])
+        fail(_key_line(str(e)))
     if cli.subcommand == "fit" and cli.trainer.is_global_zero:
         _print_where(cli)
 

@@ -127,7 +127,7 @@ class TaskSpec:
     input_dim: int = 1
     """Features per step of real-valued inputs."""
     seq_len: Optional[int] = None
-    """Steps per training batch when every batch holds whole sequences; None for streams."""
+    """Steps per training batch: the sequence length T, or the chunk length a stream serves."""
 
     def __post_init__(self) -> None:
         _check(self.output_dim > 0, "data.output_dim", f"must be > 0, got {self.output_dim}")

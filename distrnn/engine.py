@@ -96,9 +96,9 @@ class TBPTTModule(L.LightningModule):
 
     def __init__(
         self,
-        network: Optional[NetworkConfig] = None,
-        tbptt: Optional[TBPTTConfig] = None,
-        optimizer: Optional[OptimizerConfig] = None,
+        network: NetworkConfig = NetworkConfig(),
+        tbptt: TBPTTConfig = TBPTTConfig(),
+        optimizer: OptimizerConfig = OptimizerConfig(),
         task: Optional[TaskSpec] = None,
         seed: int = 0,
     ) -> None:
@@ -112,7 +112,7 @@ class TBPTTModule(L.LightningModule):
         self.seed = seed
         if self.task.seq_len is not None and self.tbptt_cfg.k1 > self.task.seq_len:
             raise ConfigError(
-                f"model.tbptt.k1: {self.tbptt_cfg.k1} is longer than the data's sequences ({self.task.seq_len} steps)"
+                f"model.tbptt.k1: {self.tbptt_cfg.k1} is longer than the data's sequences (data.seq_len {self.task.seq_len})"
             )
         self.save_hyperparameters(
             {

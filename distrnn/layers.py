@@ -29,7 +29,7 @@ def register_recurrence(name: str) -> Callable[[type["Recurrence"]], type["Recur
 
 def build_recurrence(name: str, **kwargs) -> "Recurrence":
     if name not in RECURRENCES:
-        raise ValueError(f"network.recurrence: unknown recurrence {name!r}; registered: {sorted(RECURRENCES)}")
+        raise ValueError(f"model.network.recurrence: unknown recurrence {name!r}; registered: {sorted(RECURRENCES)}")
     return RECURRENCES[name](**kwargs)
 
 
@@ -93,7 +93,7 @@ class ElmanRNN(_CudnnRecurrence):
     ) -> None:
         super().__init__(input_size, hidden_size, num_layers, dropout)
         if nonlinearity not in ("tanh", "relu"):
-            raise ValueError(f"network.nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
+            raise ValueError(f"model.network.nonlinearity: must be 'tanh' or 'relu', got {nonlinearity!r}")
         self.rnn = nn.RNN(
             input_size, hidden_size, num_layers, nonlinearity=nonlinearity, batch_first=True, dropout=dropout
         )

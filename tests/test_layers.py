@@ -84,7 +84,7 @@ def test_step_equals_forward(name):
 
 def test_registry():
     assert {"elman", "lstm", "gru"} <= set(RECURRENCES)
-    with pytest.raises(ValueError, match="network.recurrence: unknown recurrence 'nope'"):
+    with pytest.raises(ValueError, match="model.network.recurrence: unknown recurrence 'nope'"):
         build_recurrence("nope", input_size=1, hidden_size=1)
 
     @register_recurrence("test_identity_rnn")

@@ -94,7 +94,7 @@ class ByteCorpusDataModule(RecurrentDataModule):
         self.cache_dir = cache_dir
         self.seq_len = seq_len
         self.val_fraction = val_fraction
-        self.task = TaskSpec(kind="language_model", output_dim=BYTE_VOCAB, vocab_size=BYTE_VOCAB)
+        self.task = TaskSpec(kind="language_model", output_dim=BYTE_VOCAB, vocab_size=BYTE_VOCAB, seq_len=seq_len)
         self._tokens: Optional[Tensor] = None
 
     def prepare_data(self) -> None:

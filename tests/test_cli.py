@@ -1,0 +1,134 @@
+"""The `distrnn` command: bad input, a real training job into MLflow, generation, a real server."""
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from conftest import REPO, distrnn_cmd, free_port, write_corpus
+
+CONFIG = """
+seed_everything: 0
+trainer: {{max_steps: {steps}, val_check_interval: 10, limit_val_batches: 3, log_every_n_steps: 2, enable_progress_bar: false}}
+checkpoint: {{every_n_train_steps: 10}}
+model:
+  network: {{recurrence: gru, hidden_size: 32}}
+  tbptt: {{k1: 16}}
+  optimizer: {{lr: 0.01}}
+data:
+  class_path: distrnn.data.ByteCorpusDataModule
+  init_args: {{path: corpus.txt, batch_size: 4, seq_len: 32}}
+"""
+
+
+def _run(*args, env=None, timeout=300):
+    return subprocess.run(distrnn_cmd(*args), capture_output=True, text=True, timeout=timeout, env=env or os.environ.copy())
+
+
+def _runs(uri):
+    mlflow.set_tracking_uri(uri)
+    return mlflow.search_runs(search_all_experiments=True)
+
+
+@pytest.fixture
+def job(tmp_path):
+    write_corpus(tmp_path / "corpus.txt", 8000)
+    (tmp_path / "job.yaml").write_text(CONFIG.format(steps=20))
+    return tmp_path / "job.yaml"
+
+
+@pytest.mark.parametrize(
+    "args,key",
+    [
+        (["--model.tbptt.k1", "abc"], "model.tbptt.k1"),
+        (["--model.tbptt.kk", "3"], "model.tbptt.kk"),
+        (["--model.tbptt.k1", "0"], "model.tbptt.k1"),
+        (["--model.tbptt.k1", "64"], "model.tbptt.k1"),  # longer than data.seq_len
+        (["--data.init_args.path", "missing.txt"], "missing.txt"),
+        (["--model.network.recurrence", "nope"], "model.network.recurrence"),
+        (["--model.optimizer.lr", "-1"], "model.optimizer.lr"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2_and_no_run(job, args, key):
+    r = _run("fit", "--config", str(job), *args)
+    assert r.returncode == 2, r.stderr[-2000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("distrnn: error:") and key in last, last
+    assert "Traceback" not in r.stderr
+    assert not Path("mlflow.db").exists() or _runs(os.environ["MLFLOW_TRACKING_URI"]).empty
+    assert not Path("checkpoints").exists()
+
+
+def test_unknown_key_in_config_file(job):
+    job.write_text(job.read_text().replace("tbptt: {k1: 16}", "tbptt: {k1: 16, truncation: 3}"))
+    r = _run("fit", "--config", str(job))
+    assert r.returncode == 2 and "truncation" in r.stderr.strip().splitlines()[-1]
+
+
+def test_print_config(job):
+    r = _run("fit", "--config", str(job), "--print_config")
+    assert r.returncode == 0, r.stderr
+    assert "class_path: distrnn.data.ByteCorpusDataModule" in r.stdout and "k1: 16" in r.stdout
+
+
+@pytest.mark.slow
+def test_fit_logs_one_run_to_mlflow_and_generates(job):
+    r = _run("fit", "--config", str(job))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "MLflow run" in r.stdout
+    runs = _runs(os.environ["MLFLOW_TRACKING_URI"])
+    assert len(runs) == 1
+    run = runs.iloc[0]
+    assert run["status"] == "FINISHED"
+    assert run["params.model.tbptt.k1"] == "16" and run["params.data.init_args.batch_size"] == "4"
+    for m in ("train/loss", "train/bpb", "train/grad_norm", "train/lr", "train/tokens_per_s", "val/loss", "val/bpb"):
+        assert f"metrics.{m}" in run and run[f"metrics.{m}"] == run[f"metrics.{m}"], m  # present, not NaN
+    assert run["metrics.val/bpb"] < 8.0  # better than uniform over bytes
+    client = mlflow.MlflowClient()
+    names = {a.path for a in client.list_artifacts(run.run_id)}
+    assert "config.yaml" in names
+    ckpt_dirs = [n for n in names if n.startswith("best") or n.startswith("last")]
+    assert ckpt_dirs, names
+    ckpt = next(Path("checkpoints").rglob("last.ckpt"))
+    g = _run("generate", "--checkpoint", str(ckpt), "--prompt", "the cat", "--length", "40")
+    assert g.returncode == 0, g.stderr
+    assert g.stdout.startswith("the cat") and len(g.stdout.encode()) >= 40
+    bad = _run("generate", "--checkpoint", "nope.ckpt")
+    assert bad.returncode == 2 and "nope.ckpt" in bad.stderr
+
+
+@pytest.mark.slow
+def test_fit_against_a_real_mlflow_server(job, tmp_path):
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{tmp_path}/server.db", "--artifacts-destination", str(tmp_path / "artifacts"),
+         "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    try:
+        uri = f"http://127.0.0.1:{port}"
+        import urllib.request
+
+        for _ in range(120):
+            try:
+                urllib.request.urlopen(f"{uri}/health", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            pytest.fail("mlflow server did not start")
+        env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+        r = _run("fit", "--config", str(job), env=env)
+        assert r.returncode == 0, r.stderr[-3000:]
+        runs = _runs(uri)
+        assert len(runs) == 1 and runs.iloc[0]["status"] == "FINISHED"
+        assert runs.iloc[0]["metrics.val/loss"] > 0
+        assert not Path("mlflow.db").exists()  # nothing went to the local default store
+    finally:
+        os.killpg(server.pid, 15)
+        server.wait(timeout=30)
