@@ -132,6 +132,7 @@ class TBPTTModule(L.LightningModule):
         self._grad_norm: Optional[Tensor] = None
         self._lr_scale = 1.0
         self._t_last: Optional[float] = None
+        self._tokens_since_log = 0
 
     # ---------------------------------------------------------------- optimization
 
@@ -268,17 +269,25 @@ class TBPTTModule(L.LightningModule):
             if loss is not None:
                 losses.append(loss * n)
                 weights.append(n)
-        if weights:
-            mean = torch.stack(losses).sum() / sum(weights)
-            self.log("train/loss", mean, prog_bar=True, batch_size=sum(weights))
-            if self.task.kind == "language_model":
-                self.log("train/bpb", mean / LN2, batch_size=sum(weights))
-            if self._grad_norm is not None:
-                self.log("train/grad_norm", self._grad_norm, batch_size=B)
-            self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=B)
+        self._tokens_since_log += B * T
+        if not weights or not self._should_log():
+            return
+        # Logging costs ~1 ms a call in Lightning; metrics reach the logger only every
+        # log_every_n_steps anyway, so the other steps skip it.
+        mean = torch.stack(losses).sum() / sum(weights)
+        self.log("train/loss", mean, prog_bar=True, batch_size=sum(weights))
+        if self.task.kind == "language_model":
+            self.log("train/bpb", mean / LN2, batch_size=sum(weights))
+        if self._grad_norm is not None:
+            self.log("train/grad_norm", self._grad_norm, batch_size=B)
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=B)
         now = time.perf_counter()
-        self.log("train/tokens_per_s", float(B * T) / max(now - self._t_last, 1e-9), batch_size=B)
-        self._t_last = now
+        self.log("train/tokens_per_s", self._tokens_since_log / max(now - self._t_last, 1e-9), batch_size=B)
+        self._t_last, self._tokens_since_log = now, 0
+
+    def _should_log(self) -> bool:
+        connector = getattr(self.trainer, "_logger_connector", None)
+        return bool(getattr(connector, "should_update_logs", True))
 
     def on_train_start(self) -> None:
         # If anything built the train loader before Lightning restored the checkpoint (a callback
@@ -290,7 +299,7 @@ class TBPTTModule(L.LightningModule):
             fit_loop._combined_loader_states_to_load = []
 
     def on_train_epoch_start(self) -> None:
-        self._t_last = None
+        self._t_last, self._tokens_since_log = None, 0
 
     def on_validation_epoch_start(self) -> None:
         self._val_state = None

@@ -1,0 +1,49 @@
+# distrnn: `make train` and `make test` are all a new user needs.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# A CPU build of torch; on a GPU machine use e.g. TORCH_SPEC="torch==2.13.0" with the CUDA index.
+TORCH_SPEC ?= torch==2.13.0
+CONFIG ?= jobs/configs/default.yaml
+PYTEST_ARGS ?=
+
+.PHONY: venv train test test-fast bench gpu-check gpu-bench mlflow-ui clean
+
+$(VENV)/.installed: pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	@# torch first and pinned, so that nothing else gets to choose a multi-GB CUDA build
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[dev]" "$(TORCH_SPEC)"
+	@touch $@
+
+venv: $(VENV)/.installed
+
+## Train the default experiment (offline once the environment exists), tracked in MLflow.
+train: venv
+	$(VENV)/bin/distrnn fit --config $(CONFIG)
+
+## The whole test suite (slow and multi-process tests included; GPU tests skip without a GPU).
+test: venv
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-fast: venv
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+## distrnn's TBPTT engine against a plain PyTorch loop, tokens/s side by side (CPU sizes).
+bench: venv
+	$(PY) benchmarks/bench_tbptt.py
+
+## On a machine with a GPU: GPU-marked tests and the GPU benchmarks in one command; results to $$OUT.
+gpu-check:
+	bash benchmarks/gpu_check.sh
+
+gpu-bench:
+	bash benchmarks/gpu_check.sh bench-only
+
+## The MLflow UI on 127.0.0.1 over the default store (mlflow.db in this folder).
+mlflow-ui: venv
+	$(VENV)/bin/mlflow ui --host 127.0.0.1 --port 5000 --backend-store-uri $${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db}
+
+clean:
+	rm -rf $(VENV) .pytest_cache checkpoints mlruns

@@ -1,0 +1,131 @@
+"""GPU benchmarks, each case in a child process with a time limit (a cuDNN call that stalls must
+not eat the session): recurrence throughput against cuDNN LSTM over T, the long-input pieces of
+the cuDNN layers under bf16, and peak memory of truncated, full and checkpointed BPTT against T.
+
+    python benchmarks/bench_gpu.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import time
+
+
+def _case(kind: str, args: dict, q) -> None:
+    import torch
+
+    from distrnn.bptt import run_window
+    from distrnn.config import NetworkConfig, TaskSpec
+    from distrnn.model import RecurrentModel
+
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    dev = torch.device("cuda")
+    B, T, H = args["B"], args["T"], args["H"]
+    torch.manual_seed(0)
+    if kind == "throughput":
+        task = TaskSpec(kind="regression", output_dim=1, input_dim=H)
+        model = RecurrentModel(NetworkConfig(recurrence=args["rec"], hidden_size=H), task).to(dev)
+        if args.get("max_steps"):
+            type(model.recurrence).cuda_max_steps = args["max_steps"]
+        opt = torch.optim.Adam(model.parameters(), 1e-4)
+        x = torch.randn(B, T, H, device=dev)
+        y = torch.randn(B, T, 1, device=dev)
+        mask = torch.ones(B, T, dtype=torch.bool, device=dev)
+        amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.get("bf16", False))
+
+        def step():
+            with amp:
+                r = run_window(model, task, x, y, mask, None, None)
+            opt.zero_grad(set_to_none=True)
+            (r.loss_sum / (B * T)).backward()
+            opt.step()
+
+        step()
+        torch.cuda.synchronize()
+        n = args.get("iters", 5)
+        t0 = time.perf_counter()
+        for _ in range(n):
+            step()
+        torch.cuda.synchronize()
+        dt = (time.perf_counter() - t0) / n
+        q.put({"tokens_per_s": B * T / dt, "s_per_step": dt, "peak_gib": torch.cuda.max_memory_allocated() / 2**30})
+    elif kind == "memory":
+        task = TaskSpec(kind="regression", output_dim=1, input_dim=64)
+        model = RecurrentModel(NetworkConfig(recurrence="lstm", hidden_size=H), task).to(dev)
+        x = torch.randn(B, T, 64, device=dev)
+        y = torch.randn(B, T, 1, device=dev)
+        mask = torch.zeros(B, T, dtype=torch.bool, device=dev)
+        mask[:, -1] = True  # the loss at the end of the sequence
+        k = args["k"]
+        mode = args["mode"]
+
+        def step():
+            if mode == "tbptt":
+                state = None
+                for a in range(0, T, k):
+                    r = run_window(model, task, x[:, a:a + k], y[:, a:a + k], mask[:, a:a + k], None, state)
+                    r.loss_sum.backward()
+                    state = tuple(s.detach() for s in r.state)
+            else:
+                r = run_window(model, task, x, y, mask, None, None, segment=k if mode == "checkpointed" else None)
+                r.loss_sum.backward()
+
+        step()
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        step()
+        torch.cuda.synchronize()
+        q.put({"s_per_step": time.perf_counter() - t0, "peak_gib": (torch.cuda.max_memory_allocated() - base) / 2**30})
+
+
+def run(kind: str, limit: float, **args) -> dict:
+    q = mp.get_context("spawn").Queue()
+    p = mp.get_context("spawn").Process(target=_case, args=(kind, args, q))
+    t0 = time.perf_counter()
+    p.start()
+    p.join(limit)
+    if p.is_alive():
+        p.kill()
+        p.join()
+        return {"error": f"did not finish in {limit:.0f} s", **args}
+    if p.exitcode != 0:
+        return {"error": f"exit code {p.exitcode}", **args}
+    out = q.get()
+    out.update(args, wall_s=round(time.perf_counter() - t0, 1))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args()
+    results = []
+
+    def show(r):
+        results.append(r)
+        print(json.dumps(r), flush=True)
+
+    B, H = 64, 1024
+    # cuDNN LSTM bf16 at T=4096: distrnn's layer in pieces of 2048 steps, then in one call
+    show(run("throughput", 120, rec="lstm", B=B, T=2048, H=H, bf16=True, iters=3, label="lstm bf16 T=2048 one call"))
+    show(run("throughput", 120, rec="lstm", B=B, T=4096, H=H, bf16=True, iters=3, label="lstm bf16 T=4096 in pieces"))
+    Ts = [256, 4096, 16384] if a.quick else [256, 1024, 4096, 16384]
+    for T in Ts:
+        for rec in ("lstm", "gru", "elman"):
+            show(run("throughput", 90, rec=rec, B=B, T=T, H=H, iters=3 if T < 16384 else 1, label=f"{rec} fp32/tf32 T={T}"))
+    for T in ([4096, 16384] if a.quick else [1024, 4096, 16384]):
+        for mode in ("tbptt", "full", "checkpointed"):
+            show(run("memory", 120, mode=mode, B=16, T=T, H=512, k=256, label=f"memory {mode} T={T}"))
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
