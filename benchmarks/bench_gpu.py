@@ -104,6 +104,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--memory_only", action="store_true")
     a = ap.parse_args()
     results = []
 
@@ -112,6 +113,10 @@ def main() -> None:
         print(json.dumps(r), flush=True)
 
     B, H = 64, 1024
+    if a.memory_only:
+        for mode in ("full", "checkpointed"):
+            show(run("memory", 120, mode=mode, B=16, T=16384, H=512, k=256, label=f"memory {mode} T=16384"))
+        return
     # cuDNN LSTM bf16 at T=4096: distrnn's layer in pieces of 2048 steps, then in one call
     show(run("throughput", 120, rec="lstm", B=B, T=2048, H=H, bf16=True, iters=3, label="lstm bf16 T=2048 one call"))
     show(run("throughput", 120, rec="lstm", B=B, T=4096, H=H, bf16=True, iters=3, label="lstm bf16 T=4096 in pieces"))

@@ -33,6 +33,9 @@ class RecurrentDataModule(L.LightningDataModule):
     def world_size(self) -> int:
         return self.trainer.world_size if self.trainer is not None else 1
 
+    def predict_dataloader(self):
+        return self.val_dataloader()
+
     def _bind(self, loader: ResumableLoader) -> ResumableLoader:
         if self.trainer is not None:
             trainer = self.trainer
