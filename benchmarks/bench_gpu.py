@@ -27,7 +27,8 @@ def _case(kind: str, args: dict, q) -> None:
     torch.manual_seed(0)
     if kind == "throughput":
         task = TaskSpec(kind="regression", output_dim=1, input_dim=H)
-        model = RecurrentModel(NetworkConfig(recurrence=args["rec"], hidden_size=H), task).to(dev)
+        options = {k: args[k] for k in ("compile", "parallel") if k in args}
+        model = RecurrentModel(NetworkConfig(recurrence=args["rec"], hidden_size=H, options=options), task).to(dev)
         if args.get("max_steps"):
             type(model.recurrence).cuda_max_steps = args["max_steps"]
         opt = torch.optim.Adam(model.parameters(), 1e-4)
@@ -44,7 +45,9 @@ def _case(kind: str, args: dict, q) -> None:
             opt.step()
 
         step()
+        step()  # the second call too: torch.compile may recompile once for the state's new strides
         torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
         n = args.get("iters", 5)
         t0 = time.perf_counter()
         for _ in range(n):
@@ -105,6 +108,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--json", default=None)
     ap.add_argument("--memory_only", action="store_true")
+    ap.add_argument("--scan", action="store_true", help="minGRU/minLSTM against cuDNN LSTM")
     a = ap.parse_args()
     results = []
 
@@ -113,6 +117,14 @@ def main() -> None:
         print(json.dumps(r), flush=True)
 
     B, H = 64, 1024
+    if a.scan:
+        show(run("throughput", 90, rec="lstm", B=B, T=4096, H=H, iters=3, label="lstm T=4096"))
+        show(run("throughput", 90, rec="mingru", B=B, T=4096, H=H, iters=3, compile=False, label="mingru eager T=4096"))
+        show(run("throughput", 150, rec="mingru", B=B, T=4096, H=H, iters=5, compile=True, label="mingru compiled T=4096"))
+        show(run("throughput", 150, rec="minlstm", B=B, T=4096, H=H, iters=5, compile=True, label="minlstm compiled T=4096"))
+        show(run("throughput", 90, rec="mingru", B=B, T=512, H=H, iters=1, parallel=False, label="mingru sequential T=512"))
+        show(run("throughput", 150, rec="mingru", B=B, T=512, H=H, iters=5, compile=True, label="mingru compiled T=512"))
+        return
     if a.memory_only:
         for mode in ("full", "checkpointed"):
             show(run("memory", 120, mode=mode, B=16, T=16384, H=512, k=256, label=f"memory {mode} T=16384"))

@@ -7,7 +7,7 @@ in ``__post_init__`` so that a bad value fails with the key's name before anythi
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal, Optional, TypeVar
 
 
@@ -36,6 +36,8 @@ class NetworkConfig:
     """Embedding size for token inputs; None uses hidden_size. Ignored for real-valued inputs."""
     nonlinearity: Optional[Literal["tanh", "relu"]] = None
     """Elman RNN only: f in h_t = f(W x_t + U h_{t-1} + b); tanh when unset."""
+    options: dict[str, Any] = field(default_factory=dict)
+    """Further keyword arguments of the recurrence, e.g. {norm: true, residual: true} for mingru/minlstm."""
 
     def __post_init__(self) -> None:
         _check(self.hidden_size > 0, "model.network.hidden_size", f"must be > 0, got {self.hidden_size}")

@@ -30,7 +30,10 @@ def register_recurrence(name: str) -> Callable[[type["Recurrence"]], type["Recur
 def build_recurrence(name: str, **kwargs) -> "Recurrence":
     if name not in RECURRENCES:
         raise ValueError(f"model.network.recurrence: unknown recurrence {name!r}; registered: {sorted(RECURRENCES)}")
-    return RECURRENCES[name](**kwargs)
+    try:
+        return RECURRENCES[name](**kwargs)
+    except TypeError as e:  # an option the layer does not take
+        raise ValueError(f"model.network.options: {name}: {e}") from None
 
 
 class Recurrence(nn.Module):

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from distrnn.config import NetworkConfig, TaskSpec
+from distrnn import scan as _scan  # noqa: F401  (registers mingru and minlstm)
 from distrnn.layers import build_recurrence
 from distrnn.state import State, mask_state
 
@@ -32,7 +33,9 @@ class RecurrentModel(nn.Module):
         else:
             in_dim = task.input_dim
             self.encoder = nn.Identity()
-        extra = {"nonlinearity": network.nonlinearity} if network.nonlinearity else {}
+        extra = dict(network.options)
+        if network.nonlinearity:
+            extra["nonlinearity"] = network.nonlinearity
         self.recurrence = build_recurrence(
             network.recurrence,
             input_size=in_dim,

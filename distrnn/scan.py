@@ -1,0 +1,172 @@
+"""Parallel-scan recurrences: minGRU and minLSTM (Feng et al. 2024, "Were RNNs All We Needed?").
+
+Their gates depend on the input only, so ``h_t = a_t * h_{t-1} + b_t`` over a whole sequence is a
+linear recurrence computed by a scan in O(log T) depth. The scan runs in log space (Heinsen 2023):
+with ``a*_t = sum_{s<=t} log a_s``,
+
+    log h_t = a*_t + logcumsumexp_{s<=t}(log b_s - a*_s)      (the initial state enters as b_0)
+
+which is stable because every h stays positive: the candidate goes through
+``g(x) = x + 0.5 if x >= 0 else sigmoid(x)``. Each layer has
+
+- ``scan_log``: the parallel form (the default for sequences), computed in float32 whatever the
+  autocast dtype, in pieces of ``scan_chunk`` steps with the state carried between pieces so that
+  the cumulative sums stay bounded and memory for the scan's intermediates does not grow with T;
+- ``sequential``: the plain loop ``h = a * h + b``, the reference the tests check the scan against
+  and the path of ``step`` (streaming generation).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from distrnn.layers import Recurrence, register_recurrence
+from distrnn.state import State
+
+# A zero state has no logarithm; it enters the scan as this, whose contribution is far below
+# float32 resolution. (The gradient with respect to an exactly-zero initial state is therefore 0.)
+_TINY = 1e-30
+
+
+_COMPILED: dict = {}
+
+
+def _compiled(fn):
+    """torch.compile fuses the gates, the logs and the scan into a few kernels (the fast GPU path)."""
+    key = fn.__func__ if hasattr(fn, "__func__") else fn
+    if key not in _COMPILED:
+        _COMPILED[key] = torch.compile(key, dynamic=True)
+    return _COMPILED[key].__get__(fn.__self__) if hasattr(fn, "__self__") else _COMPILED[key]
+
+
+def g(x: Tensor) -> Tensor:
+    return torch.where(x >= 0, x + 0.5, torch.sigmoid(x))
+
+
+def log_g(x: Tensor) -> Tensor:
+    return torch.where(x >= 0, torch.log(F.relu(x) + 0.5), -F.softplus(-x))
+
+
+def scan_log(log_a_BTH: Tensor, log_b_BTH: Tensor, h0_BH: Tensor) -> Tensor:
+    """All h_t of ``h_t = a_t h_{t-1} + b_t`` from logs of a and b and a positive h0 (float32 or float64)."""
+    a_star = torch.cumsum(log_a_BTH, dim=1)
+    log_h0 = torch.log(h0_BH.clamp_min(_TINY)).unsqueeze(1)
+    log_h = a_star + torch.logcumsumexp(torch.cat([log_h0, log_b_BTH - a_star], dim=1), dim=1)[:, 1:]
+    return torch.exp(log_h)
+
+
+class _MinRecurrence(Recurrence):
+    """A stack of min-RNN layers: each ``[norm] -> cell -> [+ residual]``, as in the paper's blocks.
+
+    State: ``h_LBH`` (positive). ``parallel`` chooses the log-space scan (default) or the loop.
+    """
+
+    gates: int  # linear maps of x per layer: the candidate and the gates
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        num_layers: int = 1,
+        dropout: float = 0.0,
+        norm: bool = False,
+        residual: bool = False,
+        scan_chunk: int = 2048,
+        parallel: bool = True,
+        compile: Optional[bool] = None,
+    ) -> None:
+        super().__init__(input_size, hidden_size, num_layers, dropout)
+        self.residual, self.scan_chunk, self.parallel = residual, scan_chunk, parallel
+        self.compile = compile  # None: torch.compile the scan on CUDA, plain PyTorch elsewhere
+        dims = [input_size] + [hidden_size] * num_layers
+        self.proj = nn.ModuleList(nn.Linear(dims[i], self.gates * hidden_size) for i in range(num_layers))
+        self.norms = nn.ModuleList(nn.LayerNorm(dims[i]) if norm else nn.Identity() for i in range(num_layers))
+        self.drop = nn.Dropout(dropout)
+
+    def coefficients(self, z_BTG: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(log a, log b, a, b) of the recurrence from the projected input."""
+        raise NotImplementedError
+
+    def forward(self, x_BTD: Tensor, state: Optional[State] = None) -> tuple[Tensor, Tensor]:
+        B, T = x_BTD.shape[:2]
+        h0_LBH = state if state is not None else x_BTD.new_zeros(self.num_layers, B, self.hidden_size)
+        out, finals = x_BTD, []
+        for layer in range(self.num_layers):
+            inp = out
+            z = self.proj[layer](self.norms[layer](inp))
+            h_BTH = self._layer(z, h0_LBH[layer])
+            finals.append(h_BTH[:, -1])
+            h_BTH = h_BTH.to(inp.dtype)
+            out = inp + h_BTH if self.residual and inp.shape[-1] == self.hidden_size else h_BTH
+            if layer < self.num_layers - 1:
+                out = self.drop(out)
+        return out, torch.stack(finals)
+
+    def _layer(self, z_BTG: Tensor, h0_BH: Tensor) -> Tensor:
+        # The scan is computed in float32 (float64 stays float64) whatever autocast chose.
+        dtype = torch.float64 if z_BTG.dtype == torch.float64 else torch.float32
+        z_BTG, h = z_BTG.to(dtype), h0_BH.to(dtype)
+        if not self.parallel:
+            return self.sequential(z_BTG, h)
+        use_compile = self.compile if self.compile is not None else z_BTG.is_cuda
+        piece_fn = _compiled(self._piece) if use_compile else self._piece
+        pieces = []
+        for s in range(0, z_BTG.shape[1], self.scan_chunk):
+            h_BtH = piece_fn(z_BTG[:, s : s + self.scan_chunk], h)
+            pieces.append(h_BtH)
+            h = h_BtH[:, -1]
+        return torch.cat(pieces, dim=1) if len(pieces) > 1 else pieces[0]
+
+    def _piece(self, z_BTG: Tensor, h0_BH: Tensor) -> Tensor:
+        log_a, log_b, _, _ = self.coefficients(z_BTG)
+        return scan_log(log_a, log_b, h0_BH)
+
+    def sequential(self, z_BTG: Tensor, h0_BH: Tensor) -> Tensor:
+        """The reference loop ``h = a * h + b``."""
+        _, _, a, b = self.coefficients(z_BTG)
+        h, hs = h0_BH, []
+        for t in range(z_BTG.shape[1]):
+            h = a[:, t] * h + b[:, t]
+            hs.append(h)
+        return torch.stack(hs, dim=1)
+
+    def step(self, x_BD: Tensor, state: Optional[State] = None) -> tuple[Tensor, Tensor]:
+        parallel, self.parallel = self.parallel, False
+        try:
+            y, state = self.forward(x_BD.unsqueeze(1), state)
+        finally:
+            self.parallel = parallel
+        return y.squeeze(1), state
+
+
+@register_recurrence("mingru")
+class MinGRU(_MinRecurrence):
+    """``h_t = (1 - z_t) h_{t-1} + z_t g(h~_t)``, ``z_t = sigmoid(W_z x_t)``, ``h~_t = W_h x_t``."""
+
+    gates = 2
+
+    def coefficients(self, z_BTG: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        k, cand = z_BTG.chunk(2, dim=-1)
+        log_z = -F.softplus(-k)
+        log_one_minus_z = -F.softplus(k)
+        log_b = log_z + log_g(cand)
+        return log_one_minus_z, log_b, torch.exp(log_one_minus_z), torch.exp(log_b)
+
+
+@register_recurrence("minlstm")
+class MinLSTM(_MinRecurrence):
+    """``h_t = f'_t h_{t-1} + i'_t g(h~_t)`` with ``f' = f / (f + i)``, ``i' = i / (f + i)``."""
+
+    gates = 3
+
+    def coefficients(self, z_BTG: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        kf, ki, cand = z_BTG.chunk(3, dim=-1)
+        diff = F.softplus(-kf) - F.softplus(-ki)
+        log_f = -F.softplus(diff)
+        log_i = -F.softplus(-diff)
+        log_b = log_i + log_g(cand)
+        return log_f, log_b, torch.exp(log_f), torch.exp(log_b)

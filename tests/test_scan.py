@@ -1,0 +1,107 @@
+"""minGRU and minLSTM: the log-space parallel scan against the sequential loop (float64)."""
+
+import pytest
+import torch
+
+from distrnn.config import NetworkConfig, TaskSpec
+from distrnn.layers import build_recurrence
+from distrnn.model import RecurrentModel
+from distrnn.scan import g, log_g, scan_log
+
+from helpers import ListDataModule, make_module, trainer
+
+
+@pytest.fixture(autouse=True)
+def _float64():
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
+
+
+def test_log_g_is_log_of_g():
+    x = torch.linspace(-20, 20, 1001)
+    torch.testing.assert_close(log_g(x), torch.log(g(x)), rtol=0, atol=1e-12)
+    assert (g(x) > 0).all()
+
+
+def test_scan_log_equals_loop():
+    torch.manual_seed(0)
+    a = torch.rand(3, 50, 4) * 0.9 + 0.05
+    b = torch.rand(3, 50, 4)
+    h0 = torch.rand(3, 4) + 0.1
+    h, hs = h0, []
+    for t in range(50):
+        h = a[:, t] * h + b[:, t]
+        hs.append(h)
+    torch.testing.assert_close(scan_log(a.log(), b.log(), h0), torch.stack(hs, 1), rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("name", ["mingru", "minlstm"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_parallel_equals_sequential_forward_and_backward(name, seed):
+    torch.manual_seed(seed)
+    B, T, D, H, L = torch.randint(1, 5, ()).item(), torch.randint(2, 90, ()).item(), 3, 5, torch.randint(1, 4, ()).item()
+    layer = build_recurrence(name, input_size=D, hidden_size=H, num_layers=L, norm=bool(seed % 2), residual=True,
+                             scan_chunk=int(torch.randint(3, 40, ()).item()))
+    x = torch.randn(B, T, D, requires_grad=True)
+    h0 = (torch.rand(L, B, H) + 0.05).requires_grad_()
+
+    def run(parallel):
+        layer.parallel = parallel
+        layer.zero_grad()
+        x.grad = h0.grad = None
+        y, hT = layer(x, h0)
+        (y.pow(2).sum() + hT.sin().sum()).backward()
+        return y.detach(), hT.detach(), x.grad.clone(), h0.grad.clone(), [p.grad.clone() for p in layer.parameters()]
+
+    par, seq = run(True), run(False)
+    for a, b in zip(par[:4], seq[:4]):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+    assert seq[3].abs().sum() > 0  # the initial state's gradient is really there
+    for a, b in zip(par[4], seq[4]):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("name", ["mingru", "minlstm"])
+def test_stream_in_chunks_equals_one_long_scan_and_step(name):
+    torch.manual_seed(0)
+    layer = build_recurrence(name, input_size=4, hidden_size=6, num_layers=2)
+    x = torch.randn(2, 200, 4)
+    y_full, s_full = layer(x)
+    ys, s = [], None
+    for a in range(0, 200, 37):
+        y, s = layer(x[:, a : a + 37], s)
+        ys.append(y)
+    torch.testing.assert_close(torch.cat(ys, 1), y_full, rtol=0, atol=1e-10)
+    torch.testing.assert_close(s, s_full, rtol=0, atol=1e-10)
+    s = None
+    for t in range(200):
+        y_t, s = layer.step(x[:, t], s)
+    torch.testing.assert_close(y_t, y_full[:, -1], rtol=0, atol=1e-10)
+
+
+def test_bf16_and_fp16_stay_finite_and_close():
+    torch.set_default_dtype(torch.float32)
+    torch.manual_seed(0)
+    layer = build_recurrence("mingru", input_size=8, hidden_size=16, num_layers=2)
+    x = torch.randn(2, 3000, 8)
+    ref, _ = layer(x)
+    for dtype in (torch.bfloat16, torch.float16):
+        with torch.autocast("cpu", dtype=dtype):
+            y, s = layer(x)
+        assert torch.isfinite(y).all() and torch.isfinite(s).all()
+        assert (y.float() - ref).abs().max() < 0.1 * ref.abs().max()
+
+
+def test_mingru_trains_through_the_engine_and_options_are_checked():
+    task = TaskSpec(kind="regression", output_dim=1, input_dim=2, seq_len=50)
+    from distrnn.data.loaders import GeneratedLoader
+    from distrnn.data.synthetic import adding_problem
+
+    loader = GeneratedLoader(lambda gen, B: adding_problem(gen, B, 50), 16, 30, seed=0)
+    module = make_module(task, recurrence="mingru", hidden=16, mode="full", k1=50, name="adamw", lr=3e-3)
+    trainer(max_epochs=2).fit(module, ListDataModule(loader))
+    assert module._carry.state.shape == (1, 16, 16)
+    with pytest.raises(ValueError, match="model.network.options"):
+        RecurrentModel(NetworkConfig(recurrence="mingru", options={"bogus": 1}), task)
