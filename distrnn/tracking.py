@@ -19,6 +19,8 @@ class MLflowLogger(MLFlowLogger):
     ``mlflow.db``, in the working directory), never Lightning's file store. Checkpoints go to
     ``checkpoint_dir/<experiment id>/<run id>/checkpoints``; the best and last are logged to the
     run as artifacts when training ends. Loggers act on rank 0 only, so a job has one run.
+    Metrics are logged asynchronously (``synchronous=False``): a training step never waits for
+    the store; MLflow flushes the queue when the run ends.
     """
 
     def __init__(
@@ -29,7 +31,7 @@ class MLflowLogger(MLFlowLogger):
         tags: Optional[dict[str, Any]] = None,
         checkpoint_dir: str = "checkpoints",
         log_model: bool = True,
-        synchronous: Optional[bool] = None,
+        synchronous: bool = False,
     ) -> None:
         uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or mlflow.get_tracking_uri()
         super().__init__(
