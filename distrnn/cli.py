@@ -37,6 +37,8 @@ CHECKPOINT_DEFAULTS: dict[str, Any] = {
 # saved read position is exact. Lightning warns about that flavour on every run.
 warnings.filterwarnings("ignore", message=".*dataloader_iter.*")
 warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+# The TBPTT module checkpoints the state after each update, with the loader position that matches it.
+warnings.filterwarnings("ignore", message=".*no pre-optimization state was saved.*")
 
 
 _KEY_LINE = re.compile(r"((?:model|data|trainer|checkpoint)\.[\w.]+: .*)")
