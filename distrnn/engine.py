@@ -183,7 +183,6 @@ class TBPTTModule(L.LightningModule):
         """One optimizer update over the window that ends with this chunk; returns the mean loss."""
         cfg = self.tbptt_cfg
         carry = self._carry
-        T_new = x.shape[1]
         if carry.history is not None:
             h = carry.history
             x = torch.cat([h["x"], x], dim=1)
@@ -209,13 +208,12 @@ class TBPTTModule(L.LightningModule):
         loss = res.loss_sum / n_loss
         opt.zero_grad(set_to_none=True)
         self.manual_backward(loss)
-        if lr_scale != 1.0:
-            for g in opt.param_groups:
-                g["lr"] *= lr_scale
+        scheduled = [g["lr"] for g in opt.param_groups]
+        for g in opt.param_groups:  # randomized chunk lengths: lr * length / k1 for this update only
+            g["lr"] *= lr_scale
         opt.step()
-        if lr_scale != 1.0:
-            for g in opt.param_groups:
-                g["lr"] /= lr_scale
+        for g, lr in zip(opt.param_groups, scheduled):
+            g["lr"] = lr
         sched.step()
         self._advance_carry(res, x, y, reset, keep)
         return loss.detach()

@@ -18,6 +18,15 @@ def _isolated(tmp_path, monkeypatch):
     yield
 
 
+@pytest.fixture
+def float64():
+    """Float64 by default for comparisons at 1e-10 against references."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

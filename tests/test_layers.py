@@ -13,12 +13,7 @@ from conftest import gpu
 B, T, D, H = 3, 17, 4, 5
 
 
-@pytest.fixture(autouse=True)
-def _float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 def _layer(name, **kw):

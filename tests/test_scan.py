@@ -11,12 +11,7 @@ from distrnn.scan import g, log_g, scan_log
 from helpers import ListDataModule, make_module, trainer
 
 
-@pytest.fixture(autouse=True)
-def _float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 def test_log_g_is_log_of_g():
