@@ -17,11 +17,11 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import CheckpointIO
 
-from distrnn.checkpoint import AtomicCheckpointIO, CheckpointError
+from distrnn.checkpoint import AtomicCheckpointIO, CheckpointError, load_checkpoint_file
 from distrnn.config import ConfigError
 from distrnn.data.base import RecurrentDataModule
 from distrnn.engine import TBPTTModule
-from distrnn.tracking import LogConfigToMLflow
+from distrnn.tracking import LogConfigToMLflow, MLflowRunInCheckpoint, continue_run
 
 CHECKPOINT_DEFAULTS: dict[str, Any] = {
     "monitor": "val/loss",
@@ -93,11 +93,24 @@ class DistrnnCLI(LightningCLI):
         parser.link_arguments("data.task", "model.task", apply_on="instantiate")
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
-        plugins = self.config_init[self.subcommand]["trainer"].get("plugins") or []
+        trainer_cfg = self.config_init[self.subcommand]["trainer"]
+        callbacks = trainer_cfg.get("callbacks") or []
+        callbacks = list(callbacks) if isinstance(callbacks, (list, tuple)) else [callbacks]
+        trainer_cfg["callbacks"] = [*callbacks, MLflowRunInCheckpoint()]
+        plugins = trainer_cfg.get("plugins") or []
         plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
         if not any(isinstance(p, CheckpointIO) for p in plugins):
-            self.config_init[self.subcommand]["trainer"]["plugins"] = [*plugins, AtomicCheckpointIO()]
+            trainer_cfg["plugins"] = [*plugins, AtomicCheckpointIO()]
         return super().instantiate_trainer(**kwargs)
+
+    def before_fit(self) -> None:
+        ckpt_path = self.config_init["fit"].get("ckpt_path")
+        if ckpt_path and ckpt_path not in ("last", "best", "hpc", "registry") and not str(ckpt_path).startswith("registry"):
+            try:
+                checkpoint = load_checkpoint_file(ckpt_path)
+            except CheckpointError as e:
+                fail(str(e))
+            continue_run(self.trainer.logger, checkpoint)
 
     def instantiate_classes(self) -> None:
         try:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import os
+import time
 from typing import Any, Optional
 
 import mlflow
-from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_only
@@ -78,5 +79,37 @@ class LogConfigToMLflow(SaveConfigCallback):
 
         params = {k: ("null" if v is None else str(v))[:6000] for k, v in flatten(yaml.safe_load(text)).items()}
         params.pop("config", None)
-        logger.log_hyperparams(params)
-        logger.experiment.log_text(logger.run_id, text, "config.yaml")
+        # A resumed job continues its run; MLflow params are immutable, so values changed for the
+        # resume (max_steps, ckpt_path) are recorded as tags instead.
+        logged = logger.experiment.get_run(logger.run_id).data.params
+        changed = {k: v for k, v in params.items() if k in logged and logged[k] != v}
+        logger.log_hyperparams({k: v for k, v in params.items() if k not in logged})
+        for k, v in changed.items():
+            logger.experiment.set_tag(logger.run_id, f"resumed.{k}"[:250], v[:5000])
+        name = "config.yaml" if not logged else time.strftime("config-resumed-%Y%m%d-%H%M%S.yaml")
+        logger.experiment.log_text(logger.run_id, text, name)
+
+
+RUN_ID_KEY = "mlflow_run_id"
+
+
+class MLflowRunInCheckpoint(Callback):
+    """Writes the MLflow run id into every checkpoint, so that a job resumed from one logs into
+    the same run (one run per training job, however often it was interrupted)."""
+
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        if isinstance(trainer.logger, MLFlowLogger) and trainer.logger.run_id:
+            checkpoint[RUN_ID_KEY] = trainer.logger.run_id
+
+
+def continue_run(logger: Any, checkpoint: dict[str, Any]) -> Optional[str]:
+    """Point an MLflow logger that has not started a run at the run recorded in ``checkpoint``."""
+    run_id = checkpoint.get(RUN_ID_KEY)
+    if not run_id or not isinstance(logger, MLFlowLogger) or logger._initialized or logger._run_id:
+        return None
+    try:
+        logger._mlflow_client.get_run(run_id)
+    except Exception:  # a checkpoint from another tracking store: start a new run
+        return None
+    logger._run_id = run_id
+    return run_id

@@ -132,3 +132,19 @@ def test_fit_against_a_real_mlflow_server(job, tmp_path):
     finally:
         os.killpg(server.pid, 15)
         server.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_resumed_job_continues_its_mlflow_run(job):
+    r = _run("fit", "--config", str(job), "--trainer.max_steps", "10")
+    assert r.returncode == 0, r.stderr[-3000:]
+    ckpt = next(Path("checkpoints").rglob("last.ckpt"))
+    r = _run("fit", "--config", str(job), "--trainer.max_steps", "20", "--ckpt_path", str(ckpt))
+    assert r.returncode == 0, r.stderr[-3000:]
+    runs = _runs(os.environ["MLFLOW_TRACKING_URI"])
+    assert len(runs) == 1 and runs.iloc[0]["status"] == "FINISHED"
+    run = mlflow.MlflowClient().get_run(runs.iloc[0].run_id)
+    assert run.data.params["trainer.max_steps"] == "10" and run.data.tags["resumed.trainer.max_steps"] == "20"
+    steps = {m.step for m in mlflow.MlflowClient().get_metric_history(run.info.run_id, "train/loss")}
+    # Lightning logs against batches (2 updates each here): the resume came after batch 5
+    assert min(steps) < 5 <= max(steps)
