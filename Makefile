@@ -30,9 +30,11 @@ test: venv
 test-fast: venv
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
-## distrnn's TBPTT engine against a plain PyTorch loop, tokens/s side by side (CPU sizes).
+## CPU sizes: distrnn's TBPTT engine against a plain PyTorch loop (tokens/s side by side), then
+## every recurrence against T as ratios to the LSTM, and peak memory of TBPTT/full/checkpointed BPTT.
 bench: venv
 	$(PY) benchmarks/bench_tbptt.py
+	$(PY) benchmarks/bench_recurrences.py --device cpu
 
 ## On a machine with a GPU: GPU-marked tests and the GPU benchmarks in one command; results to $$OUT.
 gpu-check:

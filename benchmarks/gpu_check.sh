@@ -13,4 +13,4 @@ if [ "${1:-}" != "bench-only" ]; then
 fi
 timeout 120 $PY benchmarks/bench_tbptt.py --device cuda --hidden 1024 --embed 256 --batch 64 --k 256 --steps 60 --warmup 5 --repeats 2 --log_every 50 --no_mlflow 2>&1 | grep -v "^\s*$" | tail -4 | tee "$OUT/bench_tbptt_fp32.txt"
 timeout 120 $PY benchmarks/bench_tbptt.py --device cuda --hidden 1024 --embed 256 --batch 64 --k 256 --steps 60 --warmup 5 --repeats 2 --log_every 50 --no_mlflow --precision bf16-mixed 2>&1 | grep -v "^\s*$" | tail -4 | tee "$OUT/bench_tbptt_bf16.txt"
-timeout 300 $PY benchmarks/bench_gpu.py --json "$OUT/bench_gpu.json" ${GPU_BENCH_ARGS:---quick} 2>&1 | tee "$OUT/bench_gpu.txt"
+timeout 300 $PY benchmarks/bench_recurrences.py --device cuda --json "$OUT/bench_gpu.json" ${GPU_BENCH_ARGS:---quick} 2>&1 | tee "$OUT/bench_gpu.txt"

@@ -1,8 +1,11 @@
-"""GPU benchmarks, each case in a child process with a time limit (a cuDNN call that stalls must
-not eat the session): recurrence throughput against cuDNN LSTM over T, the long-input pieces of
-the cuDNN layers under bf16, and peak memory of truncated, full and checkpointed BPTT against T.
+"""Recurrence benchmarks, each case in a child process with a time limit (a cuDNN call that
+stalls must not eat the session): throughput of Elman, LSTM, GRU, minGRU and minLSTM against T as
+ratios to the LSTM, the long-input pieces of the cuDNN layers under bf16, and peak memory of
+truncated, full and checkpointed BPTT against T.
 
-    python benchmarks/bench_gpu.py [--quick]
+    python benchmarks/bench_recurrences.py --device cpu          # CPU sizes (make bench)
+    python benchmarks/bench_recurrences.py --device cuda --quick # GPU sizes (make gpu-bench)
+    python benchmarks/bench_recurrences.py --device cuda --scan  # minGRU/minLSTM vs cuDNN LSTM
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
+import resource
 import time
 
 
@@ -22,7 +26,23 @@ def _case(kind: str, args: dict, q) -> None:
 
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
-    dev = torch.device("cuda")
+    dev = torch.device(args.get("device", "cuda"))
+    cuda = dev.type == "cuda"
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
+    def reset_peak():
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    def peak_gib(base):
+        # CUDA: the allocator's peak; CPU: the growth of this process's peak resident set
+        if cuda:
+            return (torch.cuda.max_memory_allocated() - base) / 2**30
+        return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base) / 2**30
     B, T, H = args["B"], args["T"], args["H"]
     torch.manual_seed(0)
     if kind == "throughput":
@@ -35,7 +55,7 @@ def _case(kind: str, args: dict, q) -> None:
         x = torch.randn(B, T, H, device=dev)
         y = torch.randn(B, T, 1, device=dev)
         mask = torch.ones(B, T, dtype=torch.bool, device=dev)
-        amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.get("bf16", False))
+        amp = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=args.get("bf16", False))
 
         def step():
             with amp:
@@ -44,17 +64,17 @@ def _case(kind: str, args: dict, q) -> None:
             (r.loss_sum / (B * T)).backward()
             opt.step()
 
+        base = reset_peak()
         step()
         step()  # the second call too: torch.compile may recompile once for the state's new strides
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
+        sync()
         n = args.get("iters", 5)
         t0 = time.perf_counter()
         for _ in range(n):
             step()
-        torch.cuda.synchronize()
+        sync()
         dt = (time.perf_counter() - t0) / n
-        q.put({"tokens_per_s": B * T / dt, "s_per_step": dt, "peak_gib": torch.cuda.max_memory_allocated() / 2**30})
+        q.put({"tokens_per_s": B * T / dt, "s_per_step": dt, "peak_gib": peak_gib(base)})
     elif kind == "memory":
         task = TaskSpec(kind="regression", output_dim=1, input_dim=64)
         model = RecurrentModel(NetworkConfig(recurrence="lstm", hidden_size=H), task).to(dev)
@@ -76,14 +96,14 @@ def _case(kind: str, args: dict, q) -> None:
                 r = run_window(model, task, x, y, mask, None, None, segment=k if mode == "checkpointed" else None)
                 r.loss_sum.backward()
 
-        step()
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
+        if cuda:
+            step()
+            sync()
+        base = reset_peak()
         t0 = time.perf_counter()
         step()
-        torch.cuda.synchronize()
-        q.put({"s_per_step": time.perf_counter() - t0, "peak_gib": (torch.cuda.max_memory_allocated() - base) / 2**30})
+        sync()
+        q.put({"s_per_step": time.perf_counter() - t0, "peak_gib": peak_gib(base)})
 
 
 def run(kind: str, limit: float, **args) -> dict:
@@ -103,19 +123,28 @@ def run(kind: str, limit: float, **args) -> dict:
     return out
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--json", default=None)
-    ap.add_argument("--memory_only", action="store_true")
-    ap.add_argument("--scan", action="store_true", help="minGRU/minLSTM against cuDNN LSTM")
-    a = ap.parse_args()
-    results = []
+def ratios(results: list[dict]) -> None:
+    """Throughput as a ratio to the LSTM at the same T."""
+    lstm = {r["T"]: r["tokens_per_s"] for r in results if r.get("rec") == "lstm" and "tokens_per_s" in r and not r.get("bf16")}
+    print("\nthroughput / LSTM at the same T:")
+    for r in results:
+        if "tokens_per_s" in r and r.get("T") in lstm and not r.get("bf16"):
+            print(f"  {r['label']:<32} {r['tokens_per_s']:>12,.0f} tokens/s  {r['tokens_per_s'] / lstm[r['T']]:.2f}x")
 
-    def show(r):
-        results.append(r)
-        print(json.dumps(r), flush=True)
 
+def sweep_cpu(show) -> None:
+    B, H = 8, 128
+    for T in (256, 1024, 4096, 16384):
+        for rec in ("lstm", "gru", "elman", "mingru", "minlstm"):
+            extra = {"compile": False} if rec.startswith("min") else {}
+            show(run("throughput", 120, device="cpu", rec=rec, B=B, T=T, H=H, iters=2 if T < 16384 else 1,
+                     label=f"{rec} T={T}", **extra))
+    for T in (1024, 4096, 16384):
+        for mode in ("tbptt", "full", "checkpointed"):
+            show(run("memory", 120, device="cpu", mode=mode, B=8, T=T, H=128, k=256, label=f"memory {mode} T={T}"))
+
+
+def sweep_gpu(show, a) -> None:
     B, H = 64, 1024
     if a.scan:
         show(run("throughput", 90, rec="lstm", B=B, T=4096, H=H, iters=3, label="lstm T=4096"))
@@ -134,11 +163,32 @@ def main() -> None:
     show(run("throughput", 120, rec="lstm", B=B, T=4096, H=H, bf16=True, iters=3, label="lstm bf16 T=4096 in pieces"))
     Ts = [256, 4096, 16384] if a.quick else [256, 1024, 4096, 16384]
     for T in Ts:
-        for rec in ("lstm", "gru", "elman"):
-            show(run("throughput", 90, rec=rec, B=B, T=T, H=H, iters=3 if T < 16384 else 1, label=f"{rec} fp32/tf32 T={T}"))
+        for rec in ("lstm", "gru", "elman", "mingru", "minlstm"):
+            show(run("throughput", 150, rec=rec, B=B, T=T, H=H, iters=3 if T < 16384 else 1, label=f"{rec} fp32/tf32 T={T}"))
     for T in ([4096, 16384] if a.quick else [1024, 4096, 16384]):
         for mode in ("tbptt", "full", "checkpointed"):
             show(run("memory", 120, mode=mode, B=16, T=T, H=512, k=256, label=f"memory {mode} T={T}"))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--memory_only", action="store_true")
+    ap.add_argument("--scan", action="store_true", help="minGRU/minLSTM against cuDNN LSTM")
+    a = ap.parse_args()
+    results = []
+
+    def show(r):
+        results.append(r)
+        print(json.dumps(r), flush=True)
+
+    if a.device == "cpu":
+        sweep_cpu(show)
+    else:
+        sweep_gpu(show, a)
+    ratios(results)
     if a.json:
         with open(a.json, "w") as f:
             json.dump(results, f, indent=1)
