@@ -28,9 +28,10 @@ def detach_state(state: Optional[State]) -> Optional[State]:
 
 
 def mask_state(state: Optional[State], keep_B: Tensor) -> Optional[State]:
-    """Zero the rows of ``state`` where ``keep_B`` is False (their sequence has ended)."""
+    """Zero the rows of ``state`` where ``keep_B`` is False (their sequence has ended).
+    ``keep_B`` may live on the host (reset masks do): it is moved to the state's device."""
     keep = keep_B.view(1, -1, 1)
-    return map_state(lambda s: s * keep.to(s.dtype), state)
+    return map_state(lambda s: s * keep.to(device=s.device, dtype=s.dtype), state)
 
 
 def state_tensors(state: Optional[State]) -> tuple[Tensor, ...]:
