@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from typing import Callable, Optional, Union
 
-import torch
 from torch import Tensor
 
 State = Union[Tensor, tuple[Tensor, ...]]

@@ -1,6 +1,5 @@
 """Gradient modes against independent references (float64)."""
 
-import math
 
 import pytest
 import torch

@@ -9,7 +9,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from conftest import REPO, distrnn_cmd, free_port, write_corpus
+from conftest import distrnn_cmd, free_port, write_corpus
 
 CONFIG = """
 seed_everything: 0
