@@ -21,7 +21,8 @@ class CheckpointError(RuntimeError):
     """A checkpoint file is missing, torn or not one of ours; the message names the file."""
 
 
-def load_checkpoint_file(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
+def load_checkpoint_file(path: str | os.PathLike, map_location: Any = "cpu", training: bool = True) -> dict[str, Any]:
+    """Load safely; with ``training``, also insist on a Lightning training checkpoint."""
     p = Path(path)
     if not p.is_file():
         raise CheckpointError(f"checkpoint {p}: no such file")
@@ -30,7 +31,7 @@ def load_checkpoint_file(path: str | os.PathLike, map_location: Any = "cpu") -> 
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"checkpoint {p}: cannot be loaded safely: {first}") from None
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+    if training and (not isinstance(ckpt, dict) or "state_dict" not in ckpt):
         raise CheckpointError(f"checkpoint {p}: not a distrnn/Lightning checkpoint (no state_dict)")
     return ckpt
 
@@ -55,4 +56,5 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 tmp.unlink()
 
     def load_checkpoint(self, path: Any, map_location: Optional[Any] = None, weights_only: Optional[bool] = None) -> dict[str, Any]:
-        return load_checkpoint_file(path, map_location if map_location is not None else "cpu")
+        # Lightning also moves plain state dicts through here (ddp_spawn returns rank 0's weights so).
+        return load_checkpoint_file(path, map_location if map_location is not None else "cpu", training=False)

@@ -32,7 +32,7 @@ from distrnn.model import RecurrentModel
 from distrnn.state import State, detach_state, map_state, state_tensors
 
 CHECKPOINT_KEY = "distrnn"
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2
 
 
 class Carry:
@@ -337,11 +337,16 @@ class TBPTTModule(L.LightningModule):
     # ---------------------------------------------------------------- checkpoint
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint[CHECKPOINT_KEY] = {
-            "format": CHECKPOINT_FORMAT,
-            "carry": self._carry.to_dict(),
-            "rng": capture_rng(),
-        }
+        # Lightning writes the file from rank 0 only, but every rank carries its own hidden state
+        # and RNG: gather them (every rank runs this hook) so the checkpoint holds all of them.
+        mine = {"carry": self._carry.to_dict(), "rng": capture_rng()}
+        world = self.trainer.world_size if self._trainer is not None else 1
+        if world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            ranks: list[Any] = [None] * world
+            torch.distributed.all_gather_object(ranks, mine)
+        else:
+            ranks = [mine]
+        checkpoint[CHECKPOINT_KEY] = {"format": CHECKPOINT_FORMAT, "world_size": len(ranks), "ranks": ranks}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         d = checkpoint.get(CHECKPOINT_KEY)
@@ -349,7 +354,16 @@ class TBPTTModule(L.LightningModule):
             return  # weights-only use (generate, fine-tuning from a foreign file)
         if d.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"checkpoint format {d.get('format')} is not {CHECKPOINT_FORMAT}")
-        self._carry = Carry.from_dict(d["carry"])
+        world, rank = 1, 0
+        if self._trainer is not None:
+            world, rank = self.trainer.world_size, self.trainer.global_rank
+        if d["world_size"] != world:
+            raise ValueError(
+                f"checkpoint was written by {d['world_size']} ranks and this run has {world}: every rank's"
+                " streams and hidden state belong to one world size; resume with the same number of devices"
+            )
+        mine = d["ranks"][rank]
+        self._carry = Carry.from_dict(mine["carry"])
         # Applied at the first training step, after Lightning's own start-up (sanity validation),
         # so the resumed run continues with the generator the original had after its last step.
-        self._pending_rng = d["rng"]
+        self._pending_rng = mine["rng"]

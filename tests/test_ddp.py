@@ -46,3 +46,38 @@ def test_two_ranks_equal_one_process_with_the_global_batch():
     assert moved > 1e-3  # the spawned ranks trained and their weights came back
     for (k, a), (_, b) in zip(single.state_dict().items(), ddp.state_dict().items()):
         torch.testing.assert_close(b, a, rtol=0, atol=1e-6, msg=k)
+
+
+def _fit_ckpt(tmp_path, steps, ckpt_path=None, devices=2):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from distrnn.checkpoint import AtomicCheckpointIO
+
+    L.seed_everything(0)
+    module = make_module(LM, recurrence="lstm", hidden=16, k1=8, k2=12, name="adamw", lr=1e-2, seed=0)
+    trainer = L.Trainer(
+        accelerator="cpu", devices=devices, strategy="ddp_spawn", max_steps=steps, logger=False,
+        enable_progress_bar=False, enable_model_summary=False, plugins=[AtomicCheckpointIO()],
+        callbacks=[ModelCheckpoint(dirpath=tmp_path / "ck", every_n_train_steps=4, save_top_k=-1, filename="{step}")],
+    )
+    trainer.fit(module, Streams(3), ckpt_path=ckpt_path)
+    return module
+
+
+@pytest.mark.slow
+def test_ddp_resume_restores_every_ranks_state(tmp_path):
+    """Resuming 2 ranks mid-epoch from a checkpoint ends with the weights of the uninterrupted run:
+    the checkpoint holds both ranks' hidden states (and TBPTT histories), not rank 0's twice."""
+    from distrnn.checkpoint import load_checkpoint_file
+
+    ref = _fit_ckpt(tmp_path, 16)
+    ckpt = tmp_path / "ck" / "step=8.ckpt"
+    saved = load_checkpoint_file(ckpt)["distrnn"]
+    assert saved["world_size"] == 2
+    h0, h1 = (saved["ranks"][r]["carry"]["state"][0] for r in (0, 1))
+    assert not torch.equal(h0, h1)  # the ranks read different streams
+    resumed = _fit_ckpt(tmp_path / "b", 16, ckpt_path=str(ckpt))
+    for (k, a), (_, b) in zip(ref.state_dict().items(), resumed.state_dict().items()):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-6, msg=k)
+    with pytest.raises(Exception, match="written by 2 ranks"):
+        _fit_ckpt(tmp_path / "c", 16, ckpt_path=str(ckpt), devices=1)

@@ -51,7 +51,7 @@ def test_resume_mid_epoch_equals_uninterrupted(tmp_path):
     assert ckpt.exists()
     saved = load_checkpoint_file(ckpt)
     assert saved["global_step"] == 18
-    assert saved["distrnn"]["carry"]["history"]["x"].shape == (4, 4)
+    assert saved["distrnn"]["ranks"][0]["carry"]["history"]["x"].shape == (4, 4)
     resumed, trainer = _run(tmp_path, corpus, tmp_path / "c", ckpt_path=str(ckpt))
     assert trainer.global_step == ref_trainer.global_step
     for (k, a), (_, b) in zip(ref.state_dict().items(), resumed.state_dict().items()):
