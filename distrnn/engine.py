@@ -163,8 +163,10 @@ class TBPTTModule(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def _total_updates(self) -> int:
+        if self.trainer.max_steps != -1:  # global steps count optimizer updates
+            return self.trainer.max_steps
         try:
-            batches = int(self.trainer.estimated_stepping_batches)
+            batches = int(self.trainer.estimated_stepping_batches)  # batches: max_epochs x len(loader)
         except Exception:
             return 1
         if self.tbptt_cfg.mode == "tbptt" and self.task.seq_len:

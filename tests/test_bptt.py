@@ -1,6 +1,8 @@
 """Gradient modes against independent references (float64)."""
 
 
+import math
+
 import pytest
 import torch
 
@@ -165,3 +167,32 @@ def test_randomized_lr_is_scaled_by_length():
     expect = [0.5 * (b - a) / 20 for a, b in bounds][: len(seen)]
     assert seen == pytest.approx(expect, rel=1e-12)
     assert module.optimizers().param_groups[0]["lr"] == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("limit,total", [({"max_steps": 12}, 12), ({"max_epochs": 1}, 20)])
+def test_cosine_schedule_with_warmup_steps_per_update(limit, total):
+    """The scheduler advances once per optimizer update (several per batch under TBPTT)."""
+    from distrnn.config import NetworkConfig, OptimizerConfig, TBPTTConfig
+    from distrnn.engine import TBPTTModule
+
+    tokens, loader = _stream(n=400, B=2, seq_len=40)  # 4 updates of k1=10 per batch
+    task = TaskSpec(kind="language_model", output_dim=11, vocab_size=11, seq_len=40)
+    module = TBPTTModule(NetworkConfig(hidden_size=4), TBPTTConfig(k1=10),
+                         OptimizerConfig(name="sgd", lr=1.0, schedule="cosine", warmup_updates=3, min_lr_ratio=0.1), task)
+    seen = []
+
+    class LR(GradRecorder):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            seen.append(optimizer.param_groups[0]["lr"])
+
+    trainer(callbacks=[LR()], **limit).fit(module, ListDataModule(loader))
+    # max_steps counts updates; max_epochs: 5 batches x 4 updates of k1 = 10 per 40-step batch
+    assert len(seen) == total
+    expect = []
+    for u in range(total):
+        if u < 3:
+            expect.append((u + 1) / 3)
+        else:
+            p = min(1.0, (u - 3) / (total - 3))
+            expect.append(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)))
+    assert seen == pytest.approx(expect, rel=1e-9)
