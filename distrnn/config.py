@@ -104,6 +104,9 @@ class OptimizerConfig:
     """Linear warm-up updates."""
     min_lr_ratio: float = 0.1
     """cosine: final learning rate as a fraction of lr."""
+    stop_on_nonfinite: bool = True
+    """Stop with an error naming the step and rank when a loss is NaN or infinite, before that update
+    is applied (costs one host sync per update on a GPU)."""
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)  # YAML gives a list

@@ -208,6 +208,11 @@ class TBPTTModule(L.LightningModule):
         sched = self.lr_schedulers()
         res = run_window(self.model, self.task, x, y, mask, reset, carry.state, capture_at, segment)
         loss = res.loss_sum / n_loss
+        if self.optim_cfg.stop_on_nonfinite and not torch.isfinite(loss.detach()).item():
+            raise FloatingPointError(
+                f"non-finite loss ({loss.item()}) at step {self.global_step} on rank {self.global_rank}:"
+                " the update was not applied; the last checkpoint is from before it"
+            )
         opt.zero_grad(set_to_none=True)
         self.manual_backward(loss)
         scheduled = [g["lr"] for g in opt.param_groups]

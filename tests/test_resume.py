@@ -116,3 +116,32 @@ def test_checkpoint_write_is_atomic_and_loads_are_safe(tmp_path):
     with pytest.raises(CheckpointError, match="evil.ckpt"):
         io.load_checkpoint(evil)
     assert not marker.exists()
+
+
+def test_nan_loss_stops_at_its_step_and_writes_no_later_checkpoint(tmp_path):
+    from distrnn.config import TaskSpec
+    from distrnn.data.loaders import TensorLoader
+
+    from helpers import ListDataModule
+
+    task = TaskSpec(kind="regression", output_dim=1, input_dim=2, seq_len=10)
+    x = torch.randn(40, 10, 2)
+    x[22, 3, 0] = float("nan")  # sample 22 sits in batch 5 (batch size 4): update 5, steps counted from 0
+    loader = TensorLoader({"x": x, "y": torch.randn(40, 10, 1)}, 4)
+    module = make_module(task, recurrence="gru", mode="full", k1=10)
+    w_before = None
+
+    class Snapshot(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, *a):
+            nonlocal w_before
+            w_before = {k: v.clone() for k, v in pl_module.state_dict().items()}
+
+    trainer = L.Trainer(
+        accelerator="cpu", max_epochs=1, logger=False, enable_progress_bar=False, plugins=[AtomicCheckpointIO()],
+        callbacks=[ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=1, save_top_k=-1, filename="{step}"), Snapshot()],
+    )
+    with pytest.raises(FloatingPointError, match="at step 5 on rank 0"):
+        trainer.fit(module, ListDataModule(loader))
+    assert sorted(p.name for p in tmp_path.glob("*.ckpt"))[-1] == "step=5.ckpt"  # written after step 4, nothing later
+    for k, v in module.state_dict().items():
+        assert torch.equal(v, w_before[k])  # the NaN update was never applied
