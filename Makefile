@@ -5,9 +5,11 @@ PY := $(VENV)/bin/python
 # A CPU build of torch; on a GPU machine use e.g. TORCH_SPEC="torch==2.13.0" with the CUDA index.
 TORCH_SPEC ?= torch==2.13.0
 CONFIG ?= jobs/configs/default.yaml
+STRATEGY ?= ddp
+DEVICES ?= auto
 PYTEST_ARGS ?=
 
-.PHONY: venv train test test-fast bench gpu-check gpu-bench mlflow-ui clean
+.PHONY: venv train train-multigpu test test-fast bench gpu-check gpu-bench mlflow-ui clean
 
 $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,6 +24,10 @@ venv: $(VENV)/.installed
 ## Train the default experiment (offline once the environment exists), tracked in MLflow.
 train: venv
 	$(VENV)/bin/distrnn fit --config $(CONFIG)
+
+## Every GPU of this node (Lightning DDP; strategy and device count from STRATEGY and DEVICES).
+train-multigpu: venv
+	$(VENV)/bin/distrnn fit --config $(CONFIG) --trainer.accelerator gpu --trainer.strategy $(STRATEGY) --trainer.devices $(DEVICES)
 
 ## The whole test suite (slow and multi-process tests included; GPU tests skip without a GPU).
 test: venv

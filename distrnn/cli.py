@@ -6,6 +6,7 @@ MLflow run or checkpoint is created.
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 import warnings
@@ -15,6 +16,7 @@ from jsonargparse import ArgumentParser
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.plugins.io import CheckpointIO
 
 from distrnn.checkpoint import AtomicCheckpointIO, CheckpointError, load_checkpoint_file
@@ -52,6 +54,25 @@ def _key_line(message: str) -> str:
         if m:
             return m.group(1).strip()
     return message.strip().splitlines()[0] if message.strip() else "invalid configuration"
+
+
+def _check_devices(trainer_cfg: dict[str, Any]) -> None:
+    """Lightning starts any number of CPU processes it is asked for; more than there are cores is
+    a mistake (each rank would fight for a core), so it is refused before anything starts."""
+    devices, accelerator = trainer_cfg.get("devices"), str(trainer_cfg.get("accelerator") or "auto")
+    if accelerator == "cpu" or (accelerator == "auto" and not _cuda_available()):
+        if isinstance(devices, str) and devices.strip().isdigit():
+            devices = int(devices)
+        n = devices if isinstance(devices, int) else (len(devices) if isinstance(devices, (list, tuple)) else None)
+        cores = os.cpu_count() or 1
+        if n is not None and n > cores:
+            fail(f"trainer.devices: {n} CPU processes asked for, this machine has {cores} cores")
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def fail(message: str) -> NoReturn:
@@ -94,6 +115,7 @@ class DistrnnCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         trainer_cfg = self.config_init[self.subcommand]["trainer"]
+        _check_devices(trainer_cfg)
         callbacks = trainer_cfg.get("callbacks") or []
         callbacks = list(callbacks) if isinstance(callbacks, (list, tuple)) else [callbacks]
         trainer_cfg["callbacks"] = [*callbacks, MLflowRunInCheckpoint()]
@@ -115,7 +137,7 @@ class DistrnnCLI(LightningCLI):
     def instantiate_classes(self) -> None:
         try:
             super().instantiate_classes()
-        except (ValueError, TypeError, FileNotFoundError, CheckpointError) as e:
+        except (ValueError, TypeError, FileNotFoundError, CheckpointError, MisconfigurationException, ImportError) as e:
             fail(_key_line(str(e)))
 
 

@@ -1,5 +1,6 @@
 """The `distrnn` command: bad input, a real training job into MLflow, generation, a real server."""
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -8,6 +9,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
+import torch
 
 from conftest import distrnn_cmd, free_port, write_corpus
 
@@ -51,10 +53,16 @@ def job(tmp_path):
         (["--data.init_args.path", "missing.txt"], "missing.txt"),
         (["--model.network.recurrence", "nope"], "model.network.recurrence"),
         (["--model.optimizer.lr", "-1"], "model.optimizer.lr"),
+        (["--trainer.accelerator", "cpu", "--trainer.devices", "64"], "trainer.devices"),
+        (["--trainer.strategy", "bogus"], "strategy"),
+        pytest.param(["--trainer.strategy", "deepspeed_stage_2"], "DeepSpeed",
+                     marks=pytest.mark.skipif(importlib.util.find_spec("deepspeed") is not None, reason="deepspeed installed")),
+        pytest.param(["--trainer.accelerator", "gpu"], "gpu",
+                     marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")),
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_no_run(job, args, key):
-    r = _run("fit", "--config", str(job), *args)
+    r = _run("fit", "--config", str(job), *args, timeout=120)
     assert r.returncode == 2, r.stderr[-2000:]
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("distrnn: error:") and key in last, last
