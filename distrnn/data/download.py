@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import sys
 import urllib.request
 import zipfile
 from dataclasses import dataclass
@@ -94,7 +95,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         path = fetch_corpus(a.name, a.cache_dir)
     except DownloadError as e:
-        print(f"error: {e}", file=__import__("sys").stderr)
+        print(f"error: {e}", file=sys.stderr)
         return 1
     print(path)
     return 0
