@@ -9,14 +9,20 @@ STRATEGY ?= ddp
 DEVICES ?= auto
 PYTEST_ARGS ?=
 
-.PHONY: venv train train-multigpu test test-fast bench gpu-check gpu-bench mlflow-ui clean
+RAY_STATE ?= .ray-local
+WORKERS ?= 2
+SWEEP ?= jobs/configs/sweep_tiny.yaml
+TRAIN_ARGS ?=
+
+.PHONY: venv train train-multigpu test test-fast bench gpu-check gpu-bench mlflow-ui clean \
+	cluster-up cluster-down submit-train submit-tune
 
 $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	@# torch first and pinned, so that nothing else gets to choose a multi-GB CUDA build
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[dev]" "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[dev,ray]" "$(TORCH_SPEC)"
 	@touch $@
 
 venv: $(VENV)/.installed
@@ -52,6 +58,25 @@ gpu-bench:
 ## The MLflow UI on 127.0.0.1 over the default store (mlflow.db in this folder).
 mlflow-ui: venv
 	$(VENV)/bin/mlflow ui --host 127.0.0.1 --port 5000 --backend-store-uri $${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db}
+
+## A local Ray head on 127.0.0.1 with token authentication (address and token in $(RAY_STATE)/).
+cluster-up: venv
+	$(PY) cluster/local_cluster.py up --state-dir $(RAY_STATE)
+
+cluster-down: venv
+	$(PY) cluster/local_cluster.py down --state-dir $(RAY_STATE)
+
+## Ray Train job on the cluster in $(RAY_STATE) (or RAY_API_SERVER_ADDRESS); the config is checked here first.
+submit-train: venv
+	$(PY) jobs/train.py --check-only --num-workers $(WORKERS) $(TRAIN_ARGS) --config $(CONFIG)
+	. ./$(RAY_STATE)/cluster.env && $(VENV)/bin/ray job submit --working-dir . -- \
+		python jobs/train.py --num-workers $(WORKERS) $(TRAIN_ARGS) --config $(CONFIG)
+
+## Ray Tune sweep on the cluster in $(RAY_STATE); the search space is checked here first.
+submit-tune: venv
+	$(PY) jobs/tune.py --check-only --config $(SWEEP)
+	. ./$(RAY_STATE)/cluster.env && $(VENV)/bin/ray job submit --working-dir . -- \
+		python jobs/tune.py --config $(SWEEP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache checkpoints mlruns

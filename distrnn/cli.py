@@ -39,6 +39,8 @@ CHECKPOINT_DEFAULTS: dict[str, Any] = {
 # saved read position is exact. Lightning warns about that flavour on every run.
 warnings.filterwarnings("ignore", message=".*dataloader_iter.*")
 warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+# Ray jobs and Tune trials pass their own args while sys.argv holds the driver's options.
+warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter.*")
 # The TBPTT module checkpoints the state after each update, with the loader position that matches it.
 warnings.filterwarnings("ignore", message=".*no pre-optimization state was saved.*")
 
@@ -69,6 +71,10 @@ def _check_devices(trainer_cfg: dict[str, Any]) -> None:
             fail(f"trainer.devices: {n} CPU processes asked for, this machine has {cores} cores")
 
 
+def _as_list(v: Any) -> list[Any]:
+    return [] if v is None else list(v) if isinstance(v, (list, tuple)) else [v]
+
+
 def _cuda_available() -> bool:
     import torch
 
@@ -92,7 +98,12 @@ class _Parser(LightningArgumentParser):
 
 
 class DistrnnCLI(LightningCLI):
-    def __init__(self, args: Optional[list[str]] = None, **kwargs: Any) -> None:
+    """The ``distrnn`` command. Ray workers and Tune trials build it with ``run=False`` and the same
+    YAML, adding what their environment needs through ``trainer_extra`` (strategy, plugins,
+    callbacks), so a config trains the same way on a laptop and on a cluster."""
+
+    def __init__(self, args: Optional[list[str]] = None, trainer_extra: Optional[dict[str, Any]] = None, **kwargs: Any) -> None:
+        self.trainer_extra = dict(trainer_extra or {})
         super().__init__(
             TBPTTModule,
             RecurrentDataModule,
@@ -114,15 +125,18 @@ class DistrnnCLI(LightningCLI):
         parser.link_arguments("data.task", "model.task", apply_on="instantiate")
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
-        trainer_cfg = self.config_init[self.subcommand]["trainer"]
+        config = self.config_init[self.subcommand] if self.subcommand else self.config_init
+        trainer_cfg = config["trainer"]
+        extra = dict(self.trainer_extra)
+        callbacks = _as_list(trainer_cfg.get("callbacks")) + _as_list(extra.pop("callbacks", None))
+        plugins = _as_list(trainer_cfg.get("plugins")) + _as_list(extra.pop("plugins", None))
+        for key, value in extra.items():
+            trainer_cfg[key] = value
         _check_devices(trainer_cfg)
-        callbacks = trainer_cfg.get("callbacks") or []
-        callbacks = list(callbacks) if isinstance(callbacks, (list, tuple)) else [callbacks]
         trainer_cfg["callbacks"] = [*callbacks, MLflowRunInCheckpoint()]
-        plugins = trainer_cfg.get("plugins") or []
-        plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
         if not any(isinstance(p, CheckpointIO) for p in plugins):
-            trainer_cfg["plugins"] = [*plugins, AtomicCheckpointIO()]
+            plugins.append(AtomicCheckpointIO())
+        trainer_cfg["plugins"] = plugins
         return super().instantiate_trainer(**kwargs)
 
     def before_fit(self) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 from typing import Any, Optional
 
 import mlflow
@@ -35,21 +36,36 @@ class MLflowLogger(MLFlowLogger):
         synchronous: bool = False,
     ) -> None:
         uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or mlflow.get_tracking_uri()
-        super().__init__(
-            experiment_name=experiment_name,
-            run_name=run_name,
-            tracking_uri=uri,
-            tags=tags,
-            save_dir=checkpoint_dir,
-            log_model=log_model,
-            synchronous=synchronous,
-        )
+        # Every rank builds a client, and a client creates a new SQLite store's tables: ranks (or
+        # Tune trials) starting together on a fresh file would race ("table already exists").
+        with _store_lock(uri):
+            super().__init__(
+                experiment_name=experiment_name,
+                run_name=run_name,
+                tracking_uri=uri,
+                tags=tags,
+                save_dir=checkpoint_dir,
+                log_model=log_model,
+                synchronous=synchronous,
+            )
         self._checkpoint_dir = checkpoint_dir
 
     @property
     def save_dir(self) -> Optional[str]:
         # Lightning's ModelCheckpoint puts files under save_dir/<experiment id>/<run id>/checkpoints.
         return self._checkpoint_dir
+
+
+def _store_lock(uri: str) -> Any:
+    import contextlib
+
+    if not uri.startswith("sqlite:///"):
+        return contextlib.nullcontext()
+    from filelock import FileLock
+
+    path = Path(uri[len("sqlite:///"):]).resolve()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(path) + ".lock", timeout=120)
 
 
 def flatten(d: Any, prefix: str = "") -> dict[str, Any]:

@@ -1,0 +1,144 @@
+"""A local Ray cluster (one head node) for trying distrnn's Ray jobs: `make cluster-up` / `cluster-down`.
+
+    python cluster/local_cluster.py up [--dashboard-host 127.0.0.1] [--num-cpus N] [--state-dir .ray-local]
+    source .ray-local/cluster.env      # RAY_ADDRESS, RAY_API_SERVER_ADDRESS, RAY_AUTH_MODE, RAY_AUTH_TOKEN_PATH
+    ray job submit --working-dir . -- python jobs/tune.py --config jobs/configs/sweep_tiny.yaml
+    python cluster/local_cluster.py down
+
+Token authentication is on (RAY_AUTH_MODE=token, a fresh random token in the state folder, mode
+0600): a request without the token is refused. The dashboard (and the job API behind it) binds to
+127.0.0.1 unless asked otherwise, and never to another address while authentication is off.
+Ports are free ones picked at start, so the cluster never collides with another on the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import json
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+
+def free_ports(n: int) -> list[int]:
+    socks, ports = [], []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+        ports.append(s.getsockname()[1])
+    for s in socks:
+        s.close()
+    return ports
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def ray_bin() -> str:
+    exe = Path(sys.executable).parent / "ray"
+    return str(exe) if exe.exists() else (shutil.which("ray") or "ray")
+
+
+def up(state: Path, dashboard_host: str, num_cpus: int | None, auth: bool) -> dict[str, str]:
+    if not auth and not is_loopback(dashboard_host):
+        raise SystemExit(
+            f"local_cluster: error: dashboard-host {dashboard_host} is not a loopback address and authentication is"
+            " off: anyone who reaches it could run code on this machine. Keep authentication on or bind to 127.0.0.1."
+        )
+    state.mkdir(parents=True, exist_ok=True)
+    env_file = state / "cluster.env"
+    if env_file.exists():
+        raise SystemExit(f"local_cluster: error: {env_file} exists: a cluster is up (run `down` first)")
+    gcs, dash, client, agent, agent_grpc, metrics, rt_agent = free_ports(7)
+    temp_dir = Path(f"/tmp/ray-distrnn-{gcs}")  # short: Ray's socket paths have a length limit
+    env = {"RAY_AUTH_MODE": "token" if auth else "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    if auth:
+        token = state / "auth_token"
+        token.write_text(secrets.token_hex(32))
+        token.chmod(0o600)
+        env["RAY_AUTH_TOKEN_PATH"] = str(token.resolve())
+    # Jobs run `python` from the PATH the head was started with: this interpreter's environment.
+    run_env = {**os.environ, **env, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    cmd = [
+        ray_bin(), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(gcs),
+        "--dashboard-host", dashboard_host, "--dashboard-port", str(dash), "--ray-client-server-port", str(client),
+        "--dashboard-agent-listen-port", str(agent), "--dashboard-agent-grpc-port", str(agent_grpc),
+        "--metrics-export-port", str(metrics), "--runtime-env-agent-port", str(rt_agent),
+        "--temp-dir", str(temp_dir), "--disable-usage-stats",
+    ]
+    if num_cpus is not None:
+        cmd += ["--num-cpus", str(num_cpus)]
+    subprocess.run(cmd, env=run_env, check=True, stdout=subprocess.DEVNULL)
+    dashboard = f"http://{'127.0.0.1' if dashboard_host in ('0.0.0.0', '::') else dashboard_host}:{dash}"
+    info = {
+        **env,
+        "RAY_ADDRESS": f"127.0.0.1:{gcs}",
+        "RAY_API_SERVER_ADDRESS": dashboard,
+        "DISTRNN_RAY_TEMP_DIR": str(temp_dir),
+    }
+    env_file.write_text("".join(f"export {k}={v}\n" for k, v in info.items()))
+    (state / "cluster.json").write_text(json.dumps(info, indent=2))
+    _wait_for_dashboard(dashboard, info.get("RAY_AUTH_TOKEN_PATH"))
+    return info
+
+
+def _wait_for_dashboard(url: str, token_path: str | None, timeout: float = 60.0) -> None:
+    headers = {"Authorization": f"Bearer {Path(token_path).read_text().strip()}"} if token_path else {}
+    deadline = time.time() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(urllib.request.Request(f"{url}/api/version", headers=headers), timeout=5):
+                return
+        except Exception:
+            if time.time() > deadline:
+                raise SystemExit(f"local_cluster: error: the dashboard at {url} did not answer in {timeout:.0f} s")
+            time.sleep(0.5)
+
+
+def down(state: Path) -> None:
+    info_file = state / "cluster.json"
+    if not info_file.exists():
+        print(f"local_cluster: no cluster recorded in {state}")
+        return
+    info = json.loads(info_file.read_text())
+    env = {**os.environ, **{k: v for k, v in info.items() if k.startswith("RAY_")}}
+    subprocess.run([ray_bin(), "stop", "--force"], env=env, check=False, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL, timeout=120)
+    shutil.rmtree(info.get("DISTRNN_RAY_TEMP_DIR", "/nonexistent"), ignore_errors=True)
+    for name in ("cluster.env", "cluster.json", "auth_token"):
+        (state / name).unlink(missing_ok=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("action", choices=["up", "down"])
+    p.add_argument("--state-dir", default=".ray-local", help="where the address, ports and token are kept")
+    p.add_argument("--dashboard-host", default="127.0.0.1", help="the dashboard's (and job API's) bind address")
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs the head offers (default: all)")
+    p.add_argument("--no-auth", action="store_true", help="token authentication off (loopback dashboards only)")
+    a = p.parse_args(argv)
+    state = Path(a.state_dir)
+    if a.action == "up":
+        info = up(state, a.dashboard_host, a.num_cpus, auth=not a.no_auth)
+        print(f"Ray head at {info['RAY_ADDRESS']}, dashboard and job API at {info['RAY_API_SERVER_ADDRESS']}")
+        print(f"  source {state / 'cluster.env'}   # then: ray job submit --working-dir . -- python jobs/train.py ...")
+    else:
+        down(state)
+
+
+if __name__ == "__main__":
+    main()

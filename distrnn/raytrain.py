@@ -1,0 +1,287 @@
+"""distrnn on a Ray cluster: one training job through Ray Train, and what Tune trials share with it.
+
+The same YAML and the same :class:`~distrnn.engine.TBPTTModule` as ``distrnn fit``; Ray only adds
+the placement (a ``ScalingConfig``), Lightning's Ray strategy and environment, and checkpoints
+reported to Ray storage every ``report_every`` updates, mid-epoch, with the carried hidden state
+and the stream position inside (a distrnn checkpoint is one unit). A restarted worker group
+(``FailureConfig(max_failures)``) or a resubmitted job with the same ``name`` and ``storage_path``
+continues from the latest of them, in the same MLflow run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from lightning.pytorch import Callback, LightningModule, Trainer
+
+CKPT_NAME = "checkpoint.ckpt"
+STRATEGIES = ("ddp", "deepspeed_stage_1", "deepspeed_stage_2", "deepspeed_stage_3", "deepspeed_stage_3_offload")
+
+
+def metric_name(key: str) -> str:
+    """Tune splits nested result keys at '/', so Lightning's ``val/loss`` is reported as ``val_loss``."""
+    return key.replace("/", "_")
+
+
+class ReportToRay(Callback):
+    """Reports metrics and a full distrnn checkpoint to Ray Train (or Tune).
+
+    Args:
+        every_n_steps: report after every n-th update (mid-epoch too); ``None``: never by steps.
+        after_validation: report after every validation (what ASHA and PBT compare).
+        tune: report with ``ray.tune.report`` (a Tune trial) instead of ``ray.train.report``.
+    """
+
+    def __init__(self, every_n_steps: Optional[int] = None, after_validation: bool = False, tune: bool = False) -> None:
+        self.every_n_steps, self.after_validation, self.tune = every_n_steps, after_validation, tune
+        self._last_step = -1
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int) -> None:
+        n = self.every_n_steps
+        if n and trainer.global_step % n == 0:
+            self._report(trainer)
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.after_validation and not trainer.sanity_checking:
+            self._report(trainer, force=True)
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._last_step != trainer.global_step:
+            self._report(trainer)
+
+    def _report(self, trainer: Trainer, force: bool = False) -> None:
+        if trainer.global_step == self._last_step and not force:
+            return
+        self._last_step = trainer.global_step
+        metrics = {metric_name(k): float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+        # With these, a caller tells a run that ended by itself from one a scheduler stopped.
+        metrics.update(step=trainer.global_step, epoch=trainer.current_epoch, max_steps=trainer.max_steps,
+                       max_epochs=trainer.max_epochs if trainer.max_epochs is not None else -1)
+        # Every rank takes part in the save (the checkpoint gathers every rank's hidden state);
+        # Lightning writes the file on rank 0, which alone hands it to Ray.
+        tmp = tempfile.mkdtemp(prefix="distrnn-ray-")
+        try:
+            trainer.save_checkpoint(os.path.join(tmp, CKPT_NAME), weights_only=False)
+            if self.tune:
+                from ray import tune
+
+                ckpt = tune.Checkpoint.from_directory(tmp) if trainer.is_global_zero else None
+                tune.report(metrics, checkpoint=ckpt)
+            else:
+                import ray.train
+
+                ckpt = ray.train.Checkpoint.from_directory(tmp) if trainer.is_global_zero else None
+                ray.train.report(metrics, checkpoint=ckpt)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def fit_from_ray_checkpoint(cli: Any, checkpoint: Any) -> None:
+    """``trainer.fit`` from a Ray checkpoint when there is one (restart, restore), else from scratch."""
+    from distrnn.checkpoint import load_checkpoint_file
+    from distrnn.tracking import continue_run
+
+    if checkpoint is None:
+        cli.trainer.fit(cli.model, cli.datamodule)
+        return
+    with checkpoint.as_directory() as d:
+        path = os.path.join(d, CKPT_NAME)
+        ckpt = load_checkpoint_file(path)
+        if cli.trainer.is_global_zero:
+            print(f"distrnn: resuming from Ray checkpoint {checkpoint.path} at step {ckpt['global_step']} (epoch {ckpt['epoch']})")
+        continue_run(cli.trainer.logger, ckpt)
+        del ckpt
+        cli.trainer.fit(cli.model, cli.datamodule, ckpt_path=path)
+
+
+def _strategy(name: str) -> Any:
+    from ray.train.lightning import RayDDPStrategy, RayDeepSpeedStrategy
+
+    if name == "ddp":
+        # the TBPTT module uses every parameter in every step; no unused-parameter search
+        return RayDDPStrategy(find_unused_parameters=False)
+    stage = int(name.split("_")[2])
+    offload = name.endswith("offload")
+    return RayDeepSpeedStrategy(stage=stage, offload_optimizer=offload, offload_parameters=offload and stage == 3)
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """One Ray Train worker: the distrnn CLI with Ray's strategy, environment and reporting."""
+    import ray.train
+    from ray.train.lightning import RayLightningEnvironment, prepare_trainer
+
+    from distrnn.cli import DistrnnCLI
+
+    # Ray starts workers in its own folders; relative paths in the config (corpus, checkpoints,
+    # a SQLite store) mean what they mean for the driver. With `ray job submit --working-dir`
+    # that folder is the job's package, at the same path on every node.
+    if os.path.isdir(config["cwd"]):
+        os.chdir(config["cwd"])
+    cli = DistrnnCLI(
+        args=config["args"],
+        run=False,
+        trainer_extra={
+            "strategy": _strategy(config["strategy"]),
+            "plugins": [RayLightningEnvironment()],
+            "callbacks": [ReportToRay(every_n_steps=config["report_every"])],
+            "devices": "auto",
+            "accelerator": "gpu" if config["use_gpu"] else "cpu",
+            "enable_progress_bar": False,
+        },
+    )
+    prepare_trainer(cli.trainer)
+    fit_from_ray_checkpoint(cli, ray.train.get_checkpoint())
+
+
+def check_config(args: list[str]) -> None:
+    """Build the model, data and trainer once on the driver, so that a bad config fails here with
+    exit code 2 (one line naming the key) before any worker, trial or MLflow run exists."""
+    from distrnn.cli import DistrnnCLI
+
+    # The logger is parsed (and so checked) with the config, then replaced: a check creates no store.
+    DistrnnCLI(args=[*args, "--trainer.logger=false"], run=False,
+               trainer_extra={"accelerator": "cpu", "devices": 1, "strategy": "auto"})
+
+
+def help_of(cls: type) -> dict[str, str]:
+    """Field docs from an ``Args:`` block of ``cls``'s docstring (one per field, litgpt style)."""
+    out, key = {}, None
+    for line in (cls.__doc__ or "").splitlines():
+        s = line.strip()
+        if ":" in s and s.split(":")[0].isidentifier() and line.startswith(" " * 8) and not line.startswith(" " * 12):
+            key, text = s.split(":", 1)
+            out[key] = text.strip()
+        elif key and s:
+            out[key] += " " + s
+    return out
+
+
+def parse_args(cls: type, argv: list[str], prog: str) -> tuple[Any, list[str]]:
+    """Options of the dataclass ``cls`` (``--num-workers 2``); everything else goes to distrnn's CLI."""
+    parser = argparse.ArgumentParser(prog=prog, description=(cls.__doc__ or "").split("\n\n")[0], allow_abbrev=False)
+    docs = help_of(cls)
+    for f in fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+        if f.type in ("bool", bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=docs.get(f.name))
+        else:
+            kind = {"int": int, "float": float}.get(str(f.type).replace("Optional[", "").rstrip("]"), str)
+            parser.add_argument(flag, type=kind, default=default, help=docs.get(f.name))
+    ns, rest = parser.parse_known_args(argv)
+    return cls(**vars(ns)), rest
+
+
+@dataclass
+class RayTrainArgs:
+    """Train one distrnn config on a Ray cluster (Ray Train's TorchTrainer).
+
+    Args:
+        num_workers: training processes (ranks); each owns its own streams and hidden state.
+        use_gpu: one GPU per worker.
+        cpus_per_worker: CPUs reserved per worker.
+        strategy: ddp, or deepspeed_stage_1/2/3 (deepspeed_stage_3_offload: parameters and optimizer on CPU).
+        max_failures: how often a failed worker group is restarted from the latest checkpoint.
+        report_every: updates between checkpoints reported to Ray storage (mid-epoch).
+        storage_path: where Ray keeps checkpoints: a folder shared by all nodes, or s3://, gs:// URIs.
+        name: the run's name under storage_path; resubmitting a job with the same name resumes it.
+        check_only: check the config and options, then exit (what `make submit-train` does before submitting).
+    """
+
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    strategy: str = "ddp"
+    max_failures: int = 0
+    report_every: int = 100
+    storage_path: str = "~/ray_results"
+    name: str = "distrnn"
+    check_only: bool = False
+
+
+def _fail(message: str) -> None:
+    print(f"distrnn: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def tracking_env() -> dict[str, str]:
+    """Workers log where the driver would: the tracking URI resolved here, a relative SQLite path
+    made absolute (workers run in other folders)."""
+    import mlflow
+
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or mlflow.get_tracking_uri()
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())
+    return {"MLFLOW_TRACKING_URI": uri}
+
+
+def init_ray(env: dict[str, str]) -> None:
+    """Connect to the cluster (RAY_ADDRESS) or start a local one. A driver that runs as a Ray job
+    already has the job's runtime env, which Ray refuses to merge with another; its tasks inherit
+    the driver's environment variables through it."""
+    import ray
+
+    if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):
+        if "MLFLOW_TRACKING_URI" not in os.environ:
+            print(f"distrnn: warning: MLFLOW_TRACKING_URI is not set for this job; runs go to {env['MLFLOW_TRACKING_URI']}"
+                  " on this node (pass --runtime-env-json '{\"env_vars\": {\"MLFLOW_TRACKING_URI\": ...}}')", file=sys.stderr)
+        os.environ.update(env)
+        ray.init(ignore_reinit_error=True)
+    else:
+        ray.init(runtime_env={"env_vars": env}, ignore_reinit_error=True)
+
+
+def main(argv: Optional[list[str]] = None, on_result: Optional[Callable[[Any], None]] = None) -> Any:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args, distrnn_args = parse_args(RayTrainArgs, argv, "jobs/train.py")
+    if args.strategy not in STRATEGIES:
+        _fail(f"strategy: '{args.strategy}' is not one of {', '.join(STRATEGIES)}")
+    if args.num_workers < 1:
+        _fail(f"num_workers: must be >= 1, got {args.num_workers}")
+    if args.max_failures < 0:
+        _fail(f"max_failures: must be >= 0, got {args.max_failures}")
+    if args.report_every < 1:
+        _fail(f"report_every: must be >= 1, got {args.report_every}")
+    if args.strategy.startswith("deepspeed"):
+        try:
+            import deepspeed  # noqa: F401
+        except ImportError:
+            _fail(f"strategy: {args.strategy} needs DeepSpeed (pip install 'distrnn[deepspeed]')")
+    check_config(distrnn_args)
+    if args.check_only:
+        print("distrnn: config OK")
+        return None
+
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    storage = args.storage_path if "://" in args.storage_path else str(Path(args.storage_path).expanduser().resolve())
+    env = tracking_env()
+    init_ray(env)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"args": distrnn_args, "strategy": args.strategy, "report_every": args.report_every,
+                           "use_gpu": args.use_gpu, "cwd": os.getcwd()},
+        scaling_config=ScalingConfig(num_workers=args.num_workers, use_gpu=args.use_gpu,
+                                     resources_per_worker={"CPU": args.cpus_per_worker, **({"GPU": 1} if args.use_gpu else {})}),
+        run_config=RunConfig(
+            name=args.name,
+            storage_path=storage,
+            failure_config=FailureConfig(max_failures=args.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            worker_runtime_env={"env_vars": env},
+        ),
+    )
+    result = trainer.fit()
+    print(f"distrnn: Ray Train run '{args.name}' finished at step {result.metrics.get('step')}; "
+          f"latest checkpoint {result.checkpoint.path if result.checkpoint else None}")
+    if on_result is not None:
+        on_result(result)
+    return result

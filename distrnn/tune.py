@@ -1,0 +1,367 @@
+"""Hyperparameter search with Ray Tune over any key of a distrnn config.
+
+A sweep YAML names the distrnn config every trial starts from, a search space over its keys,
+the metric, the scheduler (ASHA by default, PBT as an option) and the resources per trial.
+Each trial is ``distrnn fit`` in a Tune trial process, reporting after every validation with a
+full checkpoint (what ASHA compares and PBT copies), and logging to its own MLflow run nested
+under one parent run for the sweep. The whole space is checked before any trial starts.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+from lightning.pytorch import Callback, LightningModule, Trainer
+
+from distrnn.raytrain import ReportToRay, check_config, fit_from_ray_checkpoint, init_ray, metric_name, tracking_env
+
+DISTRIBUTIONS = ("loguniform", "uniform", "choice", "randint", "grid")
+PARENT_TAG = "distrnn.sweep"
+
+
+class SearchSpaceError(ValueError):
+    """A search space entry is invalid; the message names the key."""
+
+
+@dataclass
+class SchedulerConfig:
+    """How trials are stopped early (ASHA) or evolved (PBT)."""
+
+    name: Literal["asha", "pbt", "fifo"] = "asha"
+    """asha: stop the worse trials at each rung; pbt: copy good trials and perturb their values; fifo: run all to the end."""
+    max_t: int = 10
+    """ASHA: the most validations (reports) a trial gets."""
+    grace_period: int = 1
+    """ASHA: validations every trial gets before it can be stopped."""
+    reduction_factor: float = 2.0
+    """ASHA: 1/reduction_factor of the trials go on at each rung."""
+    perturbation_interval: int = 2
+    """PBT: validations between exploit/explore steps."""
+
+
+@dataclass
+class SweepConfig:
+    """A Ray Tune sweep over distrnn configs."""
+
+    config: list[str] = field(default_factory=list)
+    """distrnn config files every trial starts from (as ``distrnn fit --config``), relative to the working directory."""
+    overrides: dict[str, Any] = field(default_factory=dict)
+    """Fixed values for every trial, by dotted key (``trainer.max_steps: 200``)."""
+    search_space: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Key -> one distribution: {loguniform: [lo, hi]}, {uniform: [lo, hi]}, {randint: [lo, hi]}, {choice: [...]}, {grid: [...]}."""
+    metric: str = "val/loss"
+    """The logged metric trials are compared on."""
+    mode: Literal["min", "max"] = "min"
+    """Whether a smaller or a larger metric is better."""
+    num_samples: int = 4
+    """Trials drawn from the space (each grid point is tried num_samples times)."""
+    max_concurrent_trials: int = 2
+    """Trials running at once."""
+    cpus_per_trial: float = 1.0
+    """CPUs reserved per trial."""
+    gpus_per_trial: float = 0.0
+    """GPUs per trial (fractions share a GPU)."""
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    """Early stopping or population-based training."""
+    seed: Optional[int] = 0
+    """Seeds the search algorithm's draws."""
+    name: str = "distrnn-sweep"
+    """The sweep's name: Ray's run folder under storage_path, and the MLflow parent run's name."""
+    storage_path: str = "~/ray_results"
+    """Where Ray keeps trial checkpoints and the sweep's state (shared by all nodes on a cluster)."""
+    experiment_name: str = "distrnn-sweeps"
+    """MLflow experiment of the parent run and the trials."""
+
+
+def _cli_value(v: Any) -> str:
+    return v if isinstance(v, str) else json.dumps(v)
+
+
+def as_args(values: dict[str, Any]) -> list[str]:
+    return [f"--{k}={_cli_value(v)}" for k, v in values.items()]
+
+
+def base_args(sweep: SweepConfig) -> list[str]:
+    return [a for c in sweep.config for a in ("--config", c)] + as_args(sweep.overrides)
+
+
+def validate_space(space: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Check every distribution; return two sample assignments (all lows, all highs) that the
+    caller builds a full config from, so a key the CLI does not know also fails before any trial."""
+    lows: dict[str, Any] = {}
+    highs: dict[str, Any] = {}
+    if not space:
+        raise SearchSpaceError("search_space: empty; name at least one key to search")
+    for key, spec in space.items():
+        where = f"search_space.{key}"
+        if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in DISTRIBUTIONS:
+            raise SearchSpaceError(f"{where}: give exactly one of {', '.join(DISTRIBUTIONS)}, got {spec!r}")
+        kind, arg = next(iter(spec.items()))
+        if kind in ("choice", "grid"):
+            if not isinstance(arg, list) or not arg:
+                raise SearchSpaceError(f"{where}: {kind} needs a non-empty list of values, got {arg!r}")
+            lows[key], highs[key] = arg[0], arg[-1]
+            continue
+        if not (isinstance(arg, list) and len(arg) == 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in arg)):
+            raise SearchSpaceError(f"{where}: {kind} needs [lower, upper] numbers, got {arg!r}")
+        lo, hi = arg
+        if not (math.isfinite(lo) and math.isfinite(hi)) or lo >= hi:
+            raise SearchSpaceError(f"{where}: {kind} lower bound {lo} must be below the upper bound {hi}")
+        if kind == "loguniform" and lo <= 0:
+            raise SearchSpaceError(f"{where}: loguniform bounds must be > 0, got [{lo}, {hi}]")
+        if kind == "randint":
+            if not (float(lo).is_integer() and float(hi).is_integer()):
+                raise SearchSpaceError(f"{where}: randint bounds must be integers, got [{lo}, {hi}]")
+            lo, hi = int(lo), int(hi) - 1  # Tune's randint excludes the upper bound
+        lows[key], highs[key] = lo, hi
+    return [lows, highs]
+
+
+def tune_space(space: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    from ray import tune
+
+    out: dict[str, Any] = {}
+    for key, spec in space.items():
+        kind, arg = next(iter(spec.items()))
+        if kind == "choice":
+            out[key] = tune.choice(arg)
+        elif kind == "grid":
+            out[key] = tune.grid_search(arg)
+        elif kind == "randint":
+            out[key] = tune.randint(int(arg[0]), int(arg[1]))
+        else:
+            out[key] = getattr(tune, kind)(float(arg[0]), float(arg[1]))
+    return out
+
+
+class ApplyConfiguredLR(Callback):
+    """PBT restarts a trial from another trial's checkpoint with a perturbed config. The optimizer
+    state in that checkpoint holds the old learning rate; the trial's own ``model.optimizer.lr``
+    must win, with the schedule's current factor applied to it."""
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        lr = pl_module.optim_cfg.lr  # type: ignore[attr-defined]
+        for config in trainer.lr_scheduler_configs:
+            sched = config.scheduler
+            sched.base_lrs = [lr for _ in sched.base_lrs]
+            for group, factor in zip(sched.optimizer.param_groups, sched.lr_lambdas):
+                group["initial_lr"] = lr
+                group["lr"] = lr * factor(sched.last_epoch)
+
+
+def run_trial(values: dict[str, Any], sweep: dict[str, Any]) -> None:
+    """One trial: distrnn's CLI with the trial's values, reporting to Tune after each validation."""
+    from ray import tune
+
+    from distrnn.cli import DistrnnCLI
+
+    if os.path.isdir(sweep["cwd"]):
+        os.chdir(sweep["cwd"])
+    callbacks: list[Callback] = [ReportToRay(after_validation=True, tune=True)]
+    if sweep["scheduler"] == "pbt":
+        callbacks.append(ApplyConfiguredLR())
+    cli = DistrnnCLI(
+        args=sweep["args"] + as_args(values),
+        run=False,
+        trainer_extra={"callbacks": callbacks, "enable_progress_bar": False, "devices": 1},
+    )
+    logger = cli.trainer.logger
+    if logger is not None and hasattr(logger, "tags"):
+        context = tune.get_context()
+        logger.tags = {**(logger.tags or {}), "mlflow.parentRunId": sweep["parent_run_id"],
+                       "distrnn.trial": context.get_trial_name(), "distrnn.trial_id": context.get_trial_id()}
+        logger._run_name = context.get_trial_name()
+        logger._experiment_name = sweep["experiment_name"]
+        logger._log_batch_kwargs = {"synchronous": True}  # ASHA may stop a trial at any report
+    fit_from_ray_checkpoint(cli, tune.get_checkpoint())
+
+
+def _fail(message: str) -> None:
+    print(f"distrnn: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def load_sweep(argv: list[str]) -> tuple[SweepConfig, bool, bool]:
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    parser = ArgumentParser(prog="jobs/tune.py", description="A Ray Tune sweep over distrnn configs.",
+                            exit_on_error=False, default_env=False)
+    parser.add_argument("--config", action=ActionConfigFile, help="the sweep YAML")
+    parser.add_class_arguments(SweepConfig, "sweep", as_group=False)
+    parser.add_argument("--resume", type=bool, default=False, help="continue an interrupted sweep (Tuner.restore)")
+    parser.add_argument("--check_only", type=bool, default=False, help="check the sweep and the configs, then exit")
+    try:
+        ns = parser.parse_args(_nest(argv))
+    except Exception as e:  # jsonargparse's message names the key
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        _fail(" ".join(lines[:2]).replace('"sweep.', '"'))
+    from dataclasses import fields as dc_fields
+
+    init = parser.instantiate_classes(ns)
+    sweep = SweepConfig(**{f.name: init.sweep[f.name] for f in dc_fields(SweepConfig)})
+    return sweep, bool(ns.resume), bool(ns.check_only)
+
+
+def _nest(argv: list[str]) -> list[str]:
+    """The sweep YAML's keys sit at the top level; the parser keeps them under ``sweep``."""
+    import yaml
+
+    out: list[str] = []
+    it = iter(argv)
+    for a in it:
+        if a == "--config" or a.startswith("--config="):
+            path = a.split("=", 1)[1] if "=" in a else next(it, "")
+            if not Path(path).is_file():
+                _fail(f"--config: no such file: {path}")
+            data = yaml.safe_load(Path(path).read_text()) or {}
+            if not isinstance(data, dict):
+                _fail(f"{path}: a sweep config is a mapping of keys")
+            out += ["--config", yaml.safe_dump({"sweep": data})]
+        elif a in ("--resume", "--check-only", "--check_only"):  # bare flags
+            out.append(a.replace("-", "_").replace("__", "--", 1) + "=true")
+        elif a.startswith("--") and a.split("=")[0] not in ("--resume", "--check_only"):
+            out.append("--sweep." + a[2:])
+        else:
+            out.append(a)
+    return out
+
+
+def _scheduler(sweep: SweepConfig) -> Any:
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
+
+    s = sweep.scheduler
+    if s.name == "asha":
+        return ASHAScheduler(time_attr="training_iteration", max_t=s.max_t, grace_period=s.grace_period,
+                             reduction_factor=s.reduction_factor)
+    if s.name == "pbt":
+        return PopulationBasedTraining(time_attr="training_iteration", perturbation_interval=s.perturbation_interval,
+                                       hyperparam_mutations=tune_space(sweep.search_space))
+    return FIFOScheduler()
+
+
+def _parent_run(sweep: SweepConfig, resume: bool) -> str:
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    exp = client.get_experiment_by_name(sweep.experiment_name)
+    exp_id = exp.experiment_id if exp else client.create_experiment(sweep.experiment_name)
+    if resume:
+        runs = client.search_runs([exp_id], f"tags.`{PARENT_TAG}` = '{sweep.name}'", order_by=["start_time DESC"], max_results=1)
+        if runs:
+            client.update_run(runs[0].info.run_id, status="RUNNING")
+            return runs[0].info.run_id
+    run = client.create_run(exp_id, run_name=sweep.name, tags={PARENT_TAG: sweep.name})
+    params = {f"sweep.{k}": json.dumps(v)[:6000] for k, v in _plain(sweep).items()}
+    client.log_batch(run.info.run_id, params=[mlflow.entities.Param(k, v) for k, v in params.items()])
+    return run.info.run_id
+
+
+def _plain(sweep: SweepConfig) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    return asdict(sweep)
+
+
+def main(argv: Optional[list[str]] = None) -> Any:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    sweep, resume, check_only = load_sweep(argv)
+    if not sweep.config:
+        _fail("config: name the distrnn config file(s) the trials start from")
+    for c in sweep.config:
+        if not Path(c).is_file():
+            _fail(f"config: no such file: {c}")
+    if sweep.num_samples < 1:
+        _fail(f"num_samples: must be >= 1, got {sweep.num_samples}")
+    if sweep.max_concurrent_trials < 1:
+        _fail(f"max_concurrent_trials: must be >= 1, got {sweep.max_concurrent_trials}")
+    try:
+        samples = validate_space(sweep.search_space)
+    except SearchSpaceError as e:
+        _fail(str(e))
+    args = base_args(sweep)
+    for sample in samples:  # an unknown key or an impossible value fails here, before any trial
+        check_config(args + as_args(sample))
+    if check_only:
+        print("distrnn: sweep OK")
+        return None
+
+    import mlflow
+    from ray import tune
+
+    env = tracking_env()
+    os.environ.update(env)
+    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+    parent = _parent_run(sweep, resume)
+    init_ray(env)
+    storage = sweep.storage_path if "://" in sweep.storage_path else str(Path(sweep.storage_path).expanduser().resolve())
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, sweep={"args": args, "cwd": os.getcwd(), "parent_run_id": parent,
+                                               "experiment_name": sweep.experiment_name, "scheduler": sweep.scheduler.name}),
+        {"cpu": sweep.cpus_per_trial, "gpu": sweep.gpus_per_trial},
+    )
+    metric = metric_name(sweep.metric)
+    path = f"{storage.rstrip('/')}/{sweep.name}"
+    if resume and tune.Tuner.can_restore(path):
+        tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        from ray.tune.search import BasicVariantGenerator
+
+        space = {} if sweep.scheduler.name == "pbt" else tune_space(sweep.search_space)
+        if sweep.scheduler.name == "pbt":  # PBT draws the initial values from its mutations
+            space = {k: v for k, v in tune_space(sweep.search_space).items()}
+        tuner = tune.Tuner(
+            trainable,
+            param_space=space,
+            tune_config=tune.TuneConfig(
+                metric=metric, mode=sweep.mode, num_samples=sweep.num_samples, scheduler=_scheduler(sweep),
+                max_concurrent_trials=sweep.max_concurrent_trials,
+                search_alg=BasicVariantGenerator(random_state=sweep.seed, max_concurrent=sweep.max_concurrent_trials),
+            ),
+            run_config=tune.RunConfig(name=sweep.name, storage_path=storage),
+        )
+    results = tuner.fit()
+    client = mlflow.MlflowClient()
+    _close_trial_runs(client, parent, results)
+    errors = [r.error for r in results if r.error is not None]
+    try:
+        best = results.get_best_result(metric=metric, mode=sweep.mode, scope="all")
+    except RuntimeError:
+        best = None
+    if best is None or metric not in (best.metrics or {}):
+        client.set_terminated(parent, "FAILED")
+        _fail(f"no trial reported {sweep.metric}; {len(errors)} of {len(results)} trials failed: "
+              f"{str(errors[0]).splitlines()[0] if errors else ''}")
+    best_config = {k: best.config[k] for k in sweep.search_space}
+    client.log_batch(parent, metrics=[mlflow.entities.Metric(f"best_{metric}", float(best.metrics[metric]), 0, 0)],
+                     params=[mlflow.entities.Param(f"best.{k}", _cli_value(v)) for k, v in best_config.items()])
+    client.log_text(parent, json.dumps(best_config, indent=2), "best_config.json")
+    client.set_terminated(parent, "FINISHED" if not errors else "FAILED")
+    print(f"distrnn: sweep '{sweep.name}': {len(results)} trials, {len(errors)} failed; best {sweep.metric} "
+          f"{best.metrics[metric]:.4f} with {json.dumps(best_config)}")
+    print(f"distrnn: MLflow parent run {parent} in experiment '{sweep.experiment_name}'")
+    return results
+
+
+def _ran_to_the_end(m: dict[str, Any]) -> bool:
+    if m.get("max_steps", -1) > 0:
+        return m.get("step", 0) >= m["max_steps"]
+    return m.get("max_epochs", -1) > 0 and m.get("epoch", 0) >= m["max_epochs"] - 1
+
+
+def _close_trial_runs(client: Any, parent: str, results: Any) -> None:
+    """A trial that the scheduler stopped ended mid-training without an error of its own: its run
+    is marked KILLED and tagged ``distrnn.stopped_early``, not left RUNNING or FAILED."""
+    stopped = {r.metrics.get("trial_id") for r in results if r.error is None and r.metrics and not _ran_to_the_end(r.metrics)}
+    exp_id = client.get_run(parent).info.experiment_id
+    for run in client.search_runs([exp_id], f"tags.`mlflow.parentRunId` = '{parent}'"):
+        if run.data.tags.get("distrnn.trial_id") in stopped:
+            client.set_tag(run.info.run_id, "distrnn.stopped_early", "true")
+            client.set_terminated(run.info.run_id, "KILLED")
+        elif run.info.status == "RUNNING":
+            client.set_terminated(run.info.run_id, "KILLED")

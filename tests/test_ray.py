@@ -1,0 +1,227 @@
+"""distrnn on a real local Ray cluster (127.0.0.1, token authentication), started once for this
+module by `cluster/local_cluster.py` and always stopped: Ray Train against a single process,
+worker failure and restore, a Tune sweep through `ray job submit`, bad sweeps, authentication."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+
+from conftest import REPO, distrnn_cmd, write_corpus
+
+pytestmark = pytest.mark.slow
+
+PY = sys.executable
+RAY = str(Path(sys.executable).parent / "ray")
+
+CONFIG = """
+seed_everything: 0
+trainer: {{max_steps: 12, val_check_interval: 3, limit_val_batches: 2, log_every_n_steps: 2,
+          enable_progress_bar: false, enable_model_summary: false,
+          logger: {{class_path: distrnn.tracking.MLflowLogger, init_args: {{experiment_name: {exp}}}}}}}
+checkpoint: {{every_n_train_steps: 100}}
+model:
+  network: {{recurrence: lstm, hidden_size: 16}}
+  tbptt: {{k1: 8, k2: 12}}
+  optimizer: {{name: adamw, lr: 0.01}}
+data:
+  class_path: distrnn.data.ByteCorpusDataModule
+  init_args: {{path: {corpus}, batch_size: {batch}, seq_len: 16}}
+"""
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    state = tmp_path_factory.mktemp("ray-state")
+    up = subprocess.run([PY, str(REPO / "cluster/local_cluster.py"), "up", "--state-dir", str(state), "--num-cpus", "2"],
+                        capture_output=True, text=True, timeout=180)
+    try:
+        assert up.returncode == 0, up.stderr
+        info = json.loads((state / "cluster.json").read_text())
+        yield info
+    finally:
+        subprocess.run([PY, str(REPO / "cluster/local_cluster.py"), "down", "--state-dir", str(state)], timeout=180)
+
+
+def _env(cluster, tmp, **extra):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update({k: v for k, v in cluster.items() if k.startswith("RAY_")})
+    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp}/mlflow.db"
+    env["PATH"] = f"{Path(PY).parent}{os.pathsep}{env.get('PATH', '')}"
+    env.update(extra)
+    return env
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("data")
+    write_corpus(d / "corpus.txt", 6000)
+    for batch in (2, 4):
+        (d / f"b{batch}.yaml").write_text(CONFIG.format(exp="ray", corpus=d / "corpus.txt", batch=batch))
+    return d
+
+
+def _weights(path):
+    return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+
+
+def _latest_ray_checkpoint(storage: Path, name: str) -> Path:
+    found = sorted(glob.glob(str(storage / name / "checkpoint_*" / "checkpoint.ckpt")))
+    assert found, f"no checkpoint reported under {storage / name}"
+    return Path(found[-1])
+
+
+def _ray_train(cluster, tmp, data, name, *extra, timeout=400):
+    cmd = [PY, str(REPO / "jobs/train.py"), "--num-workers", "2", "--report-every", "4", "--storage-path",
+           str(tmp / "store"), "--name", name, *extra, "--config", str(data / "b2.yaml")]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_env(cluster, tmp), cwd=tmp)
+
+
+@pytest.fixture(scope="module")
+def single_process(tmp_path_factory, data):
+    """The reference: one process reading all 4 streams (the 2 workers x 2 streams of the Ray run)."""
+    tmp = tmp_path_factory.mktemp("single")
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/mlflow.db"}
+    r = subprocess.run(distrnn_cmd("fit", "--config", str(data / "b4.yaml")), capture_output=True, text=True,
+                       timeout=300, env=env, cwd=tmp)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (last,) = glob.glob(str(tmp / "checkpoints/**/last.ckpt"), recursive=True)
+    return _weights(last)
+
+
+@pytest.fixture(scope="module")
+def two_workers(cluster, tmp_path_factory, data):
+    tmp = tmp_path_factory.mktemp("two")
+    r = _ray_train(cluster, tmp, data, "two")
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    return tmp, _weights(_latest_ray_checkpoint(tmp / "store", "two"))
+
+
+def test_two_workers_train_like_one_process_with_the_global_batch(two_workers, single_process):
+    """2 Ray Train workers x 2 streams end with the weights of 1 process x 4 streams (12 AdamW
+    updates, TBPTT k1=8 k2=12): DDP averages the ranks' losses, the ranks read disjoint streams."""
+    tmp, ray_weights = two_workers
+    moved = False
+    for k, ref in single_process.items():
+        torch.testing.assert_close(ray_weights[k], ref, rtol=0, atol=1e-5, msg=k)
+    ckpt = torch.load(_latest_ray_checkpoint(tmp / "store", "two"), map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] == 12 and ckpt["distrnn"]["world_size"] == 2
+    mlflow.set_tracking_uri(f"sqlite:///{tmp}/mlflow.db")
+    runs = mlflow.search_runs(experiment_names=["ray"])
+    assert len(runs) == 1 and runs["metrics.train/loss"].notna().all()  # one MLflow run per job (rank 0)
+
+
+def test_worker_failure_restores_mid_epoch_from_the_latest_checkpoint(cluster, tmp_path, data, two_workers):
+    """Rank 1 raises after update 6 (checkpoints every 4): with max_failures=1 Ray restarts the
+    workers from the checkpoint of update 4, in the same epoch, and the run ends with the weights of
+    the uninterrupted run, logged to the same MLflow run."""
+    marker = tmp_path / "failed-once"
+    fault = json.dumps({"class_path": "distrnn.faults.FailAt",
+                        "init_args": {"step": 6, "rank": 1, "how": "raise", "marker": str(marker)}})
+    r = _ray_train(cluster, tmp_path, data, "restore", "--max-failures", "1", f"--trainer.callbacks=[{fault}]")
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-4000:]
+    assert marker.exists() and "injected fault: rank 1 at step 6" in out
+    assert "resuming from Ray checkpoint" in out and "at step 4 (epoch 0)" in out
+    final = _weights(_latest_ray_checkpoint(tmp_path / "store", "restore"))
+    for k, ref in two_workers[1].items():
+        torch.testing.assert_close(final[k], ref, rtol=0, atol=1e-6, msg=k)
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    assert len(mlflow.search_runs(experiment_names=["ray"])) == 1
+
+
+def _submit(cluster, tmp, *entrypoint, submission_id=None, env_vars=None, extra_env=None, timeout=500):
+    runtime_env = json.dumps({"env_vars": {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/mlflow.db", **(env_vars or {})}})
+    cmd = [RAY, "job", "submit", "--address", cluster["RAY_API_SERVER_ADDRESS"], "--working-dir", str(REPO),
+           "--runtime-env-json", runtime_env, *(["--submission-id", submission_id] if submission_id else []),
+           "--", *entrypoint]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_env(cluster, tmp, **(extra_env or {})))
+
+
+def _jobs(cluster, tmp):
+    r = subprocess.run([PY, "-c", "import json, sys\nfrom ray.job_submission import JobSubmissionClient\n"
+                        "c = JobSubmissionClient(sys.argv[1])\n"
+                        "print(json.dumps({j.submission_id: str(j.status) for j in c.list_jobs() if j.submission_id}))",
+                        cluster["RAY_API_SERVER_ADDRESS"]], capture_output=True, text=True, timeout=120, env=_env(cluster, tmp))
+    assert r.returncode == 0, r.stderr[-2000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def test_failing_job_without_retries_fails_with_the_error_in_its_logs(cluster, tmp_path, data):
+    fault = json.dumps({"class_path": "distrnn.faults.FailAt", "init_args": {"step": 2, "rank": 1, "how": "raise"}})
+    r = _submit(cluster, tmp_path, "python", "jobs/train.py", "--num-workers", "2", "--max-failures", "0",
+                "--storage-path", str(tmp_path / "store"), "--name", "fail0", f"--trainer.callbacks=[{fault}]",
+                "--config", str(data / "b2.yaml"), submission_id="fail0")
+    out = r.stdout + r.stderr
+    assert r.returncode != 0, out[-3000:]
+    assert _jobs(cluster, tmp_path)["fail0"] == "FAILED"
+    assert "injected fault: rank 1 at step 2" in out, out[-6000:]
+
+
+def test_sweep_through_ray_job_submit(cluster, tmp_path, data):
+    """4 trials, 2 at a time, ASHA: the job succeeds, every trial ran and has a nested MLflow run
+    under the sweep's parent with its metrics, ASHA stopped at least one early, the best is logged.
+    The grid runs two good learning rates first, so the two hopeless ones fall below ASHA's first rung."""
+    space = json.dumps({"model.optimizer.lr": {"grid": [0.03, 0.02, 1e-6, 1e-7]}, "model.network.hidden_size": {"choice": [16, 32]}})
+    overrides = json.dumps({"data.init_args.path": str(data / "corpus.txt"), "trainer.max_steps": 48,
+                            "trainer.val_check_interval": 6, "trainer.limit_val_batches": 2})
+    r = _submit(cluster, tmp_path, "python", "jobs/tune.py", "--config", "jobs/configs/sweep_tiny.yaml",
+                "--storage_path", str(tmp_path / "store"), f"--overrides={overrides}", f"--search_space={space}", "--num_samples", "1",
+                "--scheduler", json.dumps({"name": "asha", "max_t": 4, "grace_period": 1, "reduction_factor": 2}))
+    out = r.stdout + r.stderr
+    assert r.returncode == 0 and "succeeded" in out, out[-4000:]
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    runs = mlflow.search_runs(experiment_names=["sweep-tiny"])
+    parents = runs[runs["tags.mlflow.parentRunId"].isna()]
+    trials = runs[runs["tags.mlflow.parentRunId"].notna()]
+    assert len(parents) == 1 and len(trials) == 4
+    parent = parents.iloc[0]
+    assert (trials["tags.mlflow.parentRunId"] == parent["run_id"]).all()
+    assert trials["metrics.val/loss"].notna().all()
+    assert "tags.distrnn.stopped_early" in trials, runs.to_string()
+    stopped = trials[trials["tags.distrnn.stopped_early"] == "true"]
+    assert len(stopped) >= 1 and (stopped["status"] == "KILLED").all(), runs.to_string()
+    lrs = set(stopped["params.model.optimizer.lr"].astype(float))
+    assert {1e-6, 1e-7} <= lrs and 0.03 not in lrs  # the hopeless stopped, the best ran to the end
+    best = trials["metrics.val/loss"].min()
+    assert parent["metrics.best_val_loss"] == pytest.approx(best, rel=1e-6)
+    assert parent["status"] == "FINISHED"
+
+
+def test_requests_without_the_token_are_refused(cluster, tmp_path):
+    """Token authentication: submitting or deleting a job without the token is refused and changes
+    nothing; with the token both work."""
+    (tmp_path / "hi.py").write_text("print('hello from a job')\n")
+    env = _env(cluster, tmp_path)
+    for k in ("RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE"):
+        env.pop(k)
+    env.update(HOME=str(tmp_path))
+    before = _jobs(cluster, tmp_path)
+    cmd = [RAY, "job", "submit", "--address", cluster["RAY_API_SERVER_ADDRESS"], "--working-dir", str(tmp_path),
+           "--submission-id", "intruder", "--", "python", "hi.py"]
+    refused = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    assert refused.returncode != 0 and "Unauthorized" in refused.stdout + refused.stderr
+    assert _jobs(cluster, tmp_path) == before
+    ok = subprocess.run(cmd[:-5] + ["--submission-id", "friend", "--", "python", "hi.py"], capture_output=True,
+                        text=True, timeout=120, env=_env(cluster, tmp_path))
+    assert ok.returncode == 0 and "hello from a job" in ok.stdout, ok.stdout + ok.stderr
+    delete = [RAY, "job", "delete", "--address", cluster["RAY_API_SERVER_ADDRESS"], "friend"]
+    refused = subprocess.run(delete, capture_output=True, text=True, timeout=120, env=env)
+    assert refused.returncode != 0 and "friend" in _jobs(cluster, tmp_path)
+    done = subprocess.run(delete, capture_output=True, text=True, timeout=120, env=_env(cluster, tmp_path))
+    assert done.returncode == 0 and "friend" not in _jobs(cluster, tmp_path)
+
+
+def test_cluster_script_refuses_an_open_dashboard_without_authentication(tmp_path):
+    r = subprocess.run([PY, str(REPO / "cluster/local_cluster.py"), "up", "--state-dir", str(tmp_path / "s"),
+                        "--no-auth", "--dashboard-host", "0.0.0.0"], capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0 and "not a loopback address and authentication is off" in r.stderr
+    assert not (tmp_path / "s" / "cluster.json").exists()

@@ -1,0 +1,48 @@
+"""A sweep is checked before any trial starts: bad distributions and unknown keys end with exit
+code 2 and one line naming the key, and no MLflow run exists afterwards."""
+
+import mlflow
+import pytest
+
+from conftest import REPO, write_corpus
+from distrnn.tune import main as tune_main
+
+SWEEP = """
+config: [{config}]
+overrides: {{data.init_args.path: corpus.txt}}
+search_space: {space}
+"""
+
+
+@pytest.mark.parametrize(
+    "space,message",
+    [
+        ("{model.optimizer.lr: {uniform: [0.1, 0.01]}}", "search_space.model.optimizer.lr: uniform lower bound 0.1 must be below"),
+        ("{model.optimizer.lr: {uniform: [0.1, 0.1]}}", "search_space.model.optimizer.lr: uniform lower bound"),
+        ("{model.network.hidden_size: {choice: []}}", "search_space.model.network.hidden_size: choice needs a non-empty list"),
+        ("{model.optimizer.lr: {loguniform: [0, 0.1]}}", "search_space.model.optimizer.lr: loguniform bounds must be > 0"),
+        ("{model.optimizer.lr: {loguniform: [-1, 0.1]}}", "search_space.model.optimizer.lr: loguniform bounds must be > 0"),
+        ("{model.optimizer.lr: {normal: [0, 1]}}", "search_space.model.optimizer.lr: give exactly one of"),
+        ("{model.tbptt.k1: {randint: [4, 8.5]}}", "search_space.model.tbptt.k1: randint bounds must be integers"),
+        ("{model.optimizer.lrr: {uniform: [0.001, 0.01]}}", "model.optimizer.lrr"),
+        ("{model.tbptt.k1: {choice: [8, 64]}}", "model.tbptt.k1"),  # 64 > data.seq_len 32
+        ("{}", "search_space: empty"),
+    ],
+)
+def test_bad_search_space_is_rejected_before_any_trial(tmp_path, capsys, space, message):
+    write_corpus(tmp_path / "corpus.txt", 3000)
+    (tmp_path / "sweep.yaml").write_text(SWEEP.format(config=REPO / "jobs/configs/tiny.yaml", space=space))
+    with pytest.raises(SystemExit) as e:
+        tune_main(["--config", str(tmp_path / "sweep.yaml"), "--storage_path", str(tmp_path / "store")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert len(mlflow.search_runs(search_all_experiments=True)) == 0
+    assert not (tmp_path / "store").exists()
+
+
+def test_sweep_file_keys_are_typed(tmp_path, capsys):
+    (tmp_path / "sweep.yaml").write_text("config: [x.yaml]\nnum_samples: many\n")
+    with pytest.raises(SystemExit) as e:
+        tune_main(["--config", str(tmp_path / "sweep.yaml")])
+    assert e.value.code == 2 and "num_samples" in capsys.readouterr().err
