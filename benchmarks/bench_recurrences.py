@@ -47,7 +47,7 @@ def _case(kind: str, args: dict, q) -> None:
     torch.manual_seed(0)
     if kind == "throughput":
         task = TaskSpec(kind="regression", output_dim=1, input_dim=H)
-        options = {k: args[k] for k in ("compile", "parallel") if k in args}
+        options = {k: args[k] for k in ("backend", "parallel") if k in args}
         model = RecurrentModel(NetworkConfig(recurrence=args["rec"], hidden_size=H, options=options), task).to(dev)
         if args.get("max_steps"):
             type(model.recurrence).cuda_max_steps = args["max_steps"]
@@ -136,7 +136,7 @@ def sweep_cpu(show) -> None:
     B, H = 8, 128
     for T in (256, 1024, 4096, 16384):
         for rec in ("lstm", "gru", "elman", "mingru", "minlstm"):
-            extra = {"compile": False} if rec.startswith("min") else {}
+            extra = {"backend": "eager"} if rec.startswith("min") else {}
             show(run("throughput", 120, device="cpu", rec=rec, B=B, T=T, H=H, iters=2 if T < 16384 else 1,
                      label=f"{rec} T={T}", **extra))
     for T in (1024, 4096, 16384):
@@ -147,12 +147,15 @@ def sweep_cpu(show) -> None:
 def sweep_gpu(show, a) -> None:
     B, H = 64, 1024
     if a.scan:
+        # the default backend of the min* layers on CUDA is the fused Triton kernel
         show(run("throughput", 90, rec="lstm", B=B, T=4096, H=H, iters=3, label="lstm T=4096"))
-        show(run("throughput", 90, rec="mingru", B=B, T=4096, H=H, iters=3, compile=False, label="mingru eager T=4096"))
-        show(run("throughput", 150, rec="mingru", B=B, T=4096, H=H, iters=5, compile=True, label="mingru compiled T=4096"))
-        show(run("throughput", 150, rec="minlstm", B=B, T=4096, H=H, iters=5, compile=True, label="minlstm compiled T=4096"))
+        show(run("throughput", 90, rec="lstm", B=B, T=4096, H=H, iters=3, bf16=True, label="lstm bf16 T=4096"))
+        show(run("throughput", 90, rec="mingru", B=B, T=4096, H=H, iters=5, label="mingru triton T=4096"))
+        show(run("throughput", 90, rec="mingru", B=B, T=4096, H=H, iters=5, bf16=True, label="mingru triton bf16 T=4096"))
+        show(run("throughput", 90, rec="minlstm", B=B, T=4096, H=H, iters=5, label="minlstm triton T=4096"))
+        show(run("throughput", 90, rec="mingru", B=B, T=16384, H=H, iters=3, label="mingru triton T=16384"))
         show(run("throughput", 90, rec="mingru", B=B, T=512, H=H, iters=1, parallel=False, label="mingru sequential T=512"))
-        show(run("throughput", 150, rec="mingru", B=B, T=512, H=H, iters=5, compile=True, label="mingru compiled T=512"))
+        show(run("throughput", 90, rec="mingru", B=B, T=512, H=H, iters=10, label="mingru triton T=512"))
         return
     if a.memory_only:
         for mode in ("full", "checkpointed"):
@@ -163,9 +166,7 @@ def sweep_gpu(show, a) -> None:
     show(run("throughput", 120, rec="lstm", B=B, T=4096, H=H, bf16=True, iters=3, label="lstm bf16 T=4096 in pieces"))
     Ts = [256, 4096] if a.quick else [256, 1024, 4096, 16384]
     for T in Ts:
-        # --quick keeps one run of gpu_check.sh inside a 10-minute device call: the min* layers
-        # compile for 30-50 s in each child process, so they run at T=4096 only
-        recs = ("lstm", "gru", "elman", "mingru", "minlstm") if not a.quick or T == 4096 else ("lstm", "gru", "elman")
+        recs = ("lstm", "gru", "elman", "mingru", "minlstm")
         for rec in recs:
             show(run("throughput", 150, rec=rec, B=B, T=T, H=H, iters=3 if T < 16384 else 1, label=f"{rec} fp32/tf32 T={T}"))
     for T in ([4096, 16384] if a.quick else [1024, 4096, 16384]):

@@ -1,17 +1,20 @@
 #!/usr/bin/env bash
 # One command for a GPU machine: the GPU-marked tests, then the GPU benchmarks; results to $OUT.
-# The device image has torch, lightning and pytest but no jsonargparse or mlflow; nothing here needs
-# them (the TBPTT benchmark runs with --no_mlflow). Takes about 9 minutes on an H100: give the
-# device call its 600-second limit. GPU_BENCH_ARGS="--scan" runs the minGRU/minLSTM comparison instead.
+# The device image has torch, lightning, triton and pytest but no jsonargparse, mlflow or ray;
+# nothing here needs them (the TBPTT benchmark runs with --no_mlflow). About 6 minutes on an H100.
+#   bash benchmarks/gpu_check.sh            tests + TBPTT engine + recurrences (quick sweep) + scan
+#   bash benchmarks/gpu_check.sh bench-only benchmarks only
 set -uo pipefail
 OUT=${OUT:-out}
 mkdir -p "$OUT"
 export PYTHONPATH="$(pwd)${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 PY=${PY:-python3}
-{ date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; $PY -c "import torch, lightning; print('torch', torch.__version__, 'lightning', lightning.__version__)"; } | tee "$OUT/env.txt"
+{ date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; $PY -c "import torch, lightning, triton; print('torch', torch.__version__, 'lightning', lightning.__version__, 'triton', triton.__version__)"; } | tee "$OUT/env.txt"
 if [ "${1:-}" != "bench-only" ]; then
-  $PY -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py tests/test_layers.py 2>&1 | tee "$OUT/gpu_tests.txt"
+  timeout 240 $PY -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py tests/test_layers.py tests/test_kernels.py 2>&1 | tail -25 | tee "$OUT/gpu_tests.txt"
 fi
-timeout 120 $PY benchmarks/bench_tbptt.py --device cuda --hidden 1024 --embed 256 --batch 64 --k 256 --steps 60 --warmup 5 --repeats 2 --log_every 50 --no_mlflow 2>&1 | grep -v "^\s*$" | tail -4 | tee "$OUT/bench_tbptt_fp32.txt"
-timeout 120 $PY benchmarks/bench_tbptt.py --device cuda --hidden 1024 --embed 256 --batch 64 --k 256 --steps 60 --warmup 5 --repeats 2 --log_every 50 --no_mlflow --precision bf16-mixed 2>&1 | grep -v "^\s*$" | tail -4 | tee "$OUT/bench_tbptt_bf16.txt"
-timeout 400 $PY benchmarks/bench_recurrences.py --device cuda --json "$OUT/bench_gpu.json" ${GPU_BENCH_ARGS:---quick} 2>&1 | tee "$OUT/bench_gpu.txt"
+timeout 150 $PY benchmarks/bench_recurrences.py --device cuda --scan --json "$OUT/bench_scan.json" 2>&1 | tee "$OUT/bench_scan.txt"
+timeout 90 $PY benchmarks/bench_tbptt.py --device cuda --hidden 1024 --embed 256 --batch 64 --k 256 --steps 60 --warmup 5 --repeats 2 --log_every 50 --no_mlflow 2>&1 | grep -v "^\s*$" | tail -4 | tee "$OUT/bench_tbptt_fp32.txt"
+if [ "${GPU_FULL:-0}" = "1" ]; then
+  timeout 400 $PY benchmarks/bench_recurrences.py --device cuda --json "$OUT/bench_gpu.json" --quick 2>&1 | tee "$OUT/bench_gpu.txt"
+fi

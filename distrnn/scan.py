@@ -13,12 +13,16 @@ which is stable because every h stays positive: the candidate goes through
   autocast dtype, in pieces of ``scan_chunk`` steps with the state carried between pieces so that
   the cumulative sums stay bounded and memory for the scan's intermediates does not grow with T;
 - ``sequential``: the plain loop ``h = a * h + b``, the reference the tests check the scan against
-  and the path of ``step`` (streaming generation).
+  and the path of ``step`` (streaming generation);
+- on CUDA, a fused Triton kernel (``distrnn/kernels/min_scan.py``: gates, scan and their
+  gradients in one pass each, in linear space) chosen automatically; ``options: {backend: compile}``
+  uses torch.compile of the log-space scan instead, ``backend: eager`` plain PyTorch.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+import os
+from typing import Literal, Optional
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +45,12 @@ def _compiled(fn):
     if key not in _COMPILED:
         _COMPILED[key] = torch.compile(key, dynamic=True)
     return _COMPILED[key].__get__(fn.__self__) if hasattr(fn, "__self__") else _COMPILED[key]
+
+
+def _triton_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("triton") is not None
 
 
 def g(x: Tensor) -> Tensor:
@@ -77,11 +87,18 @@ class _MinRecurrence(Recurrence):
         residual: bool = False,
         scan_chunk: int = 2048,
         parallel: bool = True,
+        backend: Optional[Literal["triton", "compile", "eager"]] = None,
         compile: Optional[bool] = None,
     ) -> None:
         super().__init__(input_size, hidden_size, num_layers, dropout)
         self.residual, self.scan_chunk, self.parallel = residual, scan_chunk, parallel
-        self.compile = compile  # None: torch.compile the scan on CUDA, plain PyTorch elsewhere
+        if backend is None and compile is not None:  # the older spelling of the option
+            backend = "compile" if compile else "eager"
+        if backend not in (None, "triton", "compile", "eager"):
+            raise ValueError(f"model.network.options.backend: '{backend}' is not one of triton, compile, eager")
+        # None: the fused Triton kernel on CUDA (torch.compile of the log-space scan if Triton is
+        # missing), the plain PyTorch log-space scan elsewhere
+        self.backend = backend
         dims = [input_size] + [hidden_size] * num_layers
         self.proj = nn.ModuleList(nn.Linear(dims[i], self.gates * hidden_size) for i in range(num_layers))
         self.norms = nn.ModuleList(nn.LayerNorm(dims[i]) if norm else nn.Identity() for i in range(num_layers))
@@ -112,14 +129,32 @@ class _MinRecurrence(Recurrence):
         z_BTG, h = z_BTG.to(dtype), h0_BH.to(dtype)
         if not self.parallel:
             return self.sequential(z_BTG, h)
-        use_compile = self.compile if self.compile is not None else z_BTG.is_cuda
-        piece_fn = _compiled(self._piece) if use_compile else self._piece
+        backend = self._backend(z_BTG)
+        if backend == "triton":
+            from distrnn.kernels.min_scan import min_scan
+
+            # no pieces needed: the kernel keeps nothing per step but the states it returns
+            return min_scan(z_BTG, h, lstm=self.gates == 3)
+        piece_fn = _compiled(self._piece) if backend == "compile" else self._piece
         pieces = []
         for s in range(0, z_BTG.shape[1], self.scan_chunk):
             h_BtH = piece_fn(z_BTG[:, s : s + self.scan_chunk], h)
             pieces.append(h_BtH)
             h = h_BtH[:, -1]
         return torch.cat(pieces, dim=1) if len(pieces) > 1 else pieces[0]
+
+    def _backend(self, z_BTG: Tensor) -> str:
+        if z_BTG.dtype == torch.float64:
+            return "eager"  # the references and float64 tests: the kernel computes in float32
+        if self.backend == "triton":
+            if not (z_BTG.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+                raise RuntimeError("model.network.options.backend: triton needs a CUDA device")
+            return "triton"
+        if self.backend is not None:
+            return self.backend
+        if not z_BTG.is_cuda:
+            return "eager"
+        return "triton" if _triton_available() else "compile"
 
     def _piece(self, z_BTG: Tensor, h0_BH: Tensor) -> Tensor:
         log_a, log_b, _, _ = self.coefficients(z_BTG)
