@@ -14,7 +14,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 
 class CheckpointError(RuntimeError):
@@ -58,3 +60,55 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def load_checkpoint(self, path: Any, map_location: Optional[Any] = None, weights_only: Optional[bool] = None) -> dict[str, Any]:
         # Lightning also moves plain state dicts through here (ddp_spawn returns rank 0's weights so).
         return load_checkpoint_file(path, map_location if map_location is not None else "cpu", training=False)
+
+
+class CheckpointOnSigterm(Callback):
+    """A preempted job (SIGTERM, what schedulers and spot instances send) leaves a checkpoint.
+
+    Lightning's own SIGTERM handler runs a collective inside the signal handler (and forwards the
+    signal to the other ranks, whose handlers do the same) while rank 0 also stops on its local flag
+    at the end of the step: the ranks' collectives fall out of step and DDP hangs (seen with
+    Lightning 2.6 on gloo). distrnn's handler only notes the signal; after every batch the ranks
+    agree on it with one all-reduce of a single integer (any rank signalled: all stop), and only
+    then raise Lightning's flag, so every rank stops at the same step boundary with
+    ``SIGTERMException``. This hook then writes ``preempted.ckpt`` beside the run's other
+    checkpoints, every rank taking part (the hidden states are gathered), and the job exits non-zero
+    so the scheduler knows it did not finish.
+    """
+
+    def __init__(self) -> None:
+        self._signalled = False
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        import signal
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return
+
+        def note(signum: int, frame: Any) -> None:
+            self._signalled = True
+
+        signal.signal(signal.SIGTERM, note)
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        flag = self._signalled
+        if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            t = torch.tensor([int(flag)], device=trainer.strategy.root_device)
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+            flag = bool(t.item())
+        if flag:
+            trainer._signal_connector.received_sigterm = True
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        ckpt = trainer.checkpoint_callback
+        if not isinstance(exception, SIGTERMException) or ckpt is None or not trainer.training:
+            return
+        dirpath = getattr(ckpt, "dirpath", None)
+        if not dirpath:
+            return
+        path = os.path.join(dirpath, "preempted.ckpt")
+        trainer.save_checkpoint(path, weights_only=False)
+        if trainer.is_global_zero:
+            print(f"distrnn: SIGTERM at step {trainer.global_step}: checkpoint written to {path}; "
+                  f"resume with --ckpt_path {path}", flush=True)

@@ -17,9 +17,10 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.plugins.io import CheckpointIO
 
-from distrnn.checkpoint import AtomicCheckpointIO, CheckpointError, load_checkpoint_file
+from distrnn.checkpoint import AtomicCheckpointIO, CheckpointError, CheckpointOnSigterm, load_checkpoint_file
 from distrnn.config import ConfigError
 from distrnn.data.base import RecurrentDataModule
 from distrnn.engine import TBPTTModule
@@ -32,6 +33,8 @@ CHECKPOINT_DEFAULTS: dict[str, Any] = {
     "save_last": True,
     "filename": "best-{step}",
     "auto_insert_metric_name": False,
+    # a job resumed into its own folder continues last.ckpt, not last-v1.ckpt
+    "enable_version_counter": False,
 }
 
 
@@ -133,7 +136,7 @@ class DistrnnCLI(LightningCLI):
         for key, value in extra.items():
             trainer_cfg[key] = value
         _check_devices(trainer_cfg)
-        trainer_cfg["callbacks"] = [*callbacks, MLflowRunInCheckpoint()]
+        trainer_cfg["callbacks"] = [*callbacks, MLflowRunInCheckpoint(), CheckpointOnSigterm()]
         if not any(isinstance(p, CheckpointIO) for p in plugins):
             plugins.append(AtomicCheckpointIO())
         trainer_cfg["plugins"] = plugins
@@ -169,6 +172,9 @@ def main(argv: Optional[list[str]] = None) -> None:
         cli = DistrnnCLI(args=argv if argv != sys.argv[1:] else None)
     except (ConfigError, CheckpointError) as e:
         fail(_key_line(str(e)))
+    except SIGTERMException:
+        # Lightning's SIGTERMException is a SystemExit with code 0; a preempted job did not finish
+        sys.exit(128 + 15)
     if cli.subcommand == "fit" and cli.trainer.is_global_zero:
         _print_where(cli)
 

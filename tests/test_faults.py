@@ -1,0 +1,198 @@
+"""Fault injection with real processes: kill -9 of a DDP rank, SIGTERM to rank 0, kill -9 in the
+middle of a checkpoint write, an exploding batch. Each run is compared with an uninterrupted one."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+import mlflow
+import pytest
+import torch
+
+from conftest import distrnn_cmd, write_corpus
+
+pytestmark = pytest.mark.slow
+
+CONFIG = """
+seed_everything: 0
+trainer: {max_steps: 16, limit_val_batches: 0, log_every_n_steps: 2, enable_progress_bar: false,
+          enable_model_summary: false, accelerator: cpu, devices: 2, strategy: ddp}
+checkpoint: {every_n_train_steps: 4, save_top_k: -1, filename: "{step}", monitor: null}
+model:
+  network: {recurrence: lstm, hidden_size: 16}
+  tbptt: {k1: 8, k2: 12}
+  optimizer: {name: adamw, lr: 0.01, schedule: cosine, warmup_updates: 3}
+data:
+  class_path: distrnn.data.ByteCorpusDataModule
+  init_args: {path: CORPUS, batch_size: 2, seq_len: 16}
+"""
+
+
+def _fit(cwd: Path, config: Path, *args: str, timeout: float = 180) -> subprocess.CompletedProcess:
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{cwd}/mlflow.db"}
+    cwd.mkdir(parents=True, exist_ok=True)
+    return subprocess.run(distrnn_cmd("fit", "--config", str(config), "--checkpoint.dirpath", str(cwd / "ck"), *args),
+                          capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd, start_new_session=True)
+
+
+def _fault(step: int, rank: int, how: str) -> str:
+    return "--trainer.callbacks=" + json.dumps([{"class_path": "distrnn.faults.FailAt",
+                                                 "init_args": {"step": step, "rank": rank, "how": how}}])
+
+
+def _no_process_left(cwd: Path) -> bool:
+    out = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    return str(cwd / "ck") not in out
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory):
+    d = tmp_path_factory.mktemp("faults")
+    write_corpus(d / "corpus.txt", 6000)
+    (d / "job.yaml").write_text(CONFIG.replace("CORPUS", str(d / "corpus.txt")))
+    return d / "job.yaml"
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(config, tmp_path_factory):
+    cwd = tmp_path_factory.mktemp("uninterrupted")
+    r = _fit(cwd, config)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return torch.load(cwd / "ck" / "last.ckpt", map_location="cpu", weights_only=True)
+
+
+def _assert_same_training_state(ckpt: dict, ref: dict) -> None:
+    assert ckpt["global_step"] == ref["global_step"] == 16
+    for k, v in ref["state_dict"].items():
+        torch.testing.assert_close(ckpt["state_dict"][k], v, rtol=0, atol=1e-6, msg=k)
+    for (i, s), (_, s_ref) in zip(ckpt["optimizer_states"][0]["state"].items(), ref["optimizer_states"][0]["state"].items()):
+        for name in ("exp_avg", "exp_avg_sq", "step"):
+            torch.testing.assert_close(s[name], s_ref[name], rtol=0, atol=1e-6, msg=f"param {i} {name}")
+    sched, sched_ref = ckpt["lr_schedulers"][0], ref["lr_schedulers"][0]
+    assert sched["last_epoch"] == sched_ref["last_epoch"] and sched["_last_lr"] == pytest.approx(sched_ref["_last_lr"], abs=1e-12)
+
+
+def test_kill_9_of_rank_1_then_relaunch_equals_the_uninterrupted_run(config, uninterrupted, tmp_path):
+    """kill -9 of rank 1 after update 6 (checkpoint at 4): the job dies (Lightning's observer
+    takes rank 0 down too) without writing anything later; relaunched from the step-4 checkpoint it
+    ends with the weights, optimizer and scheduler state of the uninterrupted run, in one MLflow run."""
+    t0 = time.time()
+    r = _fit(tmp_path, config, _fault(6, 1, "sigkill"))
+    assert r.returncode != 0 and time.time() - t0 < 150
+    assert _no_process_left(tmp_path)
+    assert sorted(p.name for p in (tmp_path / "ck").glob("*.ckpt")) == ["4.ckpt", "last.ckpt"]
+    assert torch.load(tmp_path / "ck" / "last.ckpt", weights_only=True)["global_step"] == 4
+    r = _fit(tmp_path, config, "--ckpt_path", str(tmp_path / "ck" / "4.ckpt"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    _assert_same_training_state(torch.load(tmp_path / "ck" / "last.ckpt", map_location="cpu", weights_only=True), uninterrupted)
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    runs = mlflow.search_runs(search_all_experiments=True)
+    assert len(runs) == 1 and runs.iloc[0]["status"] == "FINISHED"
+
+
+def test_sigterm_to_rank_0_checkpoints_and_every_rank_exits(config, uninterrupted, tmp_path):
+    """SIGTERM to rank 0 after update 6: both ranks stop at the same step, write preempted.ckpt
+    together (both hidden states in it) and exit (code 143) in bounded time; resuming from it ends
+    where the uninterrupted run ends."""
+    t0 = time.time()
+    r = _fit(tmp_path, config, _fault(6, 0, "sigterm"), timeout=120)
+    assert r.returncode == 128 + signal.SIGTERM, r.stderr[-3000:]
+    assert time.time() - t0 < 120 and _no_process_left(tmp_path)
+    pre = torch.load(tmp_path / "ck" / "preempted.ckpt", map_location="cpu", weights_only=True)
+    assert pre["global_step"] == 6 and pre["distrnn"]["world_size"] == 2
+    assert "preempted.ckpt" in r.stdout
+    r = _fit(tmp_path, config, "--ckpt_path", str(tmp_path / "ck" / "preempted.ckpt"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    _assert_same_training_state(torch.load(tmp_path / "ck" / "last.ckpt", map_location="cpu", weights_only=True), uninterrupted)
+
+
+WRITER = """
+import sys, torch
+from distrnn.checkpoint import AtomicCheckpointIO
+io = AtomicCheckpointIO()
+big = torch.zeros(64 * 2**20 // 4)  # 64 MiB: a save takes long enough to be caught in the middle
+for i in range(1000):
+    big.fill_(i)
+    io.save_checkpoint({"state_dict": {"w": big, "i": torch.tensor(i)}}, sys.argv[1])
+    print(i, flush=True)
+"""
+
+
+def test_kill_9_during_a_save_leaves_the_previous_checkpoint(tmp_path):
+    target = tmp_path / "x.ckpt"
+    p = subprocess.Popen([sys.executable, "-c", WRITER, str(target)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().strip() == "0"  # one complete checkpoint exists
+        deadline = time.time() + 60
+        while not list(tmp_path.glob(".x.ckpt.*.tmp")):  # a later save is half-written
+            assert time.time() < deadline and p.poll() is None
+        p.kill()
+    finally:
+        p.wait(timeout=30)
+    ckpt = torch.load(target, weights_only=True)
+    i = int(ckpt["state_dict"]["i"])
+    assert torch.equal(ckpt["state_dict"]["w"], torch.full_like(ckpt["state_dict"]["w"], float(i)))
+
+
+class _RecordUpdates(L.Callback):
+    def __init__(self, out: Path):
+        self.out = out
+        self.rows = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.before = torch.cat([p.detach().flatten().clone() for p in pl_module.parameters()])
+
+    def on_train_batch_end(self, trainer, pl_module, *a):
+        after = torch.cat([p.detach().flatten() for p in pl_module.parameters()])
+        self.rows.append({"grad_norm": float(pl_module._grad_norm), "update_norm": float((after - self.before).norm()),
+                          "finite": bool(torch.isfinite(after).all()), "after": after.tolist()})
+
+    def on_train_end(self, trainer, pl_module):
+        (self.out / f"rank{trainer.global_rank}.json").write_text(json.dumps(self.rows))
+
+
+class _ShardedTensors(L.LightningDataModule):
+    def __init__(self, x, y):
+        super().__init__()
+        self.x, self.y = x, y
+
+    def train_dataloader(self):
+        from distrnn.data.loaders import TensorLoader
+
+        trainer = self.trainer
+        loader = TensorLoader({"x": self.x, "y": self.y}, 4, rank=trainer.global_rank, world_size=trainer.world_size)
+        loader.bind_epoch(lambda: trainer.current_epoch)
+        return loader
+
+
+def test_an_exploding_batch_is_clipped_equally_on_every_rank(tmp_path):
+    """The targets of batch 2 of rank 0 are scaled by 1e6; clip norm 1.0, SGD lr 1 (the update is the clipped
+    gradient): the recorded pre-clip norm is far above 1, every applied update has norm <= 1 + 1e-6,
+    the ranks apply the same update and every parameter stays finite."""
+    from distrnn.config import TaskSpec
+
+    from helpers import make_module
+
+    task = TaskSpec(kind="regression", output_dim=1, input_dim=3, seq_len=8)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(48, 8, 3, generator=g), torch.randn(48, 8, 1, generator=g)
+    y[16:20] *= 1e6  # rank 0, batch 2 (global batch 2 x 2 ranks + 0, batch size 4): a huge loss
+
+    module = make_module(task, recurrence="gru", hidden=16, mode="full", k1=8, name="sgd", lr=1.0, clip=1.0)
+    L.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=5, logger=False, enable_checkpointing=False,
+              enable_progress_bar=False, enable_model_summary=False,
+              callbacks=[_RecordUpdates(tmp_path)]).fit(module, _ShardedTensors(x, y))
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert len(r0) == len(r1) == 5
+    assert r0[2]["grad_norm"] > 1e3 and r0[2]["grad_norm"] == pytest.approx(r1[2]["grad_norm"], rel=1e-6)
+    for a, b in zip(r0, r1):
+        assert a["update_norm"] <= 1 + 1e-6 and b["update_norm"] <= 1 + 1e-6
+        assert a["finite"] and b["finite"]
+        assert a["after"] == pytest.approx(b["after"], abs=1e-6)
