@@ -164,6 +164,10 @@ def main(argv: Optional[list[str]] = None) -> None:
         from distrnn.generate import main as generate_main
 
         sys.exit(generate_main(argv[1:]))
+    if argv and argv[0] == "runs":
+        from distrnn.runs import main as runs_main
+
+        sys.exit(runs_main(argv[1:]))
     if argv and argv[0] == "download":
         from distrnn.data.download import main as download_main
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
@@ -12,8 +12,7 @@ from distrnn.checkpoint import CheckpointError, load_checkpoint_file
 from distrnn.engine import TBPTTModule
 
 
-def load_module(path: str) -> TBPTTModule:
-    ckpt = load_checkpoint_file(path)
+def module_from_checkpoint(ckpt: dict, path: str) -> TBPTTModule:
     hp = ckpt.get("hyper_parameters")
     if not isinstance(hp, dict):
         raise CheckpointError(f"checkpoint {path}: no hyper_parameters")
@@ -22,10 +21,25 @@ def load_module(path: str) -> TBPTTModule:
     return module.eval()
 
 
+def load_module(path: str) -> TBPTTModule:
+    return module_from_checkpoint(load_checkpoint_file(path), path)
+
+
+def load_registered(uri: str) -> torch.nn.Module:
+    """A model from the MLflow registry (``models:/NAME/VERSION``): a RecurrentModel."""
+    import mlflow
+
+    try:
+        return mlflow.pytorch.load_model(uri, map_location="cpu").eval()
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"model {uri}: cannot be loaded: {first}") from None
+
+
 @torch.no_grad()
-def generate(module: TBPTTModule, prompt: bytes, length: int, temperature: float = 1.0, top_k: Optional[int] = None,
+def generate(module: Any, prompt: bytes, length: int, temperature: float = 1.0, top_k: Optional[int] = None,
              seed: int = 0) -> bytes:
-    model = module.model
+    model = getattr(module, "model", module)  # a TBPTTModule or a RecurrentModel from the registry
     if not prompt:
         prompt = b"\n"
     g = torch.Generator().manual_seed(seed)
@@ -47,7 +61,9 @@ def generate(module: TBPTTModule, prompt: bytes, length: int, temperature: float
 
 def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="distrnn generate", description=__doc__)
-    p.add_argument("--checkpoint", required=True, help="a distrnn checkpoint of a byte-level model")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="a distrnn checkpoint of a byte-level model")
+    src.add_argument("--model", help="a registered MLflow model, models:/NAME/VERSION")
     p.add_argument("--prompt", default="", help="text to condition on")
     p.add_argument("--length", type=int, default=200, help="bytes to generate")
     p.add_argument("--temperature", type=float, default=0.8)
@@ -57,13 +73,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     if a.length < 0:
         p.error("--length must be >= 0")
     try:
-        module = load_module(a.checkpoint)
+        module = load_module(a.checkpoint) if a.checkpoint else load_registered(a.model)
     except CheckpointError as e:
         print(f"distrnn: error: {e}", file=sys.stderr)
         return 2
     task = module.task
     if task.kind != "language_model" or task.vocab_size != 256:
-        print(f"distrnn: error: checkpoint {a.checkpoint}: not a byte-level language model ({task.kind})", file=sys.stderr)
+        print(f"distrnn: error: {a.checkpoint or a.model}: not a byte-level language model ({task.kind})", file=sys.stderr)
         return 2
     text = generate(module, a.prompt.encode(), a.length, a.temperature, a.top_k, a.seed)
     sys.stdout.write(a.prompt + text.decode("utf-8", errors="replace") + "\n")

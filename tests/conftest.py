@@ -13,6 +13,9 @@ def _isolated(tmp_path, monkeypatch):
     """Every test runs in its own folder with its own MLflow store."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")  # a URI set by an earlier test wins over the env
     torch.manual_seed(0)
     yield
 

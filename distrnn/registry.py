@@ -1,0 +1,73 @@
+"""The best checkpoint as a registered MLflow model.
+
+``RegisterModel(name)`` (a callback: ``trainer.callbacks: [{class_path: distrnn.registry.RegisterModel,
+init_args: {name: byte-lstm}}]``) logs the best checkpoint's network as an MLflow PyTorch model
+with a signature and an input example into the job's run when training ends, and registers it
+under ``name``. ``mlflow.pytorch.load_model("models:/NAME/VERSION")`` gives the
+:class:`~distrnn.model.RecurrentModel` back; ``distrnn generate --model models:/NAME/VERSION``
+samples from it. MLflow stores the module with cloudpickle: load models only from a registry you
+trust (see SECURITY.md); distrnn's own checkpoints stay ``weights_only``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.loggers import MLFlowLogger
+from lightning.pytorch.utilities import rank_zero_only
+
+from distrnn.checkpoint import load_checkpoint_file
+
+
+def example_input(task: Any, T: int = 16) -> torch.Tensor:
+    if task.vocab_size:
+        return torch.arange(T, dtype=torch.long).remainder(task.vocab_size).unsqueeze(0)
+    return torch.zeros(1, T, task.input_dim or 1)
+
+
+def log_and_register(module: LightningModule, run_id: str, name: str) -> Any:
+    """Log ``module.model`` (eval mode, on CPU) to ``run_id`` as ``model`` and register it as ``name``."""
+    import mlflow
+    from mlflow.models import infer_signature
+
+    import copy
+
+    model = copy.deepcopy(module.model).cpu().eval()
+    x = example_input(module.task)
+    with torch.no_grad():
+        y, _ = model(x)
+    signature = infer_signature(x.numpy(), y.numpy())
+    with mlflow.start_run(run_id=run_id):
+        # "pickle", not MLflow's default "pt2": an exported graph has no streaming `step` (generation)
+        # and no `task`; the price is that loading unpickles, so the registry must be trusted
+        info = mlflow.pytorch.log_model(model, name="model", signature=signature, input_example=x.numpy(),
+                                        registered_model_name=name, serialization_format="pickle")
+    return info
+
+
+class RegisterModel(Callback):
+    """Register the best checkpoint (else the final weights) under ``name`` when training ends.
+
+    Args:
+        name: the registered model's name.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.version: Optional[str] = None
+
+    @rank_zero_only
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        logger = trainer.logger
+        if not isinstance(logger, MLFlowLogger) or not logger.run_id:
+            return
+        from distrnn.generate import module_from_checkpoint
+
+        best = getattr(trainer.checkpoint_callback, "best_model_path", "") if trainer.checkpoint_callback else ""
+        module = module_from_checkpoint(load_checkpoint_file(best), best) if best else pl_module
+        info = log_and_register(module, logger.run_id, self.name)
+        self.version = str(info.registered_model_version)
+        print(f"distrnn: registered {'the best checkpoint ' + best if best else 'the final weights'} as "
+              f"models:/{self.name}/{self.version}")
