@@ -104,11 +104,24 @@ class ElmanRNN(_CudnnRecurrence):
 
 @register_recurrence("lstm")
 class LSTM(_CudnnRecurrence):
-    """LSTM on ``nn.LSTM``; state ``(h_LBH, c_LBH)``."""
+    """LSTM on ``nn.LSTM``; state ``(h_LBH, c_LBH)``.
 
-    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, dropout: float = 0.0) -> None:
+    ``forget_bias`` (default 1.0, ``network.options``) initializes the forget gates' bias so that
+    the cell starts by keeping its memory (Jozefowicz et al. 2015; Keras' ``unit_forget_bias``):
+    with PyTorch's zero-mean init the forget gate starts at 0.5 and gradients through the cell
+    vanish as fast as a tanh RNN's. ``forget_bias: 0`` keeps PyTorch's initialization.
+    """
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, dropout: float = 0.0,
+                 forget_bias: float = 1.0) -> None:
         super().__init__(input_size, hidden_size, num_layers, dropout)
         self.rnn = nn.LSTM(input_size, hidden_size, num_layers, batch_first=True, dropout=dropout)
+        if forget_bias:
+            H = hidden_size
+            with torch.no_grad():
+                for layer in range(num_layers):  # gate order i, f, g, o
+                    getattr(self.rnn, f"bias_ih_l{layer}")[H : 2 * H].fill_(forget_bias)
+                    getattr(self.rnn, f"bias_hh_l{layer}")[H : 2 * H].zero_()
 
 
 @register_recurrence("gru")
