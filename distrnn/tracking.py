@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -21,8 +22,13 @@ class MLflowLogger(MLFlowLogger):
     ``mlflow.db``, in the working directory), never Lightning's file store. Checkpoints go to
     ``checkpoint_dir/<experiment id>/<run id>/checkpoints``; the best and last are logged to the
     run as artifacts when training ends. Loggers act on rank 0 only, so a job has one run.
-    Metrics are logged asynchronously (``synchronous=False``): a training step never waits for
-    the store; MLflow flushes the queue when the run ends.
+    Metrics are logged asynchronously (``synchronous=False``): a training step only puts them on
+    a queue that a background thread sends. If the tracking server stops answering, training goes
+    on: a warning is printed once, the metrics that could not be sent are appended to
+    ``checkpoint_dir/unsent-metrics-<run id>.jsonl`` (one JSON line per logging step; nothing is
+    dropped), the server is tried again every ``retry_s`` seconds, and when the job ends the file
+    is reported. A request gives up after ``MLFLOW_HTTP_REQUEST_TIMEOUT`` (default here 30 s) and
+    ``MLFLOW_HTTP_REQUEST_MAX_RETRIES`` (default here 2) instead of MLflow's minutes.
     """
 
     def __init__(
@@ -34,7 +40,11 @@ class MLflowLogger(MLFlowLogger):
         checkpoint_dir: str = "checkpoints",
         log_model: bool = True,
         synchronous: bool = False,
+        retry_s: float = 30.0,
     ) -> None:
+        for key, value in (("MLFLOW_HTTP_REQUEST_TIMEOUT", "30"), ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2"),
+                           ("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")):
+            os.environ.setdefault(key, value)
         uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or mlflow.get_tracking_uri()
         # Every rank builds a client, and a client creates a new SQLite store's tables: ranks (or
         # Tune trials) starting together on a fresh file would race ("table already exists").
@@ -46,14 +56,102 @@ class MLflowLogger(MLFlowLogger):
                 tags=tags,
                 save_dir=checkpoint_dir,
                 log_model=log_model,
-                synchronous=synchronous,
+                synchronous=True,  # each send waits for its answer; the waiting is in _Sender's thread
             )
         self._checkpoint_dir = checkpoint_dir
+        self._async, self._retry_s = not synchronous, retry_s
+        self._sender: Optional[_Sender] = None
 
     @property
     def save_dir(self) -> Optional[str]:
         # Lightning's ModelCheckpoint puts files under save_dir/<experiment id>/<run id>/checkpoints.
         return self._checkpoint_dir
+
+    @rank_zero_only
+    def log_metrics(self, metrics: dict[str, float], step: Optional[int] = None) -> None:
+        if not self._async:
+            return super().log_metrics(metrics, step)
+        if self._sender is None:
+            _ = self.experiment  # create the run here, in the main thread
+            self._sender = _Sender(self)
+        self._sender.put(dict(metrics), step)
+
+    def _send(self, metrics: dict[str, float], step: Optional[int]) -> None:
+        MLFlowLogger.log_metrics(self, metrics, step)
+
+    @rank_zero_only
+    def finalize(self, status: str = "success") -> None:
+        sender, self._sender = self._sender, None
+        if sender is not None:
+            sender.close()
+            if sender.unreachable():
+                print(f"distrnn: warning: the MLflow run {self.run_id} was not finalized (tracking server unreachable);"
+                      f" {sender.written} logging steps are in {sender.path}; checkpoints are in {self._checkpoint_dir}",
+                      file=sys.stderr, flush=True)
+                return
+        try:
+            super().finalize(status)
+        except Exception as e:
+            print(f"distrnn: warning: finalizing the MLflow run {self.run_id} failed: {str(e).splitlines()[0][:300]};"
+                  f" checkpoints are in {self._checkpoint_dir}", file=sys.stderr, flush=True)
+
+
+class _Sender:
+    """Sends logged metrics from a background thread; what cannot be sent goes to a local JSONL file."""
+
+    def __init__(self, logger: MLflowLogger) -> None:
+        import queue
+        import threading
+
+        self.logger = logger
+        self.queue: "queue.Queue[Any]" = queue.Queue()
+        self.path = Path(logger._checkpoint_dir) / f"unsent-metrics-{logger.run_id}.jsonl"
+        self.written = 0
+        self.failed_at: Optional[float] = None
+        self.thread = threading.Thread(target=self._run, name="distrnn-mlflow-sender", daemon=True)
+        self.thread.start()
+
+    def put(self, metrics: dict[str, float], step: Optional[int]) -> None:
+        self.queue.put((metrics, step))
+
+    def unreachable(self) -> bool:
+        return self.failed_at is not None
+
+    def _run(self) -> None:
+        while True:
+            item = self.queue.get()
+            if item is None:
+                return
+            metrics, step = item
+            if self.failed_at is not None and time.time() - self.failed_at < self.logger._retry_s:
+                self._write(metrics, step)
+                continue
+            try:
+                self.logger._send(metrics, step)
+                if self.failed_at is not None:
+                    print(f"distrnn: MLflow answers again; logging to run {self.logger.run_id} resumed"
+                          f" ({self.written} earlier logging steps are in {self.path})", file=sys.stderr, flush=True)
+                self.failed_at = None
+            except Exception as e:
+                if self.failed_at is None:
+                    print(f"distrnn: warning: MLflow at {self.logger._tracking_uri} did not answer"
+                          f" ({str(e).splitlines()[0][:200]}); training goes on, metrics are written to {self.path}",
+                          file=sys.stderr, flush=True)
+                self.failed_at = time.time()
+                self._write(metrics, step)
+
+    def _write(self, metrics: dict[str, float], step: Optional[int]) -> None:
+        import json
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"run_id": self.logger.run_id, "step": step, "time": time.time(),
+                                "metrics": {k: float(v) for k, v in metrics.items()}}) + "\n")
+        self.written += 1
+
+    def close(self, timeout: float = 120.0) -> None:
+        self.queue.put(None)
+        self.thread.join(timeout)
 
 
 def _store_lock(uri: str) -> Any:

@@ -178,7 +178,7 @@ def run_trial(values: dict[str, Any], sweep: dict[str, Any]) -> None:
                        "distrnn.trial": context.get_trial_name(), "distrnn.trial_id": context.get_trial_id()}
         logger._run_name = context.get_trial_name()
         logger._experiment_name = sweep["experiment_name"]
-        logger._log_batch_kwargs = {"synchronous": True}  # ASHA may stop a trial at any report
+        logger._async = False  # ASHA may stop a trial at any report: send each metric before going on
     fit_from_ray_checkpoint(cli, tune.get_checkpoint())
 
 
