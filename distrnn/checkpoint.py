@@ -23,11 +23,36 @@ class CheckpointError(RuntimeError):
     """A checkpoint file is missing, torn or not one of ours; the message names the file."""
 
 
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _sidecar(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
+def verify_checksum(p: Path) -> None:
+    """torch.load does not notice flipped bytes inside tensor data: it loads wrong weights. Files
+    written by :class:`AtomicCheckpointIO` carry a SHA-256 sidecar, checked here."""
+    side = _sidecar(p)
+    if not side.is_file():
+        return
+    if _sha256(p) not in side.read_text().split():
+        raise CheckpointError(f"checkpoint {p}: contents do not match its checksum ({side.name}): the file is corrupted")
+
+
 def load_checkpoint_file(path: str | os.PathLike, map_location: Any = "cpu", training: bool = True) -> dict[str, Any]:
     """Load safely; with ``training``, also insist on a Lightning training checkpoint."""
     p = Path(path)
     if not p.is_file():
         raise CheckpointError(f"checkpoint {p}: no such file")
+    verify_checksum(p)
     try:
         ckpt = torch.load(p, map_location=map_location, weights_only=True)
     except Exception as e:
@@ -52,10 +77,22 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 torch.save(checkpoint, f)
                 f.flush()
                 os.fsync(f.fileno())
+            # The sidecar lists the new hash and the current file's, and is replaced before the
+            # file: a crash between the two renames leaves a file that still matches it.
+            side = _sidecar(target)
+            previous = side.read_text().split()[-1:] if side.is_file() else []
+            side_tmp = side.with_name(f".{side.name}.{os.getpid()}.tmp")
+            side_tmp.write_text("\n".join([*previous, _sha256(tmp)]) + "\n")
+            os.replace(side_tmp, side)
             os.replace(tmp, target)
         finally:
             if tmp.exists():
                 tmp.unlink()
+
+    def remove_checkpoint(self, path: Any) -> None:
+        super().remove_checkpoint(path)
+        if "://" not in str(path):
+            _sidecar(Path(path)).unlink(missing_ok=True)
 
     def load_checkpoint(self, path: Any, map_location: Optional[Any] = None, weights_only: Optional[bool] = None) -> dict[str, Any]:
         # Lightning also moves plain state dicts through here (ddp_spawn returns rank 0's weights so).

@@ -84,7 +84,7 @@ def test_checkpoint_write_is_atomic_and_loads_are_safe(tmp_path):
     io = AtomicCheckpointIO()
     target = tmp_path / "x.ckpt"
     io.save_checkpoint({"state_dict": {"w": torch.ones(2)}}, target)
-    assert [p.name for p in tmp_path.iterdir()] == ["x.ckpt"]  # no temporary left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.ckpt", "x.ckpt.sha256"]  # no temporary left behind
 
     class Boom:
         def __call__(self, *a):
@@ -100,7 +100,20 @@ def test_checkpoint_write_is_atomic_and_loads_are_safe(tmp_path):
     finally:
         ck.torch.save = orig
     assert torch.equal(io.load_checkpoint(target)["state_dict"]["w"], torch.ones(2))  # previous intact
-    assert [p.name for p in tmp_path.iterdir()] == ["x.ckpt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.ckpt", "x.ckpt.sha256"]
+
+    # flipped bytes inside tensor data: torch.load would return wrong weights; the checksum refuses
+    io.save_checkpoint({"state_dict": {"w": torch.randn(10000)}}, target)
+    good = target.read_bytes()
+    bad = bytearray(good)
+    bad[len(bad) // 2] ^= 0xFF
+    target.write_bytes(bytes(bad))
+    with pytest.raises(CheckpointError, match="x.ckpt: contents do not match its checksum"):
+        io.load_checkpoint(target)
+    target.write_bytes(good)
+    io.remove_checkpoint(target)
+    assert list(tmp_path.iterdir()) == []
+    io.save_checkpoint({"state_dict": {"w": torch.ones(2)}}, target)
 
     target.write_bytes(target.read_bytes()[:50])
     with pytest.raises(CheckpointError, match="x.ckpt"):
