@@ -101,7 +101,9 @@ def test_carried_state_equals_one_long_pass(k1, k2):
     w0 = {k: v.clone() for k, v in module.state_dict().items()}
     trainer(max_epochs=1, precision="64-true").fit(module, ListDataModule(loader))
     for k, v in module.state_dict().items():
-        assert torch.equal(v, w0[k]), k  # the weights did not move
+        # the weights did not move (entries that start at exactly 0, like the LSTM's hidden forget
+        # bias, can take a denormal step)
+        assert torch.allclose(v, w0[k], rtol=0, atol=1e-290), k
     ref = RecurrentModel(module.network_cfg, LM).double()
     ref.load_state_dict(module.model.state_dict())
     T_total = loader.stream_len
