@@ -55,6 +55,14 @@ class Recurrence(nn.Module):
         y_B1H, state = self.forward(x_BD.unsqueeze(1), state)
         return y_B1H.squeeze(1), state
 
+    def probe(self, x_BTD: Tensor, state: Optional[State] = None) -> dict[str, tuple[Tensor, str]]:
+        """The layer's internals over a window, for diagnostics: ``{"l{layer}.{name}": (values_BTH,
+        kind)}`` with kind ``sigmoid`` (a gate in (0, 1)), ``tanh`` (in (-1, 1)), ``relu`` or
+        ``linear`` (unbounded), recomputed from the weights by a reference loop (cuDNN keeps its
+        gates to itself). Includes every layer's hidden states ``h``, which equal ``forward``'s
+        (the tests check that). Evaluation semantics: no dropout between layers."""
+        raise NotImplementedError(f"{type(self).__name__} has no probe")
+
 
 class _CudnnRecurrence(Recurrence):
     """Shared body of the layers that run on ``nn.RNN``/``nn.LSTM``/``nn.GRU`` (cuDNN on a GPU).
@@ -76,6 +84,33 @@ class _CudnnRecurrence(Recurrence):
             y, state = self.rnn(x_BTD[:, start : start + self.cuda_max_steps], state)
             ys.append(y)
         return torch.cat(ys, dim=1), state
+
+    def probe(self, x_BTD: Tensor, state: Optional[State] = None) -> dict[str, tuple[Tensor, str]]:
+        B, T = x_BTD.shape[:2]
+        lstm = isinstance(self.rnn, nn.LSTM)
+        if state is None:
+            zeros = x_BTD.new_zeros(self.num_layers, B, self.hidden_size)
+            state = (zeros, zeros) if lstm else zeros
+        out: dict[str, tuple[Tensor, str]] = {}
+        inp = x_BTD
+        for layer in range(self.num_layers):
+            w_ih, w_hh, b_ih, b_hh = (getattr(self.rnn, f"{n}_l{layer}") for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
+            gx_BTG = inp @ w_ih.T + b_ih  # the input's share of every step at once
+            h = state[0][layer] if lstm else state[layer]
+            c = state[1][layer] if lstm else None
+            rows: dict[str, list[Tensor]] = {}
+            for t in range(T):
+                new = self._cell(gx_BTG[:, t], h @ w_hh.T + b_hh, h, c)
+                h, c = new["h"][0], new.get("c", (None,))[0]
+                for k, (v, _) in new.items():
+                    rows.setdefault(k, []).append(v)
+            for k, vs in rows.items():
+                out[f"l{layer}.{k}"] = (torch.stack(vs, dim=1), new[k][1])
+            inp = out[f"l{layer}.h"][0]
+        return out
+
+    def _cell(self, gx: Tensor, gh: Tensor, h: Tensor, c: Optional[Tensor]) -> dict[str, tuple[Tensor, str]]:
+        raise NotImplementedError
 
 
 @register_recurrence("elman")
@@ -100,6 +135,11 @@ class ElmanRNN(_CudnnRecurrence):
         self.rnn = nn.RNN(
             input_size, hidden_size, num_layers, nonlinearity=nonlinearity, batch_first=True, dropout=dropout
         )
+        self.nonlinearity = nonlinearity
+
+    def _cell(self, gx: Tensor, gh: Tensor, h: Tensor, c: Optional[Tensor]) -> dict[str, tuple[Tensor, str]]:
+        pre = gx + gh
+        return {"h": (torch.tanh(pre) if self.nonlinearity == "tanh" else torch.relu(pre), self.nonlinearity)}
 
 
 @register_recurrence("lstm")
@@ -123,6 +163,13 @@ class LSTM(_CudnnRecurrence):
                     getattr(self.rnn, f"bias_ih_l{layer}")[H : 2 * H].fill_(forget_bias)
                     getattr(self.rnn, f"bias_hh_l{layer}")[H : 2 * H].zero_()
 
+    def _cell(self, gx: Tensor, gh: Tensor, h: Tensor, c: Optional[Tensor]) -> dict[str, tuple[Tensor, str]]:
+        i, f, g, o = (gx + gh).chunk(4, dim=-1)
+        i, f, g, o = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)
+        c = f * c + i * g
+        return {"h": (o * torch.tanh(c), "tanh"), "c": (c, "linear"), "i": (i, "sigmoid"), "f": (f, "sigmoid"),
+                "g": (g, "tanh"), "o": (o, "sigmoid")}
+
 
 @register_recurrence("gru")
 class GRU(_CudnnRecurrence):
@@ -131,3 +178,10 @@ class GRU(_CudnnRecurrence):
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, dropout: float = 0.0) -> None:
         super().__init__(input_size, hidden_size, num_layers, dropout)
         self.rnn = nn.GRU(input_size, hidden_size, num_layers, batch_first=True, dropout=dropout)
+
+    def _cell(self, gx: Tensor, gh: Tensor, h: Tensor, c: Optional[Tensor]) -> dict[str, tuple[Tensor, str]]:
+        xr, xz, xn = gx.chunk(3, dim=-1)
+        hr, hz, hn = gh.chunk(3, dim=-1)
+        r, z = torch.sigmoid(xr + hr), torch.sigmoid(xz + hz)
+        n = torch.tanh(xn + r * hn)
+        return {"h": ((1 - z) * n + z * h, "tanh"), "r": (r, "sigmoid"), "z": (z, "sigmoid"), "n": (n, "tanh")}

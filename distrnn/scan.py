@@ -123,6 +123,23 @@ class _MinRecurrence(Recurrence):
                 out = self.drop(out)
         return out, torch.stack(finals)
 
+    def probe(self, x_BTD: Tensor, state: Optional[State] = None) -> dict[str, tuple[Tensor, str]]:
+        B = x_BTD.shape[0]
+        h0_LBH = state if state is not None else x_BTD.new_zeros(self.num_layers, B, self.hidden_size)
+        out: dict[str, tuple[Tensor, str]] = {}
+        inp = x_BTD
+        for layer in range(self.num_layers):
+            z = self.proj[layer](self.norms[layer](inp))
+            for name, gate in self.gate_values(z).items():
+                out[f"l{layer}.{name}"] = (gate, "sigmoid")
+            h_BTH = self.sequential(z, h0_LBH[layer])
+            out[f"l{layer}.h"] = (h_BTH, "linear")
+            inp = inp + h_BTH if self.residual and inp.shape[-1] == self.hidden_size else h_BTH
+        return out
+
+    def gate_values(self, z_BTG: Tensor) -> dict[str, Tensor]:
+        raise NotImplementedError
+
     def _layer(self, z_BTG: Tensor, h0_BH: Tensor) -> Tensor:
         # The scan is computed in float32 (float64 stays float64) whatever autocast chose.
         dtype = torch.float64 if z_BTG.dtype == torch.float64 else torch.float32
@@ -191,6 +208,9 @@ class MinGRU(_MinRecurrence):
         log_b = log_z + log_g(cand)
         return log_one_minus_z, log_b, torch.exp(log_one_minus_z), torch.exp(log_b)
 
+    def gate_values(self, z_BTG: Tensor) -> dict[str, Tensor]:
+        return {"z": torch.sigmoid(z_BTG.chunk(2, dim=-1)[0])}
+
 
 @register_recurrence("minlstm")
 class MinLSTM(_MinRecurrence):
@@ -205,3 +225,8 @@ class MinLSTM(_MinRecurrence):
         log_i = -F.softplus(-diff)
         log_b = log_i + log_g(cand)
         return log_f, log_b, torch.exp(log_f), torch.exp(log_b)
+
+    def gate_values(self, z_BTG: Tensor) -> dict[str, Tensor]:
+        log_f, _, _, _ = self.coefficients(z_BTG)
+        f = torch.exp(log_f)
+        return {"f": f, "i": 1 - f}  # the normalized gates f' and i' = 1 - f'

@@ -23,12 +23,16 @@ class MLflowLogger(MLFlowLogger):
     ``checkpoint_dir/<experiment id>/<run id>/checkpoints``; the best and last are logged to the
     run as artifacts when training ends. Loggers act on rank 0 only, so a job has one run.
     Metrics are logged asynchronously (``synchronous=False``): a training step only puts them on
-    a queue that a background thread sends. If the tracking server stops answering, training goes
+    a queue that a background thread sends, the steps of each second in one request. If the tracking server stops answering, training goes
     on: a warning is printed once, the metrics that could not be sent are appended to
     ``checkpoint_dir/unsent-metrics-<run id>.jsonl`` (one JSON line per logging step; nothing is
     dropped), the server is tried again every ``retry_s`` seconds, and when the job ends the file
     is reported. A request gives up after ``MLFLOW_HTTP_REQUEST_TIMEOUT`` (default here 30 s) and
     ``MLFLOW_HTTP_REQUEST_MAX_RETRIES`` (default here 2) instead of MLflow's minutes.
+
+    With ``log_plots`` (default), finalizing the run draws its curves from the metrics MLflow
+    holds, as PNG artifacts ``plots/{loss,bpb,accuracy}.png`` (training and validation overlaid,
+    against the update step), so a run's curves are in its artifacts without opening the UI.
     """
 
     def __init__(
@@ -41,6 +45,7 @@ class MLflowLogger(MLFlowLogger):
         log_model: bool = True,
         synchronous: bool = False,
         retry_s: float = 30.0,
+        log_plots: bool = True,
     ) -> None:
         for key, value in (("MLFLOW_HTTP_REQUEST_TIMEOUT", "30"), ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2"),
                            ("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")):
@@ -59,7 +64,7 @@ class MLflowLogger(MLFlowLogger):
                 synchronous=True,  # each send waits for its answer; the waiting is in _Sender's thread
             )
         self._checkpoint_dir = checkpoint_dir
-        self._async, self._retry_s = not synchronous, retry_s
+        self._async, self._retry_s, self._log_plots = not synchronous, retry_s, log_plots
         self._sender: Optional[_Sender] = None
 
     @property
@@ -76,9 +81,6 @@ class MLflowLogger(MLFlowLogger):
             self._sender = _Sender(self)
         self._sender.put(dict(metrics), step)
 
-    def _send(self, metrics: dict[str, float], step: Optional[int]) -> None:
-        MLFlowLogger.log_metrics(self, metrics, step)
-
     @rank_zero_only
     def finalize(self, status: str = "success") -> None:
         sender, self._sender = self._sender, None
@@ -89,6 +91,12 @@ class MLflowLogger(MLFlowLogger):
                       f" {sender.written} logging steps are in {sender.path}; checkpoints are in {self._checkpoint_dir}",
                       file=sys.stderr, flush=True)
                 return
+        if self._log_plots and self._initialized:
+            try:
+                log_curve_plots(self.experiment, self.run_id)
+            except Exception as e:
+                print(f"distrnn: warning: plotting the curves of run {self.run_id} failed: {str(e).splitlines()[0][:300]}",
+                      file=sys.stderr, flush=True)
         try:
             super().finalize(status)
         except Exception as e:
@@ -96,14 +104,54 @@ class MLflowLogger(MLFlowLogger):
                   f" checkpoints are in {self._checkpoint_dir}", file=sys.stderr, flush=True)
 
 
-class _Sender:
-    """Sends logged metrics from a background thread; what cannot be sent goes to a local JSONL file."""
+PLOTTED = ("loss", "bpb", "accuracy")
 
-    def __init__(self, logger: MLflowLogger) -> None:
+
+def log_curve_plots(client: Any, run_id: str, stages: tuple[str, ...] = ("train", "val")) -> list[str]:
+    """PNGs ``plots/{metric}.png`` of the run's ``{stage}/{metric}`` histories; returns their paths."""
+    run = client.get_run(run_id)
+    written = []
+    for metric in PLOTTED:
+        keys = [f"{stage}/{metric}" for stage in stages if f"{stage}/{metric}" in run.data.metrics]
+        if not keys:
+            continue
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        for key in keys:
+            hist = sorted(client.get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp))
+            ax.plot([m.step for m in hist], [m.value for m in hist], marker="o" if len(hist) < 30 else None, label=key)
+        ax.set_xlabel("update")
+        ax.set_ylabel(metric)
+        ax.set_title(f"{run.info.run_name or run_id}: {metric}")
+        ax.legend()
+        fig.tight_layout()
+        path = f"plots/{metric}.png"
+        client.log_figure(run_id, fig, path)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+class _Sender:
+    """Sends logged metrics from a background thread; what cannot be sent goes to a local JSONL file.
+
+    Steps logged within ``batch_s`` of each other go in one ``log_batch`` request: with a SQLite
+    store each request is a transaction whose Python side holds the GIL for milliseconds, and one
+    per step cost the default experiment about 20% of its speed on 2 CPU cores (one per second,
+    under 2%: ``benchmarks/bench_logging.py``).
+    """
+
+    MAX_METRICS = 1000  # MLflow's limit for one log_batch
+
+    def __init__(self, logger: MLflowLogger, batch_s: float = 1.0) -> None:
         import queue
         import threading
 
-        self.logger = logger
+        self.logger, self.batch_s = logger, batch_s
         self.queue: "queue.Queue[Any]" = queue.Queue()
         self.path = Path(logger._checkpoint_dir) / f"unsent-metrics-{logger.run_id}.jsonl"
         self.written = 0
@@ -112,42 +160,76 @@ class _Sender:
         self.thread.start()
 
     def put(self, metrics: dict[str, float], step: Optional[int]) -> None:
-        self.queue.put((metrics, step))
+        self.queue.put((metrics, step, int(time.time() * 1000)))
 
     def unreachable(self) -> bool:
         return self.failed_at is not None
 
+    def _next_batch(self) -> tuple[list[Any], bool]:
+        """Items logged within batch_s of the first (blocking for the first); True at the end."""
+        import queue
+
+        first = self.queue.get()
+        if first is None:
+            return [], True
+        items, n = [first], len(first[0])
+        deadline = time.monotonic() + self.batch_s
+        while n < self.MAX_METRICS:
+            try:
+                item = self.queue.get(timeout=max(deadline - time.monotonic(), 0))
+            except queue.Empty:
+                break
+            if item is None:
+                return items, True
+            items.append(item)
+            n += len(item[0])
+        return items, False
+
     def _run(self) -> None:
         while True:
-            item = self.queue.get()
-            if item is None:
+            items, done = self._next_batch()
+            if items:
+                self._deliver(items)
+            if done:
                 return
-            metrics, step = item
-            if self.failed_at is not None and time.time() - self.failed_at < self.logger._retry_s:
-                self._write(metrics, step)
-                continue
-            try:
-                self.logger._send(metrics, step)
-                if self.failed_at is not None:
-                    print(f"distrnn: MLflow answers again; logging to run {self.logger.run_id} resumed"
-                          f" ({self.written} earlier logging steps are in {self.path})", file=sys.stderr, flush=True)
-                self.failed_at = None
-            except Exception as e:
-                if self.failed_at is None:
-                    print(f"distrnn: warning: MLflow at {self.logger._tracking_uri} did not answer"
-                          f" ({str(e).splitlines()[0][:200]}); training goes on, metrics are written to {self.path}",
-                          file=sys.stderr, flush=True)
-                self.failed_at = time.time()
-                self._write(metrics, step)
 
-    def _write(self, metrics: dict[str, float], step: Optional[int]) -> None:
+    def _deliver(self, items: list[Any]) -> None:
+        if self.failed_at is not None and time.time() - self.failed_at < self.logger._retry_s:
+            self._write(items)
+            return
+        try:
+            self._send(items)
+            if self.failed_at is not None:
+                print(f"distrnn: MLflow answers again; logging to run {self.logger.run_id} resumed"
+                      f" ({self.written} earlier logging steps are in {self.path})", file=sys.stderr, flush=True)
+            self.failed_at = None
+        except Exception as e:
+            if self.failed_at is None:
+                print(f"distrnn: warning: MLflow at {self.logger._tracking_uri} did not answer"
+                      f" ({str(e).splitlines()[0][:200]}); training goes on, metrics are written to {self.path}",
+                      file=sys.stderr, flush=True)
+            self.failed_at = time.time()
+            self._write(items)
+
+    def _send(self, items: list[Any]) -> None:
+        from mlflow.entities import Metric
+
+        metrics = [Metric(key=k, value=float(v), timestamp=ts, step=step or 0)
+                   for m, step, ts in items for k, v in m.items() if not isinstance(v, str)]
+        logger = self.logger
+        for i in range(0, len(metrics), self.MAX_METRICS):
+            logger.experiment.log_batch(run_id=logger.run_id, metrics=metrics[i : i + self.MAX_METRICS],
+                                        **logger._log_batch_kwargs)
+
+    def _write(self, items: list[Any]) -> None:
         import json
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a") as f:
-            f.write(json.dumps({"run_id": self.logger.run_id, "step": step, "time": time.time(),
-                                "metrics": {k: float(v) for k, v in metrics.items()}}) + "\n")
-        self.written += 1
+            for metrics, step, ts in items:
+                f.write(json.dumps({"run_id": self.logger.run_id, "step": step, "time": ts / 1000,
+                                    "metrics": {k: float(v) for k, v in metrics.items()}}) + "\n")
+        self.written += len(items)
 
     def close(self, timeout: float = 120.0) -> None:
         self.queue.put(None)
