@@ -69,13 +69,13 @@ cluster-down: venv
 ## Ray Train job on the cluster in $(RAY_STATE) (or RAY_API_SERVER_ADDRESS); the config is checked here first.
 submit-train: venv
 	$(PY) jobs/train.py --check-only --num-workers $(WORKERS) $(TRAIN_ARGS) --config $(CONFIG)
-	. ./$(RAY_STATE)/cluster.env && $(VENV)/bin/ray job submit --working-dir . -- \
+	. $(abspath $(RAY_STATE))/cluster.env && $(VENV)/bin/ray job submit --working-dir . -- \
 		python jobs/train.py --num-workers $(WORKERS) $(TRAIN_ARGS) --config $(CONFIG)
 
 ## Ray Tune sweep on the cluster in $(RAY_STATE); the search space is checked here first.
 submit-tune: venv
 	$(PY) jobs/tune.py --check-only --config $(SWEEP)
-	. ./$(RAY_STATE)/cluster.env && $(VENV)/bin/ray job submit --working-dir . -- \
+	. $(abspath $(RAY_STATE))/cluster.env && $(VENV)/bin/ray job submit --working-dir . -- \
 		python jobs/tune.py --config $(SWEEP)
 
 clean:

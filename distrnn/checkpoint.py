@@ -63,6 +63,116 @@ def load_checkpoint_file(path: str | os.PathLike, map_location: Any = "cpu", tra
     return ckpt
 
 
+# What DeepSpeed adds to the client state Lightning gives it; not part of a distrnn checkpoint.
+_DEEPSPEED_KEYS = {
+    "module", "optimizer", "lr_scheduler", "csr_tensor_module_names", "sparse_tensor_module_names",
+    "skipped_steps", "global_steps", "global_samples", "dp_world_size", "mp_world_size", "ds_config",
+    "ds_version", "buffer_names", "param_shapes", "frozen_param_shapes", "shared_params",
+    "frozen_param_fragments", "data_sampler", "random_ltd", "zero_stage", "optimizer_state_dict",
+}
+
+TRUST_FLAG = "--trust_deepspeed_checkpoint true"
+
+
+def is_deepspeed_checkpoint(path: str | os.PathLike) -> bool:
+    """A directory as Lightning's DeepSpeed strategy saves one (``latest`` names the tag folder)."""
+    return Path(path).is_dir() and (Path(path) / "latest").is_file()
+
+
+def check_deepspeed_checkpoint(path: str | os.PathLike, trusted: bool) -> dict[str, Any]:
+    """Refuse an untrusted DeepSpeed checkpoint directory, else check that every rank's shard is
+    there; returns the client state (Lightning's loop state, distrnn's carried state, run id).
+
+    DeepSpeed reads its files with ``torch.load(weights_only=False)``, which runs whatever code a
+    pickle in them names, so only directories the user vouches for are opened at all."""
+    p = Path(path)
+    if not trusted:
+        raise CheckpointError(
+            f"checkpoint {p}: a DeepSpeed checkpoint directory, which DeepSpeed loads with pickle (code in it would"
+            f" run); pass {TRUST_FLAG} only for a directory your own jobs wrote"
+        )
+    tag = (p / "latest").read_text().strip()
+    d = p / tag
+    models = sorted(d.glob("*model_states.pt"))
+    if not models:
+        raise CheckpointError(f"checkpoint {d}: no model states file (mp_rank_00_model_states.pt): not a complete DeepSpeed checkpoint")
+    try:
+        client = torch.load(models[0], map_location="cpu", weights_only=False)  # trusted above
+    except Exception as e:
+        raise CheckpointError(f"checkpoint {models[0]}: cannot be loaded: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
+    world = int(client.get("dp_world_size", 1))
+    prefix = "bf16_" if (d / "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt").exists() else ""
+    stage = int(((client.get("ds_config") or {}).get("zero_optimization") or {}).get("stage", 0))
+    expected = []
+    if stage > 0 or prefix:
+        expected.append(f"{prefix}zero_pp_rank_{{rank}}_mp_rank_00_optim_states.pt")
+    if stage == 3:
+        expected.append("zero_pp_rank_{rank}_mp_rank_00_model_states.pt")
+    for rank in range(world):
+        for pattern in expected:
+            shard = d / pattern.format(rank=rank)
+            if not shard.is_file():
+                raise CheckpointError(f"checkpoint {shard}: missing: the shard of rank {rank} of {world}; the checkpoint is incomplete")
+    return client
+
+
+def convert_deepspeed_checkpoint(path: str | os.PathLike, output: str | os.PathLike, trusted: bool) -> Path:
+    """One fp32 file from a (sharded) DeepSpeed checkpoint directory: the full weights in
+    ``state_dict`` and Lightning's and distrnn's state beside them, written atomically with a
+    checksum and loadable with ``weights_only=True`` (``distrnn generate --checkpoint``, or weights
+    for a run without DeepSpeed). The optimizer state is not carried over."""
+    client = check_deepspeed_checkpoint(path, trusted)
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    state_dict = get_fp32_state_dict_from_zero_checkpoint(str(path))
+    out = {k: v for k, v in client.items() if k not in _DEEPSPEED_KEYS}
+    out["state_dict"] = {k.removeprefix("_forward_module."): v.float() if v.is_floating_point() else v
+                         for k, v in state_dict.items()}
+    import io
+
+    buf = io.BytesIO()
+    torch.save(out, buf)
+    buf.seek(0)
+    try:  # fail here, naming the key, rather than at the first safe load
+        torch.load(buf, weights_only=True)
+    except Exception as e:
+        bad = []
+        for k, v in out.items():
+            b = io.BytesIO()
+            torch.save(v, b)
+            b.seek(0)
+            try:
+                torch.load(b, weights_only=True)
+            except Exception:
+                bad.append(k)
+        raise CheckpointError(f"checkpoint {path}: keys {bad} hold objects a safe load refuses: {str(e).splitlines()[0]}") from None
+    AtomicCheckpointIO().save_checkpoint(out, output)
+    return Path(output)
+
+
+def convert_main(argv: Optional[list[str]] = None) -> int:
+    """``distrnn convert-checkpoint DIR OUT [--trust_deepspeed_checkpoint true]``."""
+    import argparse
+    import sys
+
+    p = argparse.ArgumentParser(prog="distrnn convert-checkpoint", description=convert_deepspeed_checkpoint.__doc__)
+    p.add_argument("checkpoint_dir", help="a DeepSpeed checkpoint directory (what Lightning's DeepSpeed strategy saves)")
+    p.add_argument("output", help="the single fp32 checkpoint file to write")
+    p.add_argument("--trust_deepspeed_checkpoint", type=lambda v: v.lower() in ("1", "true", "yes"), default=False,
+                   help="the directory was written by your own jobs (DeepSpeed unpickles it)")
+    a = p.parse_args(argv)
+    if not is_deepspeed_checkpoint(a.checkpoint_dir):
+        print(f"distrnn: error: checkpoint {a.checkpoint_dir}: not a DeepSpeed checkpoint directory (no 'latest' file)", file=sys.stderr)
+        return 2
+    try:
+        out = convert_deepspeed_checkpoint(a.checkpoint_dir, a.output, a.trust_deepspeed_checkpoint)
+    except CheckpointError as e:
+        print(f"distrnn: error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {out} (fp32 weights of {a.checkpoint_dir})")
+    return 0
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning's checkpoint IO with write-then-rename saves and safe loads."""
 

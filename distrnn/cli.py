@@ -20,7 +20,14 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.plugins.io import CheckpointIO
 
-from distrnn.checkpoint import AtomicCheckpointIO, CheckpointError, CheckpointOnSigterm, load_checkpoint_file
+from distrnn.checkpoint import (
+    AtomicCheckpointIO,
+    CheckpointError,
+    CheckpointOnSigterm,
+    check_deepspeed_checkpoint,
+    is_deepspeed_checkpoint,
+    load_checkpoint_file,
+)
 from distrnn.config import ConfigError
 from distrnn.data.base import RecurrentDataModule
 from distrnn.engine import TBPTTModule
@@ -126,6 +133,9 @@ class DistrnnCLI(LightningCLI):
         parser.set_defaults({"trainer.logger": {"class_path": "distrnn.tracking.MLflowLogger"}})
         # the data decides what the model reads and predicts
         parser.link_arguments("data.task", "model.task", apply_on="instantiate")
+        parser.add_argument("--trust_deepspeed_checkpoint", type=bool, default=False,
+                            help="allow --ckpt_path to name a DeepSpeed checkpoint directory, which DeepSpeed"
+                                 " loads with pickle: only for directories your own jobs wrote")
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         config = self.config_init[self.subcommand] if self.subcommand else self.config_init
@@ -146,7 +156,10 @@ class DistrnnCLI(LightningCLI):
         ckpt_path = self.config_init["fit"].get("ckpt_path")
         if ckpt_path and ckpt_path not in ("last", "best", "hpc", "registry") and not str(ckpt_path).startswith("registry"):
             try:
-                checkpoint = load_checkpoint_file(ckpt_path)
+                if is_deepspeed_checkpoint(ckpt_path):
+                    checkpoint = check_deepspeed_checkpoint(ckpt_path, self.config_init["fit"].get("trust_deepspeed_checkpoint"))
+                else:
+                    checkpoint = load_checkpoint_file(ckpt_path)
             except CheckpointError as e:
                 fail(str(e))
             continue_run(self.trainer.logger, checkpoint)
@@ -168,6 +181,10 @@ def main(argv: Optional[list[str]] = None) -> None:
         from distrnn.runs import main as runs_main
 
         sys.exit(runs_main(argv[1:]))
+    if argv and argv[0] == "convert-checkpoint":
+        from distrnn.checkpoint import convert_main
+
+        sys.exit(convert_main(argv[1:]))
     if argv and argv[0] == "download":
         from distrnn.data.download import main as download_main
 

@@ -107,9 +107,14 @@ class OptimizerConfig:
     stop_on_nonfinite: bool = True
     """Stop with an error naming the step and rank when a loss is NaN or infinite, before that update
     is applied (costs one host sync per update on a GPU)."""
+    min_loss_scale: float = 1.0
+    """fp16 (``trainer.precision: 16-mixed``): an update whose gradients overflow is skipped and the
+    loss scale halved; if the scale falls below this, the gradients overflow whatever the scale
+    (a diverged run) and training stops with an error instead of skipping every update."""
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)  # YAML gives a list
+        _check(self.min_loss_scale > 0, "model.optimizer.min_loss_scale", f"must be > 0, got {self.min_loss_scale}")
         _check(self.lr > 0, "model.optimizer.lr", f"must be > 0, got {self.lr}")
         _check(self.weight_decay >= 0, "model.optimizer.weight_decay", f"must be >= 0, got {self.weight_decay}")
         if self.clip_norm is not None:

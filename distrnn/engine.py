@@ -218,12 +218,31 @@ class TBPTTModule(L.LightningModule):
         scheduled = [g["lr"] for g in opt.param_groups]
         for g in opt.param_groups:  # randomized chunk lengths: lr * length / k1 for this update only
             g["lr"] *= lr_scale
-        opt.step()
+        opt.step()  # with fp16 loss scaling, skipped if the gradients overflowed
         for g, lr in zip(opt.param_groups, scheduled):
             g["lr"] = lr
+        self._check_loss_scale()
         sched.step()
         self._advance_carry(res, x, y, reset, keep)
         return loss.detach()
+
+    def _loss_scaler(self) -> Optional[torch.amp.GradScaler]:
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None) if self._trainer is not None else None
+        return scaler if scaler is not None and scaler.is_enabled() else None
+
+    def _check_loss_scale(self) -> None:
+        # The scaler's step has already synchronized with the device to decide on skipping, so
+        # reading the scale costs no extra stall.
+        scaler = self._loss_scaler()
+        if scaler is None:
+            return
+        scale = scaler.get_scale()
+        if scale < self.optim_cfg.min_loss_scale:
+            raise FloatingPointError(
+                f"fp16 gradients overflow at every loss scale: the scale fell to {scale:g} (below"
+                f" model.optimizer.min_loss_scale={self.optim_cfg.min_loss_scale:g}) at step {self.global_step}"
+                f" on rank {self.global_rank}; the overflowing updates were skipped, the last checkpoint is intact"
+            )
 
     def _advance_carry(self, res: Any, x: Tensor, y: Tensor, reset: Tensor, keep: int) -> None:
         if keep > 0:
@@ -286,6 +305,9 @@ class TBPTTModule(L.LightningModule):
         if self._grad_norm is not None:
             self.log("train/grad_norm", self._grad_norm, batch_size=B)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=B)
+        scaler = self._loss_scaler()
+        if scaler is not None:
+            self.log("train/loss_scale", scaler.get_scale(), batch_size=B)
         now = time.perf_counter()
         self.log("train/tokens_per_s", self._tokens_since_log / max(now - self._t_last, 1e-9), batch_size=B)
         self._t_last, self._tokens_since_log = now, 0

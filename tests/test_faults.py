@@ -196,3 +196,78 @@ def test_an_exploding_batch_is_clipped_equally_on_every_rank(tmp_path):
         assert a["update_norm"] <= 1 + 1e-6 and b["update_norm"] <= 1 + 1e-6
         assert a["finite"] and b["finite"]
         assert a["after"] == pytest.approx(b["after"], abs=1e-6)
+
+
+class _Snapshots(L.Callback):
+    """Weights, optimizer state and loss scale after every batch; optionally makes every gradient
+    from batch ``inf_from`` on infinite (what a diverged fp16 run produces at any scale)."""
+
+    def __init__(self, inf_from=None):
+        self.after, self.inf_from = [], inf_from
+
+    def on_after_backward(self, trainer, pl_module):
+        if self.inf_from is not None and trainer.global_step >= self.inf_from:
+            next(pl_module.parameters()).grad.fill_(float("inf"))
+
+    def on_train_batch_end(self, trainer, pl_module, *args):
+        opt = trainer.optimizers[0]
+        self.after.append({
+            "params": {k: v.detach().clone() for k, v in pl_module.state_dict().items()},
+            "opt": {k: {n: t.clone() for n, t in st.items() if torch.is_tensor(t)} for k, st in opt.state.items()},
+            "scale": trainer.precision_plugin.scaler.get_scale(),
+        })
+
+
+def _fp16_fit(x, y, snapshots, max_steps, min_loss_scale=1.0):
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    from distrnn.config import TaskSpec
+    from distrnn.data.loaders import TensorLoader
+
+    from helpers import ListDataModule, make_module
+
+    task = TaskSpec(kind="regression", output_dim=1, input_dim=x.shape[-1], seq_len=x.shape[1])
+    module = make_module(task, recurrence="mingru", hidden=16, mode="full", k1=x.shape[1], name="adamw", lr=1e-2, clip=1.0)
+    module.optim_cfg.min_loss_scale = min_loss_scale
+    # Lightning turns precision="16-mixed" on CPU into bf16; a plugin instance keeps real fp16
+    # autocast and a real GradScaler, the same path a GPU run takes.
+    precision = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=2.0**16))
+    L.Trainer(accelerator="cpu", max_steps=max_steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False, plugins=[precision], callbacks=[snapshots]).fit(
+        module, ListDataModule(TensorLoader({"x": x, "y": y}, 4)))
+
+
+def test_fp16_overflowing_update_is_skipped_bit_identically():
+    """Batch 3's inputs are scaled by 1e4: the forward pass stays finite in fp16, the scaled
+    gradients of the input projection overflow. That update is skipped: weights and Adam moments
+    are bit-identical across it and the loss scale halves; the next batch trains normally."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(24, 8, 3, generator=g), torch.randn(24, 8, 1, generator=g)
+    x[12:16] *= 1e4  # batch 3
+    snaps = _Snapshots()
+    _fp16_fit(x, y, snaps, max_steps=6)
+    assert len(snaps.after) == 6
+    before, skipped, after = snaps.after[2], snaps.after[3], snaps.after[4]
+    for k, v in before["params"].items():
+        assert torch.equal(v, skipped["params"][k]), k
+        assert torch.isfinite(v).all()
+    for p, st in before["opt"].items():
+        for n, t in st.items():
+            assert torch.equal(t, skipped["opt"][p][n]), n
+    assert skipped["scale"] == before["scale"] / 2
+    assert any(not torch.equal(v, after["params"][k]) for k, v in skipped["params"].items())
+    assert snaps.after[1]["scale"] == snaps.after[0]["scale"] == 2.0**16  # no overflow before
+
+
+def test_fp16_overflow_at_every_scale_is_a_hard_error():
+    """Gradients infinite from update 2 on: the scale halves on every skipped update, and when it
+    falls below min_loss_scale the run stops with an error naming the step, not skipping forever."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(200, 8, 3, generator=g), torch.randn(200, 8, 1, generator=g)
+    snaps = _Snapshots(inf_from=2)
+    with pytest.raises(FloatingPointError, match=r"overflow at every loss scale.*min_loss_scale=1024.*at step 9 on rank 0"):
+        _fp16_fit(x, y, snaps, max_steps=50, min_loss_scale=2.0**10)
+    # updates 2..7 overflow and halve 2**16 down to 2**10 = the minimum; update 8's halving goes
+    # below it and stops the run (after 9 counted updates)
+    assert [s["scale"] for s in snaps.after[2:]] == [2.0**15, 2.0**14, 2.0**13, 2.0**12, 2.0**11, 2.0**10]
+    assert all(torch.equal(v, snaps.after[1]["params"][k]) for s in snaps.after[2:] for k, v in s["params"].items())

@@ -46,6 +46,7 @@ def cluster(tmp_path_factory):
     try:
         assert up.returncode == 0, up.stderr
         info = json.loads((state / "cluster.json").read_text())
+        info["state_dir"] = str(state)
         yield info
     finally:
         subprocess.run([PY, str(REPO / "cluster/local_cluster.py"), "down", "--state-dir", str(state)], timeout=180)
@@ -225,3 +226,22 @@ def test_cluster_script_refuses_an_open_dashboard_without_authentication(tmp_pat
                         "--no-auth", "--dashboard-host", "0.0.0.0"], capture_output=True, text=True, timeout=60)
     assert r.returncode != 0 and "not a loopback address and authentication is off" in r.stderr
     assert not (tmp_path / "s" / "cluster.json").exists()
+
+
+def test_make_submit_train_with_a_bad_config_creates_no_job_and_no_run(cluster, tmp_path, data):
+    """`make submit-train` checks the config on the submitting machine first: a TBPTT length of 0
+    stops it there, with the key named, before `ray job submit` runs; the cluster's job list and
+    the MLflow store are unchanged."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(CONFIG.format(exp="bad", corpus=data, batch=4).replace("k1: 8", "k1: 0"))
+    before = _jobs(cluster, tmp_path)
+    venv = Path(PY).parent.parent
+    r = subprocess.run(["make", "-C", str(REPO), "-o", f"{venv}/.installed", "submit-train", f"VENV={venv}",
+                        f"CONFIG={bad}", f"RAY_STATE={cluster['state_dir']}"],
+                       capture_output=True, text=True, timeout=300, env=_env(cluster, tmp_path))
+    assert r.returncode != 0 and "model.tbptt.k1" in r.stderr, (r.stdout + r.stderr)[-3000:]
+    assert "ray job submit" not in r.stdout.split("--check-only", 1)[1]  # make never ran the submit line
+    assert _jobs(cluster, tmp_path) == before
+    db = tmp_path / "mlflow.db"
+    assert not db.exists() or not mlflow.MlflowClient(f"sqlite:///{db}").search_runs(
+        [e.experiment_id for e in mlflow.MlflowClient(f"sqlite:///{db}").search_experiments()])
