@@ -18,6 +18,7 @@ import os
 import statistics
 import sys
 import tempfile
+import time
 
 import lightning as L
 import torch
@@ -28,6 +29,9 @@ from bench_tbptt import Streams, Timer  # noqa: E402
 from distrnn.config import NetworkConfig, OptimizerConfig, TaskSpec, TBPTTConfig  # noqa: E402
 from distrnn.data.text import LOCAL_CORPORA, read_bytes  # noqa: E402
 from distrnn.engine import TBPTTModule  # noqa: E402
+
+
+SENDER: dict[str, list[float]] = {}
 
 
 def run(tokens, a, tracking_dir, variant: str) -> float:
@@ -59,7 +63,10 @@ def run(tokens, a, tracking_dir, variant: str) -> float:
         logger=logger, log_every_n_steps=log_every, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, callbacks=callbacks,
     )
+    t0 = time.perf_counter()
     trainer.fit(module, Streams(tokens, a.batch, a.k))
+    if logger and logger.sender_stats:  # the sending thread's CPU time, as a share of the whole fit
+        SENDER.setdefault(variant, []).append(logger.sender_stats["cpu_s"] / (time.perf_counter() - t0))
     return a.steps * a.batch * a.k / (timer.t1 - timer.t0)
 
 
@@ -94,6 +101,8 @@ def main() -> None:
         paired = statistics.median(o / s for o, s in zip(speed["off"], speed[v]))
         print(f"{names[v]:34s}: {med[v]:12,.0f} tokens/s   time x{paired:.3f} of off"
               f"   (runs: {', '.join(f'{x:,.0f}' for x in speed[v])})")
+    for v, shares in SENDER.items():
+        print(f"CPU time of the MLflow sending thread ({names[v]}): {100 * statistics.median(shares):.2f}% of the fit's wall time")
     # one measurement, in steps: the extra time of the diagnostics runs over the async runs
     per_step = a.batch * a.k
     extra_s = statistics.median(a.steps * per_step / d - a.steps * per_step / s

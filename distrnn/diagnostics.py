@@ -152,9 +152,13 @@ class Diagnostics(Callback):
         metrics: dict[str, float] = {}
         model = pl_module.model
         if self.gates:  # the probe is a reference loop without dropout
-            with torch.no_grad():
-                stats = saturation(model.recurrence.probe(model.encoder(x)))
-            metrics.update({f"diag/{k}": v for k, v in stats.items()})
+            try:
+                with torch.no_grad():
+                    stats = saturation(model.recurrence.probe(model.encoder(x)))
+                metrics.update({f"diag/{k}": v for k, v in stats.items()})
+            except NotImplementedError as e:  # a user's recurrence without a probe
+                self.gates = False
+                print(f"distrnn: warning: Diagnostics: no saturation statistics ({e})", flush=True)
         curve = None
         if self.curve:  # in training mode: cuDNN's RNN backward refuses eval mode
             with torch.enable_grad():

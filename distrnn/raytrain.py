@@ -83,8 +83,10 @@ class ReportToRay(Callback):
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def fit_from_ray_checkpoint(cli: Any, checkpoint: Any) -> None:
-    """``trainer.fit`` from a Ray checkpoint when there is one (restart, restore), else from scratch."""
+def fit_from_ray_checkpoint(cli: Any, checkpoint: Any, same_run: bool = True) -> None:
+    """``trainer.fit`` from a Ray checkpoint when there is one (restart, restore), else from scratch.
+    ``same_run``: log into the MLflow run recorded in the checkpoint (a restarted job); False when
+    the checkpoint may be another trial's (PBT), whose run is not this one's."""
     from distrnn.checkpoint import load_checkpoint_file
     from distrnn.tracking import continue_run
 
@@ -96,7 +98,8 @@ def fit_from_ray_checkpoint(cli: Any, checkpoint: Any) -> None:
         ckpt = load_checkpoint_file(path)
         if cli.trainer.is_global_zero:
             print(f"distrnn: resuming from Ray checkpoint {checkpoint.path} at step {ckpt['global_step']} (epoch {ckpt['epoch']})")
-        continue_run(cli.trainer.logger, ckpt)
+        if same_run:
+            continue_run(cli.trainer.logger, ckpt)
         del ckpt
         cli.trainer.fit(cli.model, cli.datamodule, ckpt_path=path)
 

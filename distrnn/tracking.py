@@ -66,6 +66,7 @@ class MLflowLogger(MLFlowLogger):
         self._checkpoint_dir = checkpoint_dir
         self._async, self._retry_s, self._log_plots = not synchronous, retry_s, log_plots
         self._sender: Optional[_Sender] = None
+        self.sender_stats: dict[str, float] = {}
 
     @property
     def save_dir(self) -> Optional[str]:
@@ -86,6 +87,7 @@ class MLflowLogger(MLFlowLogger):
         sender, self._sender = self._sender, None
         if sender is not None:
             sender.close()
+            self.sender_stats = {"cpu_s": sender.cpu_s, "requests": sender.requests, "unsent": sender.written}
             if sender.unreachable():
                 print(f"distrnn: warning: the MLflow run {self.run_id} was not finalized (tracking server unreachable);"
                       f" {sender.written} logging steps are in {sender.path}; checkpoints are in {self._checkpoint_dir}",
@@ -155,6 +157,8 @@ class _Sender:
         self.queue: "queue.Queue[Any]" = queue.Queue()
         self.path = Path(logger._checkpoint_dir) / f"unsent-metrics-{logger.run_id}.jsonl"
         self.written = 0
+        self.requests = 0
+        self.cpu_s = 0.0  # CPU time of the sending thread (what logging takes from training)
         self.failed_at: Optional[float] = None
         self.thread = threading.Thread(target=self._run, name="distrnn-mlflow-sender", daemon=True)
         self.thread.start()
@@ -190,6 +194,7 @@ class _Sender:
             items, done = self._next_batch()
             if items:
                 self._deliver(items)
+                self.cpu_s = time.thread_time()
             if done:
                 return
 
@@ -220,6 +225,7 @@ class _Sender:
         for i in range(0, len(metrics), self.MAX_METRICS):
             logger.experiment.log_batch(run_id=logger.run_id, metrics=metrics[i : i + self.MAX_METRICS],
                                         **logger._log_batch_kwargs)
+            self.requests += 1
 
     def _write(self, items: list[Any]) -> None:
         import json

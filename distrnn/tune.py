@@ -43,6 +43,9 @@ class SchedulerConfig:
     """ASHA: 1/reduction_factor of the trials go on at each rung."""
     perturbation_interval: int = 2
     """PBT: validations between exploit/explore steps."""
+    synch: bool = False
+    """PBT: wait until every trial reaches the perturbation step before exploiting (Ray's
+    synchronous PBT: deterministic for small populations, at the cost of idle trials)."""
 
 
 @dataclass
@@ -67,6 +70,9 @@ class SweepConfig:
     """CPUs reserved per trial."""
     gpus_per_trial: float = 0.0
     """GPUs per trial (fractions share a GPU)."""
+    reuse_actors: bool = True
+    """Run the next trial in a finished trial's worker process (Ray's default is a new process per
+    trial, which pays the imports of torch, Lightning and MLflow, seconds, every time)."""
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     """Early stopping or population-based training."""
     seed: Optional[int] = 0
@@ -179,7 +185,24 @@ def run_trial(values: dict[str, Any], sweep: dict[str, Any]) -> None:
         logger._run_name = context.get_trial_name()
         logger._experiment_name = sweep["experiment_name"]
         logger._async = False  # ASHA may stop a trial at any report: send each metric before going on
-    fit_from_ray_checkpoint(cli, tune.get_checkpoint())
+        # A trial restored (failure, Tuner.restore) continues its own run; a PBT trial that took
+        # another trial's checkpoint must not continue that trial's run, which the checkpoint names.
+        own = _trial_run(sweep["experiment_name"], sweep["parent_run_id"], context.get_trial_id())
+        if own is not None:
+            logger._run_id = own
+    fit_from_ray_checkpoint(cli, tune.get_checkpoint(), same_run=False)
+
+
+def _trial_run(experiment_name: str, parent: str, trial_id: str) -> Optional[str]:
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    exp = client.get_experiment_by_name(experiment_name)
+    if exp is None:
+        return None
+    runs = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent}' and "
+                                                    f"tags.`distrnn.trial_id` = '{trial_id}'", max_results=1)
+    return runs[0].info.run_id if runs else None
 
 
 def _fail(message: str) -> None:
@@ -241,7 +264,7 @@ def _scheduler(sweep: SweepConfig) -> Any:
                              reduction_factor=s.reduction_factor)
     if s.name == "pbt":
         return PopulationBasedTraining(time_attr="training_iteration", perturbation_interval=s.perturbation_interval,
-                                       hyperparam_mutations=tune_space(sweep.search_space))
+                                       hyperparam_mutations=tune_space(sweep.search_space), synch=s.synch)
     return FIFOScheduler()
 
 
@@ -320,7 +343,7 @@ def main(argv: Optional[list[str]] = None) -> Any:
             param_space=space,
             tune_config=tune.TuneConfig(
                 metric=metric, mode=sweep.mode, num_samples=sweep.num_samples, scheduler=_scheduler(sweep),
-                max_concurrent_trials=sweep.max_concurrent_trials,
+                max_concurrent_trials=sweep.max_concurrent_trials, reuse_actors=sweep.reuse_actors,
                 search_alg=BasicVariantGenerator(random_state=sweep.seed, max_concurrent=sweep.max_concurrent_trials),
             ),
             run_config=tune.RunConfig(name=sweep.name, storage_path=storage),

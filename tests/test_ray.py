@@ -245,3 +245,32 @@ def test_make_submit_train_with_a_bad_config_creates_no_job_and_no_run(cluster, 
     db = tmp_path / "mlflow.db"
     assert not db.exists() or not mlflow.MlflowClient(f"sqlite:///{db}").search_runs(
         [e.experiment_id for e in mlflow.MlflowClient(f"sqlite:///{db}").search_experiments()])
+
+
+def test_pbt_sweep_exploits_into_each_trials_own_run_with_the_new_lr(cluster, tmp_path, data):
+    """Synchronous PBT with 2 concurrent trials: the worse trial restarts from the better one's checkpoint with a
+    perturbed learning rate. It keeps logging into its own MLflow run (the checkpoint names the
+    donor's run), records the changed lr as a resumed.* tag, and trains with that lr (ApplyConfiguredLR:
+    the donor's optimizer state held the donor's)."""
+    space = json.dumps({"model.optimizer.lr": {"loguniform": [1e-6, 3e-2]}})
+    overrides = json.dumps({"data.init_args.path": str(data / "corpus.txt"), "trainer.max_steps": 48,
+                            "trainer.val_check_interval": 3, "trainer.limit_val_batches": 2, "trainer.log_every_n_steps": 1})
+    r = subprocess.run([PY, str(REPO / "jobs/tune.py"), "--config", str(REPO / "jobs/configs/sweep_tiny.yaml"),
+                        "--storage_path", str(tmp_path / "store"), f"--overrides={overrides}", f"--search_space={space}",
+                        "--num_samples", "2", "--name", "pbt", "--scheduler",
+                        json.dumps({"name": "pbt", "perturbation_interval": 2, "synch": True})],
+                       capture_output=True, text=True, timeout=500, env=_env(cluster, tmp_path), cwd=REPO)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    exp = client.get_experiment_by_name("sweep-tiny")
+    runs = client.search_runs([exp.experiment_id])
+    trials = [run for run in runs if "mlflow.parentRunId" in run.data.tags]
+    assert len(trials) == 2 and len({t.data.tags["distrnn.trial_id"] for t in trials}) == 2
+    exploited = [t for t in trials if "resumed.model.optimizer.lr" in t.data.tags]
+    assert exploited, [t.data.tags for t in trials]
+    for t in exploited:
+        new_lr = float(t.data.tags["resumed.model.optimizer.lr"])
+        assert new_lr != float(t.data.params["model.optimizer.lr"])
+        lrs = client.get_metric_history(t.info.run_id, "train/lr")
+        # tiny.yaml's schedule is constant: after the restart the logged lr is the perturbed one
+        assert lrs and max(lrs, key=lambda m: (m.timestamp, m.step)).value == pytest.approx(new_lr, rel=1e-6)
