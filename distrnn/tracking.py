@@ -30,7 +30,7 @@ class MLflowLogger(MLFlowLogger):
     is reported. A request gives up after ``MLFLOW_HTTP_REQUEST_TIMEOUT`` (default here 30 s) and
     ``MLFLOW_HTTP_REQUEST_MAX_RETRIES`` (default here 2) instead of MLflow's minutes.
 
-    With ``log_plots`` (default), finalizing the run draws its curves from the metrics MLflow
+    With ``log_plots`` (default), finalizing a run that ended normally draws its curves from the metrics MLflow
     holds, as PNG artifacts ``plots/{loss,bpb,accuracy}.png`` (training and validation overlaid,
     against the update step), so a run's curves are in its artifacts without opening the UI.
     """
@@ -93,7 +93,9 @@ class MLflowLogger(MLFlowLogger):
                       f" {sender.written} logging steps are in {sender.path}; checkpoints are in {self._checkpoint_dir}",
                       file=sys.stderr, flush=True)
                 return
-        if self._log_plots and self._initialized:
+        # Only a run that ended normally is plotted: a failed or interrupted one (a Tune trial being
+        # stopped, a killed job) may be torn down while drawing.
+        if self._log_plots and self._initialized and status in ("success", "finished", "FINISHED"):
             try:
                 log_curve_plots(self.experiment, self.run_id)
             except Exception as e:

@@ -348,8 +348,14 @@ def main(argv: Optional[list[str]] = None) -> Any:
             ),
             run_config=tune.RunConfig(name=sweep.name, storage_path=storage),
         )
+    interrupted = _catch_interrupt()
     results = tuner.fit()
     client = mlflow.MlflowClient()
+    if interrupted.is_set():  # Tune stopped every trial and saved its state for --resume
+        client.set_terminated(parent, "KILLED")
+        print(f"distrnn: sweep '{sweep.name}' interrupted; continue it with the same command and --resume"
+              f" (state in {path})", file=sys.stderr)
+        sys.exit(130)
     _close_trial_runs(client, parent, results)
     errors = [r.error for r in results if r.error is not None]
     try:
@@ -369,6 +375,27 @@ def main(argv: Optional[list[str]] = None) -> Any:
           f"{best.metrics[metric]:.4f} with {json.dumps(best_config)}")
     print(f"distrnn: MLflow parent run {parent} in experiment '{sweep.experiment_name}'")
     return results
+
+
+def _catch_interrupt() -> Any:
+    """An event set by Ctrl-C (SIGINT) during ``Tuner.fit``. Tune's own SIGINT handler stops the
+    sweep gracefully but marks the stopped trials TERMINATED, like finished ones, so the driver
+    could not tell an interrupted sweep from a finished one. With TUNE_DISABLE_SIGINT_HANDLER this
+    handler notes the interrupt and hands it to Tune as SIGUSR1, Tune's other stop signal."""
+    import signal
+    import threading
+
+    event = threading.Event()
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "SIGUSR1"):
+        return event
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+
+    def note(signum: int, frame: Any) -> None:
+        event.set()
+        os.kill(os.getpid(), signal.SIGUSR1)
+
+    signal.signal(signal.SIGINT, note)
+    return event
 
 
 def _ran_to_the_end(m: dict[str, Any]) -> bool:

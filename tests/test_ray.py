@@ -274,3 +274,48 @@ def test_pbt_sweep_exploits_into_each_trials_own_run_with_the_new_lr(cluster, tm
         lrs = client.get_metric_history(t.info.run_id, "train/lr")
         # tiny.yaml's schedule is constant: after the restart the logged lr is the perturbed one
         assert lrs and max(lrs, key=lambda m: (m.timestamp, m.step)).value == pytest.approx(new_lr, rel=1e-6)
+
+
+def test_interrupted_sweep_resumes_where_it_stopped(cluster, tmp_path, data):
+    """Ctrl-C (SIGINT) to the sweep's driver after every trial has checkpointed: exit 130, the
+    parent run KILLED, no trial marked stopped early. The same command with --resume continues
+    each trial from its latest checkpoint (not from step 0) in its own MLflow run under the same
+    parent; the sweep then finishes with every trial run to max_steps."""
+    import signal
+    import time
+
+    overrides = json.dumps({"data.init_args.path": str(data / "corpus.txt"), "trainer.max_steps": 800,
+                            "trainer.val_check_interval": 20, "trainer.limit_val_batches": 2})
+    cmd = [PY, str(REPO / "jobs/tune.py"), "--config", str(REPO / "jobs/configs/sweep_tiny.yaml"), "--storage_path",
+           str(tmp_path / "store"), f"--overrides={overrides}", "--num_samples", "2", "--name", "resumable",
+           "--scheduler", json.dumps({"name": "fifo"})]
+    driver = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(cluster, tmp_path), cwd=REPO)
+    deadline = time.time() + 300
+    while len(glob.glob(str(tmp_path / "store/resumable/run_trial_*/checkpoint_000001"))) < 2:
+        assert driver.poll() is None and time.time() < deadline, driver.communicate()[1][-3000:]
+        time.sleep(0.5)
+    driver.send_signal(signal.SIGINT)
+    out, err = driver.communicate(timeout=240)
+    assert driver.returncode == 130 and "interrupted" in err and "--resume" in err, (out + err)[-3000:]
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    exp = client.get_experiment_by_name("sweep-tiny")
+    (parent,) = [r for r in client.search_runs([exp.experiment_id]) if "mlflow.parentRunId" not in r.data.tags]
+    assert parent.info.status == "KILLED"
+    steps_before = {r.data.tags["distrnn.trial_id"]: max(m.step for m in client.get_metric_history(r.info.run_id, "val/loss"))
+                    for r in client.search_runs([exp.experiment_id]) if "mlflow.parentRunId" in r.data.tags}
+    assert len(steps_before) == 2 and all(s < 799 for s in steps_before.values()), steps_before
+
+    r = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=400, env=_env(cluster, tmp_path), cwd=REPO)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    resumed_at = [int(s) for s in __import__("re").findall(r"resuming from Ray checkpoint \S+ at step (\d+)", r.stdout + r.stderr)]
+    assert len(set(resumed_at)) >= 1 and min(resumed_at) > 0, (r.stdout + r.stderr)[-3000:]
+    runs = client.search_runs([exp.experiment_id])
+    parents = [x for x in runs if "mlflow.parentRunId" not in x.data.tags]
+    trials = [x for x in runs if "mlflow.parentRunId" in x.data.tags]
+    assert [p.info.run_id for p in parents] == [parent.info.run_id] and parents[0].info.status == "FINISHED"
+    assert sorted(t.data.tags["distrnn.trial_id"] for t in trials) == sorted(steps_before)  # one run per trial
+    for t in trials:
+        assert t.data.tags.get("distrnn.stopped_early") is None
+        steps = [m.step for m in client.get_metric_history(t.info.run_id, "val/loss")]
+        # (tiny.yaml makes two updates per batch; metrics are logged per batch: 400 batches)
+        assert max(steps) > steps_before[t.data.tags["distrnn.trial_id"]] and max(steps) >= 390
