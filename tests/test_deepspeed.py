@@ -47,17 +47,6 @@ print("RESULT", err, moved)
 """
 
 
-def test_zero2_engine_steps_equal_plain_adamw_steps():
-    pytest.importorskip("deepspeed")
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
-           "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "PYTHONPATH": str(REPO)}
-    r = subprocess.run([sys.executable, "-c", STEP], capture_output=True, text=True, timeout=600, env=env)
-    line = next((ln for ln in r.stdout.splitlines() if ln.startswith("RESULT")), None)
-    assert r.returncode == 0 and line, (r.stdout + r.stderr)[-3000:]
-    err, moved = map(float, line.split()[1:])
-    assert err < 1e-6 and moved > 1e-4  # equal, and the three steps did change the weights
-
-
 SAVE = r"""
 import os, sys, lightning, torch
 import deepspeed
@@ -72,7 +61,6 @@ module = TBPTTModule(NetworkConfig(recurrence="lstm", hidden_size=16, num_layers
                      OptimizerConfig(lr=1e-2), task)
 config = {"train_micro_batch_size_per_gpu": 4, "zero_optimization": {"stage": 2},
           "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "torch_adam": True}}}
-deepspeed.init_distributed(dist_backend="gloo")
 engine, _, _, _ = deepspeed.initialize(model=module, model_parameters=module.parameters(), config=config)
 x, y = torch.randint(0, 256, (4, 16)), torch.randint(0, 256, (4, 16))
 mask = torch.ones(4, 16, dtype=torch.bool)
@@ -93,16 +81,28 @@ print("SAVED")
 
 
 @pytest.fixture(scope="module")
-def ds_checkpoint(tmp_path_factory):
-    """A ZeRO-2 checkpoint directory in the layout Lightning's DeepSpeed strategy writes (tag folder,
-    ``latest``, model states, one optimizer shard per rank), from a real engine on CPU."""
+def ds_run(tmp_path_factory):
+    """One process (DeepSpeed starts slowly) runs both scripts: three ZeRO-2 steps against plain
+    AdamW, then a ZeRO-2 checkpoint directory in the layout Lightning's DeepSpeed strategy writes
+    (tag folder, ``latest``, model states, one optimizer shard per rank) from a real engine on CPU."""
     pytest.importorskip("deepspeed")
     d = tmp_path_factory.mktemp("ds") / "step=2.ckpt"
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
            "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "PYTHONPATH": str(REPO)}
-    r = subprocess.run([sys.executable, "-c", SAVE, str(d)], capture_output=True, text=True, timeout=600, env=env)
+    r = subprocess.run([sys.executable, "-c", STEP + SAVE, str(d)], capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0 and "SAVED" in r.stdout, (r.stdout + r.stderr)[-3000:]
-    return d
+    line = next(ln for ln in r.stdout.splitlines() if ln.startswith("RESULT"))
+    return line, d
+
+
+@pytest.fixture
+def ds_checkpoint(ds_run):
+    return ds_run[1]
+
+
+def test_zero2_engine_steps_equal_plain_adamw_steps(ds_run):
+    err, moved = map(float, ds_run[0].split()[1:])
+    assert err < 1e-6 and moved > 1e-4  # equal, and the three steps did change the weights
 
 
 def _convert(src, out, *extra):
@@ -137,16 +137,19 @@ def test_convert_deepspeed_checkpoint_to_one_fp32_file(ds_checkpoint, tmp_path):
     assert torch.allclose(module.model(x)[0], torch.load(str(ds_checkpoint) + ".logits.pt", weights_only=True), atol=1e-6)
 
 
-def test_deepspeed_checkpoint_needs_the_trust_flag_and_every_shard(ds_checkpoint, tmp_path):
+def test_deepspeed_checkpoint_needs_the_trust_flag_and_every_shard(ds_checkpoint, tmp_path, capsys):
     """Without --trust_deepspeed_checkpoint neither convert nor fit opens the directory (DeepSpeed
-    unpickles); a missing rank shard fails naming the file; exit 2 and nothing written."""
+    unpickles); a missing rank shard fails naming the file; exit 2 and nothing written. (The
+    refusals happen before DeepSpeed is imported, so the converter runs in this process.)"""
     import shutil
 
     from conftest import distrnn_cmd
+    from distrnn.checkpoint import convert_main
 
     out = tmp_path / "model.ckpt"
-    r = _convert(ds_checkpoint, out)
-    assert r.returncode == 2 and "--trust_deepspeed_checkpoint" in r.stderr and str(ds_checkpoint) in r.stderr
+    assert convert_main([str(ds_checkpoint), str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "--trust_deepspeed_checkpoint" in err and str(ds_checkpoint) in err
     assert not out.exists()
     write_corpus(tmp_path / "corpus.txt", 2000)
     fit = subprocess.run(distrnn_cmd("fit", "--config", str(REPO / "jobs/configs/tiny.yaml"), "--ckpt_path", str(ds_checkpoint)),
@@ -162,6 +165,6 @@ def test_deepspeed_checkpoint_needs_the_trust_flag_and_every_shard(ds_checkpoint
     shutil.copytree(ds_checkpoint, broken)
     shard = broken / "checkpoint" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
     shard.unlink()
-    r = _convert(broken, out, "--trust_deepspeed_checkpoint", "true")
-    assert r.returncode == 2 and f"checkpoint {shard}: missing" in r.stderr, r.stderr[-2000:]
+    assert convert_main([str(broken), str(out), "--trust_deepspeed_checkpoint", "true"]) == 2
+    assert f"checkpoint {shard}: missing" in capsys.readouterr().err
     assert not out.exists()

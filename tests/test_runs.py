@@ -13,12 +13,18 @@ from conftest import REPO, distrnn_cmd, write_corpus
 pytestmark = pytest.mark.slow
 
 
-def _run(*args, timeout=300):
-    return subprocess.run(distrnn_cmd(*args), capture_output=True, text=True, timeout=timeout, env=os.environ.copy())
+def _run(*args, timeout=300, store=None, cwd=None):
+    env = os.environ.copy()
+    if store:
+        env["MLFLOW_TRACKING_URI"] = store
+    return subprocess.run(distrnn_cmd(*args), capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd)
 
 
-@pytest.fixture
-def two_runs(tmp_path):
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory):
+    """Two short runs in one store, shared by this module's tests (each of which points MLflow at it)."""
+    tmp_path = tmp_path_factory.mktemp("two-runs")
+    store = f"sqlite:///{tmp_path}/mlflow.db"
     write_corpus(tmp_path / "corpus.txt", 6000)
     cfg = tmp_path / "tiny.yaml"
     cfg.write_text((REPO / "jobs/configs/tiny.yaml").read_text())
@@ -26,17 +32,19 @@ def two_runs(tmp_path):
               "--trainer.logger.init_args.experiment_name", "cmp"]
     register = json.dumps([{"class_path": "distrnn.registry.RegisterModel", "init_args": {"name": "tiny-byte"}}])
     a = _run("fit", *common, "--trainer.logger.init_args.run_name", "small", "--model.network.hidden_size", "16",
-             f"--trainer.callbacks={register}")
+             f"--trainer.callbacks={register}", store=store, cwd=tmp_path)
     assert a.returncode == 0, a.stderr[-3000:]
     assert "registered the best checkpoint" in a.stdout and "models:/tiny-byte/1" in a.stdout
     b = _run("fit", *common, "--trainer.logger.init_args.run_name", "wide", "--model.network.hidden_size", "48",
-             "--model.optimizer.lr", "0.003")
+             "--model.optimizer.lr", "0.003", store=store, cwd=tmp_path)
     assert b.returncode == 0, b.stderr[-3000:]
-    return tmp_path
+    return tmp_path, store
 
 
-def test_compare_table_shows_the_differing_params_and_final_metrics(two_runs):
-    r = _run("runs", "compare", "--experiment", "cmp", "--plot", str(two_runs / "val.png"), "--metric", "val/loss")
+def test_compare_table_shows_the_differing_params_and_final_metrics(two_runs, tmp_path):
+    two_runs, store = two_runs
+    mlflow.set_tracking_uri(store)
+    r = _run("runs", "compare", "--experiment", "cmp", "--plot", str(tmp_path / "val.png"), "--metric", "val/loss", store=store)
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     head = lines[0].split()
@@ -49,8 +57,8 @@ def test_compare_table_shows_the_differing_params_and_final_metrics(two_runs):
         row = next(ln.split() for ln in lines[2:] if ln.split()[0] == run["tags.mlflow.runName"])
         assert row[head.index("model.network.hidden_size")] == run["params.model.network.hidden_size"]
         assert row[col] == f"{run['metrics.val/loss']:.4g}"
-    assert (two_runs / "val.png").stat().st_size > 5000 and "2 runs plotted" in r.stdout
-    missing = _run("runs", "compare", "--experiment", "nope")
+    assert (tmp_path / "val.png").stat().st_size > 5000 and "2 runs plotted" in r.stdout
+    missing = _run("runs", "compare", "--experiment", "nope", store=store)
     assert missing.returncode != 0 and "nope" in missing.stderr
 
 
@@ -59,6 +67,8 @@ def test_registered_model_round_trips(two_runs):
     `distrnn generate --model` samples exactly what `--checkpoint` samples."""
     from distrnn.generate import load_module
 
+    two_runs, store = two_runs
+    mlflow.set_tracking_uri(store)
     run = mlflow.search_runs(experiment_names=["cmp"], filter_string="tags.mlflow.runName = 'small'").iloc[0]
     best = next(p for p in (two_runs / "checkpoints").rglob("best-*.ckpt") if run["run_id"] in str(p))
     reference = load_module(str(best)).model
@@ -68,8 +78,8 @@ def test_registered_model_round_trips(two_runs):
         (y_ref, h_ref), (y, h) = reference(x), loaded(x)
     torch.testing.assert_close(y, y_ref, rtol=0, atol=0)
     torch.testing.assert_close(h, h_ref, rtol=0, atol=0)
-    g1 = _run("generate", "--model", "models:/tiny-byte/1", "--prompt", "the ", "--length", "30")
-    g2 = _run("generate", "--checkpoint", str(best), "--prompt", "the ", "--length", "30")
+    g1 = _run("generate", "--model", "models:/tiny-byte/1", "--prompt", "the ", "--length", "30", store=store)
+    g2 = _run("generate", "--checkpoint", str(best), "--prompt", "the ", "--length", "30", store=store)
     assert g1.returncode == 0 and g1.stdout == g2.stdout, g1.stderr[-2000:]
-    bad = _run("generate", "--model", "models:/tiny-byte/99")
+    bad = _run("generate", "--model", "models:/tiny-byte/99", store=store)
     assert bad.returncode == 2 and "models:/tiny-byte/99" in bad.stderr
