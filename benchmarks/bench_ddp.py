@@ -23,7 +23,6 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 
 VARIANTS = ("single", "ddp1", "ddp1_sigterm", "ddp2", "ddp2_sigterm")
 
@@ -33,7 +32,7 @@ def worker(a) -> None:
     import torch
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from bench_tbptt import Streams
+    from bench_tbptt import Streams, Timer
 
     from distrnn.checkpoint import CheckpointOnSigterm
     from distrnn.config import NetworkConfig, OptimizerConfig, TaskSpec, TBPTTConfig
@@ -51,21 +50,10 @@ def worker(a) -> None:
             t = self.trainer
             return StreamLoader(self.tokens, self.batch, self.k, rank=t.global_rank, world_size=t.world_size)
 
-    class Timer(L.Callback):
-        def __init__(self):
-            self.n, self.t0 = 0, None
-
-        def on_train_batch_end(self, trainer, *args):
-            self.n += 1
-            if self.n == a.warmup:
-                if torch.cuda.is_available():
-                    torch.cuda.synchronize()
-                self.t0 = time.perf_counter()
-
+    class RankTimer(Timer):
         def on_train_end(self, trainer, pl_module):
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            rate = a.steps * a.batch * a.k / (time.perf_counter() - self.t0)
+            super().on_train_end(trainer, pl_module)
+            rate = a.steps * a.batch * a.k / (self.t1 - self.t0)
             print("RESULT " + json.dumps({"rank": trainer.global_rank, "tokens_per_s": rate}), flush=True)
 
     torch.manual_seed(0)
@@ -73,7 +61,7 @@ def worker(a) -> None:
     module = TBPTTModule(NetworkConfig(recurrence="lstm", hidden_size=a.hidden, embedding_dim=a.embed),
                          TBPTTConfig(mode="tbptt", k1=a.k), OptimizerConfig(name="adamw", lr=1e-3, clip_norm=1.0), task)
     v = a.variant
-    callbacks = [Timer()] + ([CheckpointOnSigterm()] if v.endswith("sigterm") else [])
+    callbacks = [RankTimer(a.warmup)] + ([CheckpointOnSigterm()] if v.endswith("sigterm") else [])
     strategy = "auto" if v == "single" else "ddp"
     devices = 2 if v.startswith("ddp2") else 1
     L.Trainer(accelerator="gpu" if a.device == "cuda" else "cpu", devices=devices, strategy=strategy,

@@ -1,6 +1,5 @@
 """Both notebooks run top to bottom on small settings (outputs are not committed)."""
 
-import os
 
 import nbformat
 import pytest

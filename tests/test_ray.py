@@ -110,7 +110,6 @@ def test_two_workers_train_like_one_process_with_the_global_batch(two_workers, s
     """2 Ray Train workers x 2 streams end with the weights of 1 process x 4 streams (12 AdamW
     updates, TBPTT k1=8 k2=12): DDP averages the ranks' losses, the ranks read disjoint streams."""
     tmp, ray_weights = two_workers
-    moved = False
     for k, ref in single_process.items():
         torch.testing.assert_close(ray_weights[k], ref, rtol=0, atol=1e-5, msg=k)
     ckpt = torch.load(_latest_ray_checkpoint(tmp / "store", "two"), map_location="cpu", weights_only=True)
