@@ -30,7 +30,7 @@ from distrnn.checkpoint import (
 )
 from distrnn.config import ConfigError
 from distrnn.data.base import RecurrentDataModule
-from distrnn.engine import TBPTTModule
+from distrnn.engine import TBPTTModule, check_carried_state
 from distrnn.tracking import LogConfigToMLflow, MLflowRunInCheckpoint, continue_run
 
 CHECKPOINT_DEFAULTS: dict[str, Any] = {
@@ -160,8 +160,11 @@ class DistrnnCLI(LightningCLI):
                     checkpoint = check_deepspeed_checkpoint(ckpt_path, self.config_init["fit"].get("trust_deepspeed_checkpoint"))
                 else:
                     checkpoint = load_checkpoint_file(ckpt_path)
+                check_carried_state(checkpoint, self.trainer.world_size)
             except CheckpointError as e:
                 fail(str(e))
+            except ValueError as e:  # a rank's state missing, another world size: before any run starts
+                fail(f"checkpoint {ckpt_path}: {e}")
             continue_run(self.trainer.logger, checkpoint)
 
     def instantiate_classes(self) -> None:

@@ -35,6 +35,28 @@ CHECKPOINT_KEY = "distrnn"
 CHECKPOINT_FORMAT = 2
 
 
+def check_carried_state(checkpoint: dict[str, Any], world: int) -> None:
+    """ValueError unless ``checkpoint`` holds the carried state of every rank of a run of ``world``
+    ranks (a checkpoint without distrnn's state, for weights only, passes)."""
+    d = checkpoint.get(CHECKPOINT_KEY)
+    if d is None:
+        return
+    if d.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"checkpoint format {d.get('format')} is not {CHECKPOINT_FORMAT}")
+    if d["world_size"] != world:
+        raise ValueError(
+            f"checkpoint was written by {d['world_size']} ranks and this run has {world}: every rank's"
+            " streams and hidden state belong to one world size; resume with the same number of devices"
+        )
+    ranks = d.get("ranks") or []
+    present = sum(isinstance(r, dict) and "carry" in r and "rng" in r for r in ranks)
+    if len(ranks) != d["world_size"] or present != len(ranks):
+        raise ValueError(
+            f"checkpoint is incomplete: it holds the carried state of {present} of its {d['world_size']} ranks;"
+            " resuming would start some ranks' streams from a wrong state"
+        )
+
+
 class Carry:
     """What truncated BPTT carries from one update to the next."""
 
@@ -381,17 +403,12 @@ class TBPTTModule(L.LightningModule):
         d = checkpoint.get(CHECKPOINT_KEY)
         if d is None:
             return  # weights-only use (generate, fine-tuning from a foreign file)
-        if d.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"checkpoint format {d.get('format')} is not {CHECKPOINT_FORMAT}")
         world, rank = 1, 0
         if self._trainer is not None:
             world, rank = self.trainer.world_size, self.trainer.global_rank
-        if d["world_size"] != world:
-            raise ValueError(
-                f"checkpoint was written by {d['world_size']} ranks and this run has {world}: every rank's"
-                " streams and hidden state belong to one world size; resume with the same number of devices"
-            )
-        mine = d["ranks"][rank]
+        check_carried_state(checkpoint, world)
+        ranks = d["ranks"]
+        mine = ranks[rank]
         self._carry = Carry.from_dict(mine["carry"])
         # Applied at the first training step, after Lightning's own start-up (sanity validation),
         # so the resumed run continues with the generator the original had after its last step.

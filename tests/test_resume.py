@@ -158,3 +158,38 @@ def test_nan_loss_stops_at_its_step_and_writes_no_later_checkpoint(tmp_path):
     assert sorted(p.name for p in tmp_path.glob("*.ckpt"))[-1] == "step=5.ckpt"  # written after step 4, nothing later
     for k, v in module.state_dict().items():
         assert torch.equal(v, w_before[k])  # the NaN update was never applied
+
+
+def test_a_checkpoint_missing_a_ranks_state_is_refused_naming_the_file(tmp_path):
+    """A checkpoint whose gathered per-rank state lacks a rank (or was written by another world
+    size) fails before training and before any MLflow run: exit 2, the file and the count named."""
+    import subprocess
+
+    from conftest import REPO, distrnn_cmd, write_corpus
+    from distrnn.checkpoint import AtomicCheckpointIO
+    from distrnn.engine import CHECKPOINT_FORMAT, check_carried_state
+
+    rank = {"carry": {}, "rng": {}}
+    check_carried_state({"distrnn": {"format": CHECKPOINT_FORMAT, "world_size": 2, "ranks": [rank, rank]}}, 2)
+    with pytest.raises(ValueError, match="1 of its 2 ranks"):
+        check_carried_state({"distrnn": {"format": CHECKPOINT_FORMAT, "world_size": 2, "ranks": [rank, None]}}, 2)
+    with pytest.raises(ValueError, match="written by 2 ranks and this run has 1"):
+        check_carried_state({"distrnn": {"format": CHECKPOINT_FORMAT, "world_size": 2, "ranks": [rank, rank]}}, 1)
+
+    write_corpus(tmp_path / "corpus.txt", 2000)
+    ckpt = tmp_path / "lost-rank.ckpt"
+    AtomicCheckpointIO().save_checkpoint(
+        {"state_dict": {}, "distrnn": {"format": CHECKPOINT_FORMAT, "world_size": 1, "ranks": [{"rng": {}}]}}, ckpt)
+    r = subprocess.run(distrnn_cmd("fit", "--config", str(REPO / "jobs/configs/tiny.yaml"), "--ckpt_path", str(ckpt)),
+                       capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert f"checkpoint {ckpt}: checkpoint is incomplete: it holds the carried state of 0 of its 1 ranks" in r.stderr
+    assert "Traceback" not in r.stderr
+    assert not (tmp_path / "mlflow.db").exists() or _no_runs(tmp_path)
+
+
+def _no_runs(tmp_path):
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    return not client.search_runs([e.experiment_id for e in client.search_experiments()])
