@@ -197,7 +197,10 @@ def _trial_run(experiment_name: str, parent: str, trial_id: str) -> Optional[str
     import mlflow
 
     client = mlflow.MlflowClient()
-    exp = client.get_experiment_by_name(experiment_name)
+    try:
+        exp = client.get_experiment_by_name(experiment_name)
+    except Exception:  # tracking unreachable: the trial starts a run when it can
+        return None
     if exp is None:
         return None
     runs = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent}' and "
@@ -348,8 +351,11 @@ def main(argv: Optional[list[str]] = None) -> Any:
             ),
             run_config=tune.RunConfig(name=sweep.name, storage_path=storage),
         )
-    interrupted = _catch_interrupt()
-    results = tuner.fit()
+    interrupted, restore_sigint = _catch_interrupt()
+    try:
+        results = tuner.fit()
+    finally:
+        restore_sigint()
     client = mlflow.MlflowClient()
     if interrupted.is_set():  # Tune stopped every trial and saved its state for --resume
         client.set_terminated(parent, "KILLED")
@@ -377,8 +383,9 @@ def main(argv: Optional[list[str]] = None) -> Any:
     return results
 
 
-def _catch_interrupt() -> Any:
-    """An event set by Ctrl-C (SIGINT) during ``Tuner.fit``. Tune's own SIGINT handler stops the
+def _catch_interrupt() -> tuple[Any, Any]:
+    """An event set by Ctrl-C (SIGINT) during ``Tuner.fit``, and a function that puts the previous
+    SIGINT handling back. Tune's own SIGINT handler stops the
     sweep gracefully but marks the stopped trials TERMINATED, like finished ones, so the driver
     could not tell an interrupted sweep from a finished one. With TUNE_DISABLE_SIGINT_HANDLER this
     handler notes the interrupt and hands it to Tune as SIGUSR1, Tune's other stop signal."""
@@ -387,15 +394,23 @@ def _catch_interrupt() -> Any:
 
     event = threading.Event()
     if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "SIGUSR1"):
-        return event
+        return event, lambda: None
+    before = (signal.getsignal(signal.SIGINT), os.environ.get("TUNE_DISABLE_SIGINT_HANDLER"))
     os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
 
     def note(signum: int, frame: Any) -> None:
         event.set()
         os.kill(os.getpid(), signal.SIGUSR1)
 
+    def restore() -> None:  # for callers that go on in this process (tests, benchmarks)
+        signal.signal(signal.SIGINT, before[0])
+        if before[1] is None:
+            os.environ.pop("TUNE_DISABLE_SIGINT_HANDLER", None)
+        else:
+            os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = before[1]
+
     signal.signal(signal.SIGINT, note)
-    return event
+    return event, restore
 
 
 def _ran_to_the_end(m: dict[str, Any]) -> bool:
