@@ -407,8 +407,7 @@ class TBPTTModule(L.LightningModule):
         if self._trainer is not None:
             world, rank = self.trainer.world_size, self.trainer.global_rank
         check_carried_state(checkpoint, world)
-        ranks = d["ranks"]
-        mine = ranks[rank]
+        mine = d["ranks"][rank]
         self._carry = Carry.from_dict(mine["carry"])
         # Applied at the first training step, after Lightning's own start-up (sanity validation),
         # so the resumed run continues with the generator the original had after its last step.

@@ -23,15 +23,15 @@ class MLflowLogger(MLFlowLogger):
     ``checkpoint_dir/<experiment id>/<run id>/checkpoints``; the best and last are logged to the
     run as artifacts when training ends. Loggers act on rank 0 only, so a job has one run.
     Metrics are logged asynchronously (``synchronous=False``): a training step only puts them on
-    a queue that a background thread sends, the steps of each second in one request. If the tracking server stops answering, training goes
-    on: a warning is printed once, the metrics that could not be sent are appended to
+    a queue that a background thread sends, the steps of each second in one request. If the
+    tracking server stops answering, training goes on: a warning is printed once, the metrics that could not be sent are appended to
     ``checkpoint_dir/unsent-metrics-<run id>.jsonl`` (one JSON line per logging step; nothing is
     dropped), the server is tried again every ``retry_s`` seconds, and when the job ends the file
     is reported. A request gives up after ``MLFLOW_HTTP_REQUEST_TIMEOUT`` (default here 30 s) and
     ``MLFLOW_HTTP_REQUEST_MAX_RETRIES`` (default here 2) instead of MLflow's minutes.
 
-    With ``log_plots`` (default), finalizing a run that ended normally draws its curves from the metrics MLflow
-    holds, as PNG artifacts ``plots/{loss,bpb,accuracy}.png`` (training and validation overlaid,
+    With ``log_plots`` (default), finalizing a run that ended normally draws its curves from the
+    metrics MLflow holds, as PNG artifacts ``plots/{loss,bpb,accuracy}.png`` (training and validation overlaid,
     against the update step), so a run's curves are in its artifacts without opening the UI.
     """
 
