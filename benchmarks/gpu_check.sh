@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # One command for a GPU machine: the GPU-marked tests, then the GPU benchmarks; results to $OUT.
-# The device image has torch, lightning, triton and pytest but no jsonargparse, mlflow or ray;
-# nothing here needs them (the TBPTT benchmark runs with --no_mlflow). About 6 minutes on an H100.
+# The device image has torch, lightning, triton and pytest but no jsonargparse, mlflow, ray or
+# deepspeed; nothing here needs the first three (the TBPTT benchmark runs with --no_mlflow), and
+# DeepSpeed comes as wheels in .whl/ (`bash benchmarks/gpu_wheels.sh` here, then carry .whl), else
+# its GPU test is skipped. About 8 minutes on an H100.
 #   bash benchmarks/gpu_check.sh            tests + TBPTT engine + recurrences (quick sweep) + scan
 #   bash benchmarks/gpu_check.sh bench-only benchmarks only
 set -uo pipefail
@@ -9,9 +11,14 @@ OUT=${OUT:-out}
 mkdir -p "$OUT"
 export PYTHONPATH="$(pwd)${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 PY=${PY:-python3}
-{ date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; $PY -c "import torch, lightning, triton; print('torch', torch.__version__, 'lightning', lightning.__version__, 'triton', triton.__version__)"; } | tee "$OUT/env.txt"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+fi
+{ date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; $PY -c "import torch, lightning, triton; print('torch', torch.__version__, 'lightning', lightning.__version__, 'triton', triton.__version__)"; $PY -c "import deepspeed; print('deepspeed', deepspeed.__version__)" 2>&1 | tail -1; } | tee "$OUT/env.txt"
 if [ "${1:-}" != "bench-only" ]; then
-  timeout 240 $PY -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py tests/test_layers.py tests/test_kernels.py 2>&1 | tail -25 | tee "$OUT/gpu_tests.txt"
+  timeout 360 $PY -m pytest -q -s -m gpu -p no:cacheprovider tests/test_gpu.py tests/test_layers.py tests/test_kernels.py 2>&1 | tee "$OUT/gpu_tests_full.txt" \
+    | grep -E '^\{"equal|passed|failed|skipped|Error|assert|^(FAILED|ERROR)' | tail -40 | tee "$OUT/gpu_tests.txt"
 fi
 timeout 150 $PY benchmarks/bench_recurrences.py --device cuda --scan --json "$OUT/bench_scan.json" 2>&1 | tee "$OUT/bench_scan.txt"
 timeout 90 $PY benchmarks/bench_tbptt.py --device cuda --hidden 1024 --embed 256 --batch 64 --k 256 --steps 60 --warmup 5 --repeats 2 --log_every 50 --no_mlflow 2>&1 | grep -v "^\s*$" | tail -4 | tee "$OUT/bench_tbptt_fp32.txt"

@@ -158,6 +158,30 @@ class TBPTTModule(L.LightningModule):
 
     # ---------------------------------------------------------------- optimization
 
+    def _deepspeed(self) -> Optional[Any]:
+        """The trainer's DeepSpeed strategy, or None."""
+        if self._trainer is None:
+            return None
+        from lightning.pytorch.strategies import DeepSpeedStrategy
+
+        strategy = self.trainer.strategy
+        return strategy if isinstance(strategy, DeepSpeedStrategy) else None
+
+    def setup(self, stage: str) -> None:
+        ds = self._deepspeed()
+        if ds is None or stage != "fit":
+            return
+        # ZeRO keeps the gradients in DeepSpeed's partitioned buffers, not in p.grad, so clipping
+        # must be DeepSpeed's: set before Lightning builds the engine (strategy.setup follows this hook).
+        clip = float(self.optim_cfg.clip_norm or 0.0)
+        given = ds.config.get("gradient_clipping")
+        if given is not None and float(given) != clip:
+            raise ConfigError(
+                f"model.optimizer.clip_norm ({self.optim_cfg.clip_norm}) and the DeepSpeed config's gradient_clipping"
+                f" ({given}) disagree: distrnn clips through DeepSpeed, set clip_norm only"
+            )
+        ds.config["gradient_clipping"] = clip
+
     def configure_optimizers(self) -> dict[str, Any]:
         c = self.optim_cfg
         params = self.model.parameters()
@@ -198,6 +222,9 @@ class TBPTTModule(L.LightningModule):
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         # Called after fp16 unscaling and before the step (Lightning forbids the Trainer's
         # gradient_clip_val with manual optimization, so clipping lives here).
+        if self._deepspeed() is not None:
+            self._grad_norm = None  # DeepSpeed's engine clips and reports the norm after its step
+            return
         clip = self.optim_cfg.clip_norm
         self._grad_norm = torch.nn.utils.clip_grad_norm_(
             self.model.parameters(), clip if clip is not None else float("inf"), foreach=True
@@ -243,6 +270,10 @@ class TBPTTModule(L.LightningModule):
         opt.step()  # with fp16 loss scaling, skipped if the gradients overflowed
         for g, lr in zip(opt.param_groups, scheduled):
             g["lr"] = lr
+        ds = self._deepspeed()
+        if ds is not None:
+            norm = ds.deepspeed_engine.get_global_grad_norm()  # before clipping, as clip_grad_norm_ returns
+            self._grad_norm = torch.as_tensor(float(norm)) if norm is not None else None
         self._check_loss_scale()
         sched.step()
         self._advance_carry(res, x, y, reset, keep)

@@ -1,0 +1,161 @@
+"""Lightning's DeepSpeed strategy around distrnn's TBPTT module (manual optimization), against
+plain Lightning runs of the same module: run by tests/test_deepspeed.py (CPU) and tests/test_gpu.py.
+
+    python tests/ds_lightning_check.py OUT_DIR --device cpu|cuda
+
+Prints one ``RESULT {json}`` line. On CPU (``DS_ACCELERATOR=cpu``) the strategy is Lightning's own
+with only its CUDA checks skipped (it refuses a CPU; DeepSpeed itself runs there): engine set-up,
+the precision plugin, the optimizer and scheduler wiring, and the checkpoint directory are real.
+Checks:
+- ``equal``: ZeRO-2 and ZeRO-3, fp32: 6 updates with gradient clipping that bites equal the plain
+  run's weights, and the reported pre-clip gradient norm equals the plain run's;
+- ``bf16``: ZeRO-2 and ZeRO-3 with bf16: the weights are bf16 in the engine, and the loss falls;
+- ``resume``: ZeRO-2 and ZeRO-3: 8 updates (cosine schedule with warm-up), checkpoint directory at
+  update 4; a new run resumed from it ends with the uninterrupted run's weights and carried state;
+  the final directory converts to one fp32 file with the module's weights;
+- ``clip_conflict``: a DeepSpeed config whose gradient_clipping differs from clip_norm is refused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.fabric.utilities.seed import reset_seed
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.strategies import DeepSpeedStrategy
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from helpers import ListDataModule  # noqa: E402
+
+from distrnn.config import ConfigError, NetworkConfig, OptimizerConfig, TaskSpec, TBPTTConfig  # noqa: E402
+from distrnn.data.loaders import StreamLoader  # noqa: E402
+from distrnn.engine import TBPTTModule  # noqa: E402
+
+
+class CPUDeepSpeedStrategy(DeepSpeedStrategy):
+    """Lightning's DeepSpeed strategy minus its refusal of a CPU."""
+
+    @property
+    def root_device(self) -> torch.device:
+        return torch.device("cpu", 0)  # DeepSpeed reads the device index as the local rank
+
+    def setup_environment(self) -> None:
+        super(DeepSpeedStrategy, self).setup_environment()
+
+    def setup_distributed(self) -> None:  # as DeepSpeedStrategy's, without the CUDA device-index check
+        reset_seed()
+        self.set_world_ranks()
+        self._init_deepspeed_distributed()
+
+
+LM = TaskSpec(kind="language_model", output_dim=50, vocab_size=50, seq_len=64)
+
+
+def loader() -> StreamLoader:
+    g = torch.Generator().manual_seed(0)
+    return StreamLoader(torch.randint(0, 50, (6000,), generator=g, dtype=torch.uint8), 4, 64)
+
+
+def module(lr: float = 1e-2) -> TBPTTModule:
+    torch.manual_seed(0)
+    return TBPTTModule(NetworkConfig(recurrence="lstm", hidden_size=16, num_layers=2), TBPTTConfig(k1=32),
+                       OptimizerConfig(name="adamw", lr=lr, clip_norm=0.05, schedule="cosine", warmup_updates=2), LM)
+
+
+class Record(L.Callback):
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+        self.norms: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+        m = trainer.callback_metrics
+        self.losses.append(float(m["train/loss"]))
+        self.norms.append(float(m["train/grad_norm"]))
+
+
+def fit(device: str, stage: int | None, max_steps: int, precision: str = "32-true", out: Path | None = None,
+        ckpt: Path | None = None, config: dict | None = None) -> tuple[TBPTTModule, Record]:
+    m, rec = module(), Record()
+    if stage is None:
+        strategy = "auto"
+    else:
+        cls = CPUDeepSpeedStrategy if device == "cpu" else DeepSpeedStrategy
+        strategy = cls(config=config) if config else cls(stage=stage)
+    callbacks = [rec]
+    if out is not None:
+        callbacks.append(ModelCheckpoint(dirpath=out, every_n_train_steps=4, save_top_k=-1, filename="{step}"))
+    t = L.Trainer(accelerator="gpu" if device == "cuda" else "cpu", devices=1, strategy=strategy, precision=precision,
+                  max_steps=max_steps, logger=False, log_every_n_steps=1, enable_checkpointing=out is not None,
+                  callbacks=callbacks, enable_progress_bar=False, enable_model_summary=False,
+                  num_sanity_val_steps=0, limit_val_batches=0)
+    t.fit(m, ListDataModule(loader()), ckpt_path=ckpt)
+    return m, rec
+
+
+def max_diff(a, b) -> float:
+    return max((x.float().cpu() - y.float().cpu()).abs().max().item() for x, y in zip(a, b))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("out", type=Path)
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    a = ap.parse_args()
+    if a.device == "cuda":  # exact fp32 on the GPU, so that 1e-5 comparisons mean something
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    result: dict = {}
+
+    plain, plain_rec = fit(a.device, None, 6)
+    for stage in (2, 3):
+        ds, rec = fit(a.device, stage, 6)
+        result[f"equal_zero{stage}"] = {
+            "weights": max_diff(plain.model.parameters(), ds.model.parameters()),
+            "grad_norm": max(abs(x - y) / y for x, y in zip(rec.norms, plain_rec.norms)),
+            "clip_bites": min(plain_rec.norms) > 0.05,
+        }
+
+    for stage in (2, 3):
+        ds, rec = fit(a.device, stage, 40, precision="bf16-mixed")
+        result[f"bf16_zero{stage}"] = {
+            "dtypes": sorted({str(p.dtype) for p in ds.model.parameters()}),
+            "first": sum(rec.losses[:5]) / 5, "last": sum(rec.losses[-5:]) / 5,
+            "finite": all(x == x for x in rec.losses + rec.norms),
+        }
+
+    for stage in (2, 3):
+        d = a.out / f"zero{stage}"
+        full, _ = fit(a.device, stage, 8, out=d)
+        resumed, _ = fit(a.device, stage, 8, ckpt=d / "step=4.ckpt")
+        from distrnn.checkpoint import convert_deepspeed_checkpoint
+
+        converted = torch.load(convert_deepspeed_checkpoint(d / "step=8.ckpt", a.out / f"zero{stage}.pt", trusted=True),
+                               weights_only=True)
+        expected = {f"model.{k}": v for k, v in full.model.state_dict().items()}
+        torch.save(full.state_dict(), a.out / f"zero{stage}.expected.pt")
+        result[f"resume_zero{stage}"] = {
+            "weights": max_diff(full.model.parameters(), resumed.model.parameters()),
+            "state": max_diff(full._carry.state, resumed._carry.state),
+            "converted": max_diff([converted["state_dict"][k] for k in expected], expected.values()),
+            "converted_keys": sorted(converted["state_dict"]) == sorted(expected),
+            "global_step": converted["global_step"],
+        }
+
+    try:
+        fit(a.device, 2, 1, config={"zero_optimization": {"stage": 2}, "gradient_clipping": 1.0,
+                                    "train_micro_batch_size_per_gpu": 4})
+        result["clip_conflict"] = "accepted"
+    except ConfigError as e:
+        result["clip_conflict"] = str(e)
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    main()
