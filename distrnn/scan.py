@@ -73,6 +73,18 @@ class _MinRecurrence(Recurrence):
     """A stack of min-RNN layers: each ``[norm] -> cell -> [+ residual]``, as in the paper's blocks.
 
     State: ``h_LBH`` (positive). ``parallel`` chooses the log-space scan (default) or the loop.
+
+    ``norm`` puts a LayerNorm before every layer but the first: the first reads the model's input
+    itself, and a LayerNorm over a few raw features destroys them (the adding problem's two inputs,
+    a value and a marker, would be reduced to the sign of their difference).
+
+    ``chrono`` (Tallec & Ollivier 2018, "Can recurrent neural networks warp time?") initializes the
+    gate biases so that each unit's retention ``a = 1 - z`` (minGRU) or ``f'`` (minLSTM) starts at
+    ``u / (1 + u)``, u uniform in [1, chrono - 1]: the units' memory spans start spread up to
+    ``chrono`` steps. With PyTorch's initialization every gate starts near 0.5, a state halves
+    each step and nothing reaches the loss from more than a few dozen steps back, so tasks with
+    dependencies over hundreds of steps never start learning (the adding problem at T = 1000).
+    Set it to the longest dependency the task has.
     """
 
     gates: int  # linear maps of x per layer: the candidate and the gates
@@ -89,6 +101,7 @@ class _MinRecurrence(Recurrence):
         parallel: bool = True,
         backend: Optional[Literal["triton", "compile", "eager"]] = None,
         compile: Optional[bool] = None,
+        chrono: Optional[float] = None,
     ) -> None:
         super().__init__(input_size, hidden_size, num_layers, dropout)
         self.residual, self.scan_chunk, self.parallel = residual, scan_chunk, parallel
@@ -101,8 +114,20 @@ class _MinRecurrence(Recurrence):
         self.backend = backend
         dims = [input_size] + [hidden_size] * num_layers
         self.proj = nn.ModuleList(nn.Linear(dims[i], self.gates * hidden_size) for i in range(num_layers))
-        self.norms = nn.ModuleList(nn.LayerNorm(dims[i]) if norm else nn.Identity() for i in range(num_layers))
+        self.norms = nn.ModuleList(nn.LayerNorm(dims[i]) if norm and i > 0 else nn.Identity()
+                                   for i in range(num_layers))
         self.drop = nn.Dropout(dropout)
+        if chrono is not None:
+            if not chrono > 2:
+                raise ValueError(f"model.network.options.chrono: {chrono} must be > 2 (the longest memory span in steps)")
+            with torch.no_grad():
+                for p in self.proj:
+                    log_u_H = torch.empty(hidden_size).uniform_(1, chrono - 1).log_()
+                    self.chrono_biases(p.bias, log_u_H)
+
+    def chrono_biases(self, bias_G: Tensor, log_u_H: Tensor) -> None:
+        """Set the gate biases in ``bias_G`` so that the retention starts at ``u / (1 + u)``."""
+        raise NotImplementedError
 
     def coefficients(self, z_BTG: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """(log a, log b, a, b) of the recurrence from the projected input."""
@@ -211,6 +236,9 @@ class MinGRU(_MinRecurrence):
     def gate_values(self, z_BTG: Tensor) -> dict[str, Tensor]:
         return {"z": torch.sigmoid(z_BTG.chunk(2, dim=-1)[0])}
 
+    def chrono_biases(self, bias_G: Tensor, log_u_H: Tensor) -> None:
+        bias_G[: self.hidden_size] = -log_u_H  # 1 - z = sigmoid(-k) = u / (1 + u)
+
 
 @register_recurrence("minlstm")
 class MinLSTM(_MinRecurrence):
@@ -230,3 +258,7 @@ class MinLSTM(_MinRecurrence):
         log_f, _, _, _ = self.coefficients(z_BTG)
         f = torch.exp(log_f)
         return {"f": f, "i": 1 - f}  # the normalized gates f' and i' = 1 - f'
+
+    def chrono_biases(self, bias_G: Tensor, log_u_H: Tensor) -> None:
+        H = self.hidden_size
+        bias_G[:H], bias_G[H : 2 * H] = log_u_H, -log_u_H  # f = u / (1 + u), i = 1 - f, so f' = f
