@@ -64,30 +64,46 @@ class ReportToRay(Callback):
         # With these, a caller tells a run that ended by itself from one a scheduler stopped.
         metrics.update(step=trainer.global_step, epoch=trainer.current_epoch, max_steps=trainer.max_steps,
                        max_epochs=trainer.max_epochs if trainer.max_epochs is not None else -1)
-        # Every rank takes part in the save (the checkpoint gathers every rank's hidden state);
-        # Lightning writes the file on rank 0, which alone hands it to Ray.
-        tmp = tempfile.mkdtemp(prefix="distrnn-ray-")
+        # Every rank takes part in the save (the checkpoint gathers every rank's hidden state).
+        # Lightning writes a checkpoint file on rank 0, which alone hands it to Ray. DeepSpeed writes
+        # a directory to which every rank adds its own shards, at rank 0's path (Lightning broadcasts
+        # it), on each rank's node: there one rank per node hands the folder to Ray, which merges
+        # the nodes' folders into one checkpoint in storage.
+        sharded = _is_deepspeed(trainer.strategy)
+        tmp = tempfile.mkdtemp(prefix="distrnn-ray-") if trainer.is_global_zero or not sharded else None
+        if sharded:
+            tmp = trainer.strategy.broadcast(tmp)
+        hands_over = trainer.local_rank == 0 if sharded else trainer.is_global_zero
         try:
             trainer.save_checkpoint(os.path.join(tmp, CKPT_NAME), weights_only=False)
             if self.tune:
                 from ray import tune
 
-                ckpt = tune.Checkpoint.from_directory(tmp) if trainer.is_global_zero else None
+                ckpt = tune.Checkpoint.from_directory(tmp) if hands_over else None
                 tune.report(metrics, checkpoint=ckpt)
             else:
                 import ray.train
 
-                ckpt = ray.train.Checkpoint.from_directory(tmp) if trainer.is_global_zero else None
+                ckpt = ray.train.Checkpoint.from_directory(tmp) if hands_over else None
                 ray.train.report(metrics, checkpoint=ckpt)
         finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            if sharded:
+                trainer.strategy.barrier("distrnn-ray-report")  # the node's folder stays until it is uploaded
+            if hands_over or not sharded:
+                shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _is_deepspeed(strategy: Any) -> bool:
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    return isinstance(strategy, DeepSpeedStrategy)
 
 
 def fit_from_ray_checkpoint(cli: Any, checkpoint: Any, same_run: bool = True) -> None:
     """``trainer.fit`` from a Ray checkpoint when there is one (restart, restore), else from scratch.
     ``same_run``: log into the MLflow run recorded in the checkpoint (a restarted job); False when
     the checkpoint may be another trial's (PBT), whose run is not this one's."""
-    from distrnn.checkpoint import load_checkpoint_file
+    from distrnn.checkpoint import check_deepspeed_checkpoint, is_deepspeed_checkpoint, load_checkpoint_file
     from distrnn.tracking import continue_run
 
     if checkpoint is None:
@@ -95,7 +111,9 @@ def fit_from_ray_checkpoint(cli: Any, checkpoint: Any, same_run: bool = True) ->
         return
     with checkpoint.as_directory() as d:
         path = os.path.join(d, CKPT_NAME)
-        ckpt = load_checkpoint_file(path)
+        # A DeepSpeed directory that this run's workers reported to its own Ray storage: checked
+        # for every rank's shard, opened as trusted (keep the storage path private: SECURITY.md).
+        ckpt = check_deepspeed_checkpoint(path, trusted=True) if is_deepspeed_checkpoint(path) else load_checkpoint_file(path)
         if cli.trainer.is_global_zero:
             print(f"distrnn: resuming from Ray checkpoint {checkpoint.path} at step {ckpt['global_step']} (epoch {ckpt['epoch']})")
         if same_run:

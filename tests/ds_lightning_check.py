@@ -54,6 +54,25 @@ class CPUDeepSpeedStrategy(DeepSpeedStrategy):
         self._init_deepspeed_distributed()
 
 
+class AllowDeepSpeedOnCPU(L.Callback):
+    """For processes that build their DeepSpeed strategy themselves (Ray Train workers, in a
+    ``trainer.callbacks`` entry of the config): makes Lightning's and Ray's DeepSpeed strategy
+    classes in this process behave as :class:`CPUDeepSpeedStrategy`. Tests only."""
+
+    def __init__(self) -> None:
+        classes = [DeepSpeedStrategy]
+        try:
+            from ray.train.lightning import RayDeepSpeedStrategy
+
+            classes.append(RayDeepSpeedStrategy)
+        except ImportError:
+            pass
+        for cls in classes:
+            cls.root_device = property(lambda self: torch.device("cpu", self.local_rank))
+            cls.setup_environment = CPUDeepSpeedStrategy.setup_environment
+            cls.setup_distributed = CPUDeepSpeedStrategy.setup_distributed
+
+
 LM = TaskSpec(kind="language_model", output_dim=50, vocab_size=50, seq_len=64)
 
 

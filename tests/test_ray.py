@@ -138,6 +138,38 @@ def test_worker_failure_restores_mid_epoch_from_the_latest_checkpoint(cluster, t
     assert len(mlflow.search_runs(experiment_names=["ray"])) == 1
 
 
+def test_deepspeed_worker_failure_restores_from_the_sharded_checkpoint(cluster, tmp_path, data, two_workers):
+    """`jobs/train.py --strategy deepspeed_stage_2`, 2 workers (Ray's DeepSpeed strategy; its
+    refusal of a CPU lifted in the workers by a test callback, DS_ACCELERATOR=cpu): each report
+    puts every rank's ZeRO shard into one Ray checkpoint; rank 1 fails after update 6 and the
+    workers restart from update 4's DeepSpeed directory; the run ends with the DDP run's weights
+    (ZeRO-2 updates equal plain ones), in one MLflow run."""
+    pytest.importorskip("deepspeed")
+    marker = tmp_path / "failed-once"
+    callbacks = json.dumps([{"class_path": "ds_lightning_check.AllowDeepSpeedOnCPU"},
+                            {"class_path": "distrnn.faults.FailAt",
+                             "init_args": {"step": 6, "rank": 1, "how": "raise", "marker": str(marker)}}])
+    r = _submit(cluster, tmp_path, "python", "jobs/train.py", "--num-workers", "2", "--report-every", "4",
+                "--max-failures", "1", "--strategy", "deepspeed_stage_2", "--storage-path", str(tmp_path / "store"),
+                "--name", "ds", f"--trainer.callbacks={callbacks}", "--config", str(data / "b2.yaml"),
+                env_vars={"PYTHONPATH": str(REPO / "tests"), "DS_ACCELERATOR": "cpu"})
+    out = r.stdout + r.stderr
+    assert r.returncode == 0 and marker.exists(), out[-5000:]
+    assert "resuming from Ray checkpoint" in out and "at step 4 (epoch 0)" in out, out[-5000:]
+    final = _latest_ray_checkpoint(tmp_path / "store", "ds")
+    assert final.is_dir() and len(list(final.glob("checkpoint/zero_pp_rank_*_optim_states.pt"))) == 2
+    converted = tmp_path / "final.ckpt"
+    c = subprocess.run(distrnn_cmd("convert-checkpoint", str(final), str(converted), "--trust_deepspeed_checkpoint", "true"),
+                       capture_output=True, text=True, timeout=300, env={**os.environ, "DS_ACCELERATOR": "cpu"})
+    assert c.returncode == 0, c.stderr[-3000:]
+    weights = _weights(converted)
+    assert torch.load(converted, weights_only=True)["global_step"] == 12
+    for k, ref in two_workers[1].items():
+        torch.testing.assert_close(weights[k], ref, rtol=0, atol=1e-5, msg=k)
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    assert len(mlflow.search_runs(experiment_names=["ray"])) == 1
+
+
 def _submit(cluster, tmp, *entrypoint, submission_id=None, env_vars=None, extra_env=None, timeout=500):
     runtime_env = json.dumps({"env_vars": {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/mlflow.db", **(env_vars or {})}})
     cmd = [RAY, "job", "submit", "--address", cluster["RAY_API_SERVER_ADDRESS"], "--working-dir", str(REPO),
