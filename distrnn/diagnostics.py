@@ -127,6 +127,29 @@ class Diagnostics(Callback):
         self.every_n_steps, self.window = every_n_steps, window
         self.curve, self.gates, self.grad_norms, self.batch_rows = curve, gates, grad_norms, batch_rows
 
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        from lightning.pytorch.strategies import DeepSpeedStrategy
+
+        strategy = trainer.strategy
+        if not isinstance(strategy, DeepSpeedStrategy):
+            return
+        # ZeRO reduces gradients into its own partitioned buffers (not p.grad), through hooks that
+        # any backward pass fires, so no backward outside the engine's; ZeRO-3 also partitions the
+        # parameters outside the engine's forward, so no probe either.
+        off = []
+        if self.grad_norms:
+            self.grad_norms = False
+            off.append("per-layer gradient norms")
+        if self.curve:
+            self.curve = False
+            off.append("gradient-through-time curve")
+        if strategy.zero_stage_3 and self.gates:
+            self.gates = False
+            off.append("saturation statistics")
+        if off and trainer.is_global_zero:
+            print(f"distrnn: warning: Diagnostics: no {', '.join(off)} under DeepSpeed ZeRO (stage"
+                  f" {strategy.config.get('zero_optimization', {}).get('stage')})", flush=True)
+
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
         # Callbacks run before the module's hook, which clips: these are the raw gradients. Logged
         # at the count of earlier updates, the step Lightning gives this update's train/* metrics.

@@ -10,6 +10,7 @@ Checks:
 - ``equal``: ZeRO-2 and ZeRO-3, fp32: 6 updates with gradient clipping that bites equal the plain
   run's weights, and the reported pre-clip gradient norm equals the plain run's;
 - ``bf16``: ZeRO-2 and ZeRO-3 with bf16: the weights are bf16 in the engine, and the loss falls;
+  with the Diagnostics callback, which measures what ZeRO leaves measurable and says what not;
 - ``resume``: ZeRO-2 and ZeRO-3: 8 updates (cosine schedule with warm-up), checkpoint directory at
   update 4; a new run resumed from it ends with the uninterrupted run's weights and carried state;
   the final directory converts to one fp32 file with the module's weights;
@@ -35,6 +36,7 @@ from helpers import ListDataModule  # noqa: E402
 
 from distrnn.config import ConfigError, NetworkConfig, OptimizerConfig, TaskSpec, TBPTTConfig  # noqa: E402
 from distrnn.data.loaders import StreamLoader  # noqa: E402
+from distrnn.diagnostics import Diagnostics  # noqa: E402
 from distrnn.engine import TBPTTModule  # noqa: E402
 
 
@@ -99,14 +101,14 @@ class Record(L.Callback):
 
 
 def fit(device: str, stage: int | None, max_steps: int, precision: str = "32-true", out: Path | None = None,
-        ckpt: Path | None = None, config: dict | None = None) -> tuple[TBPTTModule, Record]:
+        ckpt: Path | None = None, config: dict | None = None, extra: list | None = None) -> tuple[TBPTTModule, Record]:
     m, rec = module(), Record()
     if stage is None:
         strategy = "auto"
     else:
         cls = CPUDeepSpeedStrategy if device == "cpu" else DeepSpeedStrategy
         strategy = cls(config=config) if config else cls(stage=stage)
-    callbacks = [rec]
+    callbacks = [rec, *(extra or [])]
     if out is not None:
         callbacks.append(ModelCheckpoint(dirpath=out, every_n_train_steps=4, save_top_k=-1, filename="{step}"))
     t = L.Trainer(accelerator="gpu" if device == "cuda" else "cpu", devices=1, strategy=strategy, precision=precision,
@@ -141,11 +143,13 @@ def main() -> None:
         }
 
     for stage in (2, 3):
-        ds, rec = fit(a.device, stage, 40, precision="bf16-mixed")
+        diag = Diagnostics(every_n_steps=10, window=16)
+        ds, rec = fit(a.device, stage, 40, precision="bf16-mixed", extra=[diag])
         result[f"bf16_zero{stage}"] = {
             "dtypes": sorted({str(p.dtype) for p in ds.model.parameters()}),
             "first": sum(rec.losses[:5]) / 5, "last": sum(rec.losses[-5:]) / 5,
             "finite": all(x == x for x in rec.losses + rec.norms),
+            "diagnostics": [diag.curve, diag.gates, diag.grad_norms],
         }
 
     for stage in (2, 3):

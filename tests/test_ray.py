@@ -119,31 +119,14 @@ def test_two_workers_train_like_one_process_with_the_global_batch(two_workers, s
     assert len(runs) == 1 and runs["metrics.train/loss"].notna().all()  # one MLflow run per job (rank 0)
 
 
-def test_worker_failure_restores_mid_epoch_from_the_latest_checkpoint(cluster, tmp_path, data, two_workers):
-    """Rank 1 raises after update 6 (checkpoints every 4): with max_failures=1 Ray restarts the
-    workers from the checkpoint of update 4, in the same epoch, and the run ends with the weights of
-    the uninterrupted run, logged to the same MLflow run."""
-    marker = tmp_path / "failed-once"
-    fault = json.dumps({"class_path": "distrnn.faults.FailAt",
-                        "init_args": {"step": 6, "rank": 1, "how": "raise", "marker": str(marker)}})
-    r = _ray_train(cluster, tmp_path, data, "restore", "--max-failures", "1", f"--trainer.callbacks=[{fault}]")
-    out = r.stdout + r.stderr
-    assert r.returncode == 0, out[-4000:]
-    assert marker.exists() and "injected fault: rank 1 at step 6" in out
-    assert "resuming from Ray checkpoint" in out and "at step 4 (epoch 0)" in out
-    final = _weights(_latest_ray_checkpoint(tmp_path / "store", "restore"))
-    for k, ref in two_workers[1].items():
-        torch.testing.assert_close(final[k], ref, rtol=0, atol=1e-6, msg=k)
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
-    assert len(mlflow.search_runs(experiment_names=["ray"])) == 1
-
-
-def test_deepspeed_worker_failure_restores_from_the_sharded_checkpoint(cluster, tmp_path, data, two_workers):
-    """`jobs/train.py --strategy deepspeed_stage_2`, 2 workers (Ray's DeepSpeed strategy; its
-    refusal of a CPU lifted in the workers by a test callback, DS_ACCELERATOR=cpu): each report
-    puts every rank's ZeRO shard into one Ray checkpoint; rank 1 fails after update 6 and the
-    workers restart from update 4's DeepSpeed directory; the run ends with the DDP run's weights
-    (ZeRO-2 updates equal plain ones), in one MLflow run."""
+def test_worker_failure_restores_mid_epoch_from_the_latest_checkpoint_deepspeed(cluster, tmp_path, data, two_workers):
+    """A worker that raises with max_failures=1: Ray restarts the worker group from the latest
+    checkpoint, mid-epoch, and the run ends with the uninterrupted run's weights in one MLflow run.
+    Run with `--strategy deepspeed_stage_2` (Ray's DeepSpeed strategy, its refusal of a CPU lifted in
+    the workers by a test callback, DS_ACCELERATOR=cpu), whose checkpoint is the harder case: a
+    directory to which every rank adds its ZeRO shard. Rank 1 fails after update 6; the workers
+    restart from update 4's directory; the final weights equal the DDP run's (ZeRO-2 updates equal
+    plain ones). (DDP's file checkpoints are restored through Ray by the Tune tests: PBT, --resume.)"""
     pytest.importorskip("deepspeed")
     marker = tmp_path / "failed-once"
     callbacks = json.dumps([{"class_path": "ds_lightning_check.AllowDeepSpeedOnCPU"},
@@ -158,14 +141,12 @@ def test_deepspeed_worker_failure_restores_from_the_sharded_checkpoint(cluster, 
     assert "resuming from Ray checkpoint" in out and "at step 4 (epoch 0)" in out, out[-5000:]
     final = _latest_ray_checkpoint(tmp_path / "store", "ds")
     assert final.is_dir() and len(list(final.glob("checkpoint/zero_pp_rank_*_optim_states.pt"))) == 2
-    converted = tmp_path / "final.ckpt"
-    c = subprocess.run(distrnn_cmd("convert-checkpoint", str(final), str(converted), "--trust_deepspeed_checkpoint", "true"),
-                       capture_output=True, text=True, timeout=300, env={**os.environ, "DS_ACCELERATOR": "cpu"})
-    assert c.returncode == 0, c.stderr[-3000:]
-    weights = _weights(converted)
-    assert torch.load(converted, weights_only=True)["global_step"] == 12
+    # ZeRO-2 without mixed precision keeps the full fp32 module in the model-states file (the test's
+    # own file: unpickling it is fine here)
+    states = torch.load(final / "checkpoint" / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    assert states["global_step"] == 12 and states["distrnn"]["world_size"] == 2
     for k, ref in two_workers[1].items():
-        torch.testing.assert_close(weights[k], ref, rtol=0, atol=1e-5, msg=k)
+        torch.testing.assert_close(states["module"][k], ref, rtol=0, atol=1e-5, msg=k)
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
     assert len(mlflow.search_runs(experiment_names=["ray"])) == 1
 
@@ -306,14 +287,17 @@ def test_pbt_sweep_exploits_into_each_trials_own_run_with_the_new_lr(cluster, tm
     donor_lrs = {p[4]["model.optimizer.lr"] for p in policy}
     for t in exploited:
         assert any(float(t.data.tags["resumed.model.optimizer.lr"]) == pytest.approx(n, rel=1e-6) for n in new_lrs)
+    # tiny.yaml's schedule is constant: every lr a trial trained with is its own or one PBT assigned,
+    # never its donor's (which the copied optimizer state held). An exploit at a trial's last report
+    # leaves it nothing to train (seen once), so the assigned lrs are looked for over all trials.
+    assigned = set()
+    for t in trials:
         original = float(t.data.params["model.optimizer.lr"])
-        # tiny.yaml's schedule is constant: every lr the run trained with is its own or one PBT
-        # assigned, never the donor's (which its copied optimizer state held)
-        trained = {m.value for m in client.get_metric_history(t.info.run_id, "train/lr")}
-        later = {v for v in trained if v != pytest.approx(original, rel=1e-6)}
-        assert later, trained
-        for v in later:
-            assert any(v == pytest.approx(n, rel=1e-6) for n in new_lrs), (v, new_lrs, donor_lrs)
+        for v in {m.value for m in client.get_metric_history(t.info.run_id, "train/lr")}:
+            if v != pytest.approx(original, rel=1e-6):
+                assert any(v == pytest.approx(n, rel=1e-6) for n in new_lrs), (v, new_lrs, donor_lrs)
+                assigned.add(v)
+    assert assigned, [t.data.tags for t in trials]
 
 
 def test_interrupted_sweep_resumes_where_it_stopped(cluster, tmp_path, data):
