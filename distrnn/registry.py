@@ -18,7 +18,13 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_only
 
-from distrnn.checkpoint import load_checkpoint_file
+from distrnn.checkpoint import convert_deepspeed_checkpoint, is_deepspeed_checkpoint, load_checkpoint_file
+
+
+def _zero_stage_3(trainer: Trainer) -> bool:
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    return isinstance(trainer.strategy, DeepSpeedStrategy) and trainer.strategy.zero_stage_3
 
 
 def example_input(task: Any, T: int = 16) -> torch.Tensor:
@@ -66,6 +72,16 @@ class RegisterModel(Callback):
         from distrnn.generate import module_from_checkpoint
 
         best = getattr(trainer.checkpoint_callback, "best_model_path", "") if trainer.checkpoint_callback else ""
+        if best and is_deepspeed_checkpoint(best):
+            # this run's own DeepSpeed directory (shards, no loadable module): its weights as one
+            # fp32 file beside it, the file `distrnn convert-checkpoint` writes
+            single = str(best).rstrip("/").removesuffix(".ckpt") + "-fp32.ckpt"
+            best = str(convert_deepspeed_checkpoint(best, single, trusted=True))
+        elif not best and _zero_stage_3(trainer):
+            print("distrnn: warning: RegisterModel: nothing registered: under DeepSpeed ZeRO-3 the final weights are"
+                  " partitioned across ranks; keep checkpoints (checkpoint.every_n_train_steps) to register the best",
+                  flush=True)
+            return
         module = module_from_checkpoint(load_checkpoint_file(best), best) if best else pl_module
         info = log_and_register(module, logger.run_id, self.name)
         self.version = str(info.registered_model_version)

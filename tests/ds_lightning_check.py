@@ -13,7 +13,8 @@ Checks:
   with the Diagnostics callback, which measures what ZeRO leaves measurable and says what not;
 - ``resume``: ZeRO-2 and ZeRO-3: 8 updates (cosine schedule with warm-up), checkpoint directory at
   update 4; a new run resumed from it ends with the uninterrupted run's weights and carried state;
-  the final directory converts to one fp32 file with the module's weights;
+  the final directory converts to one fp32 file with the module's weights; (ZeRO-2) with MLflow and
+  RegisterModel, the best checkpoint (a DeepSpeed directory) is registered through such a file;
 - ``clip_conflict``: a DeepSpeed config whose gradient_clipping differs from clip_norm is refused.
 """
 
@@ -37,6 +38,8 @@ from helpers import ListDataModule  # noqa: E402
 from distrnn.config import ConfigError, NetworkConfig, OptimizerConfig, TaskSpec, TBPTTConfig  # noqa: E402
 from distrnn.data.loaders import StreamLoader  # noqa: E402
 from distrnn.diagnostics import Diagnostics  # noqa: E402
+from distrnn.registry import RegisterModel  # noqa: E402
+from distrnn.tracking import MLflowLogger  # noqa: E402
 from distrnn.engine import TBPTTModule  # noqa: E402
 
 
@@ -101,7 +104,8 @@ class Record(L.Callback):
 
 
 def fit(device: str, stage: int | None, max_steps: int, precision: str = "32-true", out: Path | None = None,
-        ckpt: Path | None = None, config: dict | None = None, extra: list | None = None) -> tuple[TBPTTModule, Record]:
+        ckpt: Path | None = None, config: dict | None = None, extra: list | None = None,
+        logger=False) -> tuple[TBPTTModule, Record]:
     m, rec = module(), Record()
     if stage is None:
         strategy = "auto"
@@ -112,7 +116,7 @@ def fit(device: str, stage: int | None, max_steps: int, precision: str = "32-tru
     if out is not None:
         callbacks.append(ModelCheckpoint(dirpath=out, every_n_train_steps=4, save_top_k=-1, filename="{step}"))
     t = L.Trainer(accelerator="gpu" if device == "cuda" else "cpu", devices=1, strategy=strategy, precision=precision,
-                  max_steps=max_steps, logger=False, log_every_n_steps=1, enable_checkpointing=out is not None,
+                  max_steps=max_steps, logger=logger, log_every_n_steps=1, enable_checkpointing=out is not None,
                   callbacks=callbacks, enable_progress_bar=False, enable_model_summary=False,
                   num_sanity_val_steps=0, limit_val_batches=0)
     t.fit(m, ListDataModule(loader()), ckpt_path=ckpt)
@@ -154,7 +158,11 @@ def main() -> None:
 
     for stage in (2, 3):
         d = a.out / f"zero{stage}"
-        full, _ = fit(a.device, stage, 8, out=d)
+        # ZeRO-2 with MLflow and RegisterModel: the best checkpoint, a DeepSpeed directory, is registered
+        register = RegisterModel("ds-zero2") if stage == 2 else None
+        logger = MLflowLogger(experiment_name="ds", tracking_uri=f"sqlite:///{a.out}/mlflow.db",
+                              checkpoint_dir=str(a.out)) if register else False
+        full, _ = fit(a.device, stage, 8, out=d, extra=[register] if register else [], logger=logger)
         resumed, _ = fit(a.device, stage, 8, ckpt=d / "step=4.ckpt")
         from distrnn.checkpoint import convert_deepspeed_checkpoint
 
@@ -169,6 +177,10 @@ def main() -> None:
             "converted_keys": sorted(converted["state_dict"]) == sorted(expected),
             "global_step": converted["global_step"],
         }
+        if register:
+            result[f"resume_zero{stage}"]["registered"] = register.version
+            result[f"resume_zero{stage}"]["registered_file"] = max_diff(
+                [torch.load(d / "step=8-fp32.ckpt", weights_only=True)["state_dict"][k] for k in expected], expected.values())
 
     try:
         fit(a.device, 2, 1, config={"zero_optimization": {"stage": 2}, "gradient_clipping": 1.0,

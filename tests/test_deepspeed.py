@@ -59,10 +59,13 @@ def test_lightning_deepspeed_bf16_trains_bf16_weights(lightning_ds, stage):
 @pytest.mark.parametrize("stage", [2, 3])
 def test_lightning_deepspeed_resume_equals_uninterrupted_run(lightning_ds, stage):
     """Resumed from the strategy's checkpoint directory at update 4 of 8 (cosine schedule): the same
-    weights and carried state as the uninterrupted run; the directory converts to its weights."""
+    weights and carried state as the uninterrupted run; the directory converts to its weights, and
+    RegisterModel registers the best one (before, it read the directory as a file and failed)."""
     r = lightning_ds[0][f"resume_zero{stage}"]
     assert r["weights"] == 0 and r["state"] == 0 and r["converted"] == 0 and r["converted_keys"], r
     assert r["global_step"] == 8
+    if stage == 2:  # RegisterModel registered the best checkpoint through its fp32 conversion
+        assert r["registered"] == "1" and r["registered_file"] == 0, r
 
 
 def test_deepspeed_gradient_clipping_must_agree_with_clip_norm(lightning_ds):
