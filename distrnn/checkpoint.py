@@ -74,6 +74,14 @@ _DEEPSPEED_KEYS = {
 TRUST_FLAG = "--trust_deepspeed_checkpoint true"
 
 
+def deepspeed_strategy(trainer: Trainer) -> Optional[Any]:
+    """The trainer's DeepSpeed strategy (Lightning's, or Ray's subclass), or None."""
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    strategy = trainer.strategy
+    return strategy if isinstance(strategy, DeepSpeedStrategy) else None
+
+
 def is_deepspeed_checkpoint(path: str | os.PathLike) -> bool:
     """A directory as Lightning's DeepSpeed strategy saves one (``latest`` names the tag folder)."""
     return Path(path).is_dir() and (Path(path) / "latest").is_file()

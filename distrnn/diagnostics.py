@@ -128,10 +128,10 @@ class Diagnostics(Callback):
         self.curve, self.gates, self.grad_norms, self.batch_rows = curve, gates, grad_norms, batch_rows
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        from lightning.pytorch.strategies import DeepSpeedStrategy
+        from distrnn.checkpoint import deepspeed_strategy
 
-        strategy = trainer.strategy
-        if not isinstance(strategy, DeepSpeedStrategy):
+        strategy = deepspeed_strategy(trainer)
+        if strategy is None:
             return
         # ZeRO reduces gradients into its own partitioned buffers (not p.grad), through hooks that
         # any backward pass fires, so no backward outside the engine's; ZeRO-3 also partitions the

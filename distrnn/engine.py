@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from distrnn.bptt import LN2, chunk_bounds, loss_sum, run_window
+from distrnn.checkpoint import deepspeed_strategy
 from distrnn.config import (
     ConfigError,
     NetworkConfig,
@@ -160,12 +161,7 @@ class TBPTTModule(L.LightningModule):
 
     def _deepspeed(self) -> Optional[Any]:
         """The trainer's DeepSpeed strategy, or None."""
-        if self._trainer is None:
-            return None
-        from lightning.pytorch.strategies import DeepSpeedStrategy
-
-        strategy = self.trainer.strategy
-        return strategy if isinstance(strategy, DeepSpeedStrategy) else None
+        return deepspeed_strategy(self.trainer) if self._trainer is not None else None
 
     def setup(self, stage: str) -> None:
         ds = self._deepspeed()
@@ -272,8 +268,9 @@ class TBPTTModule(L.LightningModule):
             g["lr"] = lr
         ds = self._deepspeed()
         if ds is not None:
-            norm = ds.deepspeed_engine.get_global_grad_norm()  # before clipping, as clip_grad_norm_ returns
-            self._grad_norm = torch.as_tensor(float(norm)) if norm is not None else None
+            # before clipping, as clip_grad_norm_ returns; kept as a tensor: no host sync per update
+            norm = ds.deepspeed_engine.get_global_grad_norm()
+            self._grad_norm = None if norm is None else norm.detach() if isinstance(norm, Tensor) else torch.as_tensor(norm)
         self._check_loss_scale()
         sched.step()
         self._advance_carry(res, x, y, reset, keep)

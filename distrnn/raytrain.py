@@ -69,7 +69,9 @@ class ReportToRay(Callback):
         # a directory to which every rank adds its own shards, at rank 0's path (Lightning broadcasts
         # it), on each rank's node: there one rank per node hands the folder to Ray, which merges
         # the nodes' folders into one checkpoint in storage.
-        sharded = _is_deepspeed(trainer.strategy)
+        from distrnn.checkpoint import deepspeed_strategy
+
+        sharded = deepspeed_strategy(trainer) is not None
         tmp = tempfile.mkdtemp(prefix="distrnn-ray-") if trainer.is_global_zero or not sharded else None
         if sharded:
             tmp = trainer.strategy.broadcast(tmp)
@@ -91,12 +93,6 @@ class ReportToRay(Callback):
                 trainer.strategy.barrier("distrnn-ray-report")  # the node's folder stays until it is uploaded
             if hands_over or not sharded:
                 shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _is_deepspeed(strategy: Any) -> bool:
-    from lightning.pytorch.strategies import DeepSpeedStrategy
-
-    return isinstance(strategy, DeepSpeedStrategy)
 
 
 def fit_from_ray_checkpoint(cli: Any, checkpoint: Any, same_run: bool = True) -> None:

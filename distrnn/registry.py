@@ -18,13 +18,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_only
 
-from distrnn.checkpoint import convert_deepspeed_checkpoint, is_deepspeed_checkpoint, load_checkpoint_file
-
-
-def _zero_stage_3(trainer: Trainer) -> bool:
-    from lightning.pytorch.strategies import DeepSpeedStrategy
-
-    return isinstance(trainer.strategy, DeepSpeedStrategy) and trainer.strategy.zero_stage_3
+from distrnn.checkpoint import convert_deepspeed_checkpoint, deepspeed_strategy, is_deepspeed_checkpoint, load_checkpoint_file
 
 
 def example_input(task: Any, T: int = 16) -> torch.Tensor:
@@ -77,7 +71,7 @@ class RegisterModel(Callback):
             # fp32 file beside it, the file `distrnn convert-checkpoint` writes
             single = str(best).rstrip("/").removesuffix(".ckpt") + "-fp32.ckpt"
             best = str(convert_deepspeed_checkpoint(best, single, trusted=True))
-        elif not best and _zero_stage_3(trainer):
+        elif not best and getattr(deepspeed_strategy(trainer), "zero_stage_3", False):
             print("distrnn: warning: RegisterModel: nothing registered: under DeepSpeed ZeRO-3 the final weights are"
                   " partitioned across ranks; keep checkpoints (checkpoint.every_n_train_steps) to register the best",
                   flush=True)
