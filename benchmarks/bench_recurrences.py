@@ -104,6 +104,34 @@ def _case(kind: str, args: dict, q) -> None:
         step()
         sync()
         q.put({"s_per_step": time.perf_counter() - t0, "peak_gib": peak_gib(base)})
+    elif kind == "split":
+        # Where checkpointed BPTT's extra time goes: the first pass of a checkpointed segment is a
+        # forward in grad mode (torch.utils.checkpoint, non-reentrant: cuDNN's training forward,
+        # reserve space written), the recomputation another; a no-grad first pass would be cuDNN's
+        # inference forward. Times of one segment: forward no-grad, forward with grad, backward.
+        model = RecurrentModel(NetworkConfig(recurrence="lstm", hidden_size=H), TaskSpec(kind="regression", output_dim=1, input_dim=64)).to(dev)
+        x = torch.randn(B, T, 64, device=dev)
+        n = args.get("iters", 20)
+
+        def timed(fn):
+            fn()
+            sync()
+            t0 = time.perf_counter()
+            for _ in range(n):
+                fn()
+            sync()
+            return (time.perf_counter() - t0) / n
+
+        def fwd_grad():
+            return model(x, None)[0].sum()
+
+        with torch.no_grad():
+            t_infer = timed(lambda: model(x, None))
+        t_train = timed(fwd_grad)
+        t_both = timed(lambda: fwd_grad().backward())
+        q.put({"forward_no_grad_s": t_infer, "forward_grad_s": t_train, "backward_s": t_both - t_train,
+               "recompute_bound": (2 * t_train + (t_both - t_train)) / t_both,
+               "no_grad_first_pass_bound": (t_infer + t_both) / t_both})
 
 
 def run(kind: str, limit: float, **args) -> dict:
@@ -160,6 +188,10 @@ def sweep_gpu(show, a) -> None:
     if a.memory_only:
         for mode in ("full", "checkpointed"):
             show(run("memory", 120, mode=mode, B=16, T=16384, H=512, k=256, label=f"memory {mode} T=16384"))
+        # longer segments: fewer, longer cuDNN calls, more activations held (T/k states + k steps)
+        show(run("memory", 120, mode="checkpointed", B=16, T=16384, H=512, k=1024, label="memory checkpointed k=1024 T=16384"))
+        for k in (256, 1024):
+            show(run("split", 60, B=16, T=k, H=512, label=f"lstm segment split T={k}"))
         return
     # cuDNN LSTM bf16 at T=4096: distrnn's layer in pieces of 2048 steps, then in one call
     show(run("throughput", 120, rec="lstm", B=B, T=2048, H=H, bf16=True, iters=3, label="lstm bf16 T=2048 one call"))

@@ -1,9 +1,14 @@
+import os
 import socket
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+# Imported at collection, not under a test's capsys: Lightning's log handlers keep the stream
+# they were created with.
+from distrnn.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -47,6 +52,27 @@ def write_corpus(path: Path, n: int = 20_000, seed: int = 0) -> Path:
 
 def distrnn_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "distrnn.cli", *args]
+
+
+def cli(capsys, *args: str) -> tuple[int, str, str]:
+    """`distrnn ARGS` in this process, as ``python -m distrnn.cli`` runs it: (exit code, stdout,
+    stderr). For commands that end quickly (bad input, generate, compare), where a new process
+    would spend ~8 s importing Lightning and MLflow; training jobs run as processes."""
+    environ = dict(os.environ)
+    capsys.readouterr()
+    try:
+        try:
+            main(list(args))
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+            if not isinstance(e.code, (int, type(None))):
+                print(e.code, file=sys.stderr)  # as the interpreter does for sys.exit("message")
+    finally:
+        os.environ.clear()
+        os.environ.update(environ)
+    out, err = capsys.readouterr()
+    return code, out, err
 
 
 def cuda_available() -> bool:

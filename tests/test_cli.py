@@ -11,7 +11,7 @@ import mlflow
 import pytest
 import torch
 
-from conftest import distrnn_cmd, free_port, write_corpus
+from conftest import cli, distrnn_cmd, free_port, write_corpus
 
 CONFIG = """
 seed_everything: 0
@@ -61,12 +61,13 @@ def job(tmp_path):
                      marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")),
     ],
 )
-def test_bad_input_is_one_line_exit_2_and_no_run(job, args, key):
-    r = _run("fit", "--config", str(job), *args, timeout=120)
-    assert r.returncode == 2, r.stderr[-2000:]
-    last = r.stderr.strip().splitlines()[-1]
+def test_bad_input_is_one_line_exit_2_and_no_run(job, args, key, capsys):
+    # in this process; test_unknown_key_in_config_file runs the command as a process
+    code, _, err = cli(capsys, "fit", "--config", str(job), *args)
+    assert code == 2, err[-2000:]
+    last = err.strip().splitlines()[-1]
     assert last.startswith("distrnn: error:") and key in last, last
-    assert "Traceback" not in r.stderr
+    assert "Traceback" not in err
     assert not Path("mlflow.db").exists() or _runs(os.environ["MLFLOW_TRACKING_URI"]).empty
     assert not Path("checkpoints").exists()
 
@@ -75,16 +76,17 @@ def test_unknown_key_in_config_file(job):
     job.write_text(job.read_text().replace("tbptt: {k1: 16}", "tbptt: {k1: 16, truncation: 3}"))
     r = _run("fit", "--config", str(job))
     assert r.returncode == 2 and "truncation" in r.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in r.stderr and not Path("checkpoints").exists()
 
 
-def test_print_config(job):
-    r = _run("fit", "--config", str(job), "--print_config")
-    assert r.returncode == 0, r.stderr
-    assert "class_path: distrnn.data.ByteCorpusDataModule" in r.stdout and "k1: 16" in r.stdout
+def test_print_config(job, capsys):
+    code, out, err = cli(capsys, "fit", "--config", str(job), "--print_config")
+    assert code == 0, err
+    assert "class_path: distrnn.data.ByteCorpusDataModule" in out and "k1: 16" in out
 
 
 @pytest.mark.slow
-def test_fit_logs_one_run_to_mlflow_and_generates(job):
+def test_fit_logs_one_run_to_mlflow_and_generates(job, capsys):
     r = _run("fit", "--config", str(job))
     assert r.returncode == 0, r.stderr[-3000:]
     assert "MLflow run" in r.stdout
@@ -102,11 +104,11 @@ def test_fit_logs_one_run_to_mlflow_and_generates(job):
     ckpt_dirs = [n for n in names if n.startswith("best") or n.startswith("last")]
     assert ckpt_dirs, names
     ckpt = next(Path("checkpoints").rglob("last.ckpt"))
-    g = _run("generate", "--checkpoint", str(ckpt), "--prompt", "the cat", "--length", "40")
-    assert g.returncode == 0, g.stderr
-    assert g.stdout.startswith("the cat") and len(g.stdout.encode()) >= 40
-    bad = _run("generate", "--checkpoint", "nope.ckpt")
-    assert bad.returncode == 2 and "nope.ckpt" in bad.stderr
+    code, out, err = cli(capsys, "generate", "--checkpoint", str(ckpt), "--prompt", "the cat", "--length", "40")
+    assert code == 0, err
+    assert out.startswith("the cat") and len(out.encode()) >= 40
+    code, _, err = cli(capsys, "generate", "--checkpoint", "nope.ckpt")
+    assert code == 2 and "nope.ckpt" in err
 
 
 @pytest.mark.slow

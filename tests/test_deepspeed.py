@@ -113,7 +113,7 @@ def test_deepspeed_checkpoint_needs_the_trust_flag_and_every_shard(ds_checkpoint
     refusals happen before DeepSpeed is imported, so the converter runs in this process.)"""
     import shutil
 
-    from conftest import distrnn_cmd
+    from conftest import cli
     from distrnn.checkpoint import convert_main
 
     out = tmp_path / "model.ckpt"
@@ -122,9 +122,8 @@ def test_deepspeed_checkpoint_needs_the_trust_flag_and_every_shard(ds_checkpoint
     assert "--trust_deepspeed_checkpoint" in err and str(ds_checkpoint) in err
     assert not out.exists()
     write_corpus(tmp_path / "corpus.txt", 2000)
-    fit = subprocess.run(distrnn_cmd("fit", "--config", str(REPO / "jobs/configs/tiny.yaml"), "--ckpt_path", str(ds_checkpoint)),
-                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert fit.returncode == 2 and "--trust_deepspeed_checkpoint" in fit.stderr, fit.stderr[-2000:]
+    code, _, err = cli(capsys, "fit", "--config", str(REPO / "jobs/configs/tiny.yaml"), "--ckpt_path", str(ds_checkpoint))
+    assert code == 2 and "--trust_deepspeed_checkpoint" in err, err[-2000:]
     if (tmp_path / "mlflow.db").exists():  # no MLflow run was started
         import mlflow
 

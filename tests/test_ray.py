@@ -169,14 +169,15 @@ def _jobs(cluster, tmp):
 
 
 def test_failing_job_without_retries_fails_with_the_error_in_its_logs(cluster, tmp_path, data):
-    fault = json.dumps({"class_path": "distrnn.faults.FailAt", "init_args": {"step": 2, "rank": 1, "how": "raise"}})
-    r = _submit(cluster, tmp_path, "python", "jobs/train.py", "--num-workers", "2", "--max-failures", "0",
+    # one worker (a rank other than 0 failing is the DeepSpeed restore test's case)
+    fault = json.dumps({"class_path": "distrnn.faults.FailAt", "init_args": {"step": 2, "rank": 0, "how": "raise"}})
+    r = _submit(cluster, tmp_path, "python", "jobs/train.py", "--num-workers", "1", "--max-failures", "0",
                 "--storage-path", str(tmp_path / "store"), "--name", "fail0", f"--trainer.callbacks=[{fault}]",
                 "--config", str(data / "b2.yaml"), submission_id="fail0")
     out = r.stdout + r.stderr
     assert r.returncode != 0, out[-3000:]
     assert _jobs(cluster, tmp_path)["fail0"] == "FAILED"
-    assert "injected fault: rank 1 at step 2" in out, out[-6000:]
+    assert "injected fault: rank 0 at step 2" in out, out[-6000:]
 
 
 def test_sweep_through_ray_job_submit(cluster, tmp_path, data):
@@ -308,7 +309,7 @@ def test_interrupted_sweep_resumes_where_it_stopped(cluster, tmp_path, data):
     import signal
     import time
 
-    overrides = json.dumps({"data.init_args.path": str(data / "corpus.txt"), "trainer.max_steps": 800,
+    overrides = json.dumps({"data.init_args.path": str(data / "corpus.txt"), "trainer.max_steps": 400,
                             "trainer.val_check_interval": 20, "trainer.limit_val_batches": 2})
     cmd = [PY, str(REPO / "jobs/tune.py"), "--config", str(REPO / "jobs/configs/sweep_tiny.yaml"), "--storage_path",
            str(tmp_path / "store"), f"--overrides={overrides}", "--num_samples", "2", "--name", "resumable",
@@ -327,7 +328,7 @@ def test_interrupted_sweep_resumes_where_it_stopped(cluster, tmp_path, data):
     assert parent.info.status == "KILLED"
     steps_before = {r.data.tags["distrnn.trial_id"]: max(m.step for m in client.get_metric_history(r.info.run_id, "val/loss"))
                     for r in client.search_runs([exp.experiment_id]) if "mlflow.parentRunId" in r.data.tags}
-    assert len(steps_before) == 2 and all(s < 799 for s in steps_before.values()), steps_before
+    assert len(steps_before) == 2 and all(s < 190 for s in steps_before.values()), steps_before  # not finished
 
     r = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=400, env=_env(cluster, tmp_path), cwd=REPO)
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
@@ -341,5 +342,5 @@ def test_interrupted_sweep_resumes_where_it_stopped(cluster, tmp_path, data):
     for t in trials:
         assert t.data.tags.get("distrnn.stopped_early") is None
         steps = [m.step for m in client.get_metric_history(t.info.run_id, "val/loss")]
-        # (tiny.yaml makes two updates per batch; metrics are logged per batch: 400 batches)
-        assert max(steps) > steps_before[t.data.tags["distrnn.trial_id"]] and max(steps) >= 390
+        # (tiny.yaml makes two updates per batch; metrics are logged per batch: 200 batches)
+        assert max(steps) > steps_before[t.data.tags["distrnn.trial_id"]] and max(steps) >= 190

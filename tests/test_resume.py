@@ -160,12 +160,10 @@ def test_nan_loss_stops_at_its_step_and_writes_no_later_checkpoint(tmp_path):
         assert torch.equal(v, w_before[k])  # the NaN update was never applied
 
 
-def test_a_checkpoint_missing_a_ranks_state_is_refused_naming_the_file(tmp_path):
+def test_a_checkpoint_missing_a_ranks_state_is_refused_naming_the_file(tmp_path, capsys):
     """A checkpoint whose gathered per-rank state lacks a rank (or was written by another world
     size) fails before training and before any MLflow run: exit 2, the file and the count named."""
-    import subprocess
-
-    from conftest import REPO, distrnn_cmd, write_corpus
+    from conftest import REPO, cli, write_corpus
     from distrnn.checkpoint import AtomicCheckpointIO
     from distrnn.engine import CHECKPOINT_FORMAT, check_carried_state
 
@@ -180,11 +178,10 @@ def test_a_checkpoint_missing_a_ranks_state_is_refused_naming_the_file(tmp_path)
     ckpt = tmp_path / "lost-rank.ckpt"
     AtomicCheckpointIO().save_checkpoint(
         {"state_dict": {}, "distrnn": {"format": CHECKPOINT_FORMAT, "world_size": 1, "ranks": [{"rng": {}}]}}, ckpt)
-    r = subprocess.run(distrnn_cmd("fit", "--config", str(REPO / "jobs/configs/tiny.yaml"), "--ckpt_path", str(ckpt)),
-                       capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert r.returncode == 2, r.stderr[-2000:]
-    assert f"checkpoint {ckpt}: checkpoint is incomplete: it holds the carried state of 0 of its 1 ranks" in r.stderr
-    assert "Traceback" not in r.stderr
+    code, _, err = cli(capsys, "fit", "--config", str(REPO / "jobs/configs/tiny.yaml"), "--ckpt_path", str(ckpt))
+    assert code == 2, err[-2000:]
+    assert f"checkpoint {ckpt}: checkpoint is incomplete: it holds the carried state of 0 of its 1 ranks" in err
+    assert "Traceback" not in err
     assert not (tmp_path / "mlflow.db").exists() or _no_runs(tmp_path)
 
 

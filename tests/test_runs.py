@@ -8,7 +8,7 @@ import mlflow
 import pytest
 import torch
 
-from conftest import REPO, distrnn_cmd, write_corpus
+from conftest import REPO, cli, distrnn_cmd, write_corpus
 
 pytestmark = pytest.mark.slow
 
@@ -41,12 +41,13 @@ def two_runs(tmp_path_factory):
     return tmp_path, store
 
 
-def test_compare_table_shows_the_differing_params_and_final_metrics(two_runs, tmp_path):
+def test_compare_table_shows_the_differing_params_and_final_metrics(two_runs, tmp_path, capsys, monkeypatch):
     two_runs, store = two_runs
     mlflow.set_tracking_uri(store)
-    r = _run("runs", "compare", "--experiment", "cmp", "--plot", str(tmp_path / "val.png"), "--metric", "val/loss", store=store)
-    assert r.returncode == 0, r.stderr
-    lines = r.stdout.splitlines()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    code, out, err = cli(capsys, "runs", "compare", "--experiment", "cmp", "--plot", str(tmp_path / "val.png"), "--metric", "val/loss")
+    assert code == 0, err
+    lines = out.splitlines()
     head = lines[0].split()
     assert "model.network.hidden_size" in head and "model.optimizer.lr" in head
     assert "trainer.max_steps" not in head  # equal in both runs: not a difference
@@ -57,12 +58,12 @@ def test_compare_table_shows_the_differing_params_and_final_metrics(two_runs, tm
         row = next(ln.split() for ln in lines[2:] if ln.split()[0] == run["tags.mlflow.runName"])
         assert row[head.index("model.network.hidden_size")] == run["params.model.network.hidden_size"]
         assert row[col] == f"{run['metrics.val/loss']:.4g}"
-    assert (tmp_path / "val.png").stat().st_size > 5000 and "2 runs plotted" in r.stdout
-    missing = _run("runs", "compare", "--experiment", "nope", store=store)
-    assert missing.returncode != 0 and "nope" in missing.stderr
+    assert (tmp_path / "val.png").stat().st_size > 5000 and "2 runs plotted" in out
+    code, _, err = cli(capsys, "runs", "compare", "--experiment", "nope")
+    assert code != 0 and "nope" in err
 
 
-def test_registered_model_round_trips(two_runs):
+def test_registered_model_round_trips(two_runs, capsys, monkeypatch):
     """Loaded from the registry, the model gives the outputs of the checkpoint it came from, and
     `distrnn generate --model` samples exactly what `--checkpoint` samples."""
     from distrnn.generate import load_module
@@ -78,8 +79,9 @@ def test_registered_model_round_trips(two_runs):
         (y_ref, h_ref), (y, h) = reference(x), loaded(x)
     torch.testing.assert_close(y, y_ref, rtol=0, atol=0)
     torch.testing.assert_close(h, h_ref, rtol=0, atol=0)
-    g1 = _run("generate", "--model", "models:/tiny-byte/1", "--prompt", "the ", "--length", "30", store=store)
-    g2 = _run("generate", "--checkpoint", str(best), "--prompt", "the ", "--length", "30", store=store)
-    assert g1.returncode == 0 and g1.stdout == g2.stdout, g1.stderr[-2000:]
-    bad = _run("generate", "--model", "models:/tiny-byte/99", store=store)
-    assert bad.returncode == 2 and "models:/tiny-byte/99" in bad.stderr
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    g1 = cli(capsys, "generate", "--model", "models:/tiny-byte/1", "--prompt", "the ", "--length", "30")
+    g2 = cli(capsys, "generate", "--checkpoint", str(best), "--prompt", "the ", "--length", "30")
+    assert g1[0] == 0 and g1[1] == g2[1] and len(g1[1]) > 30, g1[2][-2000:]
+    code, _, err = cli(capsys, "generate", "--model", "models:/tiny-byte/99")
+    assert code == 2 and "models:/tiny-byte/99" in err
