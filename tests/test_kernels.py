@@ -40,6 +40,64 @@ print("worst", worst)
 """
 
 
+HALF = """
+import torch
+from distrnn.kernels.min_scan import min_scan
+torch.manual_seed(0)
+dev, exact_bf16 = "{dev}", {exact_bf16}
+for lstm in (False, True):
+    for dt in (torch.bfloat16, torch.float16):
+        for B, T, H in {shapes}:
+            z = (torch.randn(B, T, (3 if lstm else 2) * H) * 3).to(dev, dt)
+            h0 = torch.rand(B, H, device=dev) + 0.1
+            za, ha = z.clone().requires_grad_(), h0.clone().requires_grad_()
+            zb, hb = z.float().requires_grad_(), h0.clone().requires_grad_()
+            oa, ob = min_scan(za, ha, lstm), min_scan(zb, hb, lstm)
+            w = torch.randn(B, T, H, device=dev)
+            (oa * w).sum().backward()
+            (ob * w).sum().backward()
+            case = (lstm, dt, B, T, H)
+            # the same float32 arithmetic on the same values: equal states, and dz rounded once
+            assert oa.dtype == torch.float32 and torch.equal(oa, ob), case
+            assert za.grad.dtype == dt and torch.equal(ha.grad, hb.grad), case
+            if dt == torch.float16 or exact_bf16:
+                assert torch.equal(za.grad, zb.grad.to(dt)), case
+            else:  # Triton's interpreter converts float32 to bf16 by truncation: within one bf16 ulp
+                ulp = 2.0 ** (torch.floor(torch.log2(zb.grad.abs().clamp_min(1e-30))) - 7)
+                assert ((za.grad.float() - zb.grad).abs() <= ulp).all(), case
+# In a layer under bf16 autocast, what the backward keeps of z is the bf16 z itself (before,
+# a float32 copy made for the kernel: twice the memory, and two more passes over it)
+from distrnn.scan import MinGRU
+layer = MinGRU(8, 16, backend="triton").to(dev)
+x = torch.randn(2, 33, 8, device=dev)
+saved = []
+with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append((t.dtype, tuple(t.shape))) or t, lambda t: t):
+    with torch.autocast(dev, dtype=torch.bfloat16):
+        y, _ = layer(x)
+assert (torch.bfloat16, (2, 33, 32)) in saved and (torch.float32, (2, 33, 32)) not in saved, saved
+y.float().sum().backward()
+assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in layer.parameters())
+print("half ok")
+"""
+
+
+def test_kernel_reads_bf16_and_fp16_inputs_as_they_are():
+    """Under autocast the projected input z is bf16/fp16: the kernel reads it without a float32
+    copy and writes dz in that dtype, with the results of the float32 path (dz rounded once)."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}
+    r = subprocess.run([sys.executable, "-c", HALF.format(dev="cpu", exact_bf16=False, shapes=[(2, 37, 5), (1, 70, 3)])],
+                       capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0 and "half ok" in r.stdout, r.stderr[-3000:]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_kernel_reads_bf16_and_fp16_inputs_as_they_are_on_gpu():
+    r = subprocess.run([sys.executable, "-c", HALF.format(dev="cuda", exact_bf16=True, shapes=[(4, 3001, 1000), (3, 1, 7)])],
+                       capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert r.returncode == 0 and "half ok" in r.stdout, r.stderr[-3000:]
+
+
 def test_kernel_equals_sequential_loop_in_triton_interpreter():
     shapes = [(2, 37, 5), (3, 70, 70), (1, 1, 3)]  # tails of tiles, H not a power of two, T = 1
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}
