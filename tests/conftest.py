@@ -1,6 +1,7 @@
 import os
 import socket
 import sys
+import traceback
 from pathlib import Path
 
 import pytest
@@ -68,6 +69,9 @@ def cli(capsys, *args: str) -> tuple[int, str, str]:
             code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
             if not isinstance(e.code, (int, type(None))):
                 print(e.code, file=sys.stderr)  # as the interpreter does for sys.exit("message")
+        except Exception:  # an uncaught error: traceback and exit code 1, as the interpreter does
+            traceback.print_exc()
+            code = 1
     finally:
         os.environ.clear()
         os.environ.update(environ)
