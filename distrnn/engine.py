@@ -177,6 +177,22 @@ class TBPTTModule(L.LightningModule):
                 f" ({given}) disagree: distrnn clips through DeepSpeed, set clip_norm only"
             )
         ds.config["gradient_clipping"] = clip
+        # fp16 under DeepSpeed: its own loss scaler skips overflowing updates and stops the run
+        # when the scale is at its minimum; that minimum is distrnn's min_loss_scale. (Lightning
+        # writes the strategy's min_loss_scale into the config's fp16 section in strategy.setup,
+        # which follows this hook; a config given with an fp16 section keeps its own.)
+        if ds.precision_plugin.precision in ("16-mixed", "16-true"):
+            mine = self.optim_cfg.min_loss_scale
+            fp16 = ds.config.get("fp16")
+            theirs = fp16.get("min_loss_scale") if isinstance(fp16, dict) else (ds.min_loss_scale if ds.min_loss_scale != 1 else None)
+            if theirs is not None and float(theirs) != mine:
+                raise ConfigError(
+                    f"model.optimizer.min_loss_scale ({mine:g}) and DeepSpeed's fp16 min_loss_scale ({theirs})"
+                    " disagree: set model.optimizer.min_loss_scale only"
+                )
+            ds.min_loss_scale = mine
+            if isinstance(fp16, dict):
+                fp16["min_loss_scale"] = mine
 
     def configure_optimizers(self) -> dict[str, Any]:
         c = self.optim_cfg

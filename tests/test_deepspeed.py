@@ -137,3 +137,34 @@ def test_deepspeed_checkpoint_needs_the_trust_flag_and_every_shard(ds_checkpoint
     assert convert_main([str(broken), str(out), "--trust_deepspeed_checkpoint", "true"]) == 2
     assert f"checkpoint {shard}: missing" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_fp16_min_loss_scale_is_deepspeeds_minimum(monkeypatch):
+    """Under DeepSpeed fp16 its own loss scaler skips overflowing updates and stops the run at its
+    minimum scale: distrnn's model.optimizer.min_loss_scale becomes that minimum in the config
+    Lightning hands DeepSpeed (before, DeepSpeed's 1 whatever distrnn said); a DeepSpeed config
+    that says otherwise is refused naming both."""
+    pytest.importorskip("deepspeed")
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    import lightning as L
+    from ds_lightning_check import LM, CPUDeepSpeedStrategy
+
+    from distrnn.config import ConfigError, NetworkConfig, OptimizerConfig, TBPTTConfig
+    from distrnn.engine import TBPTTModule
+
+    def formatted(strategy, min_loss_scale):
+        m = TBPTTModule(NetworkConfig(recurrence="gru", hidden_size=8), TBPTTConfig(k1=8),
+                        OptimizerConfig(min_loss_scale=min_loss_scale), LM)
+        m.trainer = L.Trainer(accelerator="cpu", devices=1, strategy=strategy, precision="16-mixed", logger=False,
+                              enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+        m.setup("fit")
+        strategy._init_config_if_needed()  # what strategy.setup does next: Lightning formats the config
+        return strategy.config["fp16"]["min_loss_scale"]
+
+    assert formatted(CPUDeepSpeedStrategy(stage=2), 64.0) == 64.0
+    given = {"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": 4}
+    assert formatted(CPUDeepSpeedStrategy(config={**given, "fp16": {"enabled": True, "min_loss_scale": 64}}), 64.0) == 64.0
+    with pytest.raises(ConfigError, match=r"model.optimizer.min_loss_scale \(1\) and DeepSpeed's fp16 min_loss_scale \(8\)"):
+        formatted(CPUDeepSpeedStrategy(config={**given, "fp16": {"enabled": True, "min_loss_scale": 8}}), 1.0)
+    with pytest.raises(ConfigError, match=r"\(2\) and DeepSpeed's fp16 min_loss_scale \(16\)"):
+        formatted(CPUDeepSpeedStrategy(stage=2, min_loss_scale=16), 2.0)
