@@ -135,8 +135,9 @@ def _blocks(T: int, H: int) -> tuple[int, int]:
 class MinScan(torch.autograd.Function):
     """``z`` is read in its own dtype (float32, or bf16/fp16 from autocast) and converted in
     registers; the states and all arithmetic are float32, and ``dz`` is written in ``z``'s dtype.
-    (A float32 copy of a bf16 ``z`` and the cast of a float32 ``dz`` back would be the largest
-    memory traffic of a minGRU step: 3 of its 5 ``B x T x G`` passes.)"""
+    (A float32 copy of a bf16 ``z``, and a float32 ``dz`` cast back, would be extra passes over
+    the step's largest tensor; by count of bytes, about 3 ms of a 14 ms minGRU step at B=64,
+    T=4096, H=1024 on an H100 — an estimate, not yet measured.)"""
 
     @staticmethod
     def forward(ctx, z_BTG: Tensor, h0_BH: Tensor, lstm: bool) -> Tensor:
