@@ -184,7 +184,10 @@ class TBPTTModule(L.LightningModule):
         if ds.precision_plugin.precision in ("16-mixed", "16-true"):
             mine = self.optim_cfg.min_loss_scale
             fp16 = ds.config.get("fp16")
-            theirs = fp16.get("min_loss_scale") if isinstance(fp16, dict) else (ds.min_loss_scale if ds.min_loss_scale != 1 else None)
+            if isinstance(fp16, dict):
+                theirs = fp16.get("min_loss_scale")
+            else:  # the strategy's argument, unless left at Lightning's default of 1
+                theirs = ds.min_loss_scale if ds.min_loss_scale != 1 else None
             if theirs is not None and float(theirs) != mine:
                 raise ConfigError(
                     f"model.optimizer.min_loss_scale ({mine:g}) and DeepSpeed's fp16 min_loss_scale ({theirs})"

@@ -167,7 +167,8 @@ class _MinRecurrence(Recurrence):
 
     def _layer(self, z_BTG: Tensor, h0_BH: Tensor) -> Tensor:
         # The scan is computed in float32 (float64 stays float64) whatever autocast chose.
-        if self.parallel and self._backend(z_BTG) == "triton":
+        backend = self._backend(z_BTG) if self.parallel else "sequential"
+        if backend == "triton":
             from distrnn.kernels.min_scan import min_scan
 
             # no pieces needed: the kernel keeps nothing per step but the states it returns; it
@@ -175,9 +176,8 @@ class _MinRecurrence(Recurrence):
             return min_scan(z_BTG, h0_BH.float(), lstm=self.gates == 3)
         dtype = torch.float64 if z_BTG.dtype == torch.float64 else torch.float32
         z_BTG, h = z_BTG.to(dtype), h0_BH.to(dtype)
-        if not self.parallel:
+        if backend == "sequential":
             return self.sequential(z_BTG, h)
-        backend = self._backend(z_BTG)
         piece_fn = _compiled(self._piece) if backend == "compile" else self._piece
         pieces = []
         for s in range(0, z_BTG.shape[1], self.scan_chunk):

@@ -66,9 +66,11 @@ def cli(capsys, *args: str) -> tuple[int, str, str]:
             main(list(args))
             code = 0
         except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-            if not isinstance(e.code, (int, type(None))):
-                print(e.code, file=sys.stderr)  # as the interpreter does for sys.exit("message")
+            if e.code is None or isinstance(e.code, int):
+                code = e.code or 0
+            else:  # sys.exit("message"): the interpreter prints it and exits 1
+                print(e.code, file=sys.stderr)
+                code = 1
         except Exception:  # an uncaught error: traceback and exit code 1, as the interpreter does
             traceback.print_exc()
             code = 1

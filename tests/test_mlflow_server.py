@@ -90,8 +90,8 @@ def test_deployment_check_fails_an_open_server(tmp_path):
 
 
 def test_hardened_server_refuses_what_it_must(tmp_path, capsys, monkeypatch):
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", "unset")  # restored after the test
     with mlflow_server(tmp_path, auth=True) as uri:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # for the fit run in this process
         _hardened(uri, tmp_path, capsys)
 
 
@@ -122,7 +122,6 @@ def _hardened(auth_server, tmp_path, capsys):
     finally:
         os.environ.pop("MLFLOW_TRACKING_USERNAME"), os.environ.pop("MLFLOW_TRACKING_PASSWORD")
     # without credentials, in this process (a new one would spend ~10 s importing)
-    os.environ["MLFLOW_TRACKING_URI"] = auth_server
     code, _, err = cli(capsys, "fit", "--config", str(cfg), "--trainer.max_steps", "2")
     assert code != 0 and ("401" in err or "Unauthorized" in err or "credentials" in err), err[-2000:]
 
