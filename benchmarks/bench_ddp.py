@@ -38,6 +38,7 @@ def worker(a) -> None:
     from distrnn.config import NetworkConfig, OptimizerConfig, TaskSpec, TBPTTConfig
     from distrnn.data.text import LOCAL_CORPORA, read_bytes
     from distrnn.engine import TBPTTModule
+    from distrnn.rendezvous import host_rendezvous_on_loopback
 
     torch.set_num_threads(a.threads)
     path, glob = LOCAL_CORPORA["python_stdlib"]()
@@ -64,9 +65,11 @@ def worker(a) -> None:
     callbacks = [RankTimer(a.warmup)] + ([CheckpointOnSigterm()] if v.endswith("sigterm") else [])
     strategy = "auto" if v == "single" else "ddp"
     devices = 2 if v.startswith("ddp2") else 1
-    L.Trainer(accelerator="gpu" if a.device == "cuda" else "cpu", devices=devices, strategy=strategy,
-              max_steps=a.warmup + a.steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-              enable_model_summary=False, callbacks=callbacks).fit(module, RankStreams(tokens, a.batch, a.k))
+    trainer = L.Trainer(accelerator="gpu" if a.device == "cuda" else "cpu", devices=devices, strategy=strategy,
+                        max_steps=a.warmup + a.steps, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks)
+    host_rendezvous_on_loopback(trainer)  # as `distrnn fit` does
+    trainer.fit(module, RankStreams(tokens, a.batch, a.k))
 
 
 def main() -> None:

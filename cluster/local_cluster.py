@@ -9,6 +9,8 @@ Token authentication is on (RAY_AUTH_MODE=token, a fresh random token in the sta
 0600): a request without the token is refused. The dashboard (and the job API behind it) binds to
 127.0.0.1 unless asked otherwise, and never to another address while authentication is off.
 Ports are free ones picked at start, so the cluster never collides with another on the machine.
+Every Ray server of the cluster (GCS, raylet, agents, workers) listens on 127.0.0.1 only, the
+dashboard on --dashboard-host: the cluster is this machine's alone, no other node can join it.
 """
 
 from __future__ import annotations
@@ -65,7 +67,13 @@ def up(state: Path, dashboard_host: str, num_cpus: int | None, auth: bool) -> di
         raise SystemExit(f"local_cluster: error: {env_file} exists: a cluster is up (run `down` first)")
     gcs, dash, client, agent, agent_grpc, metrics, rt_agent = free_ports(7)
     temp_dir = Path(f"/tmp/ray-distrnn-{gcs}")  # short: Ray's socket paths have a length limit
-    env = {"RAY_AUTH_MODE": "token" if auth else "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    # On Linux Ray replaces a loopback --node-ip-address by the machine's outward address
+    # (services.resolve_ip_for_localhost), and its GCS, raylet, agents and workers listen there or on
+    # every interface. With this variable at 0 Ray keeps 127.0.0.1 as the node's address, as it does
+    # on macOS, and every one of its servers binds to it. Drivers and jobs read the same value from
+    # cluster.env, so they address the node as it registered.
+    env = {"RAY_AUTH_MODE": "token" if auth else "disabled", "RAY_USAGE_STATS_ENABLED": "0",
+           "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     if auth:
         token = state / "auth_token"
         token.write_text(secrets.token_hex(32))

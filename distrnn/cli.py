@@ -31,6 +31,7 @@ from distrnn.checkpoint import (
 from distrnn.config import ConfigError
 from distrnn.data.base import RecurrentDataModule
 from distrnn.engine import TBPTTModule, check_carried_state
+from distrnn.rendezvous import host_rendezvous_on_loopback
 from distrnn.tracking import LogConfigToMLflow, MLflowRunInCheckpoint, continue_run
 
 CHECKPOINT_DEFAULTS: dict[str, Any] = {
@@ -150,7 +151,12 @@ class DistrnnCLI(LightningCLI):
         if not any(isinstance(p, CheckpointIO) for p in plugins):
             plugins.append(AtomicCheckpointIO())
         trainer_cfg["plugins"] = plugins
-        return super().instantiate_trainer(**kwargs)
+        trainer = super().instantiate_trainer(**kwargs)
+        try:
+            host_rendezvous_on_loopback(trainer)
+        except OSError as e:
+            fail(str(e))
+        return trainer
 
     def before_fit(self) -> None:
         ckpt_path = self.config_init["fit"].get("ckpt_path")

@@ -1,9 +1,13 @@
+import ipaddress
 import os
 import socket
 import sys
+import threading
+import time
 import traceback
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 
@@ -24,6 +28,61 @@ def _isolated(tmp_path, monkeypatch):
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")  # a URI set by an earlier test wins over the env
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def loopback_rendezvous():
+    """distrnn.rendezvous.host_rendezvous_on_loopback for the trainers a test builds itself (the
+    CLI calls it on its own); the variables it sets are gone after the test, so later tests'
+    processes do not look for this one's store."""
+    from distrnn.rendezvous import host_rendezvous_on_loopback
+
+    keys = ("MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_USE_AGENT_STORE", "DISTRNN_RENDEZVOUS_PORT")
+    saved = {k: os.environ.pop(k, None) for k in keys}
+    yield host_rendezvous_on_loopback
+    for k, v in saved.items():
+        os.environ.pop(k, None)
+        if v is not None:
+            os.environ[k] = v
+
+
+class ListeningSockets(threading.Thread):
+    """Every 0.1 s until stopped, the TCP sockets listening in process ``pid`` or its descendants
+    that were not listening when this started: ``seen`` maps (address, port) to the process's name."""
+
+    def __init__(self, pid: int):
+        super().__init__(daemon=True)
+        self.pid, self.seen, self._done = pid, {}, threading.Event()
+        self.before = self._sample()
+
+    def _sample(self) -> dict[tuple[str, int], str]:
+        found = {}
+        try:
+            root = psutil.Process(self.pid)
+            procs = [root, *root.children(recursive=True)]
+        except psutil.Error:
+            return found
+        for p in procs:
+            try:
+                for c in p.net_connections("tcp"):
+                    if c.status == psutil.CONN_LISTEN:
+                        found[(c.laddr.ip.removeprefix("::ffff:"), c.laddr.port)] = p.name()
+            except psutil.Error:
+                pass
+        return found
+
+    def run(self) -> None:
+        while not self._done.is_set():
+            self.seen.update({k: v for k, v in self._sample().items() if k not in self.before})
+            time.sleep(0.1)
+
+    def stop(self) -> dict[tuple[str, int], str]:
+        self._done.set()
+        self.join()
+        return self.seen
+
+    def exposed(self) -> dict[tuple[str, int], str]:
+        return {k: v for k, v in self.seen.items() if not ipaddress.ip_address(k[0]).is_loopback}
 
 
 @pytest.fixture

@@ -39,6 +39,7 @@ from distrnn.config import ConfigError, NetworkConfig, OptimizerConfig, TaskSpec
 from distrnn.data.loaders import StreamLoader  # noqa: E402
 from distrnn.diagnostics import Diagnostics  # noqa: E402
 from distrnn.registry import RegisterModel  # noqa: E402
+from distrnn.rendezvous import host_rendezvous_on_loopback  # noqa: E402
 from distrnn.tracking import MLflowLogger  # noqa: E402
 from distrnn.engine import TBPTTModule  # noqa: E402
 
@@ -119,6 +120,7 @@ def fit(device: str, stage: int | None, max_steps: int, precision: str = "32-tru
                   max_steps=max_steps, logger=logger, log_every_n_steps=1, enable_checkpointing=out is not None,
                   callbacks=callbacks, enable_progress_bar=False, enable_model_summary=False,
                   num_sanity_val_steps=0, limit_val_batches=0)
+    host_rendezvous_on_loopback(t)
     t.fit(m, ListDataModule(loader()), ckpt_path=ckpt)
     return m, rec
 

@@ -1,6 +1,8 @@
 """Real DDP on gloo with 2 processes (CPU): rank-sharded streams and gradients equal to one
 process with the global batch."""
 
+import os
+
 import lightning as L
 import pytest
 import torch
@@ -8,6 +10,7 @@ import torch
 from distrnn.config import TaskSpec
 from distrnn.data.loaders import StreamLoader
 
+from conftest import ListeningSockets
 from helpers import make_module
 
 LM = TaskSpec(kind="language_model", output_dim=40, vocab_size=40, seq_len=16)
@@ -25,22 +28,29 @@ class Streams(L.LightningDataModule):
                             world_size=self.trainer.world_size)
 
 
-def _fit(devices, per_rank_batch, steps):
+def _fit(devices, per_rank_batch, steps, rendezvous=None):
     module = make_module(LM, recurrence="gru", hidden=16, k1=16, name="sgd", lr=0.5, seed=0)
     trainer = L.Trainer(
         accelerator="cpu", devices=devices, strategy="ddp_spawn" if devices > 1 else "auto", max_steps=steps,
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
     )
+    if rendezvous:
+        rendezvous(trainer)
     trainer.fit(module, Streams(per_rank_batch))
     return module
 
 
 @pytest.mark.slow
-def test_two_ranks_equal_one_process_with_the_global_batch():
+def test_two_ranks_equal_one_process_with_the_global_batch(loopback_rendezvous):
     """2 ranks x 3 streams take the same SGD steps as 1 process x 6 streams: DDP averages the
-    ranks' mean losses, and the ranks read disjoint halves of the same 6 streams."""
+    ranks' mean losses, and the ranks read disjoint halves of the same 6 streams. Every socket the
+    job listens on (the rendezvous store this process hosts, gloo's) is on 127.0.0.1."""
     single = _fit(1, 6, 3)
-    ddp = _fit(2, 3, 3)
+    watch = ListeningSockets(os.getpid())
+    watch.start()
+    ddp = _fit(2, 3, 3, loopback_rendezvous)
+    seen = watch.stop()
+    assert seen and not watch.exposed(), seen
     init = make_module(LM, recurrence="gru", hidden=16, k1=16, name="sgd", lr=0.5, seed=0)
     moved = max((a - b).abs().max().item() for a, b in zip(init.state_dict().values(), ddp.state_dict().values()))
     assert moved > 1e-3  # the spawned ranks trained and their weights came back
@@ -48,7 +58,7 @@ def test_two_ranks_equal_one_process_with_the_global_batch():
         torch.testing.assert_close(b, a, rtol=0, atol=1e-6, msg=k)
 
 
-def _fit_ckpt(tmp_path, steps, ckpt_path=None, devices=2):
+def _fit_ckpt(tmp_path, rendezvous, steps, ckpt_path=None, devices=2):
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     from distrnn.checkpoint import AtomicCheckpointIO
@@ -60,24 +70,25 @@ def _fit_ckpt(tmp_path, steps, ckpt_path=None, devices=2):
         enable_progress_bar=False, enable_model_summary=False, plugins=[AtomicCheckpointIO()],
         callbacks=[ModelCheckpoint(dirpath=tmp_path / "ck", every_n_train_steps=4, save_top_k=-1, filename="{step}")],
     )
+    rendezvous(trainer)
     trainer.fit(module, Streams(3), ckpt_path=ckpt_path)
     return module
 
 
 @pytest.mark.slow
-def test_ddp_resume_restores_every_ranks_state(tmp_path):
+def test_ddp_resume_restores_every_ranks_state(tmp_path, loopback_rendezvous):
     """Resuming 2 ranks mid-epoch from a checkpoint ends with the weights of the uninterrupted run:
     the checkpoint holds both ranks' hidden states (and TBPTT histories), not rank 0's twice."""
     from distrnn.checkpoint import load_checkpoint_file
 
-    ref = _fit_ckpt(tmp_path, 16)
+    ref = _fit_ckpt(tmp_path, loopback_rendezvous, 16)
     ckpt = tmp_path / "ck" / "step=8.ckpt"
     saved = load_checkpoint_file(ckpt)["distrnn"]
     assert saved["world_size"] == 2
     h0, h1 = (saved["ranks"][r]["carry"]["state"][0] for r in (0, 1))
     assert not torch.equal(h0, h1)  # the ranks read different streams
-    resumed = _fit_ckpt(tmp_path / "b", 16, ckpt_path=str(ckpt))
+    resumed = _fit_ckpt(tmp_path / "b", loopback_rendezvous, 16, ckpt_path=str(ckpt))
     for (k, a), (_, b) in zip(ref.state_dict().items(), resumed.state_dict().items()):
         torch.testing.assert_close(b, a, rtol=0, atol=1e-6, msg=k)
     with pytest.raises(Exception, match="written by 2 ranks"):
-        _fit_ckpt(tmp_path / "c", 16, ckpt_path=str(ckpt), devices=1)
+        _fit_ckpt(tmp_path / "c", loopback_rendezvous, 16, ckpt_path=str(ckpt), devices=1)

@@ -10,13 +10,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import lightning as L
 import mlflow
 import pytest
 import torch
 
-from conftest import distrnn_cmd, write_corpus
+from conftest import ListeningSockets, distrnn_cmd, write_corpus
 
 pytestmark = pytest.mark.slow
 
@@ -35,11 +36,24 @@ data:
 """
 
 
-def _fit(cwd: Path, config: Path, *args: str, timeout: float = 180) -> subprocess.CompletedProcess:
+def _fit(cwd: Path, config: Path, *args: str, timeout: float = 180, watch: Optional[dict] = None) -> subprocess.CompletedProcess:
+    """``distrnn fit`` as a process; with ``watch``, what its processes listen on lands in it."""
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{cwd}/mlflow.db"}
     cwd.mkdir(parents=True, exist_ok=True)
-    return subprocess.run(distrnn_cmd("fit", "--config", str(config), "--checkpoint.dirpath", str(cwd / "ck"), *args),
-                          capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd, start_new_session=True)
+    p = subprocess.Popen(distrnn_cmd("fit", "--config", str(config), "--checkpoint.dirpath", str(cwd / "ck"), *args),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=cwd, start_new_session=True)
+    sockets = ListeningSockets(p.pid)
+    sockets.start()
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        raise
+    finally:
+        sockets.stop()
+    if watch is not None:
+        watch.update(seen=sockets.seen, exposed=sockets.exposed())
+    return subprocess.CompletedProcess(p.args, p.returncode, out, err)
 
 
 def _fault(step: int, rank: int, how: str) -> str:
@@ -60,12 +74,21 @@ def config(tmp_path_factory):
     return d / "job.yaml"
 
 
+LISTENING: dict = {}
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(config, tmp_path_factory):
     cwd = tmp_path_factory.mktemp("uninterrupted")
-    r = _fit(cwd, config)
+    r = _fit(cwd, config, watch=LISTENING)
     assert r.returncode == 0, r.stderr[-3000:]
     return torch.load(cwd / "ck" / "last.ckpt", map_location="cpu", weights_only=True)
+
+
+def test_a_two_rank_job_listens_on_loopback_only(uninterrupted):
+    """`distrnn fit` with 2 DDP ranks on one machine: the rendezvous store (which torch would open on
+    every interface) and gloo listen on 127.0.0.1 only."""
+    assert LISTENING["seen"] and not LISTENING["exposed"], LISTENING
 
 
 def _assert_same_training_state(ckpt: dict, ref: dict) -> None:
@@ -172,7 +195,7 @@ class _ShardedTensors(L.LightningDataModule):
         return loader
 
 
-def test_an_exploding_batch_is_clipped_equally_on_every_rank(tmp_path):
+def test_an_exploding_batch_is_clipped_equally_on_every_rank(tmp_path, loopback_rendezvous):
     """The targets of batch 2 of rank 0 are scaled by 1e6; clip norm 1.0, SGD lr 1 (the update is the clipped
     gradient): the recorded pre-clip norm is far above 1, every applied update has norm <= 1 + 1e-6,
     the ranks apply the same update and every parameter stays finite."""
@@ -186,9 +209,11 @@ def test_an_exploding_batch_is_clipped_equally_on_every_rank(tmp_path):
     y[16:20] *= 1e6  # rank 0, batch 2 (global batch 2 x 2 ranks + 0, batch size 4): a huge loss
 
     module = make_module(task, recurrence="gru", hidden=16, mode="full", k1=8, name="sgd", lr=1.0, clip=1.0)
-    L.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=5, logger=False, enable_checkpointing=False,
-              enable_progress_bar=False, enable_model_summary=False,
-              callbacks=[_RecordUpdates(tmp_path)]).fit(module, _ShardedTensors(x, y))
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=5, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[_RecordUpdates(tmp_path)])
+    loopback_rendezvous(trainer)
+    trainer.fit(module, _ShardedTensors(x, y))
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert len(r0) == len(r1) == 5
     assert r0[2]["grad_norm"] > 1e3 and r0[2]["grad_norm"] == pytest.approx(r1[2]["grad_norm"], rel=1e-6)

@@ -9,9 +9,11 @@ import json
 import os
 import subprocess
 import sys
+import ipaddress
 from pathlib import Path
 
 import mlflow
+import psutil
 import pytest
 import torch
 
@@ -38,15 +40,30 @@ data:
 """
 
 
+def _listening() -> dict[tuple[str, int], str]:
+    """Every listening TCP socket on this machine: (address, port) -> the owning process's name."""
+    found = {}
+    for c in psutil.net_connections("tcp"):
+        if c.status == psutil.CONN_LISTEN:
+            try:
+                name = psutil.Process(c.pid).name() if c.pid else "?"
+            except psutil.Error:
+                name = "?"
+            found[(c.laddr.ip.removeprefix("::ffff:"), c.laddr.port)] = name
+    return found
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     state = tmp_path_factory.mktemp("ray-state")
+    before = _listening()
     up = subprocess.run([PY, str(REPO / "cluster/local_cluster.py"), "up", "--state-dir", str(state), "--num-cpus", "2"],
                         capture_output=True, text=True, timeout=180)
     try:
         assert up.returncode == 0, up.stderr
         info = json.loads((state / "cluster.json").read_text())
         info["state_dir"] = str(state)
+        info["listening_before"] = before
         yield info
     finally:
         subprocess.run([PY, str(REPO / "cluster/local_cluster.py"), "down", "--state-dir", str(state)], timeout=180)
@@ -208,6 +225,19 @@ def test_sweep_through_ray_job_submit(cluster, tmp_path, data):
     best = trials["metrics.val/loss"].min()
     assert parent["metrics.best_val_loss"] == pytest.approx(best, rel=1e-6)
     assert parent["status"] == "FINISHED"
+
+
+def test_every_ray_server_listens_on_loopback_only(cluster):
+    """After jobs and a sweep ran (their idle workers are still up): every socket the cluster
+    opened for listening (GCS, raylet, object manager, agents, dashboard, client server, workers)
+    is bound to 127.0.0.1. Ray on Linux would otherwise put most of them on the machine's
+    outward address or on every interface, even with --node-ip-address 127.0.0.1."""
+    opened = {k: v for k, v in _listening().items() if k not in cluster["listening_before"]}
+    gcs_port = int(cluster["RAY_ADDRESS"].rsplit(":", 1)[1])
+    assert any(port == gcs_port for _, port in opened), opened
+    assert len(opened) >= 5, opened
+    exposed = {k: v for k, v in opened.items() if not ipaddress.ip_address(k[0]).is_loopback}
+    assert not exposed, f"listening beyond loopback: {exposed}"
 
 
 def test_requests_without_the_token_are_refused(cluster, tmp_path):

@@ -1,0 +1,78 @@
+"""A job whose processes all run on this machine keeps torch.distributed's rendezvous on 127.0.0.1.
+
+Rank 0 of every DDP or DeepSpeed job hosts PyTorch's TCPStore, the key-value store from which the
+ranks learn each other's addresses. It listens on every interface and has no authentication
+(PyTorch offers no bind address for it): while a job runs, anyone who reaches the machine can read
+and write those keys. When every rank is a process on this machine nothing outside needs to reach
+it, so the launching process, which is rank 0 or the parent of every rank, hosts the store itself
+on a socket bound to 127.0.0.1, and every rank connects to it as a client (torch's
+``TORCHELASTIC_USE_AGENT_STORE`` mode, the one torchrun's agent uses). The store lives and dies
+with that process, as the one rank 0 would host does.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+from typing import Any, Optional
+
+from lightning.fabric.plugins.environments import LightningEnvironment
+from lightning.pytorch import Trainer
+from lightning.pytorch.strategies import ParallelStrategy
+
+# The store this process hosts and its port; replaced for the next job, which must not read a
+# finished job's keys.
+_hosted: dict[str, Any] = {}
+_MARK = "DISTRNN_RENDEZVOUS_PORT"
+
+
+def _resolves_to_loopback(host: str) -> bool:
+    """MASTER_ADDR as torch will dial it: a name (``localhost``, a hostname that /etc/hosts maps
+    to 127.0.1.1) counts by its address."""
+    try:
+        return ipaddress.ip_address(socket.gethostbyname(host)).is_loopback
+    except (OSError, ValueError):
+        return False
+
+
+def host_rendezvous_on_loopback(trainer: Trainer) -> Optional[int]:
+    """Host the rendezvous store of ``trainer``'s job on 127.0.0.1 and return its port; None where
+    that does not apply: no process group (one device without DDP/DeepSpeed), several nodes, a
+    process that a launcher started (torchrun, SLURM, Ray, or Lightning's own child ranks: their
+    environment says where the store is), a MASTER_ADDR that is not this machine's loopback, a
+    process group already initialized in this process.
+    A MASTER_PORT set by the user is kept."""
+    import torch.distributed as dist
+
+    strategy = trainer.strategy
+    env = getattr(strategy, "cluster_environment", None)
+    # Variables a distrnn launcher set, in this process or in a parent that ran a job in-process
+    # (a notebook): that job's store is not this job's; torchrun's agent sets no DISTRNN_ variable.
+    ours = "MASTER_PORT" in os.environ and os.environ.get(_MARK) == os.environ["MASTER_PORT"]
+    if (
+        not isinstance(strategy, ParallelStrategy)
+        or dist.is_initialized()  # a group this process joined before keeps its store
+        or trainer.num_nodes != 1
+        or type(env) is not LightningEnvironment
+        or env.creates_processes_externally
+        or (os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and not ours)  # torchrun's agent hosts it
+        or not _resolves_to_loopback(os.environ.get("MASTER_ADDR", "127.0.0.1"))
+    ):
+        return None
+    port = int(os.environ["MASTER_PORT"]) if "MASTER_PORT" in os.environ and not ours else 0
+    _hosted.clear()  # the previous job's server stops
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as torch's own store: a port in TIME_WAIT
+    try:
+        sock.bind(("127.0.0.1", port))
+    except OSError as e:
+        sock.close()
+        raise OSError(f"MASTER_PORT {port}: cannot host the rendezvous store on 127.0.0.1: {e.strerror}") from None
+    port = sock.getsockname()[1]
+    # The store listens on the bound socket and owns it from here on.
+    store = dist.TCPStore("127.0.0.1", port, is_master=True, master_listen_fd=sock.detach(), wait_for_workers=False)
+    _hosted.update(store=store, port=port)
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "TORCHELASTIC_USE_AGENT_STORE": "True",
+                       _MARK: str(port)})
+    return port
