@@ -26,11 +26,11 @@ def load_module(path: str) -> TBPTTModule:
 
 
 def load_registered(uri: str) -> torch.nn.Module:
-    """A model from the MLflow registry (``models:/NAME/VERSION``): a RecurrentModel."""
+    """The RecurrentModel of a model in the MLflow registry (``models:/NAME/VERSION``)."""
     import mlflow
 
     try:
-        return mlflow.pytorch.load_model(uri, map_location="cpu").eval()
+        return mlflow.pytorch.load_model(uri, map_location="cpu").model.eval()
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"model {uri}: cannot be loaded: {first}") from None

@@ -3,9 +3,11 @@
 ``RegisterModel(name)`` (a callback: ``trainer.callbacks: [{class_path: distrnn.registry.RegisterModel,
 init_args: {name: byte-lstm}}]``) logs the best checkpoint's network as an MLflow PyTorch model
 with a signature and an input example into the job's run when training ends, and registers it
-under ``name``. ``mlflow.pytorch.load_model("models:/NAME/VERSION")`` gives the
-:class:`~distrnn.model.RecurrentModel` back; ``distrnn generate --model models:/NAME/VERSION``
-samples from it. MLflow stores the module with cloudpickle: load models only from a registry you
+under ``name``. What is logged is a :class:`Predictor`: its forward gives the predictions from a
+fresh state, one tensor, which is what MLflow's pyfunc flavor (``mlflow.pyfunc.load_model(...)
+.predict``, ``mlflow models serve``) requires; ``mlflow.pytorch.load_model("models:/NAME/VERSION")
+.model`` is the stateful :class:`~distrnn.model.RecurrentModel`, from which
+``distrnn generate --model models:/NAME/VERSION`` samples. MLflow stores the module with cloudpickle: load models only from a registry you
 trust (see SECURITY.md); distrnn's own checkpoints stay ``weights_only``.
 """
 
@@ -27,23 +29,44 @@ def example_input(task: Any, T: int = 16) -> torch.Tensor:
     return torch.zeros(1, T, task.input_dim or 1)
 
 
+class Predictor(torch.nn.Module):
+    """What the registry holds: ``forward(x_BT) -> y_BTO`` from a fresh state; ``model`` is the
+    stateful RecurrentModel (``forward(x, state) -> (y, final_state)``, ``step``) for streaming."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)[0]
+
+
 def log_and_register(module: LightningModule, run_id: str, name: str) -> Any:
     """Log ``module.model`` (eval mode, on CPU) to ``run_id`` as ``model`` and register it as ``name``."""
-    import mlflow
-    from mlflow.models import infer_signature
-
     import copy
 
-    model = copy.deepcopy(module.model).cpu().eval()
+    import mlflow
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    import distrnn
+
+    predictor = Predictor(copy.deepcopy(module.model).cpu().eval())
     x = example_input(module.task)
     with torch.no_grad():
-        y, _ = model(x)
-    signature = infer_signature(x.numpy(), y.numpy())
+        y = predictor(x)
+    # any batch and any length (an inferred signature would fix the example's length)
+    signature = ModelSignature(inputs=Schema([TensorSpec(x.numpy().dtype, (-1, -1, *x.shape[2:]))]),
+                               outputs=Schema([TensorSpec(y.numpy().dtype, (-1, -1, *y.shape[2:]))]))
+    # Named, the requirements are not inferred: MLflow would import the model's whole stack in a
+    # new process (~8 s) to find what distrnn's own dependencies already say.
+    requirements = [*mlflow.pytorch.get_default_pip_requirements(), f"distrnn=={distrnn.__version__}"]
     with mlflow.start_run(run_id=run_id):
         # "pickle", not MLflow's default "pt2": an exported graph has no streaming `step` (generation)
         # and no `task`; the price is that loading unpickles, so the registry must be trusted
-        info = mlflow.pytorch.log_model(model, name="model", signature=signature, input_example=x.numpy(),
-                                        registered_model_name=name, serialization_format="pickle")
+        info = mlflow.pytorch.log_model(predictor, name="model", signature=signature, input_example=x.numpy(),
+                                        registered_model_name=name, serialization_format="pickle",
+                                        pip_requirements=requirements)
     return info
 
 

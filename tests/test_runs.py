@@ -5,6 +5,7 @@ import os
 import subprocess
 
 import mlflow
+import numpy as np
 import pytest
 import torch
 
@@ -64,8 +65,9 @@ def test_compare_table_shows_the_differing_params_and_final_metrics(two_runs, tm
 
 
 def test_registered_model_round_trips(two_runs, capsys, monkeypatch):
-    """Loaded from the registry, the model gives the outputs of the checkpoint it came from, and
-    `distrnn generate --model` samples exactly what `--checkpoint` samples."""
+    """Loaded from the registry, the model gives the outputs and final state of the checkpoint it
+    came from, MLflow's pyfunc flavor (what `mlflow models serve` answers) predicts those outputs,
+    and `distrnn generate --model` samples exactly what `--checkpoint` samples."""
     from distrnn.generate import load_module
 
     two_runs, store = two_runs
@@ -73,12 +75,14 @@ def test_registered_model_round_trips(two_runs, capsys, monkeypatch):
     run = mlflow.search_runs(experiment_names=["cmp"], filter_string="tags.mlflow.runName = 'small'").iloc[0]
     best = next(p for p in (two_runs / "checkpoints").rglob("best-*.ckpt") if run["run_id"] in str(p))
     reference = load_module(str(best)).model
-    loaded = mlflow.pytorch.load_model("models:/tiny-byte/1", map_location="cpu").eval()
+    loaded = mlflow.pytorch.load_model("models:/tiny-byte/1", map_location="cpu").model.eval()
     x = torch.randint(0, 256, (3, 40))
     with torch.no_grad():
         (y_ref, h_ref), (y, h) = reference(x), loaded(x)
     torch.testing.assert_close(y, y_ref, rtol=0, atol=0)
     torch.testing.assert_close(h, h_ref, rtol=0, atol=0)
+    served = mlflow.pyfunc.load_model("models:/tiny-byte/1").predict(x.numpy())
+    np.testing.assert_array_equal(served, y_ref.numpy())
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
     g1 = cli(capsys, "generate", "--model", "models:/tiny-byte/1", "--prompt", "the ", "--length", "30")
     g2 = cli(capsys, "generate", "--checkpoint", str(best), "--prompt", "the ", "--length", "30")
