@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # One command for a GPU machine: the GPU-marked tests, then the GPU benchmarks; results to $OUT.
 # The device image has torch, lightning, triton and pytest but no jsonargparse, mlflow, ray or
-# deepspeed; nothing here needs the first three (the TBPTT benchmark runs with --no_mlflow), and
-# DeepSpeed comes as wheels in .whl/ (`bash benchmarks/gpu_wheels.sh` here, then carry .whl), else
-# its GPU test is skipped. About 9 minutes on an H100 (each part has its own timeout and writes its
-# file as it goes, so a call stopped at its limit still returns what ran). A device call returns at
+# deepspeed; nothing here needs the first three (the TBPTT benchmark runs with --no_mlflow;
+# tests/test_gpu_check.py checks on CPU that all of this loads without them), and DeepSpeed comes as
+# wheels in .whl/ (`bash benchmarks/gpu_wheels.sh` here, then carry .whl), else its GPU test is
+# skipped. About 9 minutes on an H100 (each part has its own timeout and writes its file as it
+# goes, so a call stopped at its limit still returns what ran). A device call returns at
 # most 8 files: this writes 6 (7 with GPU_LEARN=1, 8 with GPU_FULL=1); each case is a JSON line.
 #   bash benchmarks/gpu_check.sh            tests + TBPTT engine + recurrences (quick sweep) + scan
 #   bash benchmarks/gpu_check.sh bench-only benchmarks only

@@ -1,0 +1,45 @@
+"""`make gpu-check` runs on the device image, which has torch, lightning, triton and pytest but not
+jsonargparse, MLflow, Ray or psutil (DeepSpeed comes as carried wheels): on CPU, in an environment
+made of this one minus those, the GPU tests must collect and the scripts they run must import.
+Device time is scarce; an import error found there costs a session its GPU run."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from conftest import REPO
+
+MISSING_ON_THE_IMAGE = re.compile(r"(mlflow|jsonargparse|ray|psutil|pandas|pyarrow|deepspeed|distrnn|__editable__)", re.I)
+
+
+def _image(tmp_path: Path) -> dict[str, str]:
+    site = tmp_path / "site"
+    site.mkdir()
+    for entry in Path(torch.__file__).parents[1].iterdir():  # this environment's site-packages
+        if not MISSING_ON_THE_IMAGE.match(entry.name) and entry.suffix != ".pth":
+            (site / entry.name).symlink_to(entry)
+    return {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "PYTHONPATH": os.pathsep.join([str(site), str(REPO), str(REPO / "tests")]),
+            "PYTHONDONTWRITEBYTECODE": "1"}
+
+
+def test_gpu_tests_and_scripts_load_without_what_the_device_image_lacks(tmp_path):
+    env = _image(tmp_path)
+    # -S: no site-packages but the reduced copy
+    r = subprocess.run([sys.executable, "-S", "-m", "pytest", "-q", "--collect-only", "-m", "gpu", "-p", "no:cacheprovider",
+                        "tests/test_gpu.py", "tests/test_layers.py", "tests/test_kernels.py"],
+                       capture_output=True, text=True, timeout=120, env=env, cwd=REPO)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    collected = re.search(r"(\d+)/\d+ tests collected", r.stdout)
+    assert collected and int(collected.group(1)) >= 10, r.stdout[-2000:]
+    r = subprocess.run([sys.executable, "-S", "-c", "import mlflow"], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert r.returncode != 0  # the reduced environment really lacks them
+    for script in ("tests/ds_lightning_check.py", "benchmarks/bench_recurrences.py", "benchmarks/bench_tbptt.py", "benchmarks/learn.py"):
+        args = [script, "--help"] if script.startswith("benchmarks") else ["-c", "import ds_lightning_check"]
+        r = subprocess.run([sys.executable, "-S", *args], capture_output=True, text=True, timeout=120, env=env, cwd=REPO)
+        assert r.returncode == 0, f"{script}: {(r.stdout + r.stderr)[-2000:]}"
