@@ -239,10 +239,20 @@ def tracking_env() -> dict[str, str]:
     return {"MLFLOW_TRACKING_URI": uri}
 
 
+def keep_a_local_ray_on_loopback() -> None:
+    """A Ray that this driver starts itself (no RAY_ADDRESS, not inside a Ray job) listens on
+    127.0.0.1 only. On Linux Ray would put its servers on the machine's outward address or every
+    interface, without authentication unless RAY_AUTH_MODE says otherwise: anyone on the network
+    could run code here. Ray reads the variable when it is first imported: call this before."""
+    if not os.environ.get("RAY_ADDRESS") and not os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+
 def init_ray(env: dict[str, str]) -> None:
-    """Connect to the cluster (RAY_ADDRESS) or start a local one. A driver that runs as a Ray job
-    already has the job's runtime env, which Ray refuses to merge with another; its tasks inherit
-    the driver's environment variables through it."""
+    """Connect to the cluster (RAY_ADDRESS) or start a local one (never another cluster that happens
+    to run on this machine). A driver that runs as a Ray job already has the job's runtime env,
+    which Ray refuses to merge with another; its tasks inherit the driver's environment variables
+    through it."""
     import ray
 
     if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):
@@ -252,10 +262,12 @@ def init_ray(env: dict[str, str]) -> None:
         os.environ.update(env)
         ray.init(ignore_reinit_error=True)
     else:
-        ray.init(runtime_env={"env_vars": env}, ignore_reinit_error=True)
+        ray.init(address=None if os.environ.get("RAY_ADDRESS") else "local", runtime_env={"env_vars": env},
+                 ignore_reinit_error=True)
 
 
 def main(argv: Optional[list[str]] = None, on_result: Optional[Callable[[Any], None]] = None) -> Any:
+    keep_a_local_ray_on_loopback()
     argv = list(sys.argv[1:] if argv is None else argv)
     args, distrnn_args = parse_args(RayTrainArgs, argv, "jobs/train.py")
     if args.strategy not in STRATEGIES:

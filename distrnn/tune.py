@@ -19,7 +19,8 @@ from typing import Any, Literal, Optional
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 
-from distrnn.raytrain import ReportToRay, check_config, fit_from_ray_checkpoint, init_ray, metric_name, tracking_env
+from distrnn.raytrain import (ReportToRay, check_config, fit_from_ray_checkpoint, init_ray, keep_a_local_ray_on_loopback,
+                              metric_name, tracking_env)
 
 DISTRIBUTIONS = ("loguniform", "uniform", "choice", "randint", "grid")
 PARENT_TAG = "distrnn.sweep"
@@ -295,6 +296,7 @@ def _plain(sweep: SweepConfig) -> dict[str, Any]:
 
 
 def main(argv: Optional[list[str]] = None) -> Any:
+    keep_a_local_ray_on_loopback()
     argv = list(sys.argv[1:] if argv is None else argv)
     sweep, resume, check_only = load_sweep(argv)
     if not sweep.config:

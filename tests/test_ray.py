@@ -240,6 +240,40 @@ def test_every_ray_server_listens_on_loopback_only(cluster):
     assert not exposed, f"listening beyond loopback: {exposed}"
 
 
+LOCAL_DRIVER = """
+import json, os, sys
+from distrnn.raytrain import init_ray, keep_a_local_ray_on_loopback
+keep_a_local_ray_on_loopback()  # what jobs/train.py and jobs/tune.py do first
+init_ray({"MLFLOW_TRACKING_URI": os.environ["MLFLOW_TRACKING_URI"]})
+import psutil, ray
+assert ray.get(ray.remote(lambda: 1).remote()) == 1  # a worker is up too
+me = psutil.Process()
+found = {}
+for p in [me, *me.children(recursive=True)]:
+    try:
+        found.update({f"{c.laddr.ip}:{c.laddr.port}": p.name() for c in p.net_connections("tcp") if c.status == "LISTEN"})
+    except psutil.Error:
+        pass
+print("LISTENING " + json.dumps(found), flush=True)
+ray.shutdown()
+"""
+
+
+def test_a_driver_without_a_cluster_starts_ray_on_loopback_only(tmp_path):
+    """`python jobs/train.py` without RAY_ADDRESS starts a Ray of its own: every server of it
+    (GCS, raylet, dashboard, agents, the worker) listens on 127.0.0.1. With Ray's defaults on Linux
+    most would listen on the machine's outward address or every interface, without authentication."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path}/mlflow.db", RAY_USAGE_STATS_ENABLED="0")
+    r = subprocess.run([PY, "-c", LOCAL_DRIVER], capture_output=True, text=True, timeout=180, env=env, cwd=tmp_path)
+    line = next((ln for ln in r.stdout.splitlines() if ln.startswith("LISTENING ")), None)
+    assert r.returncode == 0 and line, (r.stdout + r.stderr)[-3000:]
+    listening = json.loads(line.removeprefix("LISTENING "))
+    assert "gcs_server" in listening.values() and "raylet" in listening.values(), listening
+    exposed = {a: n for a, n in listening.items() if not ipaddress.ip_address(a.rsplit(":", 1)[0].removeprefix("::ffff:")).is_loopback}
+    assert not exposed, f"listening beyond loopback: {exposed}"
+
+
 def test_requests_without_the_token_are_refused(cluster, tmp_path):
     """Token authentication: submitting or deleting a job without the token is refused and changes
     nothing; with the token both work."""
