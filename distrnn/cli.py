@@ -205,6 +205,12 @@ def main(argv: Optional[list[str]] = None) -> None:
     except SIGTERMException:
         # Lightning's SIGTERMException is a SystemExit with code 0; a preempted job did not finish
         sys.exit(128 + 15)
+    except SystemExit as e:
+        # Lightning ends a Ctrl-C with exit code 1, raised while handling the KeyboardInterrupt;
+        # shells and make expect 130 (128 + SIGINT) from an interrupted command
+        if e.code == 1 and isinstance(e.__context__, KeyboardInterrupt):
+            sys.exit(128 + 2)
+        raise
     if cli.subcommand == "fit" and cli.trainer.is_global_zero:
         _print_where(cli)
 

@@ -32,11 +32,12 @@ class FailAt(Callback):
         step: the update after which the fault fires.
         rank: the global rank that fails; ``None`` for every rank.
         how: ``raise`` an exception, or send this process ``sigkill`` (no cleanup at all) or
-            ``sigterm`` (a polite preemption notice).
+            ``sigterm`` (a polite preemption notice), or send its whole process group ``sigint``
+            (what Ctrl-C in a terminal does: every rank gets it).
         marker: fire only if this file does not exist yet, and create it first.
     """
 
-    def __init__(self, step: int, rank: Optional[int] = None, how: Literal["raise", "sigkill", "sigterm"] = "raise",
+    def __init__(self, step: int, rank: Optional[int] = None, how: Literal["raise", "sigkill", "sigterm", "sigint"] = "raise",
                  marker: Optional[str] = None) -> None:
         if step < 1:
             raise ValueError(f"FailAt.step: must be >= 1, got {step}")
@@ -53,4 +54,7 @@ class FailAt(Callback):
             marker.write_text(f"rank {trainer.global_rank} failed at step {self.step} ({self.how})\n")
         if self.how == "raise":
             raise InjectedFault(f"injected fault: rank {trainer.global_rank} at step {self.step}")
-        os.kill(os.getpid(), signal.SIGKILL if self.how == "sigkill" else signal.SIGTERM)
+        if self.how == "sigint":
+            os.killpg(os.getpgid(0), signal.SIGINT)
+        else:
+            os.kill(os.getpid(), signal.SIGKILL if self.how == "sigkill" else signal.SIGTERM)

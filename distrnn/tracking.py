@@ -13,6 +13,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 
 class MLflowLogger(MLFlowLogger):
@@ -84,6 +85,11 @@ class MLflowLogger(MLFlowLogger):
 
     @rank_zero_only
     def finalize(self, status: str = "success") -> None:
+        # Lightning says "failed" for every exception it handles, Ctrl-C and preemption included; it
+        # calls this while handling it. A job stopped from outside is KILLED in MLflow's terms, as a
+        # stopped sweep or trial is, not FAILED.
+        if status == "failed" and isinstance(sys.exc_info()[1], (KeyboardInterrupt, SIGTERMException)):
+            status = "KILLED"
         sender, self._sender = self._sender, None
         if sender is not None:
             sender.close()

@@ -131,9 +131,26 @@ def test_sigterm_to_rank_0_checkpoints_and_every_rank_exits(config, uninterrupte
     pre = torch.load(tmp_path / "ck" / "preempted.ckpt", map_location="cpu", weights_only=True)
     assert pre["global_step"] == 6 and pre["distrnn"]["world_size"] == 2
     assert "preempted.ckpt" in r.stdout
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    (status,) = mlflow.search_runs(search_all_experiments=True)["status"]
+    assert status == "KILLED"  # stopped from outside, not failed
     r = _fit(tmp_path, config, "--ckpt_path", str(tmp_path / "ck" / "preempted.ckpt"))
     assert r.returncode == 0, r.stderr[-3000:]
     _assert_same_training_state(torch.load(tmp_path / "ck" / "last.ckpt", map_location="cpu", weights_only=True), uninterrupted)
+
+
+def test_ctrl_c_stops_every_rank_with_exit_130_and_the_run_killed(config, tmp_path):
+    """SIGINT to the job's process group after update 6 (what Ctrl-C in a terminal does): every
+    rank exits, the command with 130 (128 + SIGINT, what shells and make expect; Lightning says 1),
+    the MLflow run is KILLED (Lightning says FAILED), the step-4 checkpoint is intact."""
+    t0 = time.time()
+    r = _fit(tmp_path, config, _fault(6, 0, "sigint"), "--trainer.max_steps", "1000", timeout=120)
+    assert r.returncode == 130, (r.returncode, r.stderr[-3000:])
+    assert time.time() - t0 < 120 and _no_process_left(tmp_path)
+    assert torch.load(tmp_path / "ck" / "4.ckpt", map_location="cpu", weights_only=True)["global_step"] == 4
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    (status,) = mlflow.search_runs(search_all_experiments=True)["status"]
+    assert status == "KILLED"
 
 
 WRITER = """
