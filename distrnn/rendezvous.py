@@ -76,3 +76,9 @@ def host_rendezvous_on_loopback(trainer: Trainer) -> Optional[int]:
     os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "TORCHELASTIC_USE_AGENT_STORE": "True",
                        _MARK: str(port)})
     return port
+
+
+def release_rendezvous() -> None:
+    """Stop the store this process hosts; it is otherwise kept until the next job or the end of the
+    process (a notebook that ran a job in-process)."""
+    _hosted.clear()

@@ -38,11 +38,12 @@ def loopback_rendezvous():
     """distrnn.rendezvous.host_rendezvous_on_loopback for the trainers a test builds itself (the
     CLI calls it on its own); the variables it sets are gone after the test, so later tests'
     processes do not look for this one's store."""
-    from distrnn.rendezvous import host_rendezvous_on_loopback
+    from distrnn.rendezvous import host_rendezvous_on_loopback, release_rendezvous
 
     keys = ("MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_USE_AGENT_STORE", "DISTRNN_RENDEZVOUS_PORT")
     saved = {k: os.environ.pop(k, None) for k in keys}
     yield host_rendezvous_on_loopback
+    release_rendezvous()  # the store this test's jobs used stops with the test
     for k, v in saved.items():
         os.environ.pop(k, None)
         if v is not None:
@@ -139,6 +140,10 @@ def cli(capsys, *args: str) -> tuple[int, str, str]:
             traceback.print_exc()
             code = 1
     finally:
+        if main is not None:
+            from distrnn.rendezvous import release_rendezvous
+
+            release_rendezvous()  # a multi-rank job run here leaves no server behind
         os.environ.clear()
         os.environ.update(environ)
     out, err = capsys.readouterr()

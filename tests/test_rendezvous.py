@@ -36,10 +36,10 @@ def test_a_single_node_job_gets_a_store_on_loopback_and_the_next_job_a_new_one(l
 def test_a_process_started_by_a_distrnn_job_hosts_its_own_store(loopback_rendezvous):
     """A job launched from a process that ran one in-process (a notebook) inherits that job's
     variables; it must not join that job's store."""
-    inherited = loopback_rendezvous(_trainer(devices=2, strategy="ddp"))
-    from distrnn import rendezvous
+    from distrnn.rendezvous import release_rendezvous
 
-    rendezvous._hosted.clear()  # what a child process starts with
+    inherited = loopback_rendezvous(_trainer(devices=2, strategy="ddp"))
+    release_rendezvous()  # a child process hosts nothing, and the store stops when released
     assert ("127.0.0.1", inherited) not in _listening_here()
     port = loopback_rendezvous(_trainer(devices=2, strategy="ddp"))
     assert port != inherited and os.environ["MASTER_PORT"] == str(port)
