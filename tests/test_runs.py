@@ -3,6 +3,7 @@
 import json
 import os
 import subprocess
+import sys
 
 import mlflow
 import numpy as np
@@ -89,3 +90,44 @@ def test_registered_model_round_trips(two_runs, capsys, monkeypatch):
     assert g1[0] == 0 and g1[1] == g2[1] and len(g1[1]) > 30, g1[2][-2000:]
     code, _, err = cli(capsys, "generate", "--model", "models:/tiny-byte/99")
     assert code == 2 and "models:/tiny-byte/99" in err
+
+
+def test_mlflow_models_serve_answers_with_the_models_predictions(two_runs):
+    """`mlflow models serve` on the registered model (on 127.0.0.1, a free port, stopped here): a
+    JSON request with token sequences of a length other than the signature example's gets the
+    model's outputs for them (before the registry held a Predictor, MLflow's pyfunc refused the
+    (outputs, state) pair the model returns)."""
+    import signal
+    import time
+    import urllib.request
+
+    from conftest import free_port
+
+    two_runs, store = two_runs
+    mlflow.set_tracking_uri(store)
+    reference = mlflow.pytorch.load_model("models:/tiny-byte/1", map_location="cpu").model.eval()
+    port = free_port()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": store}
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/tiny-byte/1",
+                               "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port), "-w", "1"],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
+    try:
+        deadline = time.time() + 90
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
+                break
+            except OSError:
+                assert server.poll() is None and time.time() < deadline, server.communicate(timeout=10)[0][-3000:]
+                time.sleep(0.5)
+        x = torch.randint(0, 256, (2, 23))
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=json.dumps({"inputs": x.tolist()}).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=30) as answer:
+            predictions = np.array(json.loads(answer.read())["predictions"], dtype=np.float32)
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+    with torch.no_grad():
+        y, _ = reference(x)
+    np.testing.assert_allclose(predictions, y.numpy(), rtol=0, atol=1e-6)
