@@ -360,6 +360,7 @@ def main(argv: Optional[list[str]] = None) -> Any:
         restore_sigint()
     client = mlflow.MlflowClient()
     if interrupted.is_set():  # Tune stopped every trial and saved its state for --resume
+        _close_trial_runs(client, parent, results, interrupted=True)
         client.set_terminated(parent, "KILLED")
         print(f"distrnn: sweep '{sweep.name}' interrupted; continue it with the same command and --resume"
               f" (state in {path})", file=sys.stderr)
@@ -421,13 +422,18 @@ def _ran_to_the_end(m: dict[str, Any]) -> bool:
     return m.get("max_epochs", -1) > 0 and m.get("epoch", 0) >= m["max_epochs"] - 1
 
 
-def _close_trial_runs(client: Any, parent: str, results: Any) -> None:
+def _close_trial_runs(client: Any, parent: str, results: Any, interrupted: bool = False) -> None:
     """A trial that the scheduler stopped ended mid-training without an error of its own: its run
-    is marked KILLED and tagged ``distrnn.stopped_early``, not left RUNNING or FAILED."""
+    is marked KILLED and tagged ``distrnn.stopped_early``, not left RUNNING or FAILED. In an
+    interrupted sweep every such trial was stopped by the interrupt (its worker saw the stop as an
+    error, so its run says FAILED): KILLED, untagged, for --resume to go on with."""
     stopped = {r.metrics.get("trial_id") for r in results if r.error is None and r.metrics and not _ran_to_the_end(r.metrics)}
     exp_id = client.get_run(parent).info.experiment_id
     for run in client.search_runs([exp_id], f"tags.`mlflow.parentRunId` = '{parent}'"):
-        if run.data.tags.get("distrnn.trial_id") in stopped:
+        if interrupted:
+            if run.data.tags.get("distrnn.trial_id") in stopped or run.info.status == "RUNNING":
+                client.set_terminated(run.info.run_id, "KILLED")
+        elif run.data.tags.get("distrnn.trial_id") in stopped:
             client.set_tag(run.info.run_id, "distrnn.stopped_early", "true")
             client.set_terminated(run.info.run_id, "KILLED")
         elif run.info.status == "RUNNING":

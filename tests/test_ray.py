@@ -390,8 +390,10 @@ def test_interrupted_sweep_resumes_where_it_stopped(cluster, tmp_path, data):
     exp = client.get_experiment_by_name("sweep-tiny")
     (parent,) = [r for r in client.search_runs([exp.experiment_id]) if "mlflow.parentRunId" not in r.data.tags]
     assert parent.info.status == "KILLED"
+    trials = [r for r in client.search_runs([exp.experiment_id]) if "mlflow.parentRunId" in r.data.tags]
+    assert [t.info.status for t in trials] == ["KILLED", "KILLED"]  # none left RUNNING
     steps_before = {r.data.tags["distrnn.trial_id"]: max(m.step for m in client.get_metric_history(r.info.run_id, "val/loss"))
-                    for r in client.search_runs([exp.experiment_id]) if "mlflow.parentRunId" in r.data.tags}
+                    for r in trials}
     assert len(steps_before) == 2 and all(s < 190 for s in steps_before.values()), steps_before  # not finished
 
     r = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=400, env=_env(cluster, tmp_path), cwd=REPO)
@@ -404,7 +406,7 @@ def test_interrupted_sweep_resumes_where_it_stopped(cluster, tmp_path, data):
     assert [p.info.run_id for p in parents] == [parent.info.run_id] and parents[0].info.status == "FINISHED"
     assert sorted(t.data.tags["distrnn.trial_id"] for t in trials) == sorted(steps_before)  # one run per trial
     for t in trials:
-        assert t.data.tags.get("distrnn.stopped_early") is None
+        assert t.data.tags.get("distrnn.stopped_early") is None and t.info.status == "FINISHED"
         steps = [m.step for m in client.get_metric_history(t.info.run_id, "val/loss")]
         # (tiny.yaml makes two updates per batch; metrics are logged per batch: 200 batches)
         assert max(steps) > steps_before[t.data.tags["distrnn.trial_id"]] and max(steps) >= 190
