@@ -13,8 +13,11 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
 import sys
 import tempfile
+import threading
+import uuid
 from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -95,6 +98,72 @@ class ReportToRay(Callback):
                 shutil.rmtree(tmp, ignore_errors=True)
 
 
+JOB_TAG = "distrnn.ray_job"
+
+
+class TagRun(Callback):
+    """Tag the job's MLflow run (rank 0, at the start of training: a restored run is known by
+    then) so that the driver finds it when the job ends without the workers finalizing it."""
+
+    def __init__(self, key: str, value: str) -> None:
+        self.key, self.value = key, value
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        from lightning.pytorch.loggers import MLFlowLogger
+
+        logger = trainer.logger
+        if trainer.is_global_zero and isinstance(logger, MLFlowLogger):
+            logger.experiment.set_tag(logger.run_id, self.key, self.value)
+
+
+class SignalsSeen:
+    """The signals that reached this process while open, whoever handled them: Ray Train installs
+    its own SIGINT handler during ``fit`` (it aborts the run, kills the workers, which never
+    finalize their MLflow run, and fit then fails like any failure). The interpreter writes each
+    signal's number to a wakeup fd before any handler runs. Main thread only (else sees nothing)."""
+
+    def __enter__(self) -> "SignalsSeen":
+        import signal
+        import socket
+
+        self.seen: set[int] = set()
+        self._r, self._w = socket.socketpair()
+        self._r.setblocking(False)
+        self._w.setblocking(False)
+        try:
+            self._previous = signal.set_wakeup_fd(self._w.fileno(), warn_on_full_buffer=False)
+        except ValueError:  # not the main thread
+            self._previous = None
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        import signal
+
+        if self._previous is not None:
+            signal.set_wakeup_fd(self._previous)
+            try:
+                self.seen.update(self._r.recv(4096))
+            except BlockingIOError:
+                pass
+        self._r.close()
+        self._w.close()
+
+
+def _close_job_runs(tracking_uri: str, job: str, status: str) -> list[str]:
+    """Mark the job's MLflow runs that its workers left open as ``status``; a run a worker
+    finalized as FAILED becomes KILLED when the job was stopped (its workers were killed)."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri)
+    closed = []
+    for exp in client.search_experiments():
+        for run in client.search_runs([exp.experiment_id], f"tags.`{JOB_TAG}` = '{job}'"):
+            if run.info.status == "RUNNING" or (status == "KILLED" and run.info.status == "FAILED"):
+                client.set_terminated(run.info.run_id, status)
+                closed.append(run.info.run_id)
+    return closed
+
+
 def fit_from_ray_checkpoint(cli: Any, checkpoint: Any, same_run: bool = True) -> None:
     """``trainer.fit`` from a Ray checkpoint when there is one (restart, restore), else from scratch.
     ``same_run``: log into the MLflow run recorded in the checkpoint (a restarted job); False when
@@ -147,7 +216,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         trainer_extra={
             "strategy": _strategy(config["strategy"]),
             "plugins": [RayLightningEnvironment()],
-            "callbacks": [ReportToRay(every_n_steps=config["report_every"])],
+            "callbacks": [ReportToRay(every_n_steps=config["report_every"]), TagRun(JOB_TAG, config["job"])],
             "devices": "auto",
             "accelerator": "gpu" if config["use_gpu"] else "cpu",
             "enable_progress_bar": False,
@@ -223,6 +292,10 @@ class RayTrainArgs:
     check_only: bool = False
 
 
+def _main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
 def _fail(message: str) -> None:
     print(f"distrnn: error: {message}", file=sys.stderr)
     sys.exit(2)
@@ -294,10 +367,11 @@ def main(argv: Optional[list[str]] = None, on_result: Optional[Callable[[Any], N
     storage = args.storage_path if "://" in args.storage_path else str(Path(args.storage_path).expanduser().resolve())
     env = tracking_env()
     init_ray(env)
+    job = uuid.uuid4().hex
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"args": distrnn_args, "strategy": args.strategy, "report_every": args.report_every,
-                           "use_gpu": args.use_gpu, "cwd": os.getcwd()},
+                           "use_gpu": args.use_gpu, "cwd": os.getcwd(), "job": job},
         scaling_config=ScalingConfig(num_workers=args.num_workers, use_gpu=args.use_gpu,
                                      resources_per_worker={"CPU": args.cpus_per_worker, **({"GPU": 1} if args.use_gpu else {})}),
         run_config=RunConfig(
@@ -308,7 +382,22 @@ def main(argv: Optional[list[str]] = None, on_result: Optional[Callable[[Any], N
             worker_runtime_env={"env_vars": env},
         ),
     )
-    result = trainer.fit()
+    # `ray job stop` sends SIGTERM: end like Ctrl-C (the driver's exit takes the workers with it)
+    previous_term = signal.signal(signal.SIGTERM, signal.default_int_handler) if _main_thread() else None
+    try:
+        with SignalsSeen() as signals:
+            result = trainer.fit()
+    except BaseException as e:
+        stopped = isinstance(e, KeyboardInterrupt) or bool(signals.seen & {signal.SIGINT, signal.SIGTERM})
+        closed = _close_job_runs(env["MLFLOW_TRACKING_URI"], job, "KILLED" if stopped else "FAILED")
+        if not stopped:
+            raise
+        print(f"distrnn: Ray Train run '{args.name}' interrupted; MLflow run {', '.join(closed) or '(none yet)'} marked"
+              f" KILLED; the same command continues it from its latest checkpoint in {storage}", file=sys.stderr)
+        sys.exit(128 + (signal.SIGTERM if signal.SIGTERM in signals.seen else signal.SIGINT))
+    finally:
+        if previous_term is not None:
+            signal.signal(signal.SIGTERM, previous_term)
     print(f"distrnn: Ray Train run '{args.name}' finished at step {result.metrics.get('step')}; "
           f"latest checkpoint {result.checkpoint.path if result.checkpoint else None}")
     if on_result is not None:

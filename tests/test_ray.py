@@ -197,6 +197,28 @@ def test_failing_job_without_retries_fails_with_the_error_in_its_logs(cluster, t
     assert "injected fault: rank 0 at step 2" in out, out[-6000:]
 
 
+def test_ctrl_c_to_a_ray_train_driver_kills_its_run_and_exits_130(cluster, tmp_path, data):
+    """Ctrl-C to `jobs/train.py` once the job has reported a checkpoint: Ray Train aborts the run
+    and kills the workers, which never finalize their MLflow run; the driver marks it KILLED
+    (it stayed RUNNING) and exits 130 (it exited 1), saying how to continue."""
+    import signal
+    import time
+
+    cmd = [PY, str(REPO / "jobs/train.py"), "--num-workers", "1", "--report-every", "4", "--storage-path",
+           str(tmp_path / "store"), "--name", "stopped", "--config", str(data / "b2.yaml"), "--trainer.max_steps", "100000"]
+    driver = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(cluster, tmp_path), cwd=tmp_path)
+    deadline = time.time() + 200
+    while not glob.glob(str(tmp_path / "store/stopped/checkpoint_*")):
+        assert driver.poll() is None and time.time() < deadline, driver.communicate()[1][-3000:]
+        time.sleep(0.5)
+    driver.send_signal(signal.SIGINT)
+    out, err = driver.communicate(timeout=120)
+    assert driver.returncode == 130 and "interrupted" in err and "marked KILLED" in err, (out + err)[-3000:]
+    (run,) = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").search_runs(
+        [e.experiment_id for e in mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").search_experiments()])
+    assert run.info.status == "KILLED" and run.data.tags.get("distrnn.ray_job")
+
+
 def test_sweep_through_ray_job_submit(cluster, tmp_path, data):
     """4 trials, 2 at a time, ASHA: the job succeeds, every trial ran and has a nested MLflow run
     under the sweep's parent with its metrics, ASHA stopped at least one early, the best is logged.
