@@ -14,6 +14,7 @@ import argparse
 import os
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import threading
@@ -123,9 +124,6 @@ class SignalsSeen:
     signal's number to a wakeup fd before any handler runs. Main thread only (else sees nothing)."""
 
     def __enter__(self) -> "SignalsSeen":
-        import signal
-        import socket
-
         self.seen: set[int] = set()
         self._r, self._w = socket.socketpair()
         self._r.setblocking(False)
@@ -137,8 +135,6 @@ class SignalsSeen:
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        import signal
-
         if self._previous is not None:
             signal.set_wakeup_fd(self._previous)
             try:
@@ -389,7 +385,12 @@ def main(argv: Optional[list[str]] = None, on_result: Optional[Callable[[Any], N
             result = trainer.fit()
     except BaseException as e:
         stopped = isinstance(e, KeyboardInterrupt) or bool(signals.seen & {signal.SIGINT, signal.SIGTERM})
-        closed = _close_job_runs(env["MLFLOW_TRACKING_URI"], job, "KILLED" if stopped else "FAILED")
+        try:
+            closed = _close_job_runs(env["MLFLOW_TRACKING_URI"], job, "KILLED" if stopped else "FAILED")
+        except Exception as tracking_error:  # the job's own outcome matters more than its run's status
+            closed = []
+            print(f"distrnn: warning: the job's MLflow run was not closed: {str(tracking_error).splitlines()[0][:300]}",
+                  file=sys.stderr)
         if not stopped:
             raise
         print(f"distrnn: Ray Train run '{args.name}' interrupted; MLflow run {', '.join(closed) or '(none yet)'} marked"
