@@ -107,7 +107,9 @@ def test_mlflow_models_serve_answers_with_the_models_predictions(two_runs):
     mlflow.set_tracking_uri(store)
     reference = mlflow.pytorch.load_model("models:/tiny-byte/1", map_location="cpu").model.eval()
     port = free_port()
-    env = {**os.environ, "MLFLOW_TRACKING_URI": store}
+    # MLflow execs `uvicorn` from the PATH: this interpreter's environment first (make test does
+    # not activate it)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": store, "PATH": f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ.get('PATH', '')}"}
     server = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/tiny-byte/1",
                                "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port), "-w", "1"],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
@@ -126,7 +128,8 @@ def test_mlflow_models_serve_answers_with_the_models_predictions(two_runs):
         with urllib.request.urlopen(request, timeout=30) as answer:
             predictions = np.array(json.loads(answer.read())["predictions"], dtype=np.float32)
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
     with torch.no_grad():
         y, _ = reference(x)
