@@ -6,6 +6,7 @@ import threading
 import time
 import traceback
 from pathlib import Path
+from typing import Optional
 
 import pytest
 import torch
@@ -50,6 +51,40 @@ def loopback_rendezvous():
             os.environ[k] = v
 
 
+def listening_sockets(pid: Optional[int] = None) -> dict[tuple[str, int], str]:
+    """The TCP sockets listening on this machine, or in process ``pid`` and its descendants:
+    (address, port) -> the owning process's name."""
+    import psutil  # here: the GPU image, which runs only GPU tests, may lack it
+
+    if pid is None:
+        conns = [(c, c.pid) for c in psutil.net_connections("tcp")]
+    else:
+        conns = []
+        try:
+            root = psutil.Process(pid)
+            procs = [root, *root.children(recursive=True)]
+        except psutil.Error:
+            procs = []
+        for p in procs:
+            try:
+                conns += [(c, p.pid) for c in p.net_connections("tcp")]
+            except psutil.Error:
+                pass
+    found = {}
+    for c, owner in conns:
+        if c.status == psutil.CONN_LISTEN:
+            try:
+                name = psutil.Process(owner).name() if owner else "?"
+            except psutil.Error:
+                name = "?"
+            found[(c.laddr.ip.removeprefix("::ffff:"), c.laddr.port)] = name
+    return found
+
+
+def beyond_loopback(sockets: dict[tuple[str, int], str]) -> dict[tuple[str, int], str]:
+    return {k: v for k, v in sockets.items() if not ipaddress.ip_address(k[0]).is_loopback}
+
+
 class ListeningSockets(threading.Thread):
     """Every 0.1 s until stopped, the TCP sockets listening in process ``pid`` or its descendants
     that were not listening when this started: ``seen`` maps (address, port) to the process's name."""
@@ -57,29 +92,11 @@ class ListeningSockets(threading.Thread):
     def __init__(self, pid: int):
         super().__init__(daemon=True)
         self.pid, self.seen, self._done = pid, {}, threading.Event()
-        self.before = self._sample()
-
-    def _sample(self) -> dict[tuple[str, int], str]:
-        import psutil  # here: the GPU image, which runs only GPU tests, may lack it
-
-        found = {}
-        try:
-            root = psutil.Process(self.pid)
-            procs = [root, *root.children(recursive=True)]
-        except psutil.Error:
-            return found
-        for p in procs:
-            try:
-                for c in p.net_connections("tcp"):
-                    if c.status == psutil.CONN_LISTEN:
-                        found[(c.laddr.ip.removeprefix("::ffff:"), c.laddr.port)] = p.name()
-            except psutil.Error:
-                pass
-        return found
+        self.before = listening_sockets(pid)
 
     def run(self) -> None:
         while not self._done.is_set():
-            self.seen.update({k: v for k, v in self._sample().items() if k not in self.before})
+            self.seen.update({k: v for k, v in listening_sockets(self.pid).items() if k not in self.before})
             time.sleep(0.1)
 
     def stop(self) -> dict[tuple[str, int], str]:
@@ -88,7 +105,7 @@ class ListeningSockets(threading.Thread):
         return self.seen
 
     def exposed(self) -> dict[tuple[str, int], str]:
-        return {k: v for k, v in self.seen.items() if not ipaddress.ip_address(k[0]).is_loopback}
+        return beyond_loopback(self.seen)
 
 
 @pytest.fixture

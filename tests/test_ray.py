@@ -9,15 +9,13 @@ import json
 import os
 import subprocess
 import sys
-import ipaddress
 from pathlib import Path
 
 import mlflow
-import psutil
 import pytest
 import torch
 
-from conftest import REPO, distrnn_cmd, write_corpus
+from conftest import REPO, beyond_loopback, distrnn_cmd, listening_sockets, write_corpus
 
 pytestmark = pytest.mark.slow
 
@@ -40,23 +38,10 @@ data:
 """
 
 
-def _listening() -> dict[tuple[str, int], str]:
-    """Every listening TCP socket on this machine: (address, port) -> the owning process's name."""
-    found = {}
-    for c in psutil.net_connections("tcp"):
-        if c.status == psutil.CONN_LISTEN:
-            try:
-                name = psutil.Process(c.pid).name() if c.pid else "?"
-            except psutil.Error:
-                name = "?"
-            found[(c.laddr.ip.removeprefix("::ffff:"), c.laddr.port)] = name
-    return found
-
-
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     state = tmp_path_factory.mktemp("ray-state")
-    before = _listening()
+    before = listening_sockets()
     up = subprocess.run([PY, str(REPO / "cluster/local_cluster.py"), "up", "--state-dir", str(state), "--num-cpus", "2"],
                         capture_output=True, text=True, timeout=180)
     try:
@@ -254,11 +239,11 @@ def test_every_ray_server_listens_on_loopback_only(cluster):
     opened for listening (GCS, raylet, object manager, agents, dashboard, client server, workers)
     is bound to 127.0.0.1. Ray on Linux would otherwise put most of them on the machine's
     outward address or on every interface, even with --node-ip-address 127.0.0.1."""
-    opened = {k: v for k, v in _listening().items() if k not in cluster["listening_before"]}
+    opened = {k: v for k, v in listening_sockets().items() if k not in cluster["listening_before"]}
     gcs_port = int(cluster["RAY_ADDRESS"].rsplit(":", 1)[1])
     assert any(port == gcs_port for _, port in opened), opened
     assert len(opened) >= 5, opened
-    exposed = {k: v for k, v in opened.items() if not ipaddress.ip_address(k[0]).is_loopback}
+    exposed = beyond_loopback(opened)
     assert not exposed, f"listening beyond loopback: {exposed}"
 
 
@@ -292,7 +277,8 @@ def test_a_driver_without_a_cluster_starts_ray_on_loopback_only(tmp_path):
     assert r.returncode == 0 and line, (r.stdout + r.stderr)[-3000:]
     listening = json.loads(line.removeprefix("LISTENING "))
     assert "gcs_server" in listening.values() and "raylet" in listening.values(), listening
-    exposed = {a: n for a, n in listening.items() if not ipaddress.ip_address(a.rsplit(":", 1)[0].removeprefix("::ffff:")).is_loopback}
+    exposed = beyond_loopback({(a.rsplit(":", 1)[0].removeprefix("::ffff:"), int(a.rsplit(":", 1)[1])): n
+                               for a, n in listening.items()})
     assert not exposed, f"listening beyond loopback: {exposed}"
 
 
