@@ -360,6 +360,8 @@ def main(argv: Optional[list[str]] = None, on_result: Optional[Callable[[Any], N
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from distrnn.raybackend import LoopbackTorchConfig
+
     storage = args.storage_path if "://" in args.storage_path else str(Path(args.storage_path).expanduser().resolve())
     env = tracking_env()
     init_ray(env)
@@ -368,6 +370,7 @@ def main(argv: Optional[list[str]] = None, on_result: Optional[Callable[[Any], N
         train_loop_per_worker,
         train_loop_config={"args": distrnn_args, "strategy": args.strategy, "report_every": args.report_every,
                            "use_gpu": args.use_gpu, "cwd": os.getcwd(), "job": job},
+        torch_config=LoopbackTorchConfig(),
         scaling_config=ScalingConfig(num_workers=args.num_workers, use_gpu=args.use_gpu,
                                      resources_per_worker={"CPU": args.cpus_per_worker, **({"GPU": 1} if args.use_gpu else {})}),
         run_config=RunConfig(

@@ -60,7 +60,19 @@ def host_rendezvous_on_loopback(trainer: Trainer) -> Optional[int]:
         or not _resolves_to_loopback(os.environ.get("MASTER_ADDR", "127.0.0.1"))
     ):
         return None
-    port = int(os.environ["MASTER_PORT"]) if "MASTER_PORT" in os.environ and not ours else 0
+    port = host_store_on_loopback(int(os.environ["MASTER_PORT"]) if "MASTER_PORT" in os.environ and not ours else 0)
+    os.environ[_MARK] = str(port)
+    return port
+
+
+def host_store_on_loopback(port: int = 0) -> int:
+    """Host a TCPStore in this process on 127.0.0.1:``port`` (0: a free port) in place of the one
+    rank 0 would open on every interface, point this process's torch.distributed environment at it
+    as a client, and return the port. Ranks started from here inherit that environment; others
+    (Ray Train's workers) get ``MASTER_ADDR``/``MASTER_PORT``/``TORCHELASTIC_USE_AGENT_STORE`` set
+    the same way. Replaces the store this process hosted for a previous job."""
+    import torch.distributed as dist
+
     _hosted.clear()  # the previous job's server stops
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as torch's own store: a port in TIME_WAIT
@@ -73,8 +85,7 @@ def host_rendezvous_on_loopback(trainer: Trainer) -> Optional[int]:
     # The store listens on the bound socket and owns it from here on.
     store = dist.TCPStore("127.0.0.1", port, is_master=True, master_listen_fd=sock.detach(), wait_for_workers=False)
     _hosted.update(store=store, port=port)
-    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "TORCHELASTIC_USE_AGENT_STORE": "True",
-                       _MARK: str(port)})
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "TORCHELASTIC_USE_AGENT_STORE": "True"})
     return port
 
 

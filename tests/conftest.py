@@ -86,18 +86,20 @@ def beyond_loopback(sockets: dict[tuple[str, int], str]) -> dict[tuple[str, int]
 
 
 class ListeningSockets(threading.Thread):
-    """Every 0.1 s until stopped, the TCP sockets listening in process ``pid`` or its descendants
-    that were not listening when this started: ``seen`` maps (address, port) to the process's name."""
+    """Every ``every`` seconds until stopped, the TCP sockets listening in process ``pid`` or its
+    descendants (``pid`` None: anywhere on this machine, for processes that a server such as Ray's
+    raylet starts) that were not listening when this started: ``seen`` maps (address, port) to the
+    process's name."""
 
-    def __init__(self, pid: int):
+    def __init__(self, pid: Optional[int], every: float = 0.1):
         super().__init__(daemon=True)
-        self.pid, self.seen, self._done = pid, {}, threading.Event()
+        self.pid, self.every, self.seen, self._done = pid, every, {}, threading.Event()
         self.before = listening_sockets(pid)
 
     def run(self) -> None:
         while not self._done.is_set():
             self.seen.update({k: v for k, v in listening_sockets(self.pid).items() if k not in self.before})
-            time.sleep(0.1)
+            time.sleep(self.every)
 
     def stop(self) -> dict[tuple[str, int], str]:
         self._done.set()

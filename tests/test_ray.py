@@ -15,7 +15,7 @@ import mlflow
 import pytest
 import torch
 
-from conftest import REPO, beyond_loopback, distrnn_cmd, listening_sockets, write_corpus
+from conftest import REPO, ListeningSockets, beyond_loopback, distrnn_cmd, listening_sockets, write_corpus
 
 pytestmark = pytest.mark.slow
 
@@ -103,15 +103,21 @@ def single_process(tmp_path_factory, data):
 @pytest.fixture(scope="module")
 def two_workers(cluster, tmp_path_factory, data):
     tmp = tmp_path_factory.mktemp("two")
-    r = _ray_train(cluster, tmp, data, "two")
+    # Ray Train's workers are the raylet's children, not the driver's: watch the whole machine
+    watch = ListeningSockets(None, every=0.25)
+    watch.start()
+    try:
+        r = _ray_train(cluster, tmp, data, "two")
+    finally:
+        watch.stop()
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
-    return tmp, _weights(_latest_ray_checkpoint(tmp / "store", "two"))
+    return tmp, _weights(_latest_ray_checkpoint(tmp / "store", "two")), watch.seen
 
 
 def test_two_workers_train_like_one_process_with_the_global_batch(two_workers, single_process):
     """2 Ray Train workers x 2 streams end with the weights of 1 process x 4 streams (12 AdamW
     updates, TBPTT k1=8 k2=12): DDP averages the ranks' losses, the ranks read disjoint streams."""
-    tmp, ray_weights = two_workers
+    tmp, ray_weights, _ = two_workers
     for k, ref in single_process.items():
         torch.testing.assert_close(ray_weights[k], ref, rtol=0, atol=1e-5, msg=k)
     ckpt = torch.load(_latest_ray_checkpoint(tmp / "store", "two"), map_location="cpu", weights_only=True)
@@ -119,6 +125,15 @@ def test_two_workers_train_like_one_process_with_the_global_batch(two_workers, s
     mlflow.set_tracking_uri(f"sqlite:///{tmp}/mlflow.db")
     runs = mlflow.search_runs(experiment_names=["ray"])
     assert len(runs) == 1 and runs["metrics.train/loss"].notna().all()  # one MLflow run per job (rank 0)
+
+
+def test_ray_train_workers_rendezvous_on_loopback_only(two_workers):
+    """Rank 0 of a Ray Train job hosts torch.distributed's store (no authentication); PyTorch binds
+    it to every interface. On a cluster whose node is 127.0.0.1 distrnn's backend hosts it on
+    127.0.0.1: nothing the job opened listened beyond loopback while it trained."""
+    _, _, seen = two_workers
+    assert any(name.startswith("ray::") for name in seen.values()), f"no worker socket seen: {seen}"
+    assert not beyond_loopback(seen), f"listening beyond loopback: {beyond_loopback(seen)}"
 
 
 def test_worker_failure_restores_mid_epoch_from_the_latest_checkpoint_deepspeed(cluster, tmp_path, data, two_workers):
