@@ -74,7 +74,10 @@ def _case(kind: str, args: dict, q) -> None:
             step()
         sync()
         dt = (time.perf_counter() - t0) / n
-        q.put({"tokens_per_s": B * T / dt, "s_per_step": dt, "peak_gib": peak_gib(base)})
+        out = {"tokens_per_s": B * T / dt, "s_per_step": dt, "peak_gib": peak_gib(base)}
+        if args.get("profile"):
+            out["profile_top"] = _profile(step, cuda)
+        q.put(out)
     elif kind == "memory":
         task = TaskSpec(kind="regression", output_dim=1, input_dim=64)
         model = RecurrentModel(NetworkConfig(recurrence="lstm", hidden_size=H), task).to(dev)
@@ -137,6 +140,29 @@ def _case(kind: str, args: dict, q) -> None:
                "no_grad_first_pass_bound": (t_infer + t_both) / t_both})
 
 
+def _profile(step, cuda: bool, steps: int = 2, top: int = 12) -> list:
+    """Where one step's time goes: the ``top`` operators by their own device time (CPU time on
+    a CPU), in ms per step, with their share of the step's total; the leading entry is the total."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=acts) as prof:
+        for _ in range(steps):
+            step()
+        if cuda:
+            torch.cuda.synchronize()
+
+    def own(e):  # microseconds of the operator itself, summed over its calls
+        return (getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)) if cuda else e.self_cpu_time_total
+
+    events = sorted(prof.key_averages(), key=own, reverse=True)
+    total = sum(own(e) for e in events) or 1.0
+    rows = [["total", round(total / steps / 1e3, 3), 1.0]]
+    rows += [[e.key[:60], round(own(e) / steps / 1e3, 3), round(own(e) / total, 3)] for e in events[:top] if own(e) > 0]
+    return rows
+
+
 def run(kind: str, limit: float, **args) -> dict:
     q = mp.get_context("spawn").Queue()
     p = mp.get_context("spawn").Process(target=_case, args=(kind, args, q))
@@ -182,7 +208,9 @@ def sweep_gpu(show, a) -> None:
         show(run("throughput", 90, rec="lstm", B=B, T=4096, H=H, iters=3, label="lstm T=4096"))
         show(run("throughput", 90, rec="lstm", B=B, T=4096, H=H, iters=3, bf16=True, label="lstm bf16 T=4096"))
         show(run("throughput", 90, rec="mingru", B=B, T=4096, H=H, iters=5, label="mingru triton T=4096"))
-        show(run("throughput", 90, rec="mingru", B=B, T=4096, H=H, iters=5, bf16=True, label="mingru triton bf16 T=4096"))
+        # with a breakdown by operator: what stands between it and 10x the LSTM in bf16
+        show(run("throughput", 90, rec="mingru", B=B, T=4096, H=H, iters=5, bf16=True, profile=True,
+                 label="mingru triton bf16 T=4096"))
         show(run("throughput", 90, rec="minlstm", B=B, T=4096, H=H, iters=5, label="minlstm triton T=4096"))
         show(run("throughput", 90, rec="mingru", B=B, T=16384, H=H, iters=3, label="mingru triton T=16384"))
         show(run("throughput", 90, rec="mingru", B=B, T=512, H=H, iters=1, parallel=False, label="mingru sequential T=512"))
