@@ -3,8 +3,9 @@
 Ray's backend has rank 0 open PyTorch's TCPStore (no authentication) on every interface for the
 whole training. On a node whose Ray address is loopback (`cluster/local_cluster.py`, or a driver
 that starts its own Ray: every worker is on this machine) nothing outside needs to reach it, so
-rank 0 hosts the store on a socket bound to 127.0.0.1 (`distrnn.rendezvous`) and every rank joins
-it as a client; everywhere else Ray's own setup runs unchanged. Imported only where Ray is.
+rank 0 hosts the store on a socket bound to 127.0.0.1 (`distrnn.rendezvous`), every rank joins it
+as a client and gloo connects the ranks over the loopback interface; everywhere else Ray's own
+setup runs unchanged. Imported only where Ray is.
 """
 
 from __future__ import annotations
@@ -32,7 +33,10 @@ def _host_store() -> int:
 
 
 def _join_store(port: int) -> None:
+    from distrnn.rendezvous import gloo_on_loopback
+
     os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "TORCHELASTIC_USE_AGENT_STORE": "True"})
+    gloo_on_loopback()
 
 
 def _release_store() -> None:

@@ -1,4 +1,5 @@
-"""A job whose processes all run on this machine keeps torch.distributed's rendezvous on 127.0.0.1.
+"""A job whose processes all run on this machine keeps torch.distributed's rendezvous, and gloo's
+connections between its ranks, on 127.0.0.1.
 
 Rank 0 of every DDP or DeepSpeed job hosts PyTorch's TCPStore, the key-value store from which the
 ranks learn each other's addresses. It listens on every interface and has no authentication
@@ -25,6 +26,34 @@ from lightning.pytorch.strategies import ParallelStrategy
 # finished job's keys.
 _hosted: dict[str, Any] = {}
 _MARK = "DISTRNN_RENDEZVOUS_PORT"
+_GLOO_MARK = "DISTRNN_GLOO_SOCKET_IFNAME"  # the GLOO_SOCKET_IFNAME that distrnn set, not the user
+
+
+def loopback_interface() -> Optional[str]:
+    """The name of this machine's loopback interface (``lo`` on Linux, ``lo0`` on macOS), or None."""
+    try:
+        names = {name for _, name in socket.if_nameindex()}
+    except OSError:
+        return None
+    return next((n for n in ("lo", "lo0") if n in names), None)
+
+
+def gloo_on_loopback(environ: Any = os.environ) -> None:
+    """Have gloo's connections between ranks listen on the loopback interface. Without
+    ``GLOO_SOCKET_IFNAME`` gloo binds the address this machine's hostname resolves to, on most
+    machines the network-facing one, for the whole job. A value the user set is kept."""
+    current = environ.get("GLOO_SOCKET_IFNAME")
+    name = loopback_interface()
+    if name is None or (current is not None and environ.get(_GLOO_MARK) != current):
+        return
+    environ.update({"GLOO_SOCKET_IFNAME": name, _GLOO_MARK: name})
+
+
+def _gloo_anywhere() -> None:
+    """Undo :func:`gloo_on_loopback` for a job whose ranks are not all on this machine (a later job
+    of a process that ran a local one: a notebook)."""
+    if os.environ.get(_GLOO_MARK) is not None and os.environ.get(_GLOO_MARK) == os.environ.get("GLOO_SOCKET_IFNAME"):
+        del os.environ["GLOO_SOCKET_IFNAME"], os.environ[_GLOO_MARK]
 
 
 def _resolves_to_loopback(host: str) -> bool:
@@ -50,6 +79,8 @@ def host_rendezvous_on_loopback(trainer: Trainer) -> Optional[int]:
     # Variables a distrnn launcher set, in this process or in a parent that ran a job in-process
     # (a notebook): that job's store is not this job's; torchrun's agent sets no DISTRNN_ variable.
     ours = "MASTER_PORT" in os.environ and os.environ.get(_MARK) == os.environ["MASTER_PORT"]
+    if trainer.num_nodes != 1 or not _resolves_to_loopback(os.environ.get("MASTER_ADDR", "127.0.0.1")):
+        _gloo_anywhere()
     if (
         not isinstance(strategy, ParallelStrategy)
         or dist.is_initialized()  # a group this process joined before keeps its store
@@ -62,6 +93,7 @@ def host_rendezvous_on_loopback(trainer: Trainer) -> Optional[int]:
         return None
     port = host_store_on_loopback(int(os.environ["MASTER_PORT"]) if "MASTER_PORT" in os.environ and not ours else 0)
     os.environ[_MARK] = str(port)
+    gloo_on_loopback()
     return port
 
 

@@ -41,7 +41,8 @@ def loopback_rendezvous():
     processes do not look for this one's store."""
     from distrnn.rendezvous import host_rendezvous_on_loopback, release_rendezvous
 
-    keys = ("MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_USE_AGENT_STORE", "DISTRNN_RENDEZVOUS_PORT")
+    keys = ("MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_USE_AGENT_STORE", "DISTRNN_RENDEZVOUS_PORT",
+            "GLOO_SOCKET_IFNAME", "DISTRNN_GLOO_SOCKET_IFNAME")
     saved = {k: os.environ.pop(k, None) for k in keys}
     yield host_rendezvous_on_loopback
     release_rendezvous()  # the store this test's jobs used stops with the test

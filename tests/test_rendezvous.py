@@ -85,3 +85,22 @@ def test_a_busy_master_port_is_one_line_exit_2(tmp_path, capsys, loopback_rendez
     import mlflow
 
     assert not (tmp_path / "mlflow.db").exists() or mlflow.search_runs(search_all_experiments=True).empty
+
+
+def test_gloo_connects_a_local_jobs_ranks_over_loopback_and_keeps_a_users_choice(loopback_rendezvous, monkeypatch):
+    """Without GLOO_SOCKET_IFNAME gloo listens on the address the hostname resolves to (on most
+    machines the network-facing one; here /etc/hosts maps it to 127.0.0.1, so the jobs watched in
+    test_ddp/test_faults cannot tell): a local job names the loopback interface, a job on
+    several nodes does not inherit that, and a value the user set stays."""
+    from distrnn.rendezvous import loopback_interface
+
+    lo = loopback_interface()
+    assert lo is not None and any(name == lo for _, name in socket.if_nameindex())
+    assert lo in {nic for nic, addrs in psutil.net_if_addrs().items() if any(a.address == "127.0.0.1" for a in addrs)}
+    loopback_rendezvous(_trainer(devices=2, strategy="ddp"))
+    assert os.environ["GLOO_SOCKET_IFNAME"] == lo
+    loopback_rendezvous(_trainer(devices=2, strategy="ddp", num_nodes=2))  # a later job in this process
+    assert "GLOO_SOCKET_IFNAME" not in os.environ
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "eth7")
+    loopback_rendezvous(_trainer(devices=2, strategy="ddp"))
+    assert os.environ["GLOO_SOCKET_IFNAME"] == "eth7"
