@@ -15,6 +15,9 @@ from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+# Set on a sweep's parent run from the moment the sweep is interrupted until it is resumed.
+INTERRUPTED_TAG = "distrnn.interrupted"
+
 
 class MLflowLogger(MLFlowLogger):
     """Lightning's MLflow logger with MLflow's own default store.
@@ -84,11 +87,24 @@ class MLflowLogger(MLFlowLogger):
         self._sender.put(dict(metrics), step)
 
     @rank_zero_only
+    def _parent_was_interrupted(self) -> bool:
+        """A sweep's trial run whose parent run says the sweep was interrupted: the trial ended
+        because Tune stopped it (its training thread sees the stop as an error, at any moment
+        around the driver's own closing of the trial runs), not by a failure of its own."""
+        parent = (self.tags or {}).get("mlflow.parentRunId")
+        if not parent:
+            return False
+        try:
+            return self.experiment.get_run(parent).data.tags.get(INTERRUPTED_TAG) == "true"
+        except Exception:
+            return False
+
     def finalize(self, status: str = "success") -> None:
         # Lightning says "failed" for every exception it handles, Ctrl-C and preemption included; it
         # calls this while handling it. A job stopped from outside is KILLED in MLflow's terms, as a
         # stopped sweep or trial is, not FAILED.
-        if status == "failed" and isinstance(sys.exc_info()[1], (KeyboardInterrupt, SIGTERMException)):
+        if status == "failed" and (isinstance(sys.exc_info()[1], (KeyboardInterrupt, SIGTERMException))
+                                   or self._parent_was_interrupted()):
             status = "KILLED"
         sender, self._sender = self._sender, None
         if sender is not None:

@@ -275,6 +275,8 @@ def _scheduler(sweep: SweepConfig) -> Any:
 def _parent_run(sweep: SweepConfig, resume: bool) -> str:
     import mlflow
 
+    from distrnn.tracking import INTERRUPTED_TAG
+
     client = mlflow.MlflowClient()
     exp = client.get_experiment_by_name(sweep.experiment_name)
     exp_id = exp.experiment_id if exp else client.create_experiment(sweep.experiment_name)
@@ -282,6 +284,8 @@ def _parent_run(sweep: SweepConfig, resume: bool) -> str:
         runs = client.search_runs([exp_id], f"tags.`{PARENT_TAG}` = '{sweep.name}'", order_by=["start_time DESC"], max_results=1)
         if runs:
             client.update_run(runs[0].info.run_id, status="RUNNING")
+            if INTERRUPTED_TAG in runs[0].data.tags:  # from here on a failing trial is FAILED again
+                client.delete_tag(runs[0].info.run_id, INTERRUPTED_TAG)
             return runs[0].info.run_id
     run = client.create_run(exp_id, run_name=sweep.name, tags={PARENT_TAG: sweep.name})
     params = {f"sweep.{k}": json.dumps(v)[:6000] for k, v in _plain(sweep).items()}
@@ -322,6 +326,8 @@ def main(argv: Optional[list[str]] = None) -> Any:
     import mlflow
     from ray import tune
 
+    from distrnn.tracking import INTERRUPTED_TAG
+
     env = tracking_env()
     os.environ.update(env)
     mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
@@ -353,7 +359,15 @@ def main(argv: Optional[list[str]] = None) -> Any:
             ),
             run_config=tune.RunConfig(name=sweep.name, storage_path=storage),
         )
-    interrupted, restore_sigint = _catch_interrupt()
+    def mark_interrupted() -> None:
+        # before Tune stops a trial: each trial run's logger reads it when its training ends
+        try:
+            mlflow.MlflowClient().set_tag(parent, INTERRUPTED_TAG, "true")
+        except Exception as e:
+            print(f"distrnn: warning: could not mark the sweep's run interrupted: {str(e).splitlines()[0][:300]}",
+                  file=sys.stderr)
+
+    interrupted, restore_sigint = _catch_interrupt(mark_interrupted)
     try:
         results = tuner.fit()
     finally:
@@ -386,12 +400,13 @@ def main(argv: Optional[list[str]] = None) -> Any:
     return results
 
 
-def _catch_interrupt() -> tuple[Any, Any]:
+def _catch_interrupt(on_interrupt: Any = None) -> tuple[Any, Any]:
     """An event set by Ctrl-C (SIGINT) during ``Tuner.fit``, and a function that puts the previous
     SIGINT handling back. Tune's own SIGINT handler stops the
     sweep gracefully but marks the stopped trials TERMINATED, like finished ones, so the driver
     could not tell an interrupted sweep from a finished one. With TUNE_DISABLE_SIGINT_HANDLER this
-    handler notes the interrupt and hands it to Tune as SIGUSR1, Tune's other stop signal."""
+    handler notes the interrupt, calls ``on_interrupt`` (the first time) and hands the interrupt
+    to Tune as SIGUSR1, Tune's other stop signal."""
     import signal
     import threading
 
@@ -402,7 +417,10 @@ def _catch_interrupt() -> tuple[Any, Any]:
     os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
 
     def note(signum: int, frame: Any) -> None:
+        first = not event.is_set()
         event.set()
+        if first and on_interrupt is not None:
+            on_interrupt()
         os.kill(os.getpid(), signal.SIGUSR1)
 
     def restore() -> None:  # for callers that go on in this process (tests, benchmarks)
