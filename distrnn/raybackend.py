@@ -11,7 +11,6 @@ setup runs unchanged. Imported only where Ray is.
 from __future__ import annotations
 
 import ipaddress
-import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,9 +32,9 @@ def _host_store() -> int:
 
 
 def _join_store(port: int) -> None:
-    from distrnn.rendezvous import gloo_on_loopback
+    from distrnn.rendezvous import gloo_on_loopback, join_store_on_loopback
 
-    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "TORCHELASTIC_USE_AGENT_STORE": "True"})
+    join_store_on_loopback(port)
     gloo_on_loopback()
 
 

@@ -117,8 +117,14 @@ def host_store_on_loopback(port: int = 0) -> int:
     # The store listens on the bound socket and owns it from here on.
     store = dist.TCPStore("127.0.0.1", port, is_master=True, master_listen_fd=sock.detach(), wait_for_workers=False)
     _hosted.update(store=store, port=port)
-    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "TORCHELASTIC_USE_AGENT_STORE": "True"})
+    join_store_on_loopback(port)
     return port
+
+
+def join_store_on_loopback(port: int) -> None:
+    """Point this process's torch.distributed environment (and that of the ranks it starts) at
+    the store on 127.0.0.1:``port`` as a client."""
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "TORCHELASTIC_USE_AGENT_STORE": "True"})
 
 
 def release_rendezvous() -> None:
