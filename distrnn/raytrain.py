@@ -147,14 +147,20 @@ class SignalsSeen:
 
 def _close_job_runs(tracking_uri: str, job: str, status: str) -> list[str]:
     """Mark the job's MLflow runs that its workers left open as ``status``; a run a worker
-    finalized as FAILED becomes KILLED when the job was stopped (its workers were killed)."""
+    finalized as FAILED becomes KILLED when the job was stopped (its workers were killed). A
+    stopped job's runs are tagged first: rank 0, still alive while this runs, may finalize its
+    run later, when a peer's death fails its step; its logger then reads the tag and says KILLED."""
     import mlflow
+
+    from distrnn.tracking import INTERRUPTED_TAG
 
     client = mlflow.MlflowClient(tracking_uri)
     closed = []
     for exp in client.search_experiments():
         for run in client.search_runs([exp.experiment_id], f"tags.`{JOB_TAG}` = '{job}'"):
             if run.info.status == "RUNNING" or (status == "KILLED" and run.info.status == "FAILED"):
+                if status == "KILLED":
+                    client.set_tag(run.info.run_id, INTERRUPTED_TAG, "true")
                 client.set_terminated(run.info.run_id, status)
                 closed.append(run.info.run_id)
     return closed

@@ -15,7 +15,7 @@ from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-# Set on a sweep's parent run from the moment the sweep is interrupted until it is resumed.
+# Set on a stopped Ray Train job's run, or an interrupted sweep's parent run, until it is resumed.
 INTERRUPTED_TAG = "distrnn.interrupted"
 
 
@@ -87,15 +87,14 @@ class MLflowLogger(MLFlowLogger):
         self._sender.put(dict(metrics), step)
 
     @rank_zero_only
-    def _parent_was_interrupted(self) -> bool:
-        """A sweep's trial run whose parent run says the sweep was interrupted: the trial ended
-        because Tune stopped it (its training thread sees the stop as an error, at any moment
-        around the driver's own closing of the trial runs), not by a failure of its own."""
-        parent = (self.tags or {}).get("mlflow.parentRunId")
-        if not parent:
-            return False
+    def _stopped_from_outside(self) -> bool:
+        """The run, or its parent, carries INTERRUPTED_TAG: a driver that was stopped (a Ray Train
+        job, a sweep) set it before its workers or trials went down. Such a run ended because it
+        was stopped, although its training saw an error (a Tune trial's stopped session, a peer
+        rank that was killed), at any moment around the driver's own closing of its runs."""
+        ids = [i for i in (self._run_id, (self.tags or {}).get("mlflow.parentRunId")) if i]
         try:
-            return self.experiment.get_run(parent).data.tags.get(INTERRUPTED_TAG) == "true"
+            return any(self.experiment.get_run(i).data.tags.get(INTERRUPTED_TAG) == "true" for i in ids)
         except Exception:
             return False
 
@@ -104,7 +103,7 @@ class MLflowLogger(MLFlowLogger):
         # calls this while handling it. A job stopped from outside is KILLED in MLflow's terms, as a
         # stopped sweep or trial is, not FAILED.
         if status == "failed" and (isinstance(sys.exc_info()[1], (KeyboardInterrupt, SIGTERMException))
-                                   or self._parent_was_interrupted()):
+                                   or self._stopped_from_outside()):
             status = "KILLED"
         sender, self._sender = self._sender, None
         if sender is not None:
@@ -338,4 +337,9 @@ def continue_run(logger: Any, checkpoint: dict[str, Any]) -> Optional[str]:
     except Exception:  # a checkpoint from another tracking store: start a new run
         return None
     logger._run_id = run_id
+    try:  # resumed: from here on a failure is a failure again
+        if INTERRUPTED_TAG in logger._mlflow_client.get_run(run_id).data.tags:
+            logger._mlflow_client.delete_tag(run_id, INTERRUPTED_TAG)
+    except Exception:
+        pass
     return run_id

@@ -48,32 +48,44 @@ def test_sweep_file_keys_are_typed(tmp_path, capsys):
     assert e.value.code == 2 and "num_samples" in capsys.readouterr().err
 
 
-def test_a_trial_ending_in_error_once_its_sweep_is_interrupted_is_killed_not_failed(tmp_path):
+def test_a_run_ending_in_error_once_its_job_or_sweep_was_stopped_is_killed_not_failed(tmp_path):
     """Tune stops the trials of an interrupted sweep, and a trial's training thread can see the
     stop as an error at any moment around the driver's own closing of the trial runs (seen once
     in CI: a trial run FAILED). The driver tags the parent run before Tune stops anything; a trial
     run that ends in error after that is KILLED. Before the tag, and after a --resume removed
-    it, an error is FAILED."""
-    from distrnn.tracking import INTERRUPTED_TAG, MLflowLogger
+    it, an error is FAILED. The same for a stopped Ray Train job's own run (rank 0 can fail on a
+    killed peer after the driver closed the run), until a resume continues the run."""
+    from distrnn.tracking import INTERRUPTED_TAG, RUN_ID_KEY, MLflowLogger, continue_run
     from distrnn.tune import SweepConfig, _parent_run
 
     sweep = SweepConfig(config=["x.yaml"], experiment_name="sweep-x", name="sx")
     parent = _parent_run(sweep, resume=False)
     client = mlflow.MlflowClient()
 
-    def trial_ending_in_error() -> str:
-        logger = MLflowLogger(experiment_name="sweep-x", tags={"mlflow.parentRunId": parent}, log_plots=False,
-                              synchronous=True, checkpoint_dir=str(tmp_path))
-        logger.log_metrics({"val/loss": 1.0}, 0)
+    def logger(**tags):
+        return MLflowLogger(experiment_name="sweep-x", tags=tags, log_plots=False, synchronous=True,
+                            checkpoint_dir=str(tmp_path))
+
+    def ends_in_error(log) -> str:
+        log.log_metrics({"val/loss": 1.0}, 0)
         try:
             raise RuntimeError("the session was shut down")
         except RuntimeError:
-            logger.finalize("failed")
-        return client.get_run(logger.run_id).info.status
+            log.finalize("failed")
+        return client.get_run(log.run_id).info.status
 
-    assert trial_ending_in_error() == "FAILED"
+    assert ends_in_error(logger(**{"mlflow.parentRunId": parent})) == "FAILED"
     client.set_tag(parent, INTERRUPTED_TAG, "true")
-    assert trial_ending_in_error() == "KILLED"
+    assert ends_in_error(logger(**{"mlflow.parentRunId": parent})) == "KILLED"
     assert _parent_run(sweep, resume=True) == parent  # --resume: the same parent, no longer interrupted
     assert INTERRUPTED_TAG not in client.get_run(parent).data.tags
-    assert trial_ending_in_error() == "FAILED"
+    assert ends_in_error(logger(**{"mlflow.parentRunId": parent})) == "FAILED"
+
+    job = logger()
+    job.log_metrics({"val/loss": 1.0}, 0)
+    client.set_tag(job.run_id, INTERRUPTED_TAG, "true")  # as the Ray Train driver does when stopped
+    assert ends_in_error(job) == "KILLED"
+    resumed = logger()
+    assert continue_run(resumed, {RUN_ID_KEY: job.run_id}) == job.run_id
+    assert INTERRUPTED_TAG not in client.get_run(job.run_id).data.tags
+    assert ends_in_error(resumed) == "FAILED"
