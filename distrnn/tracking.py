@@ -92,6 +92,8 @@ class MLflowLogger(MLFlowLogger):
         job, a sweep) set it before its workers or trials went down. Such a run ended because it
         was stopped, although its training saw an error (a Tune trial's stopped session, a peer
         rank that was killed), at any moment around the driver's own closing of its runs."""
+        if not self._initialized:  # no run in this process (a rank other than 0)
+            return False
         ids = [i for i in (self._run_id, (self.tags or {}).get("mlflow.parentRunId")) if i]
         try:
             return any(self.experiment.get_run(i).data.tags.get(INTERRUPTED_TAG) == "true" for i in ids)
@@ -102,8 +104,7 @@ class MLflowLogger(MLFlowLogger):
         # Lightning says "failed" for every exception it handles, Ctrl-C and preemption included; it
         # calls this while handling it. A job stopped from outside is KILLED in MLflow's terms, as a
         # stopped sweep or trial is, not FAILED.
-        if status == "failed" and (isinstance(sys.exc_info()[1], (KeyboardInterrupt, SIGTERMException))
-                                   or self._stopped_from_outside()):
+        if status == "failed" and isinstance(sys.exc_info()[1], (KeyboardInterrupt, SIGTERMException)):
             status = "KILLED"
         sender, self._sender = self._sender, None
         if sender is not None:
@@ -123,6 +124,8 @@ class MLflowLogger(MLFlowLogger):
                 print(f"distrnn: warning: plotting the curves of run {self.run_id} failed: {str(e).splitlines()[0][:300]}",
                       file=sys.stderr, flush=True)
         try:
+            if status == "failed" and self._stopped_from_outside():  # asked only of a server that answers
+                status = "KILLED"
             super().finalize(status)
         except Exception as e:
             print(f"distrnn: warning: finalizing the MLflow run {self.run_id} failed: {str(e).splitlines()[0][:300]};"
