@@ -10,13 +10,14 @@ setup runs unchanged. Imported only where Ray is.
 
 from __future__ import annotations
 
-import ipaddress
 from dataclasses import dataclass
 from typing import Any
 
 import ray
 from ray.train.torch import TorchConfig
 from ray.train.torch.config import _set_torch_distributed_env_vars, _setup_torch_process_group, _TorchBackend
+
+from distrnn.rendezvous import resolves_to_loopback
 
 try:  # the address Ray's own setup would give the store; Train v1's worker group
     from ray.train._internal.utils import get_address_and_port
@@ -51,11 +52,7 @@ class _LoopbackTorchBackend(_TorchBackend):
         if get_address_and_port is None or backend_config.init_method != "env" or resources.get("TPU", 0) > 0:
             return super().on_start(worker_group, backend_config)
         addr, _ = worker_group.execute_single(0, get_address_and_port)
-        try:
-            loopback = ipaddress.ip_address(addr).is_loopback
-        except ValueError:
-            loopback = False
-        if not loopback:
+        if not resolves_to_loopback(addr):
             return super().on_start(worker_group, backend_config)
         backend = backend_config.backend or ("nccl" if resources.get("GPU", 0) > 0 else "gloo")
         port = worker_group.execute_single(0, _host_store)

@@ -38,15 +38,15 @@ def loopback_interface() -> Optional[str]:
     return next((n for n in ("lo", "lo0") if n in names), None)
 
 
-def gloo_on_loopback(environ: Any = os.environ) -> None:
+def gloo_on_loopback() -> None:
     """Have gloo's connections between ranks listen on the loopback interface. Without
     ``GLOO_SOCKET_IFNAME`` gloo binds the address this machine's hostname resolves to, on most
     machines the network-facing one, for the whole job. A value the user set is kept."""
-    current = environ.get("GLOO_SOCKET_IFNAME")
+    current = os.environ.get("GLOO_SOCKET_IFNAME")
     name = loopback_interface()
-    if name is None or (current is not None and environ.get(_GLOO_MARK) != current):
+    if name is None or (current is not None and os.environ.get(_GLOO_MARK) != current):
         return
-    environ.update({"GLOO_SOCKET_IFNAME": name, _GLOO_MARK: name})
+    os.environ.update({"GLOO_SOCKET_IFNAME": name, _GLOO_MARK: name})
 
 
 def _gloo_anywhere() -> None:
@@ -56,7 +56,7 @@ def _gloo_anywhere() -> None:
         del os.environ["GLOO_SOCKET_IFNAME"], os.environ[_GLOO_MARK]
 
 
-def _resolves_to_loopback(host: str) -> bool:
+def resolves_to_loopback(host: str) -> bool:
     """MASTER_ADDR as torch will dial it: a name (``localhost``, a hostname that /etc/hosts maps
     to 127.0.1.1) counts by its address."""
     try:
@@ -79,7 +79,7 @@ def host_rendezvous_on_loopback(trainer: Trainer) -> Optional[int]:
     # Variables a distrnn launcher set, in this process or in a parent that ran a job in-process
     # (a notebook): that job's store is not this job's; torchrun's agent sets no DISTRNN_ variable.
     ours = "MASTER_PORT" in os.environ and os.environ.get(_MARK) == os.environ["MASTER_PORT"]
-    if trainer.num_nodes != 1 or not _resolves_to_loopback(os.environ.get("MASTER_ADDR", "127.0.0.1")):
+    if trainer.num_nodes != 1 or not resolves_to_loopback(os.environ.get("MASTER_ADDR", "127.0.0.1")):
         _gloo_anywhere()
     if (
         not isinstance(strategy, ParallelStrategy)
@@ -88,7 +88,7 @@ def host_rendezvous_on_loopback(trainer: Trainer) -> Optional[int]:
         or type(env) is not LightningEnvironment
         or env.creates_processes_externally
         or (os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and not ours)  # torchrun's agent hosts it
-        or not _resolves_to_loopback(os.environ.get("MASTER_ADDR", "127.0.0.1"))
+        or not resolves_to_loopback(os.environ.get("MASTER_ADDR", "127.0.0.1"))
     ):
         return None
     port = host_store_on_loopback(int(os.environ["MASTER_PORT"]) if "MASTER_PORT" in os.environ and not ours else 0)
