@@ -21,6 +21,12 @@ except ImportError:
 
 REPO = Path(__file__).resolve().parents[1]
 
+# The processes tests start find this environment's tools first (uvicorn, ray, ninja), as in an
+# activated venv: `make test` runs `python -m pytest` without activating it. (Before, DeepSpeed's
+# torch-extension builds found the system's ninja in some processes and the venv's, another
+# version, in Ray's workers, and each rebuilt what the other had built.)
+os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+
 
 @pytest.fixture(autouse=True)
 def _isolated(tmp_path, monkeypatch):

@@ -62,7 +62,17 @@ class CPUDeepSpeedStrategy(DeepSpeedStrategy):
     def setup_distributed(self) -> None:  # as DeepSpeedStrategy's, without the CUDA device-index check
         reset_seed()
         self.set_world_ranks()
+        without_shm_comm_op()
         self._init_deepspeed_distributed()
+
+
+def without_shm_comm_op() -> None:
+    """DeepSpeed's CPU accelerator compiles a shared-memory all-reduce (C++, ~40 s on 2 cores) when
+    its communication backend starts. Only ``inference_all_reduce`` uses it, never training, and a
+    GPU has NCCL instead: the CPU tests train without it, through torch.distributed as on a GPU."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 class AllowDeepSpeedOnCPU(L.Callback):

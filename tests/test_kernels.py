@@ -99,7 +99,9 @@ def test_kernel_reads_bf16_and_fp16_inputs_as_they_are_on_gpu():
 
 
 def test_kernel_equals_sequential_loop_in_triton_interpreter():
-    shapes = [(2, 37, 5), (3, 70, 70), (1, 1, 3)]  # tails of tiles, H not a power of two, T = 1
+    # tails of tiles (BLOCK_T 32, BLOCK_H 64: three T tiles, two H blocks), H not a power of two, T = 1;
+    # batch strides in the first (the interpreter runs every program in Python: B=1 for the largest)
+    shapes = [(2, 37, 5), (1, 70, 70), (1, 1, 3)]
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}
     r = subprocess.run([sys.executable, "-c", CHECK.format(dev="cpu", shapes=shapes)], capture_output=True, text=True,
                        timeout=300, env=env)

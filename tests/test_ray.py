@@ -58,7 +58,6 @@ def _env(cluster, tmp, **extra):
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env.update({k: v for k, v in cluster.items() if k.startswith("RAY_")})
     env["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp}/mlflow.db"
-    env["PATH"] = f"{Path(PY).parent}{os.pathsep}{env.get('PATH', '')}"
     env.update(extra)
     return env
 

@@ -107,9 +107,8 @@ def test_mlflow_models_serve_answers_with_the_models_predictions(two_runs):
     mlflow.set_tracking_uri(store)
     reference = mlflow.pytorch.load_model("models:/tiny-byte/1", map_location="cpu").model.eval()
     port = free_port()
-    # MLflow execs `uvicorn` from the PATH: this interpreter's environment first (make test does
-    # not activate it)
-    env = {**os.environ, "MLFLOW_TRACKING_URI": store, "PATH": f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ.get('PATH', '')}"}
+    # MLflow execs `uvicorn` from the PATH (this environment's first: conftest)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": store}
     server = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/tiny-byte/1",
                                "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port), "-w", "1"],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
