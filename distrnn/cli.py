@@ -14,7 +14,7 @@ from typing import Any, NoReturn, Optional
 
 from jsonargparse import ArgumentParser
 from lightning.pytorch import Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -108,6 +108,24 @@ class _Parser(LightningArgumentParser):
         fail(" ".join(keys[:3]) if keys else " ".join(lines[:2]))
 
 
+class EpochProgressBar(TQDMProgressBar):
+    """Lightning's bar, counting from where a resumed epoch stands. Resuming mid-epoch, Lightning
+    skips ``on_train_epoch_start`` and starts ``batch_idx`` from 0 again, so its bar said
+    "Training: 0/?" for the rest of that epoch; this one goes on from "Epoch 2: 836/1000"."""
+
+    def on_train_start(self, trainer: Trainer, pl_module: Any) -> None:
+        super().on_train_start(trainer, pl_module)
+        if trainer.fit_loop.restarted_mid_epoch:
+            self.on_train_epoch_start(trainer, pl_module)
+            bar, done = self.train_progress_bar, trainer.fit_loop.epoch_loop.batch_progress.current.processed
+            bar.n = bar.initial = done  # tqdm's rate counts from `initial`: this run's batches only
+            bar.refresh()
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed  # batches of this epoch, this one included
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, done - 1)
+
+
 class DistrnnCLI(LightningCLI):
     """The ``distrnn`` command. Ray workers and Tune trials build it with ``run=False`` and the same
     YAML, adding what their environment needs through ``trainer_extra`` (strategy, plugins,
@@ -147,6 +165,8 @@ class DistrnnCLI(LightningCLI):
         for key, value in extra.items():
             trainer_cfg[key] = value
         _check_devices(trainer_cfg)
+        if trainer_cfg.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
+            callbacks.append(EpochProgressBar())
         trainer_cfg["callbacks"] = [*callbacks, MLflowRunInCheckpoint(), CheckpointOnSigterm()]
         if not any(isinstance(p, CheckpointIO) for p in plugins):
             plugins.append(AtomicCheckpointIO())

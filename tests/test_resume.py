@@ -10,7 +10,7 @@ from distrnn.checkpoint import AtomicCheckpointIO, CheckpointError, load_checkpo
 from distrnn.data import ByteCorpusDataModule
 from distrnn.engine import TBPTTModule, Carry
 
-from conftest import write_corpus
+from conftest import REPO, write_corpus
 from helpers import make_module
 
 
@@ -190,3 +190,45 @@ def _no_runs(tmp_path):
 
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     return not client.search_runs([e.experiment_id for e in client.search_experiments()])
+
+
+class _BarAfterFirstBatch(L.Callback):
+    """Runs after the bar's own hook (callbacks run in list order): what the bar shows."""
+
+    def __init__(self):
+        self.seen = []
+
+    def on_train_batch_end(self, trainer, *args):
+        bar = trainer.progress_bar_callback.train_progress_bar
+        self.seen.append((bar.desc, bar.n, bar.total, bar.initial))
+
+
+def test_progress_bar_goes_on_from_where_a_resumed_epoch_stands(tmp_path):
+    """Resumed mid-epoch, Lightning skips on_train_epoch_start and restarts batch_idx at 0: its bar
+    said "Training: 1/?". distrnn's bar (the CLI's default) says "Epoch 0: 7/N", N the epoch's
+    batches, and its rate counts this run's batches only; the next epoch starts at 1/N."""
+    from distrnn.cli import DistrnnCLI, EpochProgressBar
+
+    corpus = write_corpus(tmp_path / "c.txt", 2000)
+
+    def run(ckpt_path=None, max_steps=-1):
+        L.seed_everything(0)
+        dm = ByteCorpusDataModule(path=str(corpus), batch_size=4, seq_len=24, val_fraction=0.1)
+        spy = _BarAfterFirstBatch()
+        trainer = L.Trainer(accelerator="cpu", max_epochs=2, max_steps=max_steps, logger=False, enable_model_summary=False,
+                            callbacks=[ModelCheckpoint(dirpath=tmp_path / "ck", every_n_train_steps=6, save_top_k=-1,
+                                                       filename="{step}"), EpochProgressBar(), spy],
+                            limit_val_batches=0, num_sanity_val_steps=0)
+        trainer.fit(make_module(dm.task, recurrence="lstm", layers=1, k1=8, k2=12), dm, ckpt_path=ckpt_path)
+        return trainer, spy.seen
+
+    trainer, _ = run(max_steps=9)
+    per_epoch = trainer.num_training_batches
+    _, seen = run(ckpt_path=str(tmp_path / "ck" / "step=6.ckpt"))  # k1=8 of seq_len 24: 3 updates a batch
+    assert seen[0] == ("Epoch 0: ", 3, per_epoch, 2), seen[:3]
+    assert seen[per_epoch - 2] == ("Epoch 1: ", 1, per_epoch, 0) and len(seen) == 2 * per_epoch - 2
+    # the command's trainer shows it, unless the config turns the bar off
+    args = ["--config", str(REPO / "jobs/configs/tiny.yaml"), "--data.init_args.path", str(corpus), "--trainer.logger=false"]
+    shown = DistrnnCLI(args=[*args, "--trainer.enable_progress_bar=true"], run=False).trainer.progress_bar_callback
+    assert isinstance(shown, EpochProgressBar)
+    assert DistrnnCLI(args=args, run=False).trainer.progress_bar_callback is None
