@@ -79,16 +79,16 @@ def host_rendezvous_on_loopback(trainer: Trainer) -> Optional[int]:
     # Variables a distrnn launcher set, in this process or in a parent that ran a job in-process
     # (a notebook): that job's store is not this job's; torchrun's agent sets no DISTRNN_ variable.
     ours = "MASTER_PORT" in os.environ and os.environ.get(_MARK) == os.environ["MASTER_PORT"]
-    if trainer.num_nodes != 1 or not resolves_to_loopback(os.environ.get("MASTER_ADDR", "127.0.0.1")):
+    one_machine = trainer.num_nodes == 1 and resolves_to_loopback(os.environ.get("MASTER_ADDR", "127.0.0.1"))
+    if not one_machine:
         _gloo_anywhere()
     if (
         not isinstance(strategy, ParallelStrategy)
         or dist.is_initialized()  # a group this process joined before keeps its store
-        or trainer.num_nodes != 1
+        or not one_machine
         or type(env) is not LightningEnvironment
         or env.creates_processes_externally
         or (os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and not ours)  # torchrun's agent hosts it
-        or not resolves_to_loopback(os.environ.get("MASTER_ADDR", "127.0.0.1"))
     ):
         return None
     port = host_store_on_loopback(int(os.environ["MASTER_PORT"]) if "MASTER_PORT" in os.environ and not ours else 0)
