@@ -79,12 +79,7 @@ def _case(kind: str, args: dict, q) -> None:
             out["profile_top"] = _profile(step, cuda)
         q.put(out)
     elif kind == "memory":
-        task = TaskSpec(kind="regression", output_dim=1, input_dim=64)
-        model = RecurrentModel(NetworkConfig(recurrence="lstm", hidden_size=H), task).to(dev)
-        x = torch.randn(B, T, 64, device=dev)
-        y = torch.randn(B, T, 1, device=dev)
-        mask = torch.zeros(B, T, dtype=torch.bool, device=dev)
-        mask[:, -1] = True  # the loss at the end of the sequence
+        task, model, x, y, mask = _loss_at_the_end(B, T, H, dev)
         k = args["k"]
         mode = args["mode"]
 
@@ -110,6 +105,46 @@ def _case(kind: str, args: dict, q) -> None:
             sync()
             times.append(time.perf_counter() - t0)
         q.put({"s_per_step": sorted(times)[len(times) // 2], "peak_gib": peak_gib(base)})
+    elif kind == "checkpointing":
+        # Side by side in one process, interleaved, medians: full BPTT, distrnn's checkpointed BPTT
+        # (first pass without autograd) and the same segments under torch.utils.checkpoint
+        # (non-reentrant: the first pass a training forward with its saved tensors dropped).
+        from torch.utils.checkpoint import checkpoint
+
+        from distrnn.bptt import loss_sum
+
+        task, model, x, y, mask = _loss_at_the_end(B, T, H, dev)
+        k = args["k"]
+
+        def piece(xs, ys, ms, state):
+            y_hat, state = model(xs, state)
+            return loss_sum(y_hat, ys, ms, task), state
+
+        def torch_checkpoint():
+            total, state = 0.0, None
+            for a in range(0, T, k):
+                part, state = checkpoint(piece, x[:, a:a + k], y[:, a:a + k], mask[:, a:a + k], state, use_reentrant=False)
+                total = total + part
+            total.backward()
+
+        cases = {
+            "full": lambda: run_window(model, task, x, y, mask, None, None).loss_sum.backward(),
+            "distrnn_checkpointed": lambda: run_window(model, task, x, y, mask, None, None, segment=k).loss_sum.backward(),
+            "torch_checkpoint": torch_checkpoint,
+        }
+        times = {name: [] for name in cases}
+        for rnd in range(args.get("rounds", 4) + 1):
+            for name, fn in cases.items():
+                sync()
+                t0 = time.perf_counter()
+                fn()
+                sync()
+                if rnd:  # the first round warms up
+                    times[name].append(time.perf_counter() - t0)
+        med = {name: sorted(v)[len(v) // 2] for name, v in times.items()}
+        q.put({**{f"{n}_s": round(v, 4) for n, v in med.items()},
+               "distrnn_checkpointed_over_full": round(med["distrnn_checkpointed"] / med["full"], 3),
+               "torch_checkpoint_over_full": round(med["torch_checkpoint"] / med["full"], 3)})
     elif kind == "split":
         # Where checkpointed BPTT's extra time goes: the first pass of a checkpointed segment is a
         # forward in grad mode (torch.utils.checkpoint, non-reentrant: cuDNN's training forward,
@@ -138,6 +173,22 @@ def _case(kind: str, args: dict, q) -> None:
         q.put({"forward_no_grad_s": t_infer, "forward_grad_s": t_train, "backward_s": t_both - t_train,
                "recompute_bound": (2 * t_train + (t_both - t_train)) / t_both,
                "no_grad_first_pass_bound": (t_infer + t_both) / t_both})
+
+
+def _loss_at_the_end(B: int, T: int, H: int, dev):
+    """The memory cases' task: an LSTM over 64 input features, a loss at the last step only."""
+    import torch
+
+    from distrnn.config import NetworkConfig, TaskSpec
+    from distrnn.model import RecurrentModel
+
+    task = TaskSpec(kind="regression", output_dim=1, input_dim=64)
+    model = RecurrentModel(NetworkConfig(recurrence="lstm", hidden_size=H), task).to(dev)
+    x = torch.randn(B, T, 64, device=dev)
+    y = torch.randn(B, T, 1, device=dev)
+    mask = torch.zeros(B, T, dtype=torch.bool, device=dev)
+    mask[:, -1] = True
+    return task, model, x, y, mask
 
 
 def _profile(step, cuda: bool, steps: int = 2, top: int = 12) -> list:
@@ -199,6 +250,7 @@ def sweep_cpu(show) -> None:
     for T in (1024, 4096, 16384):
         for mode in ("tbptt", "full", "checkpointed"):
             show(run("memory", 120, device="cpu", mode=mode, B=8, T=T, H=128, k=256, label=f"memory {mode} T={T}"))
+    show(run("checkpointing", 300, device="cpu", B=16, T=4096, H=512, k=256, label="checkpointed vs full, side by side, T=4096"))
 
 
 def sweep_gpu(show, a) -> None:
@@ -221,8 +273,8 @@ def sweep_gpu(show, a) -> None:
             show(run("memory", 120, mode=mode, B=16, T=16384, H=512, k=256, label=f"memory {mode} T=16384"))
         # longer segments: fewer, longer cuDNN calls, more activations held (T/k states + k steps)
         show(run("memory", 120, mode="checkpointed", B=16, T=16384, H=512, k=1024, label="memory checkpointed k=1024 T=16384"))
-        for k in (256, 1024):
-            show(run("split", 60, B=16, T=k, H=512, label=f"lstm segment split T={k}"))
+        show(run("checkpointing", 90, B=16, T=16384, H=512, k=256, rounds=3, label="checkpointed vs full, side by side, T=16384"))
+        show(run("split", 60, B=16, T=256, H=512, label="lstm segment split T=256"))
         return
     # cuDNN LSTM bf16 at T=4096: distrnn's layer in pieces of 2048 steps, then in one call
     show(run("throughput", 120, rec="lstm", B=B, T=2048, H=H, bf16=True, iters=3, label="lstm bf16 T=2048 one call"))

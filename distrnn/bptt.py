@@ -8,18 +8,19 @@ recomputed segments of k1 steps.
 from __future__ import annotations
 
 import math
+from contextlib import ExitStack
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import checkpoint, get_device_states, set_device_states
 
 from distrnn.config import TaskSpec
 from distrnn.data.loaders import batch_generator
 from distrnn.model import RecurrentModel
-from distrnn.state import State
+from distrnn.state import State, state_tensors
 
 LN2 = math.log(2.0)
 
@@ -43,6 +44,82 @@ def _piece(
     return loss_sum(y_hat, y, mask, task), state
 
 
+class _Replay:
+    """What a segment's recomputation must share with its first pass so that it computes the
+    same thing: the random-number streams (dropout) and the autocast settings."""
+
+    def __init__(self, tensors: tuple[Tensor, ...]) -> None:
+        self.cpu_rng = torch.get_rng_state()
+        self.devices, self.device_rng = get_device_states(*tensors)
+        self.device_type = next((t.device.type for t in tensors if t.device.type != "cpu"), "cpu")
+        self.autocast = [
+            (d, dict(enabled=torch.is_autocast_enabled(d), dtype=torch.get_autocast_dtype(d), cache_enabled=torch.is_autocast_cache_enabled()))
+            for d in dict.fromkeys([self.device_type, "cpu"])
+        ]
+
+    def restore(self, stack: ExitStack) -> None:
+        stack.enter_context(torch.random.fork_rng(devices=self.devices, device_type=self.device_type))
+        torch.set_rng_state(self.cpu_rng)
+        set_device_states(self.devices, self.device_rng, device_type=self.device_type)
+        for d, kw in self.autocast:
+            stack.enter_context(torch.autocast(d, **kw))
+
+
+class _RecomputedSegment(torch.autograd.Function):
+    """One checkpointed segment whose first pass runs without autograd (for cuDNN: its inference
+    forward, no reserve space) and whose backward recomputes it with autograd and hands the
+    gradients of its input state and of the parameters back to the outer graph.
+
+    The parameters are inputs of this Function, so each reaches its AccumulateGrad node through
+    autograd once per backward, summed over all segments: DDP's and ZeRO's gradient hooks fire
+    once per parameter, as for an uncheckpointed graph (a reentrant ``torch.utils.checkpoint``
+    would accumulate into ``.grad`` once per segment inside its own backward)."""
+
+    @staticmethod
+    def forward(ctx, run: Callable, box: list, n_state: int, *tensors: Tensor):
+        states, params = tensors[:n_state], tensors[n_state:]
+        ctx.run, ctx.params = run, params
+        ctx.replay = _Replay(tensors)
+        ctx.save_for_backward(*states)
+        ctx.set_materialize_grads(False)
+        part, state = run(states)
+        box.append(isinstance(state, Tensor))
+        return (part, *state_tensors(state))
+
+    @staticmethod
+    def backward(ctx, g_part: Optional[Tensor], *g_state: Optional[Tensor]):
+        need = ctx.needs_input_grad[3:]
+        states = tuple(s.detach().requires_grad_(need[i]) for i, s in enumerate(ctx.saved_tensors))
+        with ExitStack() as stack:
+            ctx.replay.restore(stack)
+            with torch.enable_grad():
+                part, state = ctx.run(states)
+        pairs = [(o, g) for o, g in zip((part, *state_tensors(state)), (g_part, *g_state)) if g is not None and o.requires_grad]
+        wrt = [t for t, n in zip((*states, *ctx.params), need) if n]
+        grads = iter(
+            torch.autograd.grad([o for o, _ in pairs], wrt, [g for _, g in pairs], allow_unused=True)
+            if pairs and wrt else [None] * len(wrt)
+        )
+        return (None, None, None, *(next(grads) if n else None for n in need))
+
+
+def _checkpointed_piece(
+    model: RecurrentModel, x: Tensor, y: Tensor, mask: Tensor, reset: Optional[Tensor], state: Optional[State], task: TaskSpec,
+    params: Optional[list[Tensor]],
+) -> tuple[Tensor, State]:
+    if params is None:  # partitioned parameters: the gradients' shapes would not match theirs
+        return checkpoint(_piece, model, x, y, mask, reset, state, task, use_reentrant=False)
+    was_tensor = isinstance(state, Tensor)
+
+    def run(states: tuple[Tensor, ...]) -> tuple[Tensor, State]:
+        s = None if not states else states[0] if was_tensor else states
+        return _piece(model, x, y, mask, reset, s, task)
+
+    box: list = []
+    part, *out = _RecomputedSegment.apply(run, box, len(state_tensors(state)), *state_tensors(state), *params)
+    return part, out[0] if box[0] else tuple(out)
+
+
 @dataclass
 class WindowResult:
     loss_sum: Tensor
@@ -60,6 +137,7 @@ def run_window(
     state: Optional[State],
     capture_at: Optional[int] = None,
     segment: Optional[int] = None,
+    partitioned: bool = False,
 ) -> WindowResult:
     """Run ``x`` from ``state``; return the summed loss, the final state, and the state after
     ``capture_at`` steps (where the next truncation window starts).
@@ -67,7 +145,11 @@ def run_window(
     With ``segment``, the window runs in segments of that many steps under activation
     checkpointing: only the states between segments are kept, and each segment is recomputed in
     the backward pass, so the gradients are exact at O(T/segment) states of memory plus one
-    segment of activations (Gruslys et al. 2016 with the simplest policy).
+    segment of activations (Gruslys et al. 2016 with the simplest policy). The first pass runs
+    without autograd (``_RecomputedSegment``), so a segment costs one inference forward more
+    than in full BPTT, not one training forward more. With ``partitioned`` (ZeRO-3: a parameter
+    is gathered only during its module's forward and is an empty tensor outside it) the segments
+    go through ``torch.utils.checkpoint`` instead, whose first pass is a training forward.
     ``reset`` stays on the host: its boundaries are read without a device sync.
     """
     T = x.shape[1]
@@ -79,12 +161,12 @@ def run_window(
     bounds = sorted(cuts)
     total = x.new_zeros((), dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
     captured = state if capture_at == 0 else None
+    recompute = bool(segment) and torch.is_grad_enabled()
+    params = [p for p in model.parameters() if p.requires_grad] if recompute and not partitioned else None
     for a, b in zip(bounds[:-1], bounds[1:]):
         r = None if reset is None else reset[:, a:b]
-        if segment and torch.is_grad_enabled():
-            part, state = checkpoint(
-                _piece, model, x[:, a:b], y[:, a:b], mask[:, a:b], r, state, task, use_reentrant=False
-            )
+        if recompute:
+            part, state = _checkpointed_piece(model, x[:, a:b], y[:, a:b], mask[:, a:b], r, state, task, params)
         else:
             part, state = _piece(model, x[:, a:b], y[:, a:b], mask[:, a:b], r, state, task)
         total = total + part

@@ -270,7 +270,9 @@ class TBPTTModule(L.LightningModule):
 
         opt = self.optimizers()
         sched = self.lr_schedulers()
-        res = run_window(self.model, self.task, x, y, mask, reset, carry.state, capture_at, segment)
+        ds = self._deepspeed()
+        res = run_window(self.model, self.task, x, y, mask, reset, carry.state, capture_at, segment,
+                         partitioned=ds is not None and ds.zero_stage_3)
         loss = res.loss_sum / n_loss
         if self.optim_cfg.stop_on_nonfinite and not torch.isfinite(loss.detach()).item():
             raise FloatingPointError(
@@ -285,7 +287,6 @@ class TBPTTModule(L.LightningModule):
         opt.step()  # with fp16 loss scaling, skipped if the gradients overflowed
         for g, lr in zip(opt.param_groups, scheduled):
             g["lr"] = lr
-        ds = self._deepspeed()
         if ds is not None:
             # before clipping, as clip_grad_norm_ returns; kept as a tensor: no host sync per update
             norm = ds.deepspeed_engine.get_global_grad_norm()

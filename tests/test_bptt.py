@@ -53,6 +53,76 @@ def test_checkpointed_bptt_gives_full_bptt_gradients(name):
         torch.testing.assert_close(g, ref[n], rtol=0, atol=1e-10, msg=n)
 
 
+
+def _segmented_reference(model, x, y, mask, state, segment):
+    """The same segments run one after another under plain autograd, nothing recomputed."""
+    total = 0.0
+    for a in range(0, x.shape[1], segment):
+        y_hat, state = model(x[:, a:a + segment], state)
+        per = torch.nn.functional.cross_entropy(y_hat.flatten(0, 1), y[:, a:a + segment].flatten(), reduction="none")
+        total = total + (per.view_as(mask[:, a:a + segment]) * mask[:, a:a + segment]).sum()
+    return total, state
+
+
+@pytest.mark.parametrize("name", ["lstm", "mingru"])
+def test_checkpointed_segments_replay_dropout_and_return_the_initial_state_gradient(name):
+    """The recomputation sees the dropout masks of the first pass (the RNG is replayed), and the
+    gradient reaches a carried initial state that requires it, as through the plain segments."""
+    torch.manual_seed(2)
+    model = RecurrentModel(NetworkConfig(recurrence=name, hidden_size=6, num_layers=3, dropout=0.4), LM).double()
+    B, T = 3, 37
+    x, y = torch.randint(0, 11, (B, T)), torch.randint(0, 11, (B, T))
+    mask = torch.rand(B, T) < 0.8
+    _, like = model(x[:, :1], None)
+    init = tuple(torch.randn_like(s) for s in state_tensors(like))
+
+    def leaf():
+        s = tuple(t.clone().requires_grad_() for t in init)
+        return s if len(s) > 1 else s[0]
+
+    h0_ref = leaf()
+    torch.manual_seed(9)
+    ref_loss, ref_state = _segmented_reference(model, x, y, mask, h0_ref, 8)
+    ref_loss.backward()
+    ref = _grads(model)
+    model.zero_grad()
+    h0 = leaf()
+    torch.manual_seed(9)
+    res = run_window(model, LM, x, y, mask, None, h0, segment=8)
+    res.loss_sum.backward()
+    torch.testing.assert_close(res.loss_sum, ref_loss, rtol=0, atol=1e-10)
+    for a, b in zip(state_tensors(res.state), state_tensors(ref_state)):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+    for n, g in _grads(model).items():
+        torch.testing.assert_close(g, ref[n], rtol=0, atol=1e-10, msg=n)
+    for a, b in zip(state_tensors(h0), state_tensors(h0_ref)):
+        assert b.grad.abs().max() > 1e-6
+        torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=1e-10)
+
+
+def test_checkpointed_segments_recompute_under_the_first_passes_autocast():
+    """Under bf16 autocast the recomputation runs in bf16 too: its gradients are those of the
+    plain segments under the same autocast, not of a float32 recomputation (which differs by
+    ~1e-2 here). Without autocast's weight cache: with it, the plain graph casts each weight
+    once for all segments and sums their gradients in bf16 there, where each recomputed segment
+    casts its own and the sum is in float32 (closer to the float32 gradients)."""
+    torch.manual_seed(3)
+    model = RecurrentModel(NetworkConfig(recurrence="gru", hidden_size=32, num_layers=2), LM)
+    B, T = 4, 40
+    x, y = torch.randint(0, 11, (B, T)), torch.randint(0, 11, (B, T))
+    mask = torch.ones(B, T, dtype=torch.bool)
+    with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False):
+        ref_loss, _ = _segmented_reference(model, x, y, mask, None, 10)
+    ref_loss.backward()
+    ref = _grads(model)
+    model.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False):
+        res = run_window(model, LM, x, y, mask, None, None, segment=10)
+    res.loss_sum.backward()
+    for n, g in _grads(model).items():
+        torch.testing.assert_close(g, ref[n], rtol=0, atol=1e-6, msg=n)
+
+
 def _sequence_batches(x, y, mask, batch_size):
     return TensorLoader({"x": x, "y": y, "mask": mask}, batch_size, shuffle=False)
 

@@ -28,8 +28,8 @@ class Streams(L.LightningDataModule):
                             world_size=self.trainer.world_size)
 
 
-def _fit(devices, per_rank_batch, steps, rendezvous=None):
-    module = make_module(LM, recurrence="gru", hidden=16, k1=16, name="sgd", lr=0.5, seed=0)
+def _fit(devices, per_rank_batch, steps, rendezvous=None, mode="tbptt", k1=16):
+    module = make_module(LM, recurrence="gru", hidden=16, mode=mode, k1=k1, name="sgd", lr=0.5, seed=0)
     trainer = L.Trainer(
         accelerator="cpu", devices=devices, strategy="ddp_spawn" if devices > 1 else "auto", max_steps=steps,
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
@@ -41,14 +41,17 @@ def _fit(devices, per_rank_batch, steps, rendezvous=None):
 
 
 @pytest.mark.slow
-def test_two_ranks_equal_one_process_with_the_global_batch(loopback_rendezvous):
+@pytest.mark.parametrize("mode,k1", [("tbptt", 16), ("checkpointed", 5)])
+def test_two_ranks_equal_one_process_with_the_global_batch(loopback_rendezvous, mode, k1):
     """2 ranks x 3 streams take the same SGD steps as 1 process x 6 streams: DDP averages the
     ranks' mean losses, and the ranks read disjoint halves of the same 6 streams. Every socket the
-    job listens on (the rendezvous store this process hosts, gloo's) is on 127.0.0.1."""
-    single = _fit(1, 6, 3)
+    job listens on (the rendezvous store this process hosts, gloo's) is on 127.0.0.1.
+    Checkpointed BPTT (segments of 5 steps, recomputed in a custom autograd Function): DDP's
+    gradient hooks see each parameter once per update, as in one graph."""
+    single = _fit(1, 6, 3, mode=mode, k1=k1)
     watch = ListeningSockets(os.getpid())
     watch.start()
-    ddp = _fit(2, 3, 3, loopback_rendezvous)
+    ddp = _fit(2, 3, 3, loopback_rendezvous, mode=mode, k1=k1)
     seen = watch.stop()
     assert seen and not watch.exposed(), seen
     init = make_module(LM, recurrence="gru", hidden=16, k1=16, name="sgd", lr=0.5, seed=0)

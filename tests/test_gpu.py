@@ -52,8 +52,9 @@ def test_gpu_update_matches_cpu():
 
 def test_lightning_deepspeed_zero2_zero3_fp32_bf16_and_resume(tmp_path):
     """Lightning's DeepSpeed strategy, unmodified, on the GPU (the CPU suite runs the same script
-    with the strategy's CUDA checks skipped): ZeRO-2/3 fp32 updates equal plain updates, bf16 trains
-    bf16 weights, resume from the checkpoint directory equals the uninterrupted run, it converts."""
+    with the strategy's CUDA checks skipped): ZeRO-2/3 fp32 updates equal plain updates (truncated
+    and checkpointed BPTT), bf16 trains bf16 weights, resume from the checkpoint directory equals
+    the uninterrupted run, it converts."""
     import json
     import os
     import subprocess
@@ -75,6 +76,8 @@ def test_lightning_deepspeed_zero2_zero3_fp32_bf16_and_resume(tmp_path):
     for stage in (2, 3):
         eq, bf, rs = res[f"equal_zero{stage}"], res[f"bf16_zero{stage}"], res[f"resume_zero{stage}"]
         assert eq["clip_bites"] and eq["weights"] < 1e-5 and eq["grad_norm"] < 1e-4, eq
+        ck = res[f"equal_checkpointed_zero{stage}"]  # checkpointed BPTT, ZeRO-3 fully partitioned
+        assert ck["clip_bites"] and ck["weights"] < 1e-5 and ck["grad_norm"] < 1e-4, ck
         assert bf["dtypes"] == ["torch.bfloat16"] and bf["finite"] and bf["last"] < bf["first"], bf
         # cuDNN's kernels are deterministic for one configuration; allow float noise all the same
         assert rs["weights"] < 1e-6 and rs["state"] < 1e-6 and rs["converted"] < 1e-6 and rs["global_step"] == 8, rs
