@@ -147,7 +147,8 @@ def run_window(
     the backward pass, so the gradients are exact at O(T/segment) states of memory plus one
     segment of activations (Gruslys et al. 2016 with the simplest policy). The first pass runs
     without autograd (``_RecomputedSegment``), so a segment costs one inference forward more
-    than in full BPTT, not one training forward more. With ``partitioned`` (ZeRO-3: a parameter
+    than in full BPTT, not one training forward more; the last segment runs under plain autograd
+    (the backward would rebuild its activations first thing, so keeping them adds no peak). With ``partitioned`` (ZeRO-3: a parameter
     is gathered only during its module's forward and is an empty tensor outside it) the segments
     go through ``torch.utils.checkpoint`` instead, whose first pass is a training forward.
     ``reset`` stays on the host: its boundaries are read without a device sync.
@@ -165,7 +166,7 @@ def run_window(
     params = [p for p in model.parameters() if p.requires_grad] if recompute and not partitioned else None
     for a, b in zip(bounds[:-1], bounds[1:]):
         r = None if reset is None else reset[:, a:b]
-        if recompute:
+        if recompute and b < T:  # the last segment keeps its activations: its backward comes first
             part, state = _checkpointed_piece(model, x[:, a:b], y[:, a:b], mask[:, a:b], r, state, task, params)
         else:
             part, state = _piece(model, x[:, a:b], y[:, a:b], mask[:, a:b], r, state, task)
