@@ -103,8 +103,11 @@ class MLflowLogger(MLFlowLogger):
     def finalize(self, status: str = "success") -> None:
         # Lightning says "failed" for every exception it handles, Ctrl-C and preemption included; it
         # calls this while handling it. A job stopped from outside is KILLED in MLflow's terms, as a
-        # stopped sweep or trial is, not FAILED.
-        if status == "failed" and isinstance(sys.exc_info()[1], (KeyboardInterrupt, SIGTERMException)):
+        # stopped sweep or trial is, not FAILED. Ray Tune stops a trial's training thread with
+        # sys.exit(0) inside its report call (the scheduler's decision, or its max_t reached).
+        exc = sys.exc_info()[1]
+        if status == "failed" and (isinstance(exc, (KeyboardInterrupt, SIGTERMException))
+                                   or isinstance(exc, SystemExit) and exc.code in (0, None)):
             status = "KILLED"
         sender, self._sender = self._sender, None
         if sender is not None:

@@ -440,18 +440,42 @@ def _ran_to_the_end(m: dict[str, Any]) -> bool:
     return m.get("max_epochs", -1) > 0 and m.get("epoch", 0) >= m["max_epochs"] - 1
 
 
-def _close_trial_runs(client: Any, parent: str, results: Any, interrupted: bool = False) -> None:
+def _settled_trial_runs(client: Any, exp_id: str, parent: str, timeout_s: float) -> list:
+    """The sweep's trial runs once none is RUNNING, or as they are after ``timeout_s``. Tune hands
+    back its results without waiting for a stopped trial's training thread (``session.finish(
+    timeout=0)``), which may still be closing its run: a status written before that would be
+    overwritten by the trial's own (seen on a fast machine: stopped trials FAILED, not KILLED).
+    A trial whose process was killed before it closed its run stays RUNNING: hence the timeout."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        runs = client.search_runs([exp_id], f"tags.`mlflow.parentRunId` = '{parent}'")
+        if all(r.info.status != "RUNNING" for r in runs) or time.monotonic() > deadline:
+            return runs
+        time.sleep(0.25)
+
+
+def _close_trial_runs(client: Any, parent: str, results: Any, interrupted: bool = False, settle_s: float = 10.0) -> None:
     """A trial that the scheduler stopped ended mid-training without an error of its own: its run
-    is marked KILLED and tagged ``distrnn.stopped_early``, not left RUNNING or FAILED. In an
-    interrupted sweep every such trial was stopped by the interrupt (its worker saw the stop as an
-    error, so its run says FAILED): KILLED, untagged, for --resume to go on with."""
-    stopped = {r.metrics.get("trial_id") for r in results if r.error is None and r.metrics and not _ran_to_the_end(r.metrics)}
+    is marked KILLED and tagged ``distrnn.stopped_early``, not left RUNNING or FAILED. A trial that
+    trained to its last step is FINISHED even where Tune stopped it while it was closing its run
+    (its last report reached the scheduler's max_t). In an interrupted sweep every trial not run
+    to its end was stopped by the interrupt (its worker saw the stop as an error, so its run may
+    say FAILED): KILLED, untagged, for --resume to go on with."""
+    ended = [r for r in results if r.error is None and r.metrics]
+    stopped = {r.metrics.get("trial_id") for r in ended if not _ran_to_the_end(r.metrics)}
+    finished = {r.metrics.get("trial_id") for r in ended if _ran_to_the_end(r.metrics)}
     exp_id = client.get_run(parent).info.experiment_id
-    for run in client.search_runs([exp_id], f"tags.`mlflow.parentRunId` = '{parent}'"):
-        if interrupted:
-            if run.data.tags.get("distrnn.trial_id") in stopped or run.info.status == "RUNNING":
+    for run in _settled_trial_runs(client, exp_id, parent, settle_s):
+        trial = run.data.tags.get("distrnn.trial_id")
+        if trial in finished:
+            if run.info.status != "FINISHED":
+                client.set_terminated(run.info.run_id, "FINISHED")
+        elif interrupted:
+            if trial in stopped or run.info.status == "RUNNING":
                 client.set_terminated(run.info.run_id, "KILLED")
-        elif run.data.tags.get("distrnn.trial_id") in stopped:
+        elif trial in stopped:
             client.set_tag(run.info.run_id, "distrnn.stopped_early", "true")
             client.set_terminated(run.info.run_id, "KILLED")
         elif run.info.status == "RUNNING":

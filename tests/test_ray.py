@@ -244,6 +244,8 @@ def test_sweep_through_ray_job_submit(cluster, tmp_path, data):
     assert len(stopped) >= 1 and (stopped["status"] == "KILLED").all(), runs.to_string()
     lrs = set(stopped["params.model.optimizer.lr"].astype(float))
     assert {1e-6, 1e-7} <= lrs and 0.03 not in lrs  # the hopeless stopped, the best ran to the end
+    ran = trials[trials["tags.distrnn.stopped_early"] != "true"]
+    assert (ran["status"] == "FINISHED").all(), runs.to_string()  # though Tune stopped it at max_t
     best = trials["metrics.val/loss"].min()
     assert parent["metrics.best_val_loss"] == pytest.approx(best, rel=1e-6)
     assert parent["status"] == "FINISHED"

@@ -89,3 +89,55 @@ def test_a_run_ending_in_error_once_its_job_or_sweep_was_stopped_is_killed_not_f
     assert continue_run(resumed, {RUN_ID_KEY: job.run_id}) == job.run_id
     assert INTERRUPTED_TAG not in client.get_run(job.run_id).data.tags
     assert ends_in_error(resumed) == "FAILED"
+
+
+def test_a_run_stopped_by_sys_exit_0_is_killed_and_by_another_code_failed(tmp_path):
+    """Ray Tune stops a trial's training thread with sys.exit(0) in its report call: KILLED, not
+    FAILED; an exit with an error code is a failure."""
+    from distrnn.tracking import MLflowLogger
+
+    def ends_in(exc) -> str:
+        log = MLflowLogger(experiment_name="exits", log_plots=False, synchronous=True, checkpoint_dir=str(tmp_path))
+        log.log_metrics({"val/loss": 1.0}, 0)
+        try:
+            raise exc
+        except BaseException:
+            log.finalize("failed")
+        return mlflow.MlflowClient().get_run(log.run_id).info.status
+
+    assert ends_in(SystemExit(0)) == "KILLED"
+    assert ends_in(SystemExit(None)) == "KILLED"
+    assert ends_in(SystemExit(2)) == "FAILED"
+
+
+def test_the_sweep_closes_trial_runs_after_the_trials_have_closed_them():
+    """Tune returns without waiting for a stopped trial's thread, which then closes its own run
+    (FAILED or KILLED) while the driver closes the trial runs. The driver waits until no trial run
+    is RUNNING, so its statuses are the last written: the stopped trial KILLED and tagged, the
+    trial that trained to its last step FINISHED (Tune stopped it at max_t while it closed its run)."""
+    import threading
+    import time
+    from types import SimpleNamespace
+
+    from distrnn.tune import SweepConfig, _close_trial_runs, _parent_run
+
+    parent = _parent_run(SweepConfig(config=["x.yaml"], experiment_name="sweep-settle", name="s"), resume=False)
+    client = mlflow.MlflowClient()
+    exp_id = client.get_run(parent).info.experiment_id
+
+    def trial(tid):
+        return client.create_run(exp_id, tags={"mlflow.parentRunId": parent, "distrnn.trial_id": tid}).info.run_id
+
+    stopped, finished = trial("t0"), trial("t1")
+    closing = threading.Timer(1.0, lambda: [client.set_terminated(r, "FAILED") for r in (stopped, finished)])
+    closing.start()
+    results = [SimpleNamespace(error=None, metrics={"trial_id": "t0", "step": 12, "max_steps": 48}),
+               SimpleNamespace(error=None, metrics={"trial_id": "t1", "step": 48, "max_steps": 48})]
+    t0 = time.monotonic()
+    _close_trial_runs(client, parent, results, settle_s=30)
+    waited = time.monotonic() - t0
+    closing.join()
+    assert 0.9 < waited < 20
+    run = client.get_run(stopped)
+    assert run.info.status == "KILLED" and run.data.tags.get("distrnn.stopped_early") == "true"
+    assert client.get_run(finished).info.status == "FINISHED"
