@@ -243,10 +243,12 @@ def ratios(results: list[dict]) -> None:
 def sweep_cpu(show) -> None:
     B, H = 8, 128
     for T in (256, 1024, 4096, 16384):
-        for rec in ("lstm", "gru", "elman", "mingru", "minlstm"):
-            extra = {"backend": "eager"} if rec.startswith("min") else {}
+        # the min* layers by their CPU default (the loop with its hand-written backward) and by
+        # the log-space scan
+        for rec, extra in (("lstm", {}), ("gru", {}), ("elman", {}), ("mingru", {"backend": "loop"}),
+                           ("mingru", {"backend": "eager"}), ("minlstm", {"backend": "loop"}), ("minlstm", {"backend": "eager"})):
             show(run("throughput", 120, device="cpu", rec=rec, B=B, T=T, H=H, iters=2 if T < 16384 else 1,
-                     label=f"{rec} T={T}", **extra))
+                     label=f"{rec}{' ' + extra['backend'] if extra else ''} T={T}", **extra))
     for T in (1024, 4096, 16384):
         for mode in ("tbptt", "full", "checkpointed"):
             show(run("memory", 120, device="cpu", mode=mode, B=8, T=T, H=128, k=256, label=f"memory {mode} T={T}"))

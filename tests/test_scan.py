@@ -1,4 +1,5 @@
-"""minGRU and minLSTM: the log-space parallel scan against the sequential loop (float64)."""
+"""minGRU and minLSTM: the log-space parallel scan and the loop with its hand-written backward
+against the sequential reference loop (float64)."""
 
 import pytest
 import torch
@@ -32,13 +33,14 @@ def test_scan_log_equals_loop():
     torch.testing.assert_close(scan_log(a.log(), b.log(), h0), torch.stack(hs, 1), rtol=1e-12, atol=0)
 
 
+@pytest.mark.parametrize("backend", ["eager", "loop"])
 @pytest.mark.parametrize("name", ["mingru", "minlstm"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_parallel_equals_sequential_forward_and_backward(name, seed):
+def test_parallel_equals_sequential_forward_and_backward(name, seed, backend):
     torch.manual_seed(seed)
     B, T, D, H, L = torch.randint(1, 5, ()).item(), torch.randint(2, 90, ()).item(), 3, 5, torch.randint(1, 4, ()).item()
     layer = build_recurrence(name, input_size=D, hidden_size=H, num_layers=L, norm=bool(seed % 2), residual=True,
-                             scan_chunk=int(torch.randint(3, 40, ()).item()))
+                             scan_chunk=int(torch.randint(3, 40, ()).item()), backend=backend)
     x = torch.randn(B, T, D, requires_grad=True)
     h0 = (torch.rand(L, B, H) + 0.05).requires_grad_()
 
@@ -58,10 +60,11 @@ def test_parallel_equals_sequential_forward_and_backward(name, seed):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
 
 
+@pytest.mark.parametrize("backend", ["eager", "loop"])
 @pytest.mark.parametrize("name", ["mingru", "minlstm"])
-def test_stream_in_chunks_equals_one_long_scan_and_step(name):
+def test_stream_in_chunks_equals_one_long_scan_and_step(name, backend):
     torch.manual_seed(0)
-    layer = build_recurrence(name, input_size=4, hidden_size=6, num_layers=2)
+    layer = build_recurrence(name, input_size=4, hidden_size=6, num_layers=2, backend=backend)
     x = torch.randn(2, 200, 4)
     y_full, s_full = layer(x)
     ys, s = [], None
@@ -74,6 +77,33 @@ def test_stream_in_chunks_equals_one_long_scan_and_step(name):
     for t in range(200):
         y_t, s = layer.step(x[:, t], s)
     torch.testing.assert_close(y_t, y_full[:, -1], rtol=0, atol=1e-10)
+
+
+def test_linear_scan_equals_the_loop_with_autograd_and_is_the_cpu_default():
+    """The loop's hand-written backward against autograd through the same loop, with a
+    gradient that does not need every input (no dL/da); float32 on a CPU picks it."""
+    from distrnn.scan import linear_scan
+
+    torch.manual_seed(0)
+    a = (torch.rand(3, 41, 5) * 0.98 + 0.01).requires_grad_()
+    b = torch.randn(3, 41, 5, requires_grad=True)
+    h0 = torch.randn(3, 5, requires_grad=True)
+    w = torch.randn(3, 41, 5)
+    h, hs = h0, []
+    for t in range(41):
+        h = a[:, t] * h + b[:, t]
+        hs.append(h)
+    ref = torch.stack(hs, 1)
+    ref_grads = torch.autograd.grad((ref * w).sum(), (a, b, h0))
+    out = linear_scan(a, b, h0)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+    for got, want in zip(torch.autograd.grad((out * w).sum(), (a, b, h0)), ref_grads):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    db, = torch.autograd.grad((linear_scan(a.detach(), b, h0.detach()) * w).sum(), (b,))
+    torch.testing.assert_close(db, ref_grads[1], rtol=0, atol=1e-12)
+    layer = build_recurrence("mingru", input_size=2, hidden_size=3)
+    assert layer._backend(torch.zeros(1, 1, 6, dtype=torch.float32)) == "loop"
+    assert layer._backend(torch.zeros(1, 1, 6, dtype=torch.float64)) == "eager"
 
 
 def test_bf16_and_fp16_stay_finite_and_close():
