@@ -111,19 +111,16 @@ def _case(kind: str, args: dict, q) -> None:
         # (non-reentrant: the first pass a training forward with its saved tensors dropped).
         from torch.utils.checkpoint import checkpoint
 
-        from distrnn.bptt import loss_sum
+        from distrnn.bptt import _piece
 
         task, model, x, y, mask = _loss_at_the_end(B, T, H, dev)
         k = args["k"]
 
-        def piece(xs, ys, ms, state):
-            y_hat, state = model(xs, state)
-            return loss_sum(y_hat, ys, ms, task), state
-
         def torch_checkpoint():
             total, state = 0.0, None
             for a in range(0, T, k):
-                part, state = checkpoint(piece, x[:, a:a + k], y[:, a:a + k], mask[:, a:a + k], state, use_reentrant=False)
+                part, state = checkpoint(_piece, model, x[:, a:a + k], y[:, a:a + k], mask[:, a:a + k], None, state, task,
+                                         use_reentrant=False)
                 total = total + part
             total.backward()
 

@@ -148,9 +148,10 @@ def run_window(
     segment of activations (Gruslys et al. 2016 with the simplest policy). The first pass runs
     without autograd (``_RecomputedSegment``), so a segment costs one inference forward more
     than in full BPTT, not one training forward more; the last segment runs under plain autograd
-    (the backward would rebuild its activations first thing, so keeping them adds no peak). With ``partitioned`` (ZeRO-3: a parameter
-    is gathered only during its module's forward and is an empty tensor outside it) the segments
-    go through ``torch.utils.checkpoint`` instead, whose first pass is a training forward.
+    (the backward would rebuild its activations first thing, so keeping them adds no peak). With
+    ``partitioned`` (ZeRO-3: a parameter is gathered only during its module's forward and is an
+    empty tensor outside it) the segments go through ``torch.utils.checkpoint`` instead, whose
+    first pass is a training forward.
     ``reset`` stays on the host: its boundaries are read without a device sync.
     """
     T = x.shape[1]
