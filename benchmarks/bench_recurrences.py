@@ -51,6 +51,10 @@ def _case(kind: str, args: dict, q) -> None:
         model = RecurrentModel(NetworkConfig(recurrence=args["rec"], hidden_size=H, options=options), task).to(dev)
         if args.get("max_steps"):
             type(model.recurrence).cuda_max_steps = args["max_steps"]
+        if args.get("scan_config"):  # the Triton scan with one configuration instead of the autotuned one
+            from distrnn.kernels import min_scan
+
+            min_scan.FIXED_CONFIG = tuple(args["scan_config"])
         opt = torch.optim.Adam(model.parameters(), 1e-4)
         x = torch.randn(B, T, H, device=dev)
         y = torch.randn(B, T, 1, device=dev)
@@ -77,6 +81,10 @@ def _case(kind: str, args: dict, q) -> None:
         out = {"tokens_per_s": B * T / dt, "s_per_step": dt, "peak_gib": peak_gib(base)}
         if args.get("profile"):
             out["profile_top"] = _profile(step, cuda)
+        if cuda and args["rec"] in ("mingru", "minlstm") and not args.get("scan_config") and args.get("parallel", True):
+            from distrnn.kernels.min_scan import tuned_configs
+
+            out["scan_configs"] = tuned_configs()
         q.put(out)
     elif kind == "memory":
         task, model, x, y, mask = _loss_at_the_end(B, T, H, dev)
@@ -262,6 +270,11 @@ def sweep_gpu(show, a) -> None:
         # with a breakdown by operator: what stands between it and 10x the LSTM in bf16
         show(run("throughput", 90, rec="mingru", B=B, T=4096, H=H, iters=5, bf16=True, profile=True,
                  label="mingru triton bf16 T=4096"))
+        # side by side: the kernel configuration measured before the autotuner (2026-11-26)
+        from distrnn.kernels.min_scan import CONFIGS
+
+        show(run("throughput", 90, rec="mingru", B=B, T=4096, H=H, iters=5, bf16=True, scan_config=CONFIGS[0],
+                 label="mingru triton bf16 T=4096 previous kernel config"))
         show(run("throughput", 90, rec="minlstm", B=B, T=4096, H=H, iters=5, label="minlstm triton T=4096"))
         show(run("throughput", 90, rec="mingru", B=B, T=16384, H=H, iters=3, label="mingru triton T=16384"))
         show(run("throughput", 90, rec="mingru", B=B, T=512, H=H, iters=1, parallel=False, label="mingru sequential T=512"))

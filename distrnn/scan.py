@@ -180,9 +180,10 @@ class _MinRecurrence(Recurrence):
         for layer in range(self.num_layers):
             inp = out
             z = self.proj[layer](self.norms[layer](inp))
-            h_BTH = self._layer(z, h0_LBH[layer])
-            finals.append(h_BTH[:, -1])
-            h_BTH = h_BTH.to(inp.dtype)
+            h_BTH, last_BH = self._layer(z, h0_LBH[layer])
+            finals.append(last_BH)
+            # the states stay in z's dtype (bf16 under autocast, as cuDNN's outputs): the next
+            # layer or the head would cast them to it anyway
             out = inp + h_BTH if self.residual and inp.shape[-1] == self.hidden_size else h_BTH
             if layer < self.num_layers - 1:
                 out = self.drop(out)
@@ -205,29 +206,34 @@ class _MinRecurrence(Recurrence):
     def gate_values(self, z_BTG: Tensor) -> dict[str, Tensor]:
         raise NotImplementedError
 
-    def _layer(self, z_BTG: Tensor, h0_BH: Tensor) -> Tensor:
-        # The scan is computed in float32 (float64 stays float64) whatever autocast chose.
+    def _layer(self, z_BTG: Tensor, h0_BH: Tensor) -> tuple[Tensor, Tensor]:
+        """``(h_BTH, last_BH)``: the states in ``z``'s dtype and the final state in float32
+        (float64 stays float64), which TBPTT carries. The scan itself is computed in float32
+        whatever autocast chose."""
         backend = self._backend(z_BTG) if self.parallel else "sequential"
         if backend == "triton":
             from distrnn.kernels.min_scan import min_scan
 
             # no pieces needed: the kernel keeps nothing per step but the states it returns; it
-            # reads a bf16/fp16 z as it is (converting in registers) and computes in float32
+            # reads a bf16/fp16 z as it is (converting in registers) and writes states in its dtype
             return min_scan(z_BTG, h0_BH.float(), lstm=self.gates == 3)
+        out_dtype = z_BTG.dtype
         dtype = torch.float64 if z_BTG.dtype == torch.float64 else torch.float32
         z_BTG, h = z_BTG.to(dtype), h0_BH.to(dtype)
         if backend == "sequential":
-            return self.sequential(z_BTG, h)
-        if backend == "loop":
+            h_BTH = self.sequential(z_BTG, h)
+        elif backend == "loop":
             _, _, a, b = self.coefficients(z_BTG)
-            return linear_scan(a, b, h)
-        piece_fn = _compiled(self._piece) if backend == "compile" else self._piece
-        pieces = []
-        for s in range(0, z_BTG.shape[1], self.scan_chunk):
-            h_BtH = piece_fn(z_BTG[:, s : s + self.scan_chunk], h)
-            pieces.append(h_BtH)
-            h = h_BtH[:, -1]
-        return torch.cat(pieces, dim=1) if len(pieces) > 1 else pieces[0]
+            h_BTH = linear_scan(a, b, h)
+        else:
+            piece_fn = _compiled(self._piece) if backend == "compile" else self._piece
+            pieces = []
+            for s in range(0, z_BTG.shape[1], self.scan_chunk):
+                h_BtH = piece_fn(z_BTG[:, s : s + self.scan_chunk], h)
+                pieces.append(h_BtH)
+                h = h_BtH[:, -1]
+            h_BTH = torch.cat(pieces, dim=1) if len(pieces) > 1 else pieces[0]
+        return h_BTH.to(out_dtype), h_BTH[:, -1]
 
     def _backend(self, z_BTG: Tensor) -> str:
         if z_BTG.dtype == torch.float64:
