@@ -177,7 +177,7 @@ def _bwd_kernel(K, KI, C, H0, Hs, dH, dLast, dK, dKI, dC, dH0, T, Hdim, stride_z
 # (BLOCK_T, BLOCK_H, num_warps, PREFETCH) the autotuner picks from on a GPU, per hidden size,
 # gate count and dtypes. The first is the configuration of the 2026-11-26 GPU session
 # (benchmarks/RESULTS.md): a tile's time axis spread over threads, so the scan and the carry
-# cross warps through shared memory, and its backward needs 205 registers a thread (ptxas,
+# cross warps through shared memory, and its backward needs 206 registers a thread (ptxas,
 # sm_90a: two programs of 4 warps per SM). The others give each thread whole columns of a
 # short tile (scan and carry in registers, no barriers; backward 64-168 registers), and with
 # PREFETCH load the next tile before scanning this one.
