@@ -7,8 +7,9 @@
 # skipped. About 10 minutes on an H100 (each part has its own timeout and writes its file as it
 # goes, so a call stopped at its limit still returns what ran). A device call returns at
 # most 8 files: this writes 6 (7 with GPU_LEARN=1, 8 with GPU_FULL=1); each case is a JSON line.
-#   bash benchmarks/gpu_check.sh            tests + TBPTT engine + recurrences (quick sweep) + scan
-#   bash benchmarks/gpu_check.sh bench-only benchmarks only
+#   bash benchmarks/gpu_check.sh            (make gpu-check) GPU tests + scan + memory + TBPTT engine
+#   bash benchmarks/gpu_check.sh bench-only (make gpu-bench) the same benchmarks, then every recurrence
+#                                           for T from 256 to 16384 and peak memory against T
 set -uo pipefail
 OUT=${OUT:-out}
 mkdir -p "$OUT"
@@ -29,6 +30,8 @@ timeout 90 $PY benchmarks/bench_tbptt.py --device cuda --hidden 1024 --embed 256
 if [ "${GPU_LEARN:-0}" = "1" ]; then  # the learning demos (~6 min more): benchmarks/learn_gpu.sh
   bash benchmarks/learn_gpu.sh
 fi
-if [ "${GPU_FULL:-0}" = "1" ]; then
+if [ "${1:-}" = "bench-only" ]; then  # make gpu-bench: every recurrence for T from 256 to 16384 (~10 min more)
+  timeout 1200 $PY benchmarks/bench_recurrences.py --device cuda 2>&1 | tee "$OUT/bench_gpu.txt"
+elif [ "${GPU_FULL:-0}" = "1" ]; then  # within a device call's 10 minutes: T = 256 and 4096 only
   timeout 400 $PY benchmarks/bench_recurrences.py --device cuda --quick 2>&1 | tee "$OUT/bench_gpu.txt"
 fi
