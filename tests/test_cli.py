@@ -158,3 +158,20 @@ def test_resumed_job_continues_its_mlflow_run(job):
     steps = {m.step for m in mlflow.MlflowClient().get_metric_history(run.info.run_id, "train/loss")}
     # Lightning logs against batches (2 updates each here): the resume came after batch 5
     assert min(steps) < 5 <= max(steps)
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (Path(__file__).parents[1] / "jobs" / "configs").glob("*.yaml")
+                                        if not p.name.startswith("sweep_")))
+def test_every_shipped_training_config_parses(capsys, tmp_path, monkeypatch, name):
+    """The configs in jobs/configs stay valid as the classes they name change (sweeps have their
+    own checks in test_sweep_config)."""
+    import yaml
+
+    monkeypatch.chdir(tmp_path)
+    path = Path(__file__).parents[1] / "jobs" / "configs" / name
+    code, out, err = cli(capsys, "fit", "--config", str(path), "--print_config")
+    assert code == 0, err
+    resolved, given = yaml.safe_load(out), yaml.safe_load(path.read_text())
+    assert resolved["model"]["network"]["recurrence"] == given["model"]["network"]["recurrence"]
+    assert resolved["data"]["class_path"] == given["data"]["class_path"]
+    assert not list(tmp_path.iterdir())  # nothing written: no MLflow store, no checkpoint folder
