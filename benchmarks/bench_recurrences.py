@@ -237,12 +237,22 @@ def run(kind: str, limit: float, **args) -> dict:
 
 
 def ratios(results: list[dict]) -> None:
-    """Throughput as a ratio to the LSTM at the same T."""
-    lstm = {r["T"]: r["tokens_per_s"] for r in results if r.get("rec") == "lstm" and "tokens_per_s" in r and not r.get("bf16")}
-    print("\nthroughput / LSTM at the same T:")
+    """Throughput as a ratio to the LSTM at the same T in the same precision, and the autotuned
+    Triton scan against the kernel configuration measured before it."""
+    for bf16 in (False, True):
+        lstm = {r["T"]: r["tokens_per_s"] for r in results
+                if r.get("rec") == "lstm" and "tokens_per_s" in r and bool(r.get("bf16")) == bf16}
+        rows = [r for r in results if "tokens_per_s" in r and r.get("T") in lstm and bool(r.get("bf16")) == bf16]
+        if rows:
+            print(f"\nthroughput / LSTM at the same T ({'bf16 autocast' if bf16 else 'fp32/TF32'}):")
+        for r in rows:
+            print(f"  {r['label']:<48} {r['tokens_per_s']:>12,.0f} tokens/s  {r['tokens_per_s'] / lstm[r['T']]:.2f}x")
+    tuned = {(r["rec"], r["T"], bool(r.get("bf16"))): r["tokens_per_s"] for r in results
+             if "tokens_per_s" in r and r.get("rec") in ("mingru", "minlstm") and not r.get("scan_config") and r.get("parallel", True)}
     for r in results:
-        if "tokens_per_s" in r and r.get("T") in lstm and not r.get("bf16"):
-            print(f"  {r['label']:<32} {r['tokens_per_s']:>12,.0f} tokens/s  {r['tokens_per_s'] / lstm[r['T']]:.2f}x")
+        key = (r.get("rec"), r.get("T"), bool(r.get("bf16")))
+        if r.get("scan_config") and "tokens_per_s" in r and key in tuned:
+            print(f"\nautotuned Triton scan / configuration {tuple(r['scan_config'])}, {key}: {tuned[key] / r['tokens_per_s']:.2f}x")
 
 
 def sweep_cpu(show) -> None:
