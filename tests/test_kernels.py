@@ -224,3 +224,17 @@ def test_every_autotuner_candidate_compiles_for_hopper():
     env.update(PYTHONPATH=str(REPO), TRITON_DEFAULT_FP_FUSION="1")
     r = subprocess.run([sys.executable, "-c", COMPILE], capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0 and "compiled 32" in r.stdout, r.stderr[-3000:]
+
+
+def test_scan_config_from_the_environment():
+    """DISTRNN_SCAN_CONFIG fixes the kernel configuration (runs that must repeat bit for bit on
+    other machines); a malformed value fails naming the variable."""
+    code = "from distrnn.kernels import min_scan as ms; print('fixed', ms.FIXED_CONFIG)"
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}
+    ok = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                        env={**env, "DISTRNN_SCAN_CONFIG": "32,64,4,0"})
+    assert ok.returncode == 0 and "fixed (32, 64, 4, False)" in ok.stdout, ok.stderr[-2000:]
+    for bad in ("4,128", "4,100,4,1", "4,128,4,2", "a,b,c,d"):
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                           env={**env, "DISTRNN_SCAN_CONFIG": bad})
+        assert r.returncode != 0 and f"DISTRNN_SCAN_CONFIG: '{bad}' is not" in r.stderr, (bad, r.stderr[-2000:])

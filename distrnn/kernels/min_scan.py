@@ -179,19 +179,41 @@ def _bwd_kernel(K, KI, C, H0, Hs, dH, dLast, dK, dKI, dC, dH0, T, Hdim, stride_z
 # (benchmarks/RESULTS.md): a tile's time axis spread over threads, so the scan and the carry
 # cross warps through shared memory, and its backward needs 206 registers a thread (ptxas,
 # sm_90a: two programs of 4 warps per SM). The others give each thread whole columns of a
-# short tile (scan and carry in registers, no barriers; backward 64-168 registers), and with
+# short tile (scan and carry in registers, no barriers; backward 64-197 registers), and with
 # PREFETCH load the next tile before scanning this one.
 CONFIGS = [(32, 64, 4, False), (4, 128, 4, True), (8, 128, 4, True), (16, 128, 4, False)]
 # Triton's interpreter (CPU tests) runs one configuration, not the autotuner (None: the autotuner)
 INTERPRETER_CONFIG = (4, 128, 4, True)
-# set by benchmarks to run every call with one configuration instead of the autotuned one
-FIXED_CONFIG: Optional[tuple[int, int, int, bool]] = None
+
+
+def _config_from_env() -> Optional[tuple[int, int, int, bool]]:
+    value = os.environ.get("DISTRNN_SCAN_CONFIG", "").strip()
+    if not value:
+        return None
+    try:
+        bt, bh, w, p = (int(v) for v in value.split(","))
+        if min(bt, bh, w) < 1 or any(v & (v - 1) for v in (bt, bh, w)) or p not in (0, 1):
+            raise ValueError
+    except ValueError:
+        raise ValueError(f"DISTRNN_SCAN_CONFIG: '{value}' is not BLOCK_T,BLOCK_H,num_warps,PREFETCH "
+                         "(powers of two, then 0 or 1), e.g. 4,128,4,1") from None
+    return bt, bh, w, bool(p)
+
+
+# One configuration for every call instead of the autotuned one: set by benchmarks, or by
+# DISTRNN_SCAN_CONFIG for runs that must repeat bit for bit on other machines (configurations
+# scan a tile in a different order, so their float32 results differ in the last bits; the
+# autotuner's choice is cached on disk, so runs on one machine agree).
+FIXED_CONFIG: Optional[tuple[int, int, int, bool]] = _config_from_env()
 
 
 def _autotuned(kernel, do_bench=None):
     configs = [triton.Config({"BLOCK_T": bt, "BLOCK_H": bh, "PREFETCH": p}, num_warps=w) for bt, bh, w, p in CONFIGS]
-    # T is left out of the key: the first call (a whole TBPTT chunk) decides for the shorter last one
-    return triton.autotune(configs=configs, key=["Hdim", "LSTM"], do_bench=do_bench)(kernel)
+    # T is left out of the key: the first call (a whole TBPTT chunk) decides for the shorter last one.
+    # The choice is kept in Triton's cache folder: later processes (a resumed run, the next
+    # benchmark case) use it without timing again.
+    return triton.autotune(configs=configs, key=["Hdim", "LSTM"], do_bench=do_bench,
+                           cache_results=do_bench is None)(kernel)
 
 
 _fwd_tuned, _bwd_tuned = _autotuned(_fwd_kernel), _autotuned(_bwd_kernel)
