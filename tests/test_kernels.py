@@ -12,6 +12,13 @@ from conftest import REPO
 
 pytest.importorskip("triton")
 
+def _python(code: str, interpret: bool, timeout: int = 300, **env: str) -> subprocess.CompletedProcess:
+    """``python -c code`` with the repository importable, through Triton's interpreter or not."""
+    base = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    base.update(PYTHONPATH=str(REPO), **({"TRITON_INTERPRET": "1"} if interpret else {}), **env)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, env=base)
+
+
 CHECK = """
 import torch
 {prelude}
@@ -99,17 +106,15 @@ print("half ok")
 def test_kernel_reads_bf16_and_fp16_inputs_as_they_are():
     """Under autocast the projected input z is bf16/fp16: the kernel reads it without a float32
     copy and writes dz in that dtype, with the results of the float32 path (dz rounded once)."""
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}
-    r = subprocess.run([sys.executable, "-c", HALF.format(dev="cpu", exact_bf16=False, shapes=[(2, 37, 5), (1, 70, 3)], config=None)],
-                       capture_output=True, text=True, timeout=300, env=env)
+    r = _python(HALF.format(dev="cpu", exact_bf16=False, shapes=[(2, 37, 5), (1, 70, 3)], config=None), interpret=True)
     assert r.returncode == 0 and "half ok" in r.stdout, r.stderr[-3000:]
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_kernel_reads_bf16_and_fp16_inputs_as_they_are_on_gpu():
-    r = subprocess.run([sys.executable, "-c", HALF.format(dev="cuda", exact_bf16=True, shapes=[(4, 3001, 1000), (3, 1, 7)], config=(4, 128, 4, True))],
-                       capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
+    r = _python(HALF.format(dev="cuda", exact_bf16=True, shapes=[(4, 3001, 1000), (3, 1, 7)], config=(4, 128, 4, True)),
+                interpret=False)
     assert r.returncode == 0 and "half ok" in r.stdout, r.stderr[-3000:]
 
 
@@ -117,11 +122,9 @@ def test_kernel_equals_sequential_loop_in_triton_interpreter():
     # tails of tiles (BLOCK_T 32, BLOCK_H 64: three T tiles, two H blocks; BLOCK_T 4: a tail of 1), H not a power of two, T = 1;
     # batch strides in the first (the interpreter runs every program in Python: B=1 for the largest)
     shapes = [(2, 37, 5), (1, 70, 70), (1, 1, 3)]
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}
     # both ways of loading (PREFETCH on and off) and both tile shapes the autotuner chooses from
     configs = [(32, 64, 4, False), (4, 128, 4, True)]
-    r = subprocess.run([sys.executable, "-c", CHECK.format(dev="cpu", shapes=shapes, configs=configs, prelude="")], capture_output=True, text=True,
-                       timeout=300, env=env)
+    r = _python(CHECK.format(dev="cpu", shapes=shapes, configs=configs, prelude=""), interpret=True)
     assert r.returncode == 0 and "worst" in r.stdout, r.stderr[-3000:]
 
 
@@ -147,10 +150,7 @@ def test_autotuned_launch_in_triton_interpreter():
     """The autotuner's launch (grid from the chosen BLOCK_H) runs the kernels right."""
     from distrnn.kernels.min_scan import CONFIGS
 
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}
-    r = subprocess.run([sys.executable, "-c", CHECK.format(dev="cpu", shapes=[(2, 37, 5), (1, 9, 130)], configs=[None],
-                                                          prelude=AUTOTUNED)],
-                       capture_output=True, text=True, timeout=300, env=env)
+    r = _python(CHECK.format(dev="cpu", shapes=[(2, 37, 5), (1, 9, 130)], configs=[None], prelude=AUTOTUNED), interpret=True)
     assert r.returncode == 0 and "worst" in r.stdout, r.stderr[-3000:]
     bt, bh, w, p = CONFIGS[2]
     assert f"BLOCK_T: {bt}, BLOCK_H: {bh}, PREFETCH: {p}, num_warps: {w}" in r.stdout, r.stdout
@@ -163,8 +163,7 @@ def test_kernel_equals_sequential_loop_on_gpu():
 
     # every configuration the autotuner may pick, and the autotuner itself (None)
     shapes = [(4, 3001, 1000), (2, 64, 1024), (3, 1, 7)]
-    r = subprocess.run([sys.executable, "-c", CHECK.format(dev="cuda", shapes=shapes, configs=[*CONFIGS, None], prelude="")], capture_output=True, text=True,
-                       timeout=600, env={**os.environ, "PYTHONPATH": str(REPO)})
+    r = _python(CHECK.format(dev="cuda", shapes=shapes, configs=[*CONFIGS, None], prelude=""), interpret=False, timeout=600)
     assert r.returncode == 0 and "worst" in r.stdout, r.stderr[-3000:]
 
 
@@ -223,9 +222,7 @@ def test_every_autotuner_candidate_compiles_for_hopper():
     """Triton's compiler, down to ptxas, for sm_90 (no GPU needed): what the interpreter cannot
     catch (an operation or layout the GPU backend refuses) fails here rather than in a rare GPU
     session."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(PYTHONPATH=str(REPO), TRITON_DEFAULT_FP_FUSION="1")
-    r = subprocess.run([sys.executable, "-c", COMPILE], capture_output=True, text=True, timeout=600, env=env)
+    r = _python(COMPILE, interpret=False, timeout=600, TRITON_DEFAULT_FP_FUSION="1")
     assert r.returncode == 0 and "compiled 32" in r.stdout, r.stderr[-3000:]
 
 
@@ -233,11 +230,8 @@ def test_scan_config_from_the_environment():
     """DISTRNN_SCAN_CONFIG fixes the kernel configuration (runs that must repeat bit for bit on
     other machines); a malformed value fails naming the variable."""
     code = "from distrnn.kernels import min_scan as ms; print('fixed', ms.FIXED_CONFIG)"
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}
-    ok = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                        env={**env, "DISTRNN_SCAN_CONFIG": "32,64,4,0"})
+    ok = _python(code, interpret=True, timeout=120, DISTRNN_SCAN_CONFIG="32,64,4,0")
     assert ok.returncode == 0 and "fixed (32, 64, 4, False)" in ok.stdout, ok.stderr[-2000:]
     for bad in ("4,128", "4,100,4,1", "4,128,4,2", "a,b,c,d"):
-        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                           env={**env, "DISTRNN_SCAN_CONFIG": bad})
+        r = _python(code, interpret=True, timeout=120, DISTRNN_SCAN_CONFIG=bad)
         assert r.returncode != 0 and f"DISTRNN_SCAN_CONFIG: '{bad}' is not" in r.stderr, (bad, r.stderr[-2000:])
