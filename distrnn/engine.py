@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from distrnn.bptt import LN2, chunk_bounds, loss_sum, run_window
-from distrnn.checkpoint import deepspeed_strategy
+from distrnn.checkpoint import CheckpointError, deepspeed_strategy, load_checkpoint_file
 from distrnn.config import (
     ConfigError,
     NetworkConfig,
@@ -115,6 +115,9 @@ class TBPTTModule(L.LightningModule):
         optimizer: optimizer, schedule, clipping.
         task: set from the data module by the CLI (``data.task``).
         seed: seeds the randomized chunk lengths.
+        init_weights: start from the weights of this checkpoint file (a distrnn checkpoint, or what
+            ``distrnn convert-checkpoint`` writes), in a new run: optimizer, schedule, data position,
+            hidden state and MLflow run start afresh. ``--ckpt_path`` resumes a run instead.
     """
 
     def __init__(
@@ -124,6 +127,7 @@ class TBPTTModule(L.LightningModule):
         optimizer: OptimizerConfig = OptimizerConfig(),
         task: Optional[TaskSpec] = None,
         seed: int = 0,
+        init_weights: Optional[str] = None,
     ) -> None:
         super().__init__()
         if task is None:
@@ -147,7 +151,11 @@ class TBPTTModule(L.LightningModule):
             },
             logger=False,
         )
+        # init_weights stays out of the hyperparameters: a checkpoint of this run holds the weights
+        # themselves, and loading it (generate, resume) must not need the file it started from.
         self.model = RecurrentModel(self.network_cfg, self.task)
+        if init_weights:
+            self._load_weights(str(init_weights))
         self.automatic_optimization = False
         self._carry = Carry()
         self._val_state: Optional[State] = None
@@ -156,6 +164,22 @@ class TBPTTModule(L.LightningModule):
         self._lr_scale = 1.0
         self._t_last: Optional[float] = None
         self._tokens_since_log = 0
+
+    def _load_weights(self, path: str) -> None:
+        try:
+            weights = load_checkpoint_file(path)["state_dict"]
+        except CheckpointError as e:
+            raise ConfigError(f"model.init_weights: {e}") from None
+        mine = self.state_dict()
+        wrong = sorted(set(mine) ^ set(weights)) or [k for k in mine if tuple(weights[k].shape) != tuple(mine[k].shape)]
+        if wrong:
+            k = wrong[0]
+            what = (f"{k} is {tuple(weights[k].shape)} there, {tuple(mine[k].shape)} here" if k in mine and k in weights
+                    else f"{k} only {'here' if k in mine else 'there'}")
+            raise ConfigError(
+                f"model.init_weights: checkpoint {path} does not fit model.network ({len(wrong)} tensors differ; {what})"
+            )
+        self.load_state_dict(weights)
 
     # ---------------------------------------------------------------- optimization
 

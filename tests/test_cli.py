@@ -55,6 +55,8 @@ def job(tmp_path):
         (["--model.optimizer.lr", "-1"], "model.optimizer.lr"),
         (["--trainer.accelerator", "cpu", "--trainer.devices", "64"], "trainer.devices"),
         (["--trainer.strategy", "bogus"], "strategy"),
+        (["--model.init_weights", "missing.ckpt"], "model.init_weights: checkpoint missing.ckpt: no such file"),
+        (["--model.init_weights", "h8.ckpt"], "model.init_weights: checkpoint h8.ckpt does not fit model.network"),
         pytest.param(["--trainer.strategy", "deepspeed_stage_2"], "DeepSpeed",
                      marks=pytest.mark.skipif(importlib.util.find_spec("deepspeed") is not None, reason="deepspeed installed")),
         pytest.param(["--trainer.accelerator", "gpu"], "gpu",
@@ -63,6 +65,11 @@ def job(tmp_path):
 )
 def test_bad_input_is_one_line_exit_2_and_no_run(job, args, key, capsys):
     # in this process; test_unknown_key_in_config_file runs the command as a process
+    from distrnn.config import NetworkConfig, TaskSpec
+    from distrnn.engine import TBPTTModule
+
+    other = TBPTTModule(NetworkConfig(recurrence="gru", hidden_size=8), task=TaskSpec(kind="language_model", output_dim=256, vocab_size=256))
+    torch.save({"state_dict": other.state_dict()}, "h8.ckpt")  # the job's model has hidden_size 32
     code, _, err = cli(capsys, "fit", "--config", str(job), *args)
     assert code == 2, err[-2000:]
     last = err.strip().splitlines()[-1]
@@ -158,6 +165,38 @@ def test_resumed_job_continues_its_mlflow_run(job):
     steps = {m.step for m in mlflow.MlflowClient().get_metric_history(run.info.run_id, "train/loss")}
     # Lightning logs against batches (2 updates each here): the resume came after batch 5
     assert min(steps) < 5 <= max(steps)
+
+
+def test_init_weights_starts_a_new_run_from_a_checkpoints_weights(job, capsys):
+    from distrnn.checkpoint import load_checkpoint_file
+    from distrnn.engine import TBPTTModule
+
+    code, _, err = cli(capsys, "fit", "--config", str(job), "--trainer.max_steps", "10")
+    assert code == 0, err[-3000:]
+    (first,) = Path("checkpoints").rglob("last.ckpt")
+    trained = load_checkpoint_file(first)
+    hp = trained["hyper_parameters"]
+    fresh = TBPTTModule(**hp).state_dict()
+    loaded = TBPTTModule(**hp, init_weights=str(first)).state_dict()
+    assert loaded.keys() == trained["state_dict"].keys()
+    assert all(torch.equal(loaded[k], trained["state_dict"][k]) for k in loaded)
+    assert any(not torch.equal(loaded[k], fresh[k]) for k in loaded)
+
+    code, _, err = cli(capsys, "fit", "--config", str(job), "--trainer.max_steps", "4", "--model.init_weights", str(first))
+    assert code == 0, err[-3000:]
+    runs = _runs(os.environ["MLFLOW_TRACKING_URI"]).sort_values("start_time")
+    assert len(runs) == 2 and set(runs["status"]) == {"FINISHED"}
+    assert runs.iloc[1]["params.model.init_weights"] == str(first)
+    (second,) = [p for p in Path("checkpoints").rglob("last.ckpt") if p != first]
+    assert runs.iloc[1].run_id in str(second)
+    new = load_checkpoint_file(second)
+    # a new run: its own loop counters and optimizer state, not the first run's continued
+    assert new["global_step"] == 4 and trained["global_step"] == 10
+    assert int(next(iter(new["optimizer_states"][0]["state"].values()))["step"]) == 4
+    assert "init_weights" not in new["hyper_parameters"]
+    first.unlink()  # the new checkpoint stands alone
+    code, out, err = cli(capsys, "generate", "--checkpoint", str(second), "--length", "10")
+    assert code == 0, err
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in (Path(__file__).parents[1] / "jobs" / "configs").glob("*.yaml")
