@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from distrnn.kernels import scan_config_from_env
 from distrnn.layers import Recurrence, register_recurrence
 from distrnn.state import State
 
@@ -152,6 +153,9 @@ class _MinRecurrence(Recurrence):
         # None: the fused Triton kernel on CUDA (torch.compile of the log-space scan if Triton is
         # missing), the loop with its hand-written backward elsewhere
         self.backend = backend
+        if backend in (None, "triton"):
+            # checked here, before a run starts, not at the kernel's import on the first CUDA forward
+            scan_config_from_env()
         dims = [input_size] + [hidden_size] * num_layers
         self.proj = nn.ModuleList(nn.Linear(dims[i], self.gates * hidden_size) for i in range(num_layers))
         self.norms = nn.ModuleList(nn.LayerNorm(dims[i]) if norm and i > 0 else nn.Identity()

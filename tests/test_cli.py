@@ -79,6 +79,14 @@ def test_bad_input_is_one_line_exit_2_and_no_run(job, args, key, capsys):
     assert not Path("checkpoints").exists()
 
 
+def test_malformed_scan_config_fails_before_the_run(job, capsys, monkeypatch):
+    # the kernel reads it on the first forward on CUDA: by then a run and its checkpoints exist
+    monkeypatch.setenv("DISTRNN_SCAN_CONFIG", "4,100,4,1")
+    code, _, err = cli(capsys, "fit", "--config", str(job), "--model.network.recurrence", "mingru")
+    assert code == 2 and err.strip().splitlines()[-1].startswith("distrnn: error: DISTRNN_SCAN_CONFIG: '4,100,4,1' is not"), err[-2000:]
+    assert not Path("mlflow.db").exists() and not Path("checkpoints").exists()
+
+
 def test_unknown_key_in_config_file(job):
     job.write_text(job.read_text().replace("tbptt: {k1: 16}", "tbptt: {k1: 16, truncation: 3}"))
     r = _run("fit", "--config", str(job))

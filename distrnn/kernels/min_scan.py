@@ -28,6 +28,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from distrnn.kernels import scan_config_from_env
+
 
 @triton.jit
 def _compose(a1, b1, a2, b2):
@@ -186,25 +188,11 @@ CONFIGS = [(32, 64, 4, False), (4, 128, 4, True), (8, 128, 4, True), (16, 128, 4
 INTERPRETER_CONFIG = (4, 128, 4, True)
 
 
-def _config_from_env() -> Optional[tuple[int, int, int, bool]]:
-    value = os.environ.get("DISTRNN_SCAN_CONFIG", "").strip()
-    if not value:
-        return None
-    try:
-        bt, bh, w, p = (int(v) for v in value.split(","))
-        if min(bt, bh, w) < 1 or any(v & (v - 1) for v in (bt, bh, w)) or p not in (0, 1):
-            raise ValueError
-    except ValueError:
-        raise ValueError(f"DISTRNN_SCAN_CONFIG: '{value}' is not BLOCK_T,BLOCK_H,num_warps,PREFETCH "
-                         "(powers of two, then 0 or 1), e.g. 4,128,4,1") from None
-    return bt, bh, w, bool(p)
-
-
 # One configuration for every call instead of the autotuned one: set by benchmarks, or by
 # DISTRNN_SCAN_CONFIG for runs that must repeat bit for bit on other machines (configurations
 # scan a tile in a different order, so their float32 results differ in the last bits; the
 # autotuner's choice is cached on disk, so runs on one machine agree).
-FIXED_CONFIG: Optional[tuple[int, int, int, bool]] = _config_from_env()
+FIXED_CONFIG: Optional[tuple[int, int, int, bool]] = scan_config_from_env()
 
 
 def _autotuned(kernel, do_bench=None):
