@@ -2,8 +2,9 @@
 
 - ``single``: one process, no DDP (Lightning's default strategy);
 - ``ddp1``: DDP at world size 1 (the same process wrapped in DistributedDataParallel, gloo/NCCL
-  process group of one), with and without :class:`distrnn.checkpoint.CheckpointOnSigterm` (its
-  one all-reduce of an integer per batch, which the CLI always adds);
+  process group of one), with and without :class:`distrnn.checkpoint.CheckpointOnSigterm` (which
+  the CLI always adds: one all-reduce of an integer per batch, read a batch later, and Lightning's
+  own per-batch SIGTERM broadcast switched off; without it, that broadcast runs, read at once);
 - ``ddp2``: two ranks, each with the per-rank batch of the others (global batch doubles);
   per-rank throughput against ``single``.
 

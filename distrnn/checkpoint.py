@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
+from torch import Tensor
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -223,16 +224,23 @@ class CheckpointOnSigterm(Callback):
     Lightning's own SIGTERM handler runs a collective inside the signal handler (and forwards the
     signal to the other ranks, whose handlers do the same) while rank 0 also stops on its local flag
     at the end of the step: the ranks' collectives fall out of step and DDP hangs (seen with
-    Lightning 2.6 on gloo). distrnn's handler only notes the signal; after every batch the ranks
-    agree on it with one all-reduce of a single integer (any rank signalled: all stop), and only
-    then raise Lightning's flag, so every rank stops at the same step boundary with
-    ``SIGTERMException``. This hook then writes ``preempted.ckpt`` beside the run's other
-    checkpoints, every rank taking part (the hidden states are gathered), and the job exits non-zero
-    so the scheduler knows it did not finish.
+    Lightning 2.6 on gloo). distrnn's handler only notes the signal. After every batch each rank
+    starts an all-reduce of that note (one integer, any rank signalled: all stop) and reads the
+    result of the previous batch's, which has long finished: the ranks agree at the same step
+    boundary, within one batch of the signal, and raise Lightning's flag together
+    (``SIGTERMException``). Nothing waits for the GPU: on CUDA the result comes back through pinned
+    memory behind an event. (Reading it at once would be a host sync per batch, and so is the
+    check Lightning itself runs before every batch, a broadcast from rank 0 read with
+    ``.item()``: with this handler in place Lightning's flag is raised only here, on every rank at
+    once, so that check is switched off.) This hook then writes ``preempted.ckpt`` beside the run's
+    other checkpoints, every rank taking part (the hidden states are gathered), and the job exits
+    non-zero so the scheduler knows it did not finish.
     """
 
     def __init__(self) -> None:
         self._signalled = False
+        self._pending: Optional[tuple[Any, Tensor, Optional[Any]]] = None
+        self._host: Optional[Tensor] = None
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         import signal
@@ -245,20 +253,58 @@ class CheckpointOnSigterm(Callback):
             self._signalled = True
 
         signal.signal(signal.SIGTERM, note)
+        epoch_loop = trainer.fit_loop.epoch_loop
+        if hasattr(epoch_loop, "_broadcast_sigterm_tensor"):  # Lightning >= 2.5.2; see the class docstring
+            epoch_loop._broadcast_sigterm_tensor = lambda: None
+
+    @staticmethod
+    def _distributed(trainer: Trainer) -> bool:
+        return trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
+
+    def _start_agreement(self, trainer: Trainer) -> None:
+        flag = torch.tensor([int(self._signalled)], device=trainer.strategy.root_device)
+        work = torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, async_op=True)
+        if flag.is_cuda:
+            work.wait()  # NCCL: the current stream waits for the reduce; the host does not
+            if self._host is None:  # reused: the previous batch's copy has been read by now
+                self._host = torch.empty(1, dtype=flag.dtype, pin_memory=True)
+            host = self._host
+            host.copy_(flag, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+            self._pending = (None, host, done)
+        else:
+            self._pending = (work, flag, None)
+
+    def _agreed(self) -> bool:
+        """The previous batch's agreement (False before the first)."""
+        if self._pending is None:
+            return False
+        work, flag, done = self._pending
+        self._pending = None
+        if work is not None:
+            work.wait()
+        if done is not None:
+            done.synchronize()  # recorded a batch ago: the GPU is past it
+        return bool(flag[0])
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
-        flag = self._signalled
-        if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
-            t = torch.tensor([int(flag)], device=trainer.strategy.root_device)
-            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-            flag = bool(t.item())
+        if self._distributed(trainer):
+            flag = self._agreed()
+            self._start_agreement(trainer)
+        else:
+            flag = self._signalled
         if flag:
             trainer._signal_connector.received_sigterm = True
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._agreed()  # the last batch's all-reduce, which every rank started
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         ckpt = trainer.checkpoint_callback
         if not isinstance(exception, SIGTERMException) or ckpt is None or not trainer.training:
             return
+        self._agreed()  # the agreement every rank started at the batch it stopped after
         dirpath = getattr(ckpt, "dirpath", None)
         if not dirpath:
             return

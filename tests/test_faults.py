@@ -121,15 +121,16 @@ def test_kill_9_of_rank_1_then_relaunch_equals_the_uninterrupted_run(config, uni
 
 
 def test_sigterm_to_rank_0_checkpoints_and_every_rank_exits(config, uninterrupted, tmp_path):
-    """SIGTERM to rank 0 after update 6: both ranks stop at the same step, write preempted.ckpt
-    together (both hidden states in it) and exit (code 143) in bounded time; resuming from it ends
-    where the uninterrupted run ends."""
+    """SIGTERM to rank 0 after update 6: both ranks stop at the same step, after the next batch
+    (the ranks agree on the signal one batch later, so that no batch waits for the device), write
+    preempted.ckpt together (both hidden states in it) and exit (code 143) in bounded time;
+    resuming from it ends where the uninterrupted run ends."""
     t0 = time.time()
     r = _fit(tmp_path, config, _fault(6, 0, "sigterm"), timeout=120)
     assert r.returncode == 128 + signal.SIGTERM, r.stderr[-3000:]
     assert time.time() - t0 < 120 and _no_process_left(tmp_path)
     pre = torch.load(tmp_path / "ck" / "preempted.ckpt", map_location="cpu", weights_only=True)
-    assert pre["global_step"] == 6 and pre["distrnn"]["world_size"] == 2
+    assert pre["global_step"] == 8 and pre["distrnn"]["world_size"] == 2  # batches of 2 updates
     assert "preempted.ckpt" in r.stdout
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
     (status,) = mlflow.search_runs(search_all_experiments=True)["status"]

@@ -82,3 +82,28 @@ def test_lightning_deepspeed_zero2_zero3_fp32_bf16_and_resume(tmp_path):
         # cuDNN's kernels are deterministic for one configuration; allow float noise all the same
         assert rs["weights"] < 1e-6 and rs["state"] < 1e-6 and rs["converted"] < 1e-6 and rs["global_step"] == 8, rs
     assert "model.optimizer.clip_norm" in res["clip_conflict"]
+
+
+def test_sigterm_agreement_reads_back_without_draining_the_gpu(tmp_path):
+    """distrnn's per-batch SIGTERM agreement on CUDA (NCCL): its result comes back through pinned
+    memory behind an event, so reading it does not wait for GPU work queued after it (a
+    ``.item()`` would: a host sync per batch)."""
+    import torch.distributed as dist
+    from types import SimpleNamespace
+
+    from distrnn.checkpoint import CheckpointOnSigterm
+
+    dist.init_process_group("nccl", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        cb = CheckpointOnSigterm()
+        trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("cuda", torch.cuda.current_device())))
+        cb._start_agreement(trainer)
+        assert cb._agreed() is False
+        cb._signalled = True
+        cb._start_agreement(trainer)
+        torch.cuda._sleep(2_000_000_000)  # ~1 s of GPU work queued behind the agreement
+        assert cb._agreed() is True
+        assert not torch.cuda.current_stream().query()  # the host has its answer, the GPU is still busy
+        torch.cuda.synchronize()
+    finally:
+        dist.destroy_process_group()
