@@ -194,10 +194,19 @@ class DistrnnCLI(LightningCLI):
             continue_run(self.trainer.logger, checkpoint)
 
     def instantiate_classes(self) -> None:
+        cfg = self.config[self.subcommand] if self.subcommand else self.config
+        init_weights = cfg.get("model.init_weights") if cfg.get("ckpt_path") else None
+        if init_weights:
+            # the checkpoint holds the weights: resuming a fine-tuning run does not need the file
+            # it started from (the logged config keeps it)
+            cfg["model.init_weights"] = None
         try:
             super().instantiate_classes()
         except (ValueError, TypeError, FileNotFoundError, CheckpointError, MisconfigurationException, ImportError) as e:
             fail(_key_line(str(e)))
+        finally:
+            if init_weights:
+                cfg["model.init_weights"] = init_weights
 
 
 def main(argv: Optional[list[str]] = None) -> None:

@@ -205,6 +205,13 @@ def test_init_weights_starts_a_new_run_from_a_checkpoints_weights(job, capsys):
     first.unlink()  # the new checkpoint stands alone
     code, out, err = cli(capsys, "generate", "--checkpoint", str(second), "--length", "10")
     assert code == 0, err
+    # resuming the fine-tuning run (same command, --ckpt_path) needs no init file either
+    code, _, err = cli(capsys, "fit", "--config", str(job), "--trainer.max_steps", "6", "--model.init_weights", str(first),
+                       "--ckpt_path", str(second))
+    assert code == 0, err[-3000:]
+    assert load_checkpoint_file(second)["global_step"] == 6
+    runs = _runs(os.environ["MLFLOW_TRACKING_URI"])
+    assert len(runs) == 2 and runs.sort_values("start_time").iloc[1]["params.model.init_weights"] == str(first)
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in (Path(__file__).parents[1] / "jobs" / "configs").glob("*.yaml")
