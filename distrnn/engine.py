@@ -353,14 +353,23 @@ class TBPTTModule(L.LightningModule):
     def _unpack(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """Move x, y, mask to the device; the reset mask and a copy of the loss mask stay on the
         host, where their boundaries and counts are read without a device sync."""
-        x = batch["x"].to(self.device, non_blocking=True)
+        cuda = self.device.type == "cuda"
+
+        def to_device(t: Tensor) -> Tensor:
+            # from pageable memory the driver may wait for the stream before copying (CUDA's
+            # "API synchronization behavior"): pinned first, so the GPU's queue is not drained
+            if cuda and t.device.type == "cpu" and not t.is_pinned():
+                t = t.pin_memory()
+            return t.to(self.device, non_blocking=True)
+
+        x = to_device(batch["x"])
         if x.is_floating_point():
             x = x.to(self.dtype)
-        y = batch["y"].to(self.device, non_blocking=True)
+        y = to_device(batch["y"])
         if y.is_floating_point():
             y = y.to(self.dtype)
         mask_cpu = batch["mask"].cpu()
-        return x, y, mask_cpu.to(self.device, non_blocking=True), batch["reset"].cpu(), mask_cpu
+        return x, y, to_device(mask_cpu), batch["reset"].cpu(), mask_cpu
 
     def training_step(self, dataloader_iter: Iterator) -> None:
         batch, _, _ = next(dataloader_iter)  # StopIteration ends the epoch

@@ -107,3 +107,18 @@ def test_sigterm_agreement_reads_back_without_draining_the_gpu(tmp_path):
         torch.cuda.synchronize()
     finally:
         dist.destroy_process_group()
+
+
+def test_batches_reach_the_gpu_without_draining_it():
+    """The engine copies a batch to the GPU from pinned memory: the copy is queued behind the GPU
+    work already there instead of waiting for it (from pageable memory the driver may wait)."""
+    module = make_module(LM, recurrence="gru", hidden=8).cuda()
+    g = torch.Generator().manual_seed(0)
+    batch = {"x": torch.randint(0, 50, (8, 64), generator=g), "y": torch.randint(0, 50, (8, 64), generator=g),
+             "mask": torch.ones(8, 64, dtype=torch.bool), "reset": torch.zeros(8, 64, dtype=torch.bool)}
+    torch.cuda._sleep(2_000_000_000)  # ~1 s of GPU work
+    x, y, mask, reset, mask_cpu = module._unpack(batch)
+    assert not torch.cuda.current_stream().query()  # the host went on while the GPU is busy
+    torch.cuda.synchronize()
+    assert torch.equal(x.cpu(), batch["x"]) and torch.equal(y.cpu(), batch["y"]) and bool(mask.all())
+    assert x.is_cuda and reset.device.type == "cpu" and mask_cpu.device.type == "cpu"
