@@ -359,7 +359,8 @@ class TBPTTModule(L.LightningModule):
             # from pageable memory the driver may wait for the stream before copying (CUDA's
             # "API synchronization behavior"): pinned first, so the GPU's queue is not drained
             if cuda and t.device.type == "cpu" and not t.is_pinned():
-                t = t.pin_memory()
+                # (not t.pin_memory(): for a view that pins the whole span of its storage)
+                t = torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t)
             return t.to(self.device, non_blocking=True)
 
         x = to_device(batch["x"])
