@@ -246,6 +246,11 @@ class CheckpointOnSigterm(Callback):
         import signal
         import threading
 
+        # Lightning's flag is raised only by this callback (in the main thread Lightning's handler
+        # is replaced below; in another, a Ray Train worker's, neither can install one)
+        epoch_loop = trainer.fit_loop.epoch_loop
+        if hasattr(epoch_loop, "_broadcast_sigterm_tensor"):  # Lightning >= 2.5.2; see the class docstring
+            epoch_loop._broadcast_sigterm_tensor = lambda: None
         if threading.current_thread() is not threading.main_thread():
             return
 
@@ -253,9 +258,6 @@ class CheckpointOnSigterm(Callback):
             self._signalled = True
 
         signal.signal(signal.SIGTERM, note)
-        epoch_loop = trainer.fit_loop.epoch_loop
-        if hasattr(epoch_loop, "_broadcast_sigterm_tensor"):  # Lightning >= 2.5.2; see the class docstring
-            epoch_loop._broadcast_sigterm_tensor = lambda: None
 
     @staticmethod
     def _distributed(trainer: Trainer) -> bool:
