@@ -107,7 +107,7 @@ class BlockingCollectives(L.Callback):
     def on_train_start(self, trainer, pl_module):
         import torch.distributed as dist
 
-        self.seen = []
+        self.seen, self.restore = [], []
         for name in ("broadcast", "all_reduce"):
             original = getattr(dist, name)
 
@@ -117,7 +117,7 @@ class BlockingCollectives(L.Callback):
                 return _original(*args, **kwargs)
 
             setattr(dist, name, wrapped)
-            self.__dict__.setdefault("restore", []).append((name, original))
+            self.restore.append((name, original))
 
     def on_train_end(self, trainer, pl_module):
         import torch.distributed as dist
