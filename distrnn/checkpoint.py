@@ -16,6 +16,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -225,7 +226,8 @@ class CheckpointOnSigterm(Callback):
     signal to the other ranks, whose handlers do the same) while rank 0 also stops on its local flag
     at the end of the step: the ranks' collectives fall out of step and DDP hangs (seen with
     Lightning 2.6 on gloo). distrnn's handler only notes the signal. After every batch each rank
-    starts an all-reduce of that note (one integer, any rank signalled: all stop) and reads the
+    starts an all-reduce of that note (any rank signalled: all stop; the same two integers carry rank
+    0's request for a time-triggered checkpoint, see :class:`Checkpoint`) and reads the
     result of the previous batch's, which has long finished: the ranks agree at the same step
     boundary, within one batch of the signal, and raise Lightning's flag together
     (``SIGTERMException``). Nothing waits for the GPU: on CUDA the result comes back through pinned
@@ -239,6 +241,7 @@ class CheckpointOnSigterm(Callback):
 
     def __init__(self) -> None:
         self._signalled = False
+        self.checkpoint_due = False  # agreed this batch: every rank saves (see Checkpoint)
         self._pending: Optional[tuple[Any, Tensor, Optional[Any]]] = None
         self._host: Optional[Tensor] = None
 
@@ -263,13 +266,13 @@ class CheckpointOnSigterm(Callback):
     def _distributed(trainer: Trainer) -> bool:
         return trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
 
-    def _start_agreement(self, trainer: Trainer) -> None:
-        flag = torch.tensor([int(self._signalled)], device=trainer.strategy.root_device)
+    def _start_agreement(self, trainer: Trainer, checkpoint_due: bool = False) -> None:
+        flag = torch.tensor([int(self._signalled), int(checkpoint_due)], device=trainer.strategy.root_device)
         work = torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, async_op=True)
         if flag.is_cuda:
             work.wait()  # NCCL: the current stream waits for the reduce; the host does not
             if self._host is None:  # reused: the previous batch's copy has been read by now
-                self._host = torch.empty(1, dtype=flag.dtype, pin_memory=True)
+                self._host = torch.empty(2, dtype=flag.dtype, pin_memory=True)
             host = self._host
             host.copy_(flag, non_blocking=True)
             done = torch.cuda.Event()
@@ -278,22 +281,26 @@ class CheckpointOnSigterm(Callback):
         else:
             self._pending = (work, flag, None)
 
-    def _agreed(self) -> bool:
-        """The previous batch's agreement (False before the first)."""
+    def _agreed(self) -> tuple[bool, bool]:
+        """The previous batch's agreement: (a rank was signalled, rank 0 asked for a time-triggered
+        checkpoint); both False before the first."""
         if self._pending is None:
-            return False
+            return False, False
         work, flag, done = self._pending
         self._pending = None
         if work is not None:
             work.wait()
         if done is not None:
             done.synchronize()  # recorded a batch ago: the GPU is past it
-        return bool(flag[0])
+        return bool(flag[0]), bool(flag[1])
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self._distributed(trainer):
-            flag = self._agreed()
-            self._start_agreement(trainer)
+            flag, self.checkpoint_due = self._agreed()
+            # rank 0's clock alone decides a time-triggered checkpoint; it rides on this all-reduce
+            ckpt = trainer.checkpoint_callback
+            due = isinstance(ckpt, Checkpoint) and trainer.is_global_zero and ckpt.request_time_save()
+            self._start_agreement(trainer, due)
         else:
             flag = self._signalled
         if flag:
@@ -315,3 +322,124 @@ class CheckpointOnSigterm(Callback):
         if trainer.is_global_zero:
             print(f"distrnn: SIGTERM at step {trainer.global_step}: checkpoint written to {path}; "
                   f"resume with --ckpt_path {path}", flush=True)
+
+
+class Checkpoint(ModelCheckpoint):
+    """Lightning's ``ModelCheckpoint`` (the ``checkpoint:`` key, same arguments) with its triggers
+    made to work for a manually optimized module, which is what the TBPTT engine is. With Lightning
+    2.6, under manual optimization:
+
+    - ``every_n_train_steps`` with a validation metric as ``monitor`` (distrnn's default) saved
+      nothing until the first validation had produced the metric: a job preempted before it lost
+      every update (every_n_train_steps 100, validation every 1,000 updates: the first file at
+      1,000);
+    - ``train_time_interval`` was ignored (``last.ckpt`` only at the end);
+    - at the end of training ``last.ckpt`` was written only if no checkpoint had been written
+      before, so after max_steps 1,250 with saves every 100 it held step 1,200;
+    - ``fast_dev_run`` wrote ``last.ckpt`` at its end although Lightning announces that it writes
+      no checkpoints.
+
+    Here ``last.ckpt`` (and, without a monitor, the step-named file) is written every
+    ``every_n_train_steps`` updates and every ``train_time_interval``, whether or not validation
+    has run; ``best-*`` files are chosen at the end of each validation from the metric it just
+    produced (never a stale one); ``last.ckpt`` is written again after a new best, so that it knows
+    the best file, and at the end of training. A save due just before a validation waits for it,
+    so that the step is written once. Under DDP the time-triggered save is decided by rank 0's
+    clock and agreed through :class:`CheckpointOnSigterm`'s per-batch all-reduce, read one batch
+    later (Lightning broadcasts that decision from rank 0 before every batch, a host sync): every
+    rank saves at the same step, as the gathered hidden states require.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._due_at_validation = False
+        self._time_requested = False
+
+    @property
+    def state_key(self) -> str:
+        # ModelCheckpoint's key: checkpoints written before this class existed resume with their
+        # best-file bookkeeping, and these resume under a plain ModelCheckpoint
+        return "ModelCheckpoint" + super().state_key[len(type(self).__qualname__):]
+
+    @staticmethod
+    def _off(trainer: Trainer) -> bool:
+        from lightning.pytorch.trainer.states import TrainerFn
+
+        return bool(trainer.fast_dev_run) or trainer.state.fn != TrainerFn.FITTING or trainer.sanity_checking
+
+    def _time_up(self) -> bool:
+        import time
+
+        interval = self._train_time_interval
+        if interval is None or self._last_time_checked is None:
+            return False
+        return time.monotonic() - self._last_time_checked >= interval.total_seconds()
+
+    def request_time_save(self) -> bool:
+        """Rank 0 under DDP: whether to ask the other ranks for a time-triggered save (once per
+        interval: the answer arrives a batch later)."""
+        if self._time_requested or not self._time_up():
+            return False
+        self._time_requested = True
+        return True
+
+    def _time_due(self, trainer: Trainer) -> bool:
+        if self._train_time_interval is None:
+            return False
+        if trainer.world_size == 1:
+            return self._time_up()
+        agreement = next((c for c in trainer.callbacks if isinstance(c, CheckpointOnSigterm)), None)
+        if agreement is None:
+            raise ValueError("checkpoint.train_time_interval: with several ranks it needs distrnn's CheckpointOnSigterm "
+                             "callback, which agrees on the step to save at")
+        return agreement.checkpoint_due
+
+    @staticmethod
+    def _validates_next(trainer: Trainer) -> bool:
+        """Whether Lightning runs validation right after this batch (its own test, private in 2.6)."""
+        loop = trainer.fit_loop.epoch_loop
+        try:
+            return not loop._skip_next_val and bool(loop._should_check_val_fx(trainer.fit_loop._data_fetcher))
+        except (AttributeError, TypeError):
+            return False
+
+    def _save_last_now(self, trainer: Trainer) -> None:
+        import time
+
+        candidates = self._monitor_candidates(trainer)
+        if self.monitor is None:
+            self._save_topk_checkpoint(trainer, candidates)  # the step-named file
+        self._save_last_checkpoint(trainer, candidates)
+        self._last_time_checked = time.monotonic()
+        self._time_requested = self._due_at_validation = False
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if pl_module.automatic_optimization:
+            return super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        n = self._every_n_train_steps
+        due = (n >= 1 and trainer.global_step % n == 0) or self._time_due(trainer) or self._due_at_validation
+        if not due or self._off(trainer) or self._last_global_step_saved == trainer.global_step:
+            return
+        if self.monitor is not None and self._validates_next(trainer):
+            self._due_at_validation = True  # written once, after the validation chose a best or not
+            return
+        self._save_last_now(trainer)
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if pl_module.automatic_optimization:
+            return super().on_validation_end(trainer, pl_module)
+        if self._off(trainer):
+            return
+        candidates = self._monitor_candidates(trainer)
+        before = (self._last_global_step_saved, self._last_checkpoint_saved)
+        if self.monitor is not None and self.monitor in candidates:
+            self._save_topk_checkpoint(trainer, candidates)
+        wrote_best = (self._last_global_step_saved, self._last_checkpoint_saved) != before
+        if self._due_at_validation or wrote_best:
+            self._save_last_now(trainer)
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if pl_module.automatic_optimization:
+            return super().on_train_end(trainer, pl_module)
+        if self.save_last and not self._off(trainer) and self._last_global_step_saved != trainer.global_step:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))

@@ -14,7 +14,7 @@ from typing import Any, NoReturn, Optional
 
 from jsonargparse import ArgumentParser
 from lightning.pytorch import Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, TQDMProgressBar
+from lightning.pytorch.callbacks import ProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -22,6 +22,7 @@ from lightning.pytorch.plugins.io import CheckpointIO
 
 from distrnn.checkpoint import (
     AtomicCheckpointIO,
+    Checkpoint,
     CheckpointError,
     CheckpointOnSigterm,
     check_deepspeed_checkpoint,
@@ -80,6 +81,16 @@ def _check_devices(trainer_cfg: dict[str, Any]) -> None:
         cores = os.cpu_count() or 1
         if n is not None and n > cores:
             fail(f"trainer.devices: {n} CPU processes asked for, this machine has {cores} cores")
+
+
+def _check_manual_optimization(trainer_cfg: dict[str, Any]) -> None:
+    """Trainer options that Lightning refuses for a manually optimized module (the TBPTT engine),
+    with a traceback from inside fit: refused here, with what to set instead."""
+    if trainer_cfg.get("gradient_clip_val") is not None:
+        fail("trainer.gradient_clip_val: distrnn clips in its own update; set model.optimizer.clip_norm instead")
+    if (trainer_cfg.get("accumulate_grad_batches") or 1) != 1:
+        fail("trainer.accumulate_grad_batches: not supported: each batch continues the streams of the one before"
+             " (one update per TBPTT chunk); for more sequences per update raise data.batch_size or add ranks")
 
 
 def _as_list(v: Any) -> list[Any]:
@@ -146,8 +157,9 @@ class DistrnnCLI(LightningCLI):
         )
 
     def add_arguments_to_parser(self, parser: ArgumentParser) -> None:
-        # Always one ModelCheckpoint, configured under the top-level `checkpoint:` key.
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        # Always one ModelCheckpoint, configured under the top-level `checkpoint:` key (distrnn's
+        # subclass: Lightning's triggers do not fire as documented under manual optimization)
+        parser.add_lightning_class_args(Checkpoint, "checkpoint")
         parser.set_defaults({f"checkpoint.{k}": v for k, v in CHECKPOINT_DEFAULTS.items()})
         parser.set_defaults({"trainer.logger": {"class_path": "distrnn.tracking.MLflowLogger"}})
         # the data decides what the model reads and predicts
@@ -165,6 +177,7 @@ class DistrnnCLI(LightningCLI):
         for key, value in extra.items():
             trainer_cfg[key] = value
         _check_devices(trainer_cfg)
+        _check_manual_optimization(trainer_cfg)
         if trainer_cfg.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
             callbacks.append(EpochProgressBar())
         trainer_cfg["callbacks"] = [*callbacks, MLflowRunInCheckpoint(), CheckpointOnSigterm()]

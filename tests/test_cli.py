@@ -55,6 +55,8 @@ def job(tmp_path):
         (["--model.optimizer.lr", "-1"], "model.optimizer.lr"),
         (["--trainer.accelerator", "cpu", "--trainer.devices", "64"], "trainer.devices"),
         (["--trainer.strategy", "bogus"], "strategy"),
+        (["--trainer.gradient_clip_val", "1.0"], "trainer.gradient_clip_val: distrnn clips in its own update; set model.optimizer.clip_norm"),
+        (["--trainer.accumulate_grad_batches", "2"], "trainer.accumulate_grad_batches: not supported"),
         (["--model.init_weights", "missing.ckpt"], "model.init_weights: checkpoint missing.ckpt: no such file"),
         (["--model.init_weights", "h8.ckpt"], "model.init_weights: checkpoint h8.ckpt does not fit model.network"),
         pytest.param(["--trainer.strategy", "deepspeed_stage_2"], "DeepSpeed",

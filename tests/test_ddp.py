@@ -134,13 +134,18 @@ def test_no_batch_waits_for_a_collective_of_the_sigterm_agreement(tmp_path, loop
     later, and Lightning's own check before every batch (a broadcast read with .item(): on GPUs a
     host sync per batch) is switched off. Fails if a Lightning upgrade brings that check back under
     another name."""
-    from distrnn.checkpoint import CheckpointOnSigterm
+    from datetime import timedelta
+
+    from distrnn.checkpoint import Checkpoint, CheckpointOnSigterm
 
     module = make_module(LM, recurrence="gru", hidden=16, k1=16, name="sgd", lr=0.5, seed=0)
+    # a time-triggered checkpoint is agreed on through the same all-reduce (Lightning's
+    # ModelCheckpoint broadcasts that decision before every batch)
+    ckpt = Checkpoint(dirpath=tmp_path / "ck", every_n_train_steps=0, train_time_interval=timedelta(hours=1))
     trainer = L.Trainer(
-        accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=6, logger=False, enable_checkpointing=False,
+        accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=6, logger=False,
         enable_progress_bar=False, enable_model_summary=False,
-        callbacks=[BlockingCollectives(tmp_path), CheckpointOnSigterm()],
+        callbacks=[BlockingCollectives(tmp_path), CheckpointOnSigterm(), ckpt],
     )
     loopback_rendezvous(trainer)
     trainer.fit(module, Streams(3))

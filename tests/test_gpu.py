@@ -98,11 +98,11 @@ def test_sigterm_agreement_reads_back_without_draining_the_gpu(tmp_path):
         cb = CheckpointOnSigterm()
         trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("cuda", torch.cuda.current_device())))
         cb._start_agreement(trainer)
-        assert cb._agreed() is False
+        assert cb._agreed() == (False, False)  # (a rank signalled, rank 0 asks for a checkpoint)
         cb._signalled = True
-        cb._start_agreement(trainer)
+        cb._start_agreement(trainer, checkpoint_due=True)
         torch.cuda._sleep(2_000_000_000)  # ~1 s of GPU work queued behind the agreement
-        assert cb._agreed() is True
+        assert cb._agreed() == (True, True)
         assert not torch.cuda.current_stream().query()  # the host has its answer, the GPU is still busy
         torch.cuda.synchronize()
     finally:

@@ -1,0 +1,146 @@
+"""When checkpoints are written (distrnn.checkpoint.Checkpoint, the `checkpoint:` key): the triggers
+that Lightning 2.6's ModelCheckpoint does not fire for a manually optimized module."""
+
+from datetime import timedelta
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from conftest import cli, write_corpus
+from distrnn.checkpoint import AtomicCheckpointIO, Checkpoint, CheckpointOnSigterm, load_checkpoint_file
+
+# 2 updates per batch (k1 16, sequences of 32); validation after every 10th batch (update 20)
+CONFIG = """
+seed_everything: 0
+trainer: {max_steps: 26, val_check_interval: 10, limit_val_batches: 2, log_every_n_steps: 2, enable_progress_bar: false}
+checkpoint: {every_n_train_steps: 4}
+model:
+  network: {recurrence: gru, hidden_size: 16}
+  tbptt: {k1: 16}
+  optimizer: {lr: 0.01}
+data:
+  class_path: distrnn.data.ByteCorpusDataModule
+  init_args: {path: corpus.txt, batch_size: 4, seq_len: 32}
+"""
+
+
+@pytest.fixture
+def saves(tmp_path, monkeypatch):
+    """(global step, file name) of every checkpoint written, in order."""
+    write_corpus(tmp_path / "corpus.txt", 8000)
+    (tmp_path / "job.yaml").write_text(CONFIG)
+    seen = []
+    original = AtomicCheckpointIO.save_checkpoint
+
+    def record(self, checkpoint, path, storage_options=None):
+        seen.append((checkpoint["global_step"], Path(path).name))
+        return original(self, checkpoint, path, storage_options)
+
+    monkeypatch.setattr(AtomicCheckpointIO, "save_checkpoint", record)
+    return seen
+
+
+def test_last_is_written_every_n_updates_before_the_first_validation_and_at_the_end(saves, capsys):
+    """Lightning 2.6 waits for the monitored validation metric before its first save (here: no
+    file before update 20) and at the end rewrites last.ckpt only if nothing was saved before.
+    A save due just before a validation (update 20) waits for it and is written once, after the
+    best file, so that last.ckpt knows it."""
+    code, _, err = cli(capsys, "fit", "--config", "job.yaml")
+    assert code == 0, err[-3000:]
+    assert saves == [(4, "last.ckpt"), (8, "last.ckpt"), (12, "last.ckpt"), (16, "last.ckpt"),
+                     (20, "best-20.ckpt"), (20, "last.ckpt"), (24, "last.ckpt"), (26, "last.ckpt")]
+    last = load_checkpoint_file(next(Path("checkpoints").rglob("last.ckpt")))
+    assert last["global_step"] == 26
+    # under ModelCheckpoint's key: older checkpoints keep their best-file bookkeeping on resume
+    state = next(v for k, v in last["callbacks"].items() if k.startswith("ModelCheckpoint{"))
+    assert Path(state["best_model_path"]).name == "best-20.ckpt"
+
+
+def test_resume_from_the_save_deferred_to_validation_equals_the_uninterrupted_run(saves, capsys, monkeypatch):
+    """The last.ckpt written after the validation at update 20 (not at that batch's end) resumes
+    to the uninterrupted run's weights at update 26, bit for bit."""
+    import shutil
+
+    original = AtomicCheckpointIO.save_checkpoint
+
+    def keep_20(self, checkpoint, path, storage_options=None):
+        original(self, checkpoint, path, storage_options)
+        if checkpoint["global_step"] == 20 and Path(path).name == "last.ckpt":
+            shutil.copy(path, "after-validation-20.ckpt")
+
+    monkeypatch.setattr(AtomicCheckpointIO, "save_checkpoint", keep_20)
+    code, _, err = cli(capsys, "fit", "--config", "job.yaml")
+    assert code == 0, err[-3000:]
+    uninterrupted = load_checkpoint_file(next(Path("checkpoints").rglob("last.ckpt")))["state_dict"]
+    shutil.rmtree("checkpoints")
+    code, _, err = cli(capsys, "fit", "--config", "job.yaml", "--ckpt_path", "after-validation-20.ckpt")
+    assert code == 0, err[-3000:]
+    resumed = load_checkpoint_file(next(Path("checkpoints").rglob("last.ckpt")))
+    assert resumed["global_step"] == 26
+    for k, v in uninterrupted.items():
+        assert torch.equal(resumed["state_dict"][k], v), k
+
+
+def test_time_interval_writes_last_between_validations(saves, capsys):
+    """train_time_interval (ignored by Lightning 2.6 under manual optimization): with an interval
+    of 0 every batch is due."""
+    code, _, err = cli(capsys, "fit", "--config", "job.yaml", "--checkpoint.every_n_train_steps", "0",
+                       "--checkpoint.train_time_interval", "0:00:00", "--trainer.max_steps", "8")
+    assert code == 0, err[-3000:]
+    assert saves == [(2, "last.ckpt"), (4, "last.ckpt"), (6, "last.ckpt"), (8, "last.ckpt")]
+
+
+def test_fast_dev_run_writes_no_checkpoint(saves, capsys):
+    code, out, err = cli(capsys, "fit", "--config", "job.yaml", "--trainer.fast_dev_run", "true")
+    assert code == 0, err[-3000:]
+    assert saves == [] and not Path("checkpoints").exists()
+    assert "checkpoints:" not in out
+
+
+LM_VOCAB = 40
+
+
+class _Streams(L.LightningDataModule):
+    def train_dataloader(self):
+        from distrnn.data.loaders import StreamLoader
+
+        tokens = torch.randint(0, LM_VOCAB, (4001,), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+        return StreamLoader(tokens, 3, 16, rank=self.trainer.global_rank, world_size=self.trainer.world_size)
+
+
+class _SkewedClocks(Checkpoint):
+    """Rank 1's clock says a time-triggered save is always due; rank 0's, only at update 5."""
+
+    def setup(self, trainer, pl_module, stage):
+        super().setup(trainer, pl_module, stage)
+        self._trainer = trainer
+
+    def _time_up(self):
+        return self._trainer.global_rank == 1 or self._trainer.global_step == 5
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_ranks_save_at_the_step_rank_0s_clock_chose(tmp_path, loopback_rendezvous):
+    """Under DDP every rank must save at the same step (the hidden states are gathered into one
+    file). Rank 0's decision at update 5 reaches the other ranks through the SIGTERM agreement's
+    all-reduce, read a batch later: both save at update 6 and nowhere else, whatever rank 1's
+    clock says. Deciding per rank would hang in the gather or write files at different steps."""
+    from distrnn.config import TaskSpec
+
+    from helpers import make_module
+
+    task = TaskSpec(kind="language_model", output_dim=LM_VOCAB, vocab_size=LM_VOCAB, seq_len=16)
+    module = make_module(task, recurrence="gru", hidden=8, k1=16, name="sgd", lr=0.1, seed=0)
+    ckpt = _SkewedClocks(dirpath=tmp_path / "ck", every_n_train_steps=0, train_time_interval=timedelta(hours=1),
+                         save_top_k=-1, filename="{step}", save_last=False)
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=9, logger=False,
+                        enable_progress_bar=False, enable_model_summary=False, plugins=[AtomicCheckpointIO()],
+                        callbacks=[ckpt, CheckpointOnSigterm()])
+    loopback_rendezvous(trainer)
+    trainer.fit(module, _Streams())
+    assert sorted(p.name for p in (tmp_path / "ck").glob("*.ckpt")) == ["step=6.ckpt"]
+    saved = load_checkpoint_file(tmp_path / "ck" / "step=6.ckpt")
+    assert saved["global_step"] == 6 and saved["distrnn"]["world_size"] == 2
