@@ -339,8 +339,9 @@ class Checkpoint(ModelCheckpoint):
     - ``fast_dev_run`` wrote ``last.ckpt`` at its end although Lightning announces that it writes
       no checkpoints.
 
-    Here ``last.ckpt`` (and, without a monitor, the step-named file) is written every
-    ``every_n_train_steps`` updates and every ``train_time_interval``, whether or not validation
+    Here ``last.ckpt`` (and, without a monitor, the step-named file) is written after each batch
+    that passed a multiple of ``every_n_train_steps`` updates (Lightning tests for the batch ending
+    on one, and a TBPTT batch makes several updates), and every ``train_time_interval``, whether or not validation
     has run; ``best-*`` files are chosen at the end of each validation from the metric it just
     produced (never a stale one); ``last.ckpt`` is written again after a new best, so that it knows
     the best file, and at the end of training. A save due just before a validation waits for it,
@@ -354,6 +355,11 @@ class Checkpoint(ModelCheckpoint):
         super().__init__(*args, **kwargs)
         self._due_at_validation = False
         self._time_requested = False
+        self._step_seen: Optional[int] = None  # global step at the previous batch's end
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        self._step_seen = trainer.global_step  # a resumed run counts from its checkpoint's step
 
     @property
     def state_key(self) -> str:
@@ -416,8 +422,13 @@ class Checkpoint(ModelCheckpoint):
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         if pl_module.automatic_optimization:
             return super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-        n = self._every_n_train_steps
-        due = (n >= 1 and trainer.global_step % n == 0) or self._time_due(trainer) or self._due_at_validation
+        # a TBPTT batch makes several updates (sequence length / k1): due when the batch passed a
+        # multiple of n, not only when it ended on one (with 4 updates a batch and n = 10 Lightning
+        # saves every 20)
+        n, step = self._every_n_train_steps, trainer.global_step
+        previous, self._step_seen = self._step_seen, step
+        passed = n >= 1 and previous is not None and step // n > previous // n
+        due = passed or self._time_due(trainer) or self._due_at_validation
         if not due or self._off(trainer) or self._last_global_step_saved == trainer.global_step:
             return
         if self.monitor is not None and self._validates_next(trainer):

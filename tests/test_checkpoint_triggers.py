@@ -14,8 +14,8 @@ from distrnn.checkpoint import AtomicCheckpointIO, Checkpoint, CheckpointOnSigte
 # 2 updates per batch (k1 16, sequences of 32); validation after every 10th batch (update 20)
 CONFIG = """
 seed_everything: 0
-trainer: {max_steps: 26, val_check_interval: 10, limit_val_batches: 2, log_every_n_steps: 2, enable_progress_bar: false}
-checkpoint: {every_n_train_steps: 4}
+trainer: {max_steps: 28, val_check_interval: 10, limit_val_batches: 2, log_every_n_steps: 2, enable_progress_bar: false}
+checkpoint: {every_n_train_steps: 5}
 model:
   network: {recurrence: gru, hidden_size: 16}
   tbptt: {k1: 16}
@@ -44,15 +44,17 @@ def saves(tmp_path, monkeypatch):
 
 def test_last_is_written_every_n_updates_before_the_first_validation_and_at_the_end(saves, capsys):
     """Lightning 2.6 waits for the monitored validation metric before its first save (here: no
-    file before update 20) and at the end rewrites last.ckpt only if nothing was saved before.
-    A save due just before a validation (update 20) waits for it and is written once, after the
-    best file, so that last.ckpt knows it."""
+    file before update 20), saves only after batches that end on a multiple of n (10, 20: each
+    batch makes 2 updates, n = 5) and at the end rewrites last.ckpt only if nothing was saved
+    before. Here: after every batch that passed a multiple of 5; a save due just before a
+    validation (update 20) waits for it and is written once, after the best file, so that
+    last.ckpt knows it; and at the end (28)."""
     code, _, err = cli(capsys, "fit", "--config", "job.yaml")
     assert code == 0, err[-3000:]
-    assert saves == [(4, "last.ckpt"), (8, "last.ckpt"), (12, "last.ckpt"), (16, "last.ckpt"),
-                     (20, "best-20.ckpt"), (20, "last.ckpt"), (24, "last.ckpt"), (26, "last.ckpt")]
+    assert saves == [(6, "last.ckpt"), (10, "last.ckpt"), (16, "last.ckpt"), (20, "best-20.ckpt"),
+                     (20, "last.ckpt"), (26, "last.ckpt"), (28, "last.ckpt")]
     last = load_checkpoint_file(next(Path("checkpoints").rglob("last.ckpt")))
-    assert last["global_step"] == 26
+    assert last["global_step"] == 28
     # under ModelCheckpoint's key: older checkpoints keep their best-file bookkeeping on resume
     state = next(v for k, v in last["callbacks"].items() if k.startswith("ModelCheckpoint{"))
     assert Path(state["best_model_path"]).name == "best-20.ckpt"
@@ -60,7 +62,7 @@ def test_last_is_written_every_n_updates_before_the_first_validation_and_at_the_
 
 def test_resume_from_the_save_deferred_to_validation_equals_the_uninterrupted_run(saves, capsys, monkeypatch):
     """The last.ckpt written after the validation at update 20 (not at that batch's end) resumes
-    to the uninterrupted run's weights at update 26, bit for bit."""
+    to the uninterrupted run's weights at update 28, bit for bit."""
     import shutil
 
     original = AtomicCheckpointIO.save_checkpoint
@@ -78,7 +80,7 @@ def test_resume_from_the_save_deferred_to_validation_equals_the_uninterrupted_ru
     code, _, err = cli(capsys, "fit", "--config", "job.yaml", "--ckpt_path", "after-validation-20.ckpt")
     assert code == 0, err[-3000:]
     resumed = load_checkpoint_file(next(Path("checkpoints").rglob("last.ckpt")))
-    assert resumed["global_step"] == 26
+    assert resumed["global_step"] == 28
     for k, v in uninterrupted.items():
         assert torch.equal(resumed["state_dict"][k], v), k
 
