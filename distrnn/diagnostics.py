@@ -102,7 +102,8 @@ class Diagnostics(Callback):
     - ``diag/grad_norm/{encoder,l0,l1,...,head}``: gradient norms per layer before clipping (after
       the DDP all-reduce) of the update made after N updates, logged at step N (as Lightning logs
       that update's ``train/grad_norm``);
-    - the gradient-through-time curve on the first ``window`` steps of the batch just trained on,
+    - after the batch that passed a multiple of ``every_n_steps`` updates (a TBPTT batch makes
+      several), the gradient-through-time curve on the first ``window`` steps of that batch,
       with the updated weights: ``diag/grad_h_t{t}`` at five t, ``diag/grad_ratio`` (first / last
       step) and, with an MLflow logger, a PNG ``diagnostics/grad_through_time_step{N}.png``;
     - ``diag/sat/l{n}.{name}`` and ``diag/mean/l{n}.{name}`` for every gate and hidden unit over the
@@ -126,6 +127,10 @@ class Diagnostics(Callback):
             raise ValueError(f"Diagnostics: every_n_steps must be >= 1 and window >= 2, got {every_n_steps}, {window}")
         self.every_n_steps, self.window = every_n_steps, window
         self.curve, self.gates, self.grad_norms, self.batch_rows = curve, gates, grad_norms, batch_rows
+        self._step_seen = 0  # global step at the previous batch's end
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._step_seen = trainer.global_step
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         from distrnn.checkpoint import deepspeed_strategy
@@ -163,7 +168,9 @@ class Diagnostics(Callback):
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         # the batch the step just trained on (with dataloader_iter steps, the start hook sees the
         # previous one), measured with the updated weights
-        if trainer.global_step % self.every_n_steps or not trainer.is_global_zero or not isinstance(batch, dict):
+        # a TBPTT batch makes several updates: measured after the batch that passed a multiple of n
+        n, previous, self._step_seen = self.every_n_steps, self._step_seen, trainer.global_step
+        if trainer.global_step // n <= previous // n or not trainer.is_global_zero or not isinstance(batch, dict):
             return
         if not (self.curve or self.gates):
             return

@@ -38,7 +38,8 @@ class ReportToRay(Callback):
     """Reports metrics and a full distrnn checkpoint to Ray Train (or Tune).
 
     Args:
-        every_n_steps: report after every n-th update (mid-epoch too); ``None``: never by steps.
+        every_n_steps: report after each batch that passed a multiple of n updates (mid-epoch
+            too); ``None``: never by steps.
         after_validation: report after every validation (what ASHA and PBT compare).
         tune: report with ``ray.tune.report`` (a Tune trial) instead of ``ray.train.report``.
     """
@@ -46,10 +47,15 @@ class ReportToRay(Callback):
     def __init__(self, every_n_steps: Optional[int] = None, after_validation: bool = False, tune: bool = False) -> None:
         self.every_n_steps, self.after_validation, self.tune = every_n_steps, after_validation, tune
         self._last_step = -1
+        self._step_seen = 0  # global step at the previous batch's end
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._step_seen = trainer.global_step
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int) -> None:
-        n = self.every_n_steps
-        if n and trainer.global_step % n == 0:
+        # a TBPTT batch makes several updates: report when it passed a multiple of n
+        n, previous, self._step_seen = self.every_n_steps, self._step_seen, trainer.global_step
+        if n and trainer.global_step // n > previous // n:
             self._report(trainer)
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:

@@ -146,3 +146,29 @@ def test_ranks_save_at_the_step_rank_0s_clock_chose(tmp_path, loopback_rendezvou
     assert sorted(p.name for p in (tmp_path / "ck").glob("*.ckpt")) == ["step=6.ckpt"]
     saved = load_checkpoint_file(tmp_path / "ck" / "step=6.ckpt")
     assert saved["global_step"] == 6 and saved["distrnn"]["world_size"] == 2
+
+
+def test_ray_reports_follow_batches_that_make_several_updates(monkeypatch):
+    """ReportToRay (checkpoints to Ray storage every report_every updates): with 4 updates a batch
+    and n = 6, after the batches that passed 6, 12, 18 (updates 8, 12, 20); testing ``step % n``
+    at the batch's end reported only at 12."""
+    from distrnn.config import TaskSpec
+    from distrnn.data.loaders import TensorLoader
+    from distrnn.raytrain import ReportToRay
+
+    from helpers import ListDataModule, make_module, trainer
+
+    reported = []
+
+    def report(self, t, force=False):  # what it hands to Ray (which needs a session) aside
+        reported.append(t.global_step)
+        self._last_step = t.global_step
+
+    monkeypatch.setattr(ReportToRay, "_report", report)
+    task = TaskSpec(kind="regression", output_dim=1, input_dim=2, seq_len=40)
+    g = torch.Generator().manual_seed(0)
+    data = {"x": torch.randn(16, 40, 2, generator=g), "y": torch.randn(16, 40, 1, generator=g),
+            "mask": torch.ones(16, 40, dtype=torch.bool)}
+    module = make_module(task, recurrence="gru", hidden=8, mode="tbptt", k1=10)
+    trainer(max_steps=20, callbacks=[ReportToRay(every_n_steps=6)]).fit(module, ListDataModule(TensorLoader(data, 4)))
+    assert reported == [8, 12, 20]

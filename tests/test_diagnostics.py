@@ -145,3 +145,26 @@ def test_callback_logs_diagnostics_and_curves_to_mlflow(tmp_path):
         total = math.sqrt(sum(parts[k][step] ** 2 for k in parts))
         assert total == pytest.approx(pre_clip[step], rel=1e-5) and total > 1e-3
     assert "plots/loss.png" in [a.path for a in client.list_artifacts(logger.run_id, "plots")]
+
+
+def test_curve_follows_batches_that_make_several_updates(tmp_path):
+    """TBPTT with 4 updates a batch (k1 10 of 40 steps), every 6 updates: the per-update norms of
+    the updates made after 0 and 6 earlier ones, the curve after the batches that passed 6 and 12 (updates 8 and 12). Testing
+    ``step % n`` at the batch's end, as Lightning's triggers do, measured only at 12."""
+    from distrnn.tracking import MLflowLogger
+
+    from helpers import ListDataModule, make_module
+
+    from distrnn.data.loaders import TensorLoader
+
+    task = TaskSpec(kind="regression", output_dim=1, input_dim=2, seq_len=40)
+    b = adding_problem(torch.Generator().manual_seed(0), 32, 40)
+    module = make_module(task, recurrence="gru", hidden=8, mode="tbptt", k1=10)
+    logger = MLflowLogger(experiment_name="diag", checkpoint_dir=str(tmp_path / "ck"))
+    mask = torch.ones_like(b["mask"])  # a loss at every step: every chunk makes an update
+    L.Trainer(accelerator="cpu", max_steps=12, logger=logger, enable_checkpointing=False, enable_progress_bar=False,
+              log_every_n_steps=1, callbacks=[Diagnostics(every_n_steps=6, window=10)]).fit(
+        module, ListDataModule(TensorLoader({"x": b["x"], "y": b["y"], "mask": mask}, 8)))
+    client = mlflow.MlflowClient()
+    assert sorted(m.step for m in client.get_metric_history(logger.run_id, "diag/grad_ratio")) == [8, 12]
+    assert sorted(m.step for m in client.get_metric_history(logger.run_id, "diag/grad_norm/l0")) == [0, 6]
