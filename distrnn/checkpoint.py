@@ -41,7 +41,10 @@ def _sidecar(path: Path) -> Path:
 
 def verify_checksum(p: Path) -> None:
     """torch.load does not notice flipped bytes inside tensor data: it loads wrong weights. Files
-    written by :class:`AtomicCheckpointIO` carry a SHA-256 sidecar, checked here."""
+    written by :class:`AtomicCheckpointIO` carry a SHA-256 sidecar, checked here. A link
+    (``save_last: link``) is checked against its target's sidecar."""
+    if p.is_symlink():
+        p = p.resolve()
     side = _sidecar(p)
     if not side.is_file():
         return
@@ -415,7 +418,7 @@ class Checkpoint(ModelCheckpoint):
         candidates = self._monitor_candidates(trainer)
         if self.monitor is None:
             self._save_topk_checkpoint(trainer, candidates)  # the step-named file
-        self._save_last_checkpoint(trainer, candidates)
+        self._write_last(trainer, candidates)
         self._last_time_checked = time.monotonic()
         self._time_requested = self._due_at_validation = False
 
@@ -453,4 +456,16 @@ class Checkpoint(ModelCheckpoint):
         if pl_module.automatic_optimization:
             return super().on_train_end(trainer, pl_module)
         if self.save_last and not self._off(trainer) and self._last_global_step_saved != trainer.global_step:
-            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+            self._write_last(trainer, self._monitor_candidates(trainer))
+
+    def _write_last(self, trainer: Trainer, candidates: dict[str, Any]) -> None:
+        if self.save_last == "link" and self._last_global_step_saved != trainer.global_step:
+            # nothing was written at this step for last.ckpt to link to (Lightning would link it
+            # to an older file): here it becomes a file of its own
+            self.save_last = True
+            try:
+                self._save_last_checkpoint(trainer, candidates)
+            finally:
+                self.save_last = "link"
+        else:
+            self._save_last_checkpoint(trainer, candidates)

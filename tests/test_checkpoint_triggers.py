@@ -85,6 +85,22 @@ def test_resume_from_the_save_deferred_to_validation_equals_the_uninterrupted_ru
         assert torch.equal(resumed["state_dict"][k], v), k
 
 
+def test_save_last_link_never_points_at_an_older_step_and_resumes(saves, capsys):
+    """``save_last: link`` makes last.ckpt a link to the file written at the same step; where none
+    was (a step-triggered save with a monitor), Lightning linked it to the previous best file. Here
+    it is a file then, and a link after the best at 20: one that resumes (its checksum is the
+    target's; the stale last.ckpt.sha256 of the earlier file made it 'corrupted')."""
+    code, _, err = cli(capsys, "fit", "--config", "job.yaml", "--checkpoint.save_last", "link", "--trainer.max_steps", "20")
+    assert code == 0, err[-3000:]
+    assert saves == [(6, "last.ckpt"), (10, "last.ckpt"), (16, "last.ckpt"), (20, "best-20.ckpt")]
+    last = next(Path("checkpoints").rglob("last.ckpt"))
+    assert last.is_symlink() and last.resolve().name == "best-20.ckpt"
+    assert load_checkpoint_file(last)["global_step"] == 20
+    code, _, err = cli(capsys, "fit", "--config", "job.yaml", "--checkpoint.save_last", "link", "--ckpt_path", str(last))
+    assert code == 0, err[-3000:]
+    assert saves[-1] == (28, "last.ckpt")
+
+
 def test_time_interval_writes_last_between_validations(saves, capsys):
     """train_time_interval (ignored by Lightning 2.6 under manual optimization): with an interval
     of 0 every batch is due."""
