@@ -446,7 +446,13 @@ class Checkpoint(ModelCheckpoint):
             return
         candidates = self._monitor_candidates(trainer)
         before = (self._last_global_step_saved, self._last_checkpoint_saved)
-        if self.monitor is not None and self.monitor in candidates:
+        if self.monitor is not None:
+            if self.monitor not in candidates:
+                from distrnn.config import ConfigError
+
+                logged = ", ".join(sorted(k for k in candidates if "/" in k))
+                raise ConfigError(f"checkpoint.monitor: '{self.monitor}' is not a metric of this run (after a"
+                                  f" validation it logs {logged})")
             self._save_topk_checkpoint(trainer, candidates)
         wrote_best = (self._last_global_step_saved, self._last_checkpoint_saved) != before
         if self._due_at_validation or wrote_best:

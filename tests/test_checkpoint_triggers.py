@@ -101,6 +101,17 @@ def test_save_last_link_never_points_at_an_older_step_and_resumes(saves, capsys)
     assert saves[-1] == (28, "last.ckpt")
 
 
+def test_a_monitor_no_validation_logs_is_one_line_exit_2_and_keeps_the_checkpoints(saves, capsys):
+    """Lightning raised a traceback, or (before its first validation) saved nothing and warned."""
+    code, _, err = cli(capsys, "fit", "--config", "job.yaml", "--checkpoint.monitor", "val/acc")
+    assert code == 2
+    assert err.strip().splitlines()[-1].startswith("distrnn: error: checkpoint.monitor: 'val/acc' is not a metric"
+                                                   " of this run (after a validation it logs "), err[-2000:]
+    assert "val/loss" in err.strip().splitlines()[-1] and "Traceback" not in err
+    assert saves[-1] == (16, "last.ckpt")
+    assert load_checkpoint_file(next(Path("checkpoints").rglob("last.ckpt")))["global_step"] == 16
+
+
 def test_time_interval_writes_last_between_validations(saves, capsys):
     """train_time_interval (ignored by Lightning 2.6 under manual optimization): with an interval
     of 0 every batch is due."""
