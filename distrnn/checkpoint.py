@@ -10,6 +10,7 @@ arbitrary objects.
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -344,8 +345,8 @@ class Checkpoint(ModelCheckpoint):
 
     Here ``last.ckpt`` (and, without a monitor, the step-named file) is written after each batch
     that passed a multiple of ``every_n_train_steps`` updates (Lightning tests for the batch ending
-    on one, and a TBPTT batch makes several updates), and every ``train_time_interval``, whether or not validation
-    has run; ``best-*`` files are chosen at the end of each validation from the metric it just
+    on one, and a TBPTT batch makes several updates), and every ``train_time_interval``, whether
+    or not validation has run; ``best-*`` files are chosen at the end of each validation from the metric it just
     produced (never a stale one); ``last.ckpt`` is written again after a new best, so that it knows
     the best file, and at the end of training. A save due just before a validation waits for it,
     so that the step is written once. Under DDP the time-triggered save is decided by rank 0's
@@ -377,8 +378,6 @@ class Checkpoint(ModelCheckpoint):
         return bool(trainer.fast_dev_run) or trainer.state.fn != TrainerFn.FITTING or trainer.sanity_checking
 
     def _time_up(self) -> bool:
-        import time
-
         interval = self._train_time_interval
         if interval is None or self._last_time_checked is None:
             return False
@@ -413,8 +412,6 @@ class Checkpoint(ModelCheckpoint):
             return False
 
     def _save_last_now(self, trainer: Trainer) -> None:
-        import time
-
         candidates = self._monitor_candidates(trainer)
         if self.monitor is None:
             self._save_topk_checkpoint(trainer, candidates)  # the step-named file
@@ -432,7 +429,11 @@ class Checkpoint(ModelCheckpoint):
         previous, self._step_seen = self._step_seen, step
         passed = n >= 1 and previous is not None and step // n > previous // n
         due = passed or self._time_due(trainer) or self._due_at_validation
-        if not due or self._off(trainer) or self._last_global_step_saved == trainer.global_step:
+        if not due or self._off(trainer):
+            return
+        if self._last_global_step_saved == step:  # written at this step already: the interval restarts
+            self._last_time_checked = time.monotonic()
+            self._time_requested = self._due_at_validation = False
             return
         if self.monitor is not None and self._validates_next(trainer):
             self._due_at_validation = True  # written once, after the validation chose a best or not
