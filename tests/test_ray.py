@@ -224,7 +224,9 @@ def test_sweep_through_ray_job_submit(cluster, tmp_path, data):
     under the sweep's parent with its metrics, ASHA stopped at least one early, the best is logged.
     The grid runs two good learning rates first, so the two hopeless ones fall below ASHA's first rung."""
     space = json.dumps({"model.optimizer.lr": {"grid": [0.03, 0.02, 1e-6, 1e-7]}, "model.network.hidden_size": {"choice": [16, 32]}})
+    # checkpoints under tmp_path, not the checkout (the driver runs in REPO for the sweep's relative config)
     overrides = json.dumps({"data.init_args.path": str(data / "corpus.txt"), "trainer.max_steps": 48,
+                            "trainer.logger.init_args.checkpoint_dir": str(tmp_path / "checkpoints"),
                             "trainer.val_check_interval": 6, "trainer.limit_val_batches": 2})
     r = _submit(cluster, tmp_path, "python", "jobs/tune.py", "--config", "jobs/configs/sweep_tiny.yaml",
                 "--storage_path", str(tmp_path / "store"), f"--overrides={overrides}", f"--search_space={space}", "--num_samples", "1",
@@ -355,7 +357,9 @@ def test_pbt_sweep_exploits_into_each_trials_own_run_with_the_new_lr(cluster, tm
     donor's run), records the changed lr as a resumed.* tag, and trains with that lr (ApplyConfiguredLR:
     the donor's optimizer state held the donor's)."""
     space = json.dumps({"model.optimizer.lr": {"loguniform": [1e-6, 3e-2]}})
+    # checkpoints under tmp_path, not the checkout (the driver runs in REPO for the sweep's relative config)
     overrides = json.dumps({"data.init_args.path": str(data / "corpus.txt"), "trainer.max_steps": 48,
+                            "trainer.logger.init_args.checkpoint_dir": str(tmp_path / "checkpoints"),
                             "trainer.val_check_interval": 3, "trainer.limit_val_batches": 2, "trainer.log_every_n_steps": 1})
     r = subprocess.run([PY, str(REPO / "jobs/tune.py"), "--config", str(REPO / "jobs/configs/sweep_tiny.yaml"),
                         "--storage_path", str(tmp_path / "store"), f"--overrides={overrides}", f"--search_space={space}",
@@ -401,6 +405,7 @@ def test_interrupted_sweep_resumes_where_it_stopped(cluster, tmp_path, data):
     # 600 batches: a trial whose worker was ready runs ~200 batches while the other's worker
     # process starts (seen: one trial at 64, the other finished, when the signal came at 400 steps)
     overrides = json.dumps({"data.init_args.path": str(data / "corpus.txt"), "trainer.max_steps": 1200,
+                            "trainer.logger.init_args.checkpoint_dir": str(tmp_path / "checkpoints"),
                             "trainer.val_check_interval": 20, "trainer.limit_val_batches": 2})
     cmd = [PY, str(REPO / "jobs/tune.py"), "--config", str(REPO / "jobs/configs/sweep_tiny.yaml"), "--storage_path",
            str(tmp_path / "store"), f"--overrides={overrides}", "--num_samples", "2", "--name", "resumable",
