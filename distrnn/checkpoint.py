@@ -296,7 +296,8 @@ class CheckpointOnSigterm(Callback):
             work.wait()
         if done is not None:
             done.synchronize()  # recorded a batch ago: the GPU is past it
-        return bool(flag[0]), bool(flag[1])
+        signalled, due = flag.tolist()  # on the host already: one read, not two tensor indexings
+        return bool(signalled), bool(due)
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self._distributed(trainer):
