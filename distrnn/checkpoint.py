@@ -329,6 +329,28 @@ class CheckpointOnSigterm(Callback):
                   f"resume with --ckpt_path {path}", flush=True)
 
 
+class PassedMultiple:
+    """Whether the batch that just ended passed a multiple of ``n`` updates: the one test behind
+    every "every n steps" trigger of distrnn's callbacks.
+
+    A TBPTT batch makes several updates (sequence length / k1), so ``global_step % n == 0`` at a
+    batch's end, Lightning's test, holds only when a batch ends on a multiple (4 updates a batch,
+    n = 10: every 20 updates). Each callback owns one, started at train start so that a resumed run
+    counts from its checkpoint's step. ``n`` of ``None`` or 0: never.
+    """
+
+    def __init__(self, n: Optional[int]) -> None:
+        self.n = n
+        self._seen: Optional[int] = None  # global step at the previous batch's end
+
+    def start(self, step: int) -> None:
+        self._seen = step
+
+    def __call__(self, step: int) -> bool:
+        previous, self._seen = self._seen, step
+        return bool(self.n) and self.n >= 1 and previous is not None and step // self.n > previous // self.n
+
+
 class Checkpoint(ModelCheckpoint):
     """Lightning's ``ModelCheckpoint`` (the ``checkpoint:`` key, same arguments) with its triggers
     made to work for a manually optimized module, which is what the TBPTT engine is. With Lightning
@@ -360,11 +382,16 @@ class Checkpoint(ModelCheckpoint):
         super().__init__(*args, **kwargs)
         self._due_at_validation = False
         self._time_requested = False
-        self._step_seen: Optional[int] = None  # global step at the previous batch's end
+        self._passed = PassedMultiple(self._every_n_train_steps)
+        self._agreement: Optional[CheckpointOnSigterm] = None
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        self._agreement = next((c for c in trainer.callbacks if isinstance(c, CheckpointOnSigterm)), None)
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
-        self._step_seen = trainer.global_step  # a resumed run counts from its checkpoint's step
+        self._passed.start(trainer.global_step)
 
     @property
     def state_key(self) -> str:
@@ -397,11 +424,10 @@ class Checkpoint(ModelCheckpoint):
             return False
         if trainer.world_size == 1:
             return self._time_up()
-        agreement = next((c for c in trainer.callbacks if isinstance(c, CheckpointOnSigterm)), None)
-        if agreement is None:
+        if self._agreement is None:
             raise ValueError("checkpoint.train_time_interval: with several ranks it needs distrnn's CheckpointOnSigterm "
                              "callback, which agrees on the step to save at")
-        return agreement.checkpoint_due
+        return self._agreement.checkpoint_due
 
     @staticmethod
     def _validates_next(trainer: Trainer) -> bool:
@@ -423,13 +449,8 @@ class Checkpoint(ModelCheckpoint):
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         if pl_module.automatic_optimization:
             return super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-        # a TBPTT batch makes several updates (sequence length / k1): due when the batch passed a
-        # multiple of n, not only when it ended on one (with 4 updates a batch and n = 10 Lightning
-        # saves every 20)
-        n, step = self._every_n_train_steps, trainer.global_step
-        previous, self._step_seen = self._step_seen, step
-        passed = n >= 1 and previous is not None and step // n > previous // n
-        due = passed or self._time_due(trainer) or self._due_at_validation
+        step = trainer.global_step
+        due = self._passed(step) or self._time_due(trainer) or self._due_at_validation
         if not due or self._off(trainer):
             return
         if self._last_global_step_saved == step:  # written at this step already: the interval restarts

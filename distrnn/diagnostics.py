@@ -25,6 +25,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor
 
+from distrnn.checkpoint import PassedMultiple
 from distrnn.state import state_tensors
 
 
@@ -127,10 +128,10 @@ class Diagnostics(Callback):
             raise ValueError(f"Diagnostics: every_n_steps must be >= 1 and window >= 2, got {every_n_steps}, {window}")
         self.every_n_steps, self.window = every_n_steps, window
         self.curve, self.gates, self.grad_norms, self.batch_rows = curve, gates, grad_norms, batch_rows
-        self._step_seen = 0  # global step at the previous batch's end
+        self._passed = PassedMultiple(every_n_steps)
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._step_seen = trainer.global_step
+        self._passed.start(trainer.global_step)
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         from distrnn.checkpoint import deepspeed_strategy
@@ -169,8 +170,7 @@ class Diagnostics(Callback):
         # the batch the step just trained on (with dataloader_iter steps, the start hook sees the
         # previous one), measured with the updated weights
         # a TBPTT batch makes several updates: measured after the batch that passed a multiple of n
-        n, previous, self._step_seen = self.every_n_steps, self._step_seen, trainer.global_step
-        if trainer.global_step // n <= previous // n or not trainer.is_global_zero or not isinstance(batch, dict):
+        if not self._passed(trainer.global_step) or not trainer.is_global_zero or not isinstance(batch, dict):
             return
         if not (self.curve or self.gates):
             return

@@ -25,6 +25,8 @@ from typing import Any, Callable, Optional
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 
+from distrnn.checkpoint import PassedMultiple
+
 CKPT_NAME = "checkpoint.ckpt"
 STRATEGIES = ("ddp", "deepspeed_stage_1", "deepspeed_stage_2", "deepspeed_stage_3", "deepspeed_stage_3_offload")
 
@@ -47,15 +49,14 @@ class ReportToRay(Callback):
     def __init__(self, every_n_steps: Optional[int] = None, after_validation: bool = False, tune: bool = False) -> None:
         self.every_n_steps, self.after_validation, self.tune = every_n_steps, after_validation, tune
         self._last_step = -1
-        self._step_seen = 0  # global step at the previous batch's end
+        self._passed = PassedMultiple(every_n_steps)
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._step_seen = trainer.global_step
+        self._passed.start(trainer.global_step)
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int) -> None:
         # a TBPTT batch makes several updates: report when it passed a multiple of n
-        n, previous, self._step_seen = self.every_n_steps, self._step_seen, trainer.global_step
-        if n and trainer.global_step // n > previous // n:
+        if self._passed(trainer.global_step):
             self._report(trainer)
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
