@@ -408,6 +408,14 @@ class Checkpoint(ModelCheckpoint):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         self._agreement = next((c for c in trainer.callbacks if isinstance(c, CheckpointOnSigterm)), None)
+        timed = bool(self._every_n_train_steps) or self._train_time_interval is not None
+        if not pl_module.automatic_optimization and timed and self.monitor is not None and not self.save_last:
+            from distrnn.config import ConfigError
+
+            # best files come from validations only; the step and time triggers write last.ckpt
+            raise ConfigError("checkpoint.save_last: false with a monitor would write nothing at"
+                              " every_n_train_steps / train_time_interval, only best files after"
+                              " validations: set save_last: true, or monitor: null for step-named files")
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_train_start(trainer, pl_module)

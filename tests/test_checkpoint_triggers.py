@@ -112,6 +112,19 @@ def test_a_monitor_no_validation_logs_is_one_line_exit_2_and_keeps_the_checkpoin
     assert load_checkpoint_file(next(Path("checkpoints").rglob("last.ckpt")))["global_step"] == 16
 
 
+def test_step_triggers_with_a_monitor_and_no_last_file_are_refused_before_training(saves, capsys):
+    """They would write nothing between validations (Lightning wrote best files ranked by a stale
+    metric there): a preempted job would lose every update since the last validation."""
+    code, _, err = cli(capsys, "fit", "--config", "job.yaml", "--checkpoint.save_last", "false")
+    assert code == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("distrnn: error: checkpoint.save_last: false with a monitor"), err[-2000:]
+    assert saves == []
+    code, _, err = cli(capsys, "fit", "--config", "job.yaml", "--checkpoint.save_last", "false",
+                       "--checkpoint.monitor", "null", "--trainer.max_steps", "10")
+    assert code == 0, err[-3000:]
+    assert saves == [(6, "best-6.ckpt"), (10, "best-10.ckpt")]
+
+
 def test_time_interval_writes_last_between_validations(saves, capsys):
     """train_time_interval (ignored by Lightning 2.6 under manual optimization): with an interval
     of 0 every batch is due."""
