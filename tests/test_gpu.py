@@ -84,16 +84,23 @@ def test_lightning_deepspeed_zero2_zero3_fp32_bf16_and_resume(tmp_path):
     assert "model.optimizer.clip_norm" in res["clip_conflict"]
 
 
-def test_sigterm_agreement_reads_back_without_draining_the_gpu(tmp_path):
+def test_sigterm_agreement_reads_back_without_draining_the_gpu(tmp_path, monkeypatch):
     """distrnn's per-batch SIGTERM agreement on CUDA (NCCL): its result comes back through pinned
     memory behind an event, so reading it does not wait for GPU work queued after it (a
-    ``.item()`` would: a host sync per batch)."""
+    ``.item()`` would: a host sync per batch). And NCCL lets go of the agreement's tensor soon
+    after: on gloo a worker thread that released it during interpreter shutdown aborted the rank
+    (CheckpointOnSigterm._let_go waits for that on gloo; the CUDA path does not wait)."""
+    import time
+    import weakref
+
     import torch.distributed as dist
     from types import SimpleNamespace
 
     from distrnn.checkpoint import CheckpointOnSigterm
 
     dist.init_process_group("nccl", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    sent, all_reduce = [], dist.all_reduce
+    monkeypatch.setattr(dist, "all_reduce", lambda t, *a, **k: (sent.append(weakref.ref(t)), all_reduce(t, *a, **k))[1])
     try:
         cb = CheckpointOnSigterm()
         trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("cuda", torch.cuda.current_device())))
@@ -105,6 +112,10 @@ def test_sigterm_agreement_reads_back_without_draining_the_gpu(tmp_path):
         assert cb._agreed() == (True, True)
         assert not torch.cuda.current_stream().query()  # the host has its answer, the GPU is still busy
         torch.cuda.synchronize()
+        deadline = time.monotonic() + 5
+        while sent[-1]() is not None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(sent) == 2 and sent[-1]() is None, "NCCL still holds the last agreement's tensor after 5 s"
     finally:
         dist.destroy_process_group()
 
