@@ -321,10 +321,10 @@ class CheckpointOnSigterm(Callback):
         right after ``wait()`` in about 1 of 4 batches here); releasing a tensor that has a Python
         object takes the GIL, and a thread that asks for it once the interpreter is shutting down
         aborts the whole process ("terminate called without an active exception"). A rank exits
-        right after its last agreement: about 1 exit in 5 aborted so (a 2-rank gloo job exiting
-        after its last agreement), which is how a finished DDP fit or test could die with SIGABRT.
-        Sleeping here lets the worker take the GIL while it is still safe to. (NCCL's watchdog
-        releases the CUDA path's tensor: not covered.)"""
+        soon after its last agreement: of 2-rank gloo jobs that exited right after it, about 1 in 5
+        aborted so; a finished DDP fit died with SIGABRT now and then. Sleeping here lets the
+        worker take the GIL while that is still safe. (NCCL's watchdog releases the CUDA path's
+        tensor: not covered.)"""
         deadline = time.monotonic() + timeout_s
         while self._sent is not None and self._sent() is not None and time.monotonic() < deadline:
             time.sleep(0.001)
