@@ -249,7 +249,6 @@ class CheckpointOnSigterm(Callback):
         self.checkpoint_due = False  # agreed this batch: every rank saves (see Checkpoint)
         self._pending: Optional[tuple[Any, Tensor, Optional[Any]]] = None
         self._host: Optional[Tensor] = None
-        self._sent: Optional[weakref.ref] = None  # the last gloo agreement's tensor, see _let_go
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         import signal
@@ -286,7 +285,6 @@ class CheckpointOnSigterm(Callback):
             self._pending = (None, host, done)
         else:
             self._pending = (work, flag, None)
-            self._sent = weakref.ref(flag)
 
     def _agreed(self) -> tuple[bool, bool]:
         """The previous batch's agreement: (a rank was signalled, rank 0 asked for a time-triggered
@@ -314,31 +312,32 @@ class CheckpointOnSigterm(Callback):
         if flag:
             trainer._signal_connector.received_sigterm = True
 
-    def _let_go(self, timeout_s: float = 10.0) -> None:
-        """Wait (bounded) until gloo's worker thread has released the last agreement's tensor.
+    def _last_agreement(self, timeout_s: float = 10.0) -> None:
+        """Read the last agreement, then wait (bounded) until gloo's worker thread has released
+        its tensor: the rank may exit next.
 
         The worker drops its reference a moment after the reduce completes (still holding it
         right after ``wait()`` in about 1 of 4 batches here); releasing a tensor that has a Python
         object takes the GIL, and a thread that asks for it once the interpreter is shutting down
-        aborts the whole process ("terminate called without an active exception"). A rank exits
-        soon after its last agreement: of 2-rank gloo jobs that exited right after it, about 1 in 5
-        aborted so; a finished DDP fit died with SIGABRT now and then. Sleeping here lets the
-        worker take the GIL while that is still safe. (NCCL's watchdog releases the CUDA path's
-        tensor: not covered.)"""
+        aborts the whole process ("terminate called without an active exception"). Of 2-rank gloo
+        jobs that exited right after their last agreement, about 1 in 5 aborted so; a finished DDP
+        fit died with SIGABRT now and then. Sleeping here lets the worker take the GIL while that
+        is still safe. (NCCL's watchdog releases the CUDA path's tensor: not covered.)"""
+        gloo = self._pending is not None and self._pending[0] is not None
+        sent = weakref.ref(self._pending[1]) if gloo else None
+        self._agreed()
         deadline = time.monotonic() + timeout_s
-        while self._sent is not None and self._sent() is not None and time.monotonic() < deadline:
+        while sent is not None and sent() is not None and time.monotonic() < deadline:
             time.sleep(0.001)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._agreed()  # the last batch's all-reduce, which every rank started
-        self._let_go()  # the rank may exit next
+        self._last_agreement()  # the last batch's all-reduce, which every rank started
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         ckpt = trainer.checkpoint_callback
         if not isinstance(exception, SIGTERMException) or ckpt is None or not trainer.training:
             return
-        self._agreed()  # the agreement every rank started at the batch it stopped after
-        self._let_go()
+        self._last_agreement()  # the one every rank started at the batch it stopped after
         dirpath = getattr(ckpt, "dirpath", None)
         if not dirpath:
             return

@@ -89,7 +89,7 @@ def test_sigterm_agreement_reads_back_without_draining_the_gpu(tmp_path, monkeyp
     memory behind an event, so reading it does not wait for GPU work queued after it (a
     ``.item()`` would: a host sync per batch). And NCCL lets go of the agreement's tensor soon
     after: on gloo a worker thread that released it during interpreter shutdown aborted the rank
-    (CheckpointOnSigterm._let_go waits for that on gloo; the CUDA path does not wait)."""
+    (CheckpointOnSigterm._last_agreement waits for that on gloo; the CUDA path does not wait)."""
     import time
     import weakref
 
