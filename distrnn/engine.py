@@ -14,6 +14,7 @@ import time
 from typing import Any, Iterator, Optional
 
 import lightning as L
+from lightning.pytorch.callbacks import WeightAveraging
 import numpy as np
 import torch
 from torch import Tensor
@@ -191,6 +192,14 @@ class TBPTTModule(L.LightningModule):
         ds = self._deepspeed()
         if ds is None or stage != "fit":
             return
+        if any(isinstance(c, WeightAveraging) for c in self.trainer.callbacks):
+            # DeepSpeed writes the engine's weights and drops the checkpoint's state_dict, where
+            # WeightAveraging puts the average: best files would hold the trained weights, and a
+            # resume could not restore the average.
+            raise ConfigError(
+                "trainer.callbacks: weight averaging (EMAWeightAveraging, WeightAveraging) does not work with a"
+                " DeepSpeed strategy, whose checkpoints keep the engine's weights only: use ddp, or drop the callback"
+            )
         # ZeRO keeps the gradients in DeepSpeed's partitioned buffers, not in p.grad, so clipping
         # must be DeepSpeed's: set before Lightning builds the engine (strategy.setup follows this hook).
         clip = float(self.optim_cfg.clip_norm or 0.0)

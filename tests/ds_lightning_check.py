@@ -16,7 +16,9 @@ Checks:
   the final directory converts to one fp32 file with the module's weights; (ZeRO-2) with MLflow and
   RegisterModel, the best checkpoint (a DeepSpeed directory) is registered through such a file
   (where MLflow is installed: not on the GPU image);
-- ``clip_conflict``: a DeepSpeed config whose gradient_clipping differs from clip_norm is refused.
+- ``clip_conflict``: a DeepSpeed config whose gradient_clipping differs from clip_norm is refused;
+- ``ema_refused``: weight averaging (EMAWeightAveraging), whose average DeepSpeed's checkpoints drop,
+  is refused.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.fabric.utilities.seed import reset_seed
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint
 from lightning.pytorch.strategies import DeepSpeedStrategy
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -233,6 +235,11 @@ def main() -> None:
         result["clip_conflict"] = "accepted"
     except ConfigError as e:
         result["clip_conflict"] = str(e)
+    try:
+        fit(a.device, 2, 1, extra=[EMAWeightAveraging()])
+        result["ema_refused"] = "accepted"
+    except ConfigError as e:
+        result["ema_refused"] = str(e)
     print("RESULT " + json.dumps(result), flush=True)
 
 

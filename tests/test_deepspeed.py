@@ -82,6 +82,10 @@ def test_deepspeed_gradient_clipping_must_agree_with_clip_norm(lightning_ds):
     assert "model.optimizer.clip_norm (0.05)" in lightning_ds[0]["clip_conflict"], lightning_ds[0]["clip_conflict"]
 
 
+def test_weight_averaging_is_refused_under_deepspeed(lightning_ds):
+    assert lightning_ds[0]["ema_refused"].startswith("trainer.callbacks: weight averaging"), lightning_ds[0]["ema_refused"]
+
+
 def _convert(src, out, *extra):
     from conftest import distrnn_cmd
 

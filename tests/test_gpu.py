@@ -82,6 +82,7 @@ def test_lightning_deepspeed_zero2_zero3_fp32_bf16_and_resume(tmp_path):
         # cuDNN's kernels are deterministic for one configuration; allow float noise all the same
         assert rs["weights"] < 1e-6 and rs["state"] < 1e-6 and rs["converted"] < 1e-6 and rs["global_step"] == 8, rs
     assert "model.optimizer.clip_norm" in res["clip_conflict"]
+    assert res["ema_refused"].startswith("trainer.callbacks: weight averaging"), res["ema_refused"]
 
 
 def test_sigterm_agreement_reads_back_without_draining_the_gpu(tmp_path, monkeypatch):

@@ -4,7 +4,7 @@ the weights of an uninterrupted run."""
 import lightning as L
 import pytest
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint
 
 from distrnn.checkpoint import AtomicCheckpointIO, CheckpointError, load_checkpoint_file
 from distrnn.data import ByteCorpusDataModule
@@ -23,11 +23,12 @@ class Crash(L.Callback):
             raise RuntimeError("simulated crash")
 
 
-def _run(tmp_path, corpus, ckpt_dir, ckpt_path=None, crash_at=None, max_epochs=2):
+def _run(tmp_path, corpus, ckpt_dir, ckpt_path=None, crash_at=None, max_epochs=2, extra=()):
     L.seed_everything(0)
     dm = ByteCorpusDataModule(path=str(corpus), batch_size=4, seq_len=24, val_fraction=0.1)
     module = make_module(dm.task, recurrence="lstm", layers=2, dropout=0.3, k1=8, k2=12, name="adamw", lr=3e-3, clip=0.5)
     callbacks = [ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=6, save_top_k=-1, filename="{step}")]
+    callbacks += [c() for c in extra]
     if crash_at is not None:
         callbacks.append(Crash(crash_at))
     trainer = L.Trainer(
@@ -59,6 +60,30 @@ def test_resume_mid_epoch_equals_uninterrupted(tmp_path):
     ref_opt = ref_trainer.optimizers[0].state_dict()["state"]
     for i, s in trainer.optimizers[0].state_dict()["state"].items():
         torch.testing.assert_close(s["exp_avg"], ref_opt[i]["exp_avg"], rtol=0, atol=1e-6)
+
+
+def test_resume_with_an_ema_of_the_weights_equals_uninterrupted(tmp_path):
+    """Lightning's EMAWeightAveraging (``trainer.callbacks`` in a config) with the TBPTT module: a
+    checkpoint holds the average as its weights and the trained weights beside them, and a resumed
+    run ends with the average and the trained weights of an uninterrupted one."""
+    ema = lambda: EMAWeightAveraging(decay=0.8)  # noqa: E731
+    corpus = write_corpus(tmp_path / "c.txt", 4000)
+    ref, ref_trainer = _run(tmp_path, corpus, tmp_path / "ref", max_epochs=1, extra=[ema])
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _run(tmp_path, corpus, tmp_path / "b", crash_at=21, max_epochs=1, extra=[ema])
+    ckpt = load_checkpoint_file(tmp_path / "b" / "step=18.ckpt")
+    trained, average = ckpt["current_model_state"], ckpt["state_dict"]
+    assert max((trained[k] - average[k]).abs().max().item() for k in average) > 1e-3
+    resumed, trainer = _run(tmp_path, corpus, tmp_path / "c", ckpt_path=str(tmp_path / "b" / "step=18.ckpt"),
+                            max_epochs=1, extra=[ema])
+    assert trainer.global_step == ref_trainer.global_step
+    for (k, a), (_, b) in zip(ref.state_dict().items(), resumed.state_dict().items()):  # the averages
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-6, msg=k)
+    name = f"step={trainer.global_step - trainer.global_step % 6}.ckpt"  # the last one saved
+    last_ref, last = load_checkpoint_file(tmp_path / "ref" / name), load_checkpoint_file(tmp_path / "c" / name)
+    for k, a in last_ref["current_model_state"].items():
+        torch.testing.assert_close(last["current_model_state"][k], a, rtol=0, atol=1e-6, msg=k)
+    assert last["averaging_state"]["n_averaged"] == last_ref["averaging_state"]["n_averaged"]
 
 
 def test_negative_control_dropping_the_state_breaks_resume(tmp_path, monkeypatch):
