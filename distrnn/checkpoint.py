@@ -312,7 +312,9 @@ class CheckpointOnSigterm(Callback):
         if flag:
             trainer._signal_connector.received_sigterm = True
 
-    def _last_agreement(self, timeout_s: float = 10.0) -> None:
+    release_timeout_s = 10.0
+
+    def _last_agreement(self, peers_may_be_gone: bool = False) -> None:
         """Read the last agreement, then wait (bounded) until gloo's worker thread has released
         its tensor: the rank may exit next.
 
@@ -321,13 +323,32 @@ class CheckpointOnSigterm(Callback):
         object takes the GIL, and a thread that asks for it once the interpreter is shutting down
         aborts the whole process ("terminate called without an active exception"). Of 2-rank gloo
         jobs that exited right after their last agreement, about 1 in 5 aborted so; a finished DDP
-        fit died with SIGABRT now and then. Sleeping here lets the worker take the GIL while that
-        is still safe. (NCCL's watchdog releases the CUDA path's tensor: not covered.)"""
-        gloo = self._pending is not None and self._pending[0] is not None
-        sent = weakref.ref(self._pending[1]) if gloo else None
+        fit died with SIGABRT now and then, and so did 1 of 30 jobs whose ranks all raised an
+        error. Sleeping here lets the worker take the GIL while that is still safe. (NCCL's
+        watchdog releases the CUDA path's tensor: not covered.)
+
+        ``peers_may_be_gone``: after an error, a peer may never join the last all-reduce (gloo
+        would wait for it for 30 minutes): wait for it to complete only as long as for the release,
+        and leave it unread if it does not."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        if pending[0] is None:  # the CUDA path: read behind its event (which a missing peer never reaches)
+            if not peers_may_be_gone:
+                self._pending = pending
+                self._agreed()
+            return
+        work, sent = pending[0], weakref.ref(pending[1])
+        deadline = time.monotonic() + self.release_timeout_s
+        if peers_may_be_gone:
+            while not work.is_completed() and time.monotonic() < deadline:
+                time.sleep(0.001)
+            if not work.is_completed():
+                return
+        self._pending = pending
+        del pending, work  # only gloo's worker may hold the tensor now
         self._agreed()
-        deadline = time.monotonic() + timeout_s
-        while sent is not None and sent() is not None and time.monotonic() < deadline:
+        while sent() is not None and time.monotonic() < deadline:
             time.sleep(0.001)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -336,6 +357,7 @@ class CheckpointOnSigterm(Callback):
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         ckpt = trainer.checkpoint_callback
         if not isinstance(exception, SIGTERMException) or ckpt is None or not trainer.training:
+            self._last_agreement(peers_may_be_gone=True)  # this rank may exit next, as after fit
             return
         self._last_agreement()  # the one every rank started at the batch it stopped after
         dirpath = getattr(ckpt, "dirpath", None)
