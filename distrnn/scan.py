@@ -68,31 +68,34 @@ def log_g(x: Tensor) -> Tensor:
 
 
 class _LinearScan(torch.autograd.Function):
-    """``h_t = a_t h_{t-1} + b_t`` one step at a time, time-major so each step reads and writes
-    contiguous rows; backward runs the adjoint ``G_t = dL/dh_t + a_{t+1} G_{t+1}`` the same way,
-    then ``dL/da_t = G_t h_{t-1}``, ``dL/db_t = G_t``, ``dL/dh0 = a_0 G_0``."""
+    """``h_t = a_t h_{t-1} + b_t`` one step at a time, with no graph per step; backward runs the
+    adjoint ``G_t = dL/dh_t + a_{t+1} G_{t+1}`` the same way, then ``dL/da_t = G_t h_{t-1}``,
+    ``dL/db_t = G_t``, ``dL/dh0 = a_0 G_0``. Batch-major: each step touches B rows of H
+    contiguous values, and no (B, T, H) tensor is transposed into a copy (at B=32, T=1024, H=128
+    forward and backward took 22 ms against 26-33 ms stepping time-major copies)."""
 
     @staticmethod
     def forward(ctx, a_BTH: Tensor, b_BTH: Tensor, h0_BH: Tensor) -> Tensor:
-        a_TBH = a_BTH.transpose(0, 1).contiguous()
-        b_TBH = b_BTH.transpose(0, 1).contiguous()
-        h_TBH = torch.empty_like(b_TBH)
+        h_BTH = torch.empty_like(b_BTH, memory_format=torch.contiguous_format)
         h = h0_BH
-        for t in range(a_TBH.shape[0]):
-            h = torch.addcmul(b_TBH[t], a_TBH[t], h, out=h_TBH[t])
-        ctx.save_for_backward(a_TBH, h0_BH, h_TBH)
-        return h_TBH.transpose(0, 1)
+        for t in range(a_BTH.shape[1]):
+            h = torch.addcmul(b_BTH[:, t], a_BTH[:, t], h, out=h_BTH[:, t])
+        ctx.save_for_backward(a_BTH, h0_BH, h_BTH)
+        return h_BTH
 
     @staticmethod
     def backward(ctx, dh_BTH: Tensor):
-        a_TBH, h0_BH, h_TBH = ctx.saved_tensors
-        G_TBH = dh_BTH.transpose(0, 1).contiguous()  # turned into G in place
-        for t in range(G_TBH.shape[0] - 2, -1, -1):
-            G_TBH[t].addcmul_(a_TBH[t + 1], G_TBH[t + 1])
-        h_prev_TBH = torch.cat([h0_BH.unsqueeze(0), h_TBH[:-1]], dim=0)
-        da = (G_TBH * h_prev_TBH).transpose(0, 1) if ctx.needs_input_grad[0] else None
-        dh0 = a_TBH[0] * G_TBH[0] if ctx.needs_input_grad[2] else None
-        return da, G_TBH.transpose(0, 1), dh0
+        a_BTH, h0_BH, h_BTH = ctx.saved_tensors
+        G_BTH = dh_BTH.clone(memory_format=torch.contiguous_format)  # turned into G in place
+        for t in range(G_BTH.shape[1] - 2, -1, -1):
+            G_BTH[:, t].addcmul_(a_BTH[:, t + 1], G_BTH[:, t + 1])
+        da = None
+        if ctx.needs_input_grad[0]:
+            da = torch.empty_like(G_BTH)
+            torch.mul(G_BTH[:, 1:], h_BTH[:, :-1], out=da[:, 1:])
+            torch.mul(G_BTH[:, 0], h0_BH, out=da[:, 0])
+        dh0 = a_BTH[:, 0] * G_BTH[:, 0] if ctx.needs_input_grad[2] else None
+        return da, G_BTH, dh0
 
 
 def linear_scan(a_BTH: Tensor, b_BTH: Tensor, h0_BH: Tensor) -> Tensor:
@@ -173,8 +176,13 @@ class _MinRecurrence(Recurrence):
         """Set the gate biases in ``bias_G`` so that the retention starts at ``u / (1 + u)``."""
         raise NotImplementedError
 
-    def coefficients(self, z_BTG: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """(log a, log b, a, b) of the recurrence from the projected input."""
+    def log_coefficients(self, z_BTG: Tensor) -> tuple[Tensor, Tensor]:
+        """(log a, log b) of the recurrence from the projected input, for the log-space scan."""
+        raise NotImplementedError
+
+    def linear_coefficients(self, z_BTG: Tensor) -> tuple[Tensor, Tensor]:
+        """(a, b) computed directly, not as exponentials of the logs, for the loops: on a CPU the
+        log-space gates (softplus, log, exp and their gradients) took ~60% of a training step."""
         raise NotImplementedError
 
     def forward(self, x_BTD: Tensor, state: Optional[State] = None) -> tuple[Tensor, Tensor]:
@@ -227,8 +235,7 @@ class _MinRecurrence(Recurrence):
         if backend == "sequential":
             h_BTH = self.sequential(z_BTG, h)
         elif backend == "loop":
-            _, _, a, b = self.coefficients(z_BTG)
-            h_BTH = linear_scan(a, b, h)
+            h_BTH = linear_scan(*self.linear_coefficients(z_BTG), h)
         else:
             piece_fn = _compiled(self._piece) if backend == "compile" else self._piece
             pieces = []
@@ -254,12 +261,11 @@ class _MinRecurrence(Recurrence):
         return "triton" if _triton_available() else "compile"
 
     def _piece(self, z_BTG: Tensor, h0_BH: Tensor) -> Tensor:
-        log_a, log_b, _, _ = self.coefficients(z_BTG)
-        return scan_log(log_a, log_b, h0_BH)
+        return scan_log(*self.log_coefficients(z_BTG), h0_BH)
 
     def sequential(self, z_BTG: Tensor, h0_BH: Tensor) -> Tensor:
         """The reference loop ``h = a * h + b``."""
-        _, _, a, b = self.coefficients(z_BTG)
+        a, b = self.linear_coefficients(z_BTG)
         h, hs = h0_BH, []
         for t in range(z_BTG.shape[1]):
             h = a[:, t] * h + b[:, t]
@@ -281,12 +287,13 @@ class MinGRU(_MinRecurrence):
 
     gates = 2
 
-    def coefficients(self, z_BTG: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def log_coefficients(self, z_BTG: Tensor) -> tuple[Tensor, Tensor]:
         k, cand = z_BTG.chunk(2, dim=-1)
-        log_z = -F.softplus(-k)
-        log_one_minus_z = -F.softplus(k)
-        log_b = log_z + log_g(cand)
-        return log_one_minus_z, log_b, torch.exp(log_one_minus_z), torch.exp(log_b)
+        return -F.softplus(k), -F.softplus(-k) + log_g(cand)  # log(1 - z), log(z g(h~))
+
+    def linear_coefficients(self, z_BTG: Tensor) -> tuple[Tensor, Tensor]:
+        k, cand = z_BTG.chunk(2, dim=-1)
+        return torch.sigmoid(-k), torch.sigmoid(k) * g(cand)
 
     def gate_values(self, z_BTG: Tensor) -> dict[str, Tensor]:
         return {"z": torch.sigmoid(z_BTG.chunk(2, dim=-1)[0])}
@@ -301,17 +308,19 @@ class MinLSTM(_MinRecurrence):
 
     gates = 3
 
-    def coefficients(self, z_BTG: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def log_coefficients(self, z_BTG: Tensor) -> tuple[Tensor, Tensor]:
         kf, ki, cand = z_BTG.chunk(3, dim=-1)
+        diff = F.softplus(-kf) - F.softplus(-ki)  # log(i / f)
+        return -F.softplus(diff), -F.softplus(-diff) + log_g(cand)
+
+    def linear_coefficients(self, z_BTG: Tensor) -> tuple[Tensor, Tensor]:
+        kf, ki, cand = z_BTG.chunk(3, dim=-1)
+        # f / (f + i) as sigmoid(log f - log i): the plain ratio is 0 / 0 once both gates underflow
         diff = F.softplus(-kf) - F.softplus(-ki)
-        log_f = -F.softplus(diff)
-        log_i = -F.softplus(-diff)
-        log_b = log_i + log_g(cand)
-        return log_f, log_b, torch.exp(log_f), torch.exp(log_b)
+        return torch.sigmoid(-diff), torch.sigmoid(diff) * g(cand)
 
     def gate_values(self, z_BTG: Tensor) -> dict[str, Tensor]:
-        log_f, _, _, _ = self.coefficients(z_BTG)
-        f = torch.exp(log_f)
+        f, _ = self.linear_coefficients(z_BTG)
         return {"f": f, "i": 1 - f}  # the normalized gates f' and i' = 1 - f'
 
     def chrono_biases(self, bias_G: Tensor, log_u_H: Tensor) -> None:

@@ -141,7 +141,7 @@ def test_chrono_init_spreads_retention_and_carries_gradients_back_through_time(n
     # the first layer reads the raw input: no LayerNorm there (it would reduce 2 features to a sign)
     assert isinstance(layer.norms[0], torch.nn.Identity) and isinstance(layer.norms[1], torch.nn.LayerNorm)
     for p in layer.proj:  # with a zero input the retention is the bias's alone: u / (1 + u), 1 <= u <= chrono - 1
-        _, _, a, _ = layer.coefficients(p.bias.view(1, 1, -1))
+        a, _ = layer.linear_coefficients(p.bias.view(1, 1, -1))
         u = a / (1 - a)
         assert u.min() >= 1 - 1e-9 and u.max() <= chrono - 1 + 1e-6 and u.max() > chrono / 2
     # what chrono is for: the last output still depends on the first input, where PyTorch's
