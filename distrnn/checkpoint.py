@@ -330,25 +330,21 @@ class CheckpointOnSigterm(Callback):
         ``peers_may_be_gone``: after an error, a peer may never join the last all-reduce (gloo
         would wait for it for 30 minutes): wait for it to complete only as long as for the release,
         and leave it unread if it does not."""
-        pending, self._pending = self._pending, None
+        pending = self._pending
         if pending is None:
             return
-        if pending[0] is None:  # the CUDA path: read behind its event (which a missing peer never reaches)
-            if not peers_may_be_gone:
-                self._pending = pending
-                self._agreed()
-            return
-        work, sent = pending[0], weakref.ref(pending[1])
-        deadline = time.monotonic() + self.release_timeout_s
+        work, deadline = pending[0], time.monotonic() + self.release_timeout_s
         if peers_may_be_gone:
-            while not work.is_completed() and time.monotonic() < deadline:
+            # the CUDA path's event is never reached without the peer; gloo's work can be polled
+            while work is not None and not work.is_completed() and time.monotonic() < deadline:
                 time.sleep(0.001)
-            if not work.is_completed():
+            if work is None or not work.is_completed():
+                self._pending = None
                 return
-        self._pending = pending
+        sent = weakref.ref(pending[1]) if work is not None else None  # gloo: wait for its release
         del pending, work  # only gloo's worker may hold the tensor now
         self._agreed()
-        while sent() is not None and time.monotonic() < deadline:
+        while sent is not None and sent() is not None and time.monotonic() < deadline:
             time.sleep(0.001)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
