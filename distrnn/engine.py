@@ -31,6 +31,7 @@ from distrnn.config import (
     to_plain,
 )
 from distrnn.model import RecurrentModel
+from distrnn.rendezvous import release_process_group_at_exit
 from distrnn.state import State, detach_state, map_state, state_tensors
 
 CHECKPOINT_KEY = "distrnn"
@@ -189,6 +190,8 @@ class TBPTTModule(L.LightningModule):
         return deepspeed_strategy(self.trainer) if self._trainer is not None else None
 
     def setup(self, stage: str) -> None:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            release_process_group_at_exit()
         ds = self._deepspeed()
         if ds is None or stage != "fit":
             return
