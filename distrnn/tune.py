@@ -232,7 +232,22 @@ def load_sweep(argv: list[str]) -> tuple[SweepConfig, bool, bool]:
 
     init = parser.instantiate_classes(ns)
     sweep = SweepConfig(**{f.name: init.sweep[f.name] for f in dc_fields(SweepConfig)})
+    # Values for the trials' own CLI stay data: jsonargparse reads a {class_path: ...} inside them
+    # (a callback in trainer.callbacks) as a class to build, which the trials' parser does.
+    sweep.overrides, sweep.search_space = _as_data(ns.sweep.overrides), _as_data(ns.sweep.search_space)
     return sweep, bool(ns.resume), bool(ns.check_only)
+
+
+def _as_data(value: Any) -> Any:
+    from jsonargparse import Namespace
+
+    if isinstance(value, Namespace):
+        return value.as_dict()
+    if isinstance(value, dict):
+        return {k: _as_data(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_as_data(v) for v in value]
+    return value
 
 
 def _nest(argv: list[str]) -> list[str]:

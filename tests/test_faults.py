@@ -369,3 +369,25 @@ def test_fp16_overflow_at_every_scale_is_a_hard_error():
     # below it and stops the run (after 9 counted updates)
     assert [s["scale"] for s in snaps.after[2:]] == [2.0**15, 2.0**14, 2.0**13, 2.0**12, 2.0**11, 2.0**10]
     assert all(torch.equal(v, snaps.after[1]["params"][k]) for s in snaps.after[2:] for k, v in s["params"].items())
+
+
+def test_hold_at_pauses_until_its_file_appears_then_never_again(tmp_path):
+    import threading
+    from types import SimpleNamespace
+
+    from distrnn.faults import HoldAt, InjectedFault
+
+    release = tmp_path / "release"
+    hold = HoldAt(step=4, until=str(release))
+    at = lambda step: SimpleNamespace(global_step=step, global_rank=0)  # noqa: E731
+    t0 = time.monotonic()
+    hold.on_train_batch_end(at(2), None, None, None, 0)  # before the step: no wait
+    assert time.monotonic() - t0 < 0.05
+    threading.Timer(0.3, release.touch).start()
+    hold.on_train_batch_end(at(5), None, None, None, 0)  # the first batch past it: held
+    assert time.monotonic() - t0 >= 0.3
+    release.unlink()
+    hold.on_train_batch_end(at(6), None, None, None, 0)  # once only
+    with pytest.raises(InjectedFault, match=r"HoldAt: .*release did not appear within 0.2 s \(rank 0 held at step 4\)"):
+        HoldAt(step=4, until=str(release), timeout_s=0.2).on_train_batch_end(at(4), None, None, None, 0)
+    HoldAt(step=4, until=str(release), rank=1).on_train_batch_end(at(4), None, None, None, 0)  # another rank's

@@ -48,6 +48,26 @@ def test_sweep_file_keys_are_typed(tmp_path, capsys):
     assert e.value.code == 2 and "num_samples" in capsys.readouterr().err
 
 
+
+def test_a_callback_in_the_overrides_reaches_the_trials_as_a_config(tmp_path, capsys):
+    """``trainer.callbacks`` in a sweep's overrides (a drill's fault, an EMA): handed to every
+    trial's command line as the {class_path, init_args} it is, not built in the driver."""
+    from distrnn.tune import as_args, load_sweep
+
+    write_corpus(tmp_path / "corpus.txt", 3000)
+    hold = "{class_path: distrnn.faults.HoldAt, init_args: {step: 9, until: release}}"
+    (tmp_path / "sweep.yaml").write_text(
+        SWEEP.format(config=REPO / "jobs/configs/tiny.yaml", space="{model.optimizer.lr: {uniform: [0.001, 0.01]}}")
+        .replace("overrides: {", f"overrides: {{trainer.callbacks: [{hold}], "))
+    argv = ["--config", str(tmp_path / "sweep.yaml"), "--storage_path", str(tmp_path / "store")]
+    sweep, _, _ = load_sweep(argv)
+    assert sweep.overrides["trainer.callbacks"] == [{"class_path": "distrnn.faults.HoldAt", "init_args": {
+        "step": 9, "until": "release", "rank": None, "timeout_s": 600.0}}]
+    assert '--trainer.callbacks=[{"class_path": "distrnn.faults.HoldAt"' in " ".join(as_args(sweep.overrides))
+    tune_main(argv + ["--check_only=true"])  # the trials' parser takes it
+    assert "sweep OK" in capsys.readouterr().out
+
+
 def test_a_run_ending_in_error_once_its_job_or_sweep_was_stopped_is_killed_not_failed(tmp_path):
     """Tune stops the trials of an interrupted sweep, and a trial's training thread can see the
     stop as an error at any moment around the driver's own closing of the trial runs (seen once
