@@ -408,7 +408,9 @@ class Checkpoint(ModelCheckpoint):
     on one, and a TBPTT batch makes several updates), and every ``train_time_interval``, whether
     or not validation has run; ``best-*`` files are chosen at the end of each validation from the metric it just
     produced (never a stale one); ``last.ckpt`` is written again after a new best, so that it knows
-    the best file, and at the end of training. A save due just before a validation waits for it,
+    the best file, after every validation when neither trigger is set (Lightning's
+    ``every_n_epochs`` trigger, which Lightning then fires; without it a killed job lost every
+    update since its last new best), and at the end of training. A save due just before a validation waits for it,
     so that the step is written once. Under DDP the time-triggered save is decided by rank 0's
     clock and agreed through :class:`CheckpointOnSigterm`'s per-batch all-reduce, read one batch
     later (Lightning broadcasts that decision from rank 0 before every batch, a host sync): every
@@ -523,7 +525,10 @@ class Checkpoint(ModelCheckpoint):
                                   f" validation it logs {logged})")
             self._save_topk_checkpoint(trainer, candidates)
         wrote_best = (self._last_global_step_saved, self._last_checkpoint_saved) != before
-        if self._due_at_validation or wrote_best:
+        # Lightning's trigger when no step or time trigger is given (every_n_epochs, default 1):
+        # after every validation, so that a kill -9 loses at most one validation interval
+        by_validation = self._every_n_epochs >= 1 and (trainer.current_epoch + 1) % self._every_n_epochs == 0
+        if self._due_at_validation or wrote_best or by_validation:
             self._save_last_now(trainer)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:

@@ -60,6 +60,24 @@ def test_last_is_written_every_n_updates_before_the_first_validation_and_at_the_
     assert Path(state["best_model_path"]).name == "best-20.ckpt"
 
 
+
+def test_without_step_or_time_triggers_last_follows_every_validation(saves, capsys):
+    """No every_n_train_steps / train_time_interval: Lightning's own trigger (every_n_epochs 1)
+    writes last.ckpt after every validation. Here ``mode: max`` makes the first validation the only
+    best (the loss falls): last.ckpt at 40 and 60 all the same (it was written after a new best
+    only, so a kill -9 lost every update since: a run stayed at its best step for 45 minutes).
+    With ``monitor: null``, the step-named file too."""
+    no_trigger = ["--checkpoint.every_n_train_steps", "null", "--trainer.max_steps", "60"]
+    code, _, err = cli(capsys, "fit", "--config", "job.yaml", *no_trigger, "--checkpoint.mode", "max")
+    assert code == 0, err[-3000:]
+    assert saves == [(20, "best-20.ckpt"), (20, "last.ckpt"), (40, "last.ckpt"), (60, "last.ckpt")]
+    saves.clear()
+    code, _, err = cli(capsys, "fit", "--config", "job.yaml", *no_trigger, "--checkpoint.monitor", "null",
+                       "--checkpoint.filename", "{step}")
+    assert code == 0, err[-3000:]
+    assert saves == [(s, n) for s in (20, 40, 60) for n in (f"{s}.ckpt", "last.ckpt")]
+
+
 def test_resume_from_the_save_deferred_to_validation_equals_the_uninterrupted_run(saves, capsys, monkeypatch):
     """The last.ckpt written after the validation at update 20 (not at that batch's end) resumes
     to the uninterrupted run's weights at update 28, bit for bit."""
