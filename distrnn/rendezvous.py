@@ -135,7 +135,7 @@ def release_rendezvous() -> None:
     _hosted.clear()
 
 
-_exit_release: list[bool] = []
+_released_at_exit = False
 
 
 def release_process_group_at_exit() -> None:
@@ -149,8 +149,9 @@ def release_process_group_at_exit() -> None:
     all-reduce of a Python tensor died so here, and the DDP tests' ranks now and then (Lightning
     destroys the group at exit for NCCL only). Destroying the group first joins those threads
     while the interpreter is whole (0 of 25)."""
-    if not _exit_release:
-        _exit_release.append(True)
+    global _released_at_exit
+    if not _released_at_exit:
+        _released_at_exit = True
         atexit.register(_destroy_process_group)
 
 
