@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import sys
 import time
 from pathlib import Path
@@ -37,6 +38,9 @@ class MLflowLogger(MLFlowLogger):
     With ``log_plots`` (default), finalizing a run that ended normally draws its curves from the
     metrics MLflow holds, as PNG artifacts ``plots/{loss,bpb,accuracy}.png`` (training and validation overlaid,
     against the update step), so a run's curves are in its artifacts without opening the UI.
+
+    Without ``run_name`` a run gets a fresh name in MLflow's style ("bright-owl-42"), different
+    for each run of the same config and seed.
     """
 
     def __init__(
@@ -55,6 +59,8 @@ class MLflowLogger(MLFlowLogger):
                            ("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")):
             os.environ.setdefault(key, value)
         uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or mlflow.get_tracking_uri()
+        if run_name is None:
+            run_name = unseeded_run_name()
         # Every rank builds a client, and a client creates a new SQLite store's tables: ranks (or
         # Tune trials) starting together on a fresh file would race ("table already exists").
         with _store_lock(uri):
@@ -133,6 +139,24 @@ class MLflowLogger(MLFlowLogger):
         except Exception as e:
             print(f"distrnn: warning: finalizing the MLflow run {self.run_id} failed: {str(e).splitlines()[0][:300]};"
                   f" checkpoints are in {self._checkpoint_dir}", file=sys.stderr, flush=True)
+
+
+def unseeded_run_name() -> str:
+    """A name in MLflow's style ("bright-owl-42") drawn from fresh entropy.
+
+    MLflow draws a run's name from Python's global ``random``, which ``seed_everything`` has just
+    seeded: every run of a config got the same name, and the draw moved the seeded stream. This
+    draws from the OS instead and leaves the global state as it was."""
+    state = random.getstate()
+    try:
+        random.seed()
+        from mlflow.utils.name_utils import _generate_random_name  # private: the fallback below
+
+        return _generate_random_name()
+    except ImportError:
+        return f"run-{os.urandom(4).hex()}"
+    finally:
+        random.setstate(state)
 
 
 PLOTTED = ("loss", "bpb", "accuracy")

@@ -196,6 +196,8 @@ def test_init_weights_starts_a_new_run_from_a_checkpoints_weights(job, capsys):
     assert code == 0, err[-3000:]
     runs = _runs(os.environ["MLFLOW_TRACKING_URI"]).sort_values("start_time")
     assert len(runs) == 2 and set(runs["status"]) == {"FINISHED"}
+    # same config, same seed: MLflow's own names came from the seeded RNG and were equal
+    assert runs.iloc[0]["tags.mlflow.runName"] != runs.iloc[1]["tags.mlflow.runName"]
     assert runs.iloc[1]["params.model.init_weights"] == str(first)
     (second,) = [p for p in Path("checkpoints").rglob("last.ckpt") if p != first]
     assert runs.iloc[1].run_id in str(second)
@@ -214,6 +216,24 @@ def test_init_weights_starts_a_new_run_from_a_checkpoints_weights(job, capsys):
     assert load_checkpoint_file(second)["global_step"] == 6
     runs = _runs(os.environ["MLFLOW_TRACKING_URI"])
     assert len(runs) == 2 and runs.sort_values("start_time").iloc[1]["params.model.init_weights"] == str(first)
+
+
+def test_a_run_name_is_not_drawn_from_the_seeded_rng(tmp_path):
+    """Two loggers made right after seeding get different names, and the seeded stream is where
+    seeding left it (MLflow's own name draw took from it)."""
+    import random
+
+    from distrnn.tracking import MLflowLogger
+
+    uri = f"sqlite:///{tmp_path}/names.db"
+    names = []
+    for _ in range(2):
+        random.seed(0)
+        logger = MLflowLogger(experiment_name="names", tracking_uri=uri, log_plots=False)
+        names.append(mlflow.MlflowClient(uri).get_run(logger.run_id).info.run_name)
+        assert random.random() == random.Random(0).random()
+        logger.finalize("success")
+    assert names[0] != names[1] and all(n.count("-") == 2 for n in names), names
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in (Path(__file__).parents[1] / "jobs" / "configs").glob("*.yaml")
