@@ -191,7 +191,40 @@ class DistrnnCLI(LightningCLI):
             fail(str(e))
         return trainer
 
+    def check_data(self, stage: str) -> None:
+        """The data module reads and checks its input for ``stage``, with the trainer's rank and
+        world size, before the trainer opens the MLflow run; bad data fails with one line, exit 2."""
+        dm = self.datamodule
+        if not isinstance(dm, RecurrentDataModule):
+            return
+        trainer = self.trainer
+        attached, dm.trainer = dm.trainer, trainer
+        try:
+            loaders = dm.check(stage)
+        except ConfigError as e:
+            fail(_key_line(str(e)))
+        finally:
+            dm.trainer = attached
+        vci, train = trainer.val_check_interval, loaders.get("train_dataloader")
+        if isinstance(vci, int) and trainer.check_val_every_n_epoch is not None and hasattr(train, "__len__"):
+            # Lightning refuses this too, from inside fit (a traceback, and the run already open)
+            n, limit = len(train), trainer.limit_train_batches
+            n = min(n, limit) if isinstance(limit, int) else int(n * limit)
+            if vci > n:
+                fail(f"trainer.val_check_interval: {vci} batches, but an epoch of this data has {n} training batches"
+                     " per rank; lower it, or set trainer.check_val_every_n_epoch: null to count across epochs")
+
+    def before_validate(self) -> None:
+        self.check_data("validate")
+
+    def before_test(self) -> None:
+        self.check_data("test")
+
+    def before_predict(self) -> None:
+        self.check_data("predict")
+
     def before_fit(self) -> None:
+        self.check_data("fit")
         ckpt_path = self.config_init["fit"].get("ckpt_path")
         if ckpt_path and ckpt_path not in ("last", "best", "hpc", "registry") and not str(ckpt_path).startswith("registry"):
             try:

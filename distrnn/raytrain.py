@@ -236,13 +236,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
 
 def check_config(args: list[str]) -> None:
-    """Build the model, data and trainer once on the driver, so that a bad config fails here with
-    exit code 2 (one line naming the key) before any worker, trial or MLflow run exists."""
+    """Build the model, data and trainer once on the driver and read the data, so that a bad config
+    or file fails here with exit code 2 (one line naming the key) before any worker, trial or MLflow run exists."""
     from distrnn.cli import DistrnnCLI
 
     # The logger is parsed (and so checked) with the config, then replaced: a check creates no store.
-    DistrnnCLI(args=[*args, "--trainer.logger=false"], run=False,
-               trainer_extra={"accelerator": "cpu", "devices": 1, "strategy": "auto"})
+    cli = DistrnnCLI(args=[*args, "--trainer.logger=false"], run=False,
+                     trainer_extra={"accelerator": "cpu", "devices": 1, "strategy": "auto"})
+    cli.check_data("fit")  # the data too: a bad file fails here, not in every worker
 
 
 def help_of(cls: type) -> dict[str, str]:

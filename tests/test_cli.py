@@ -57,6 +57,9 @@ def job(tmp_path):
         (["--trainer.strategy", "bogus"], "strategy"),
         (["--trainer.gradient_clip_val", "1.0"], "trainer.gradient_clip_val: distrnn clips in its own update; set model.optimizer.clip_norm"),
         (["--trainer.accumulate_grad_batches", "2"], "trainer.accumulate_grad_batches: not supported"),
+        # found when the data is read (setup, loaders): before the MLflow run opens, not inside fit
+        (["--data.init_args.batch_size", "9000"], "data.batch_size"),
+        (["--data.init_args.batch_size", "2000"], "trainer.val_check_interval: 10 batches, but an epoch of this data has 1"),
         (["--model.init_weights", "missing.ckpt"], "model.init_weights: checkpoint missing.ckpt: no such file"),
         (["--model.init_weights", "h8.ckpt"], "model.init_weights: checkpoint h8.ckpt does not fit model.network"),
         pytest.param(["--trainer.strategy", "deepspeed_stage_2"], "DeepSpeed",

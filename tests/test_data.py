@@ -186,6 +186,29 @@ def test_time_series_windows(tmp_path, fmt):
         TimeSeriesDataModule(str(path), features=["zz"]).setup("fit")
 
 
+def test_time_series_errors_name_the_column_and_row(tmp_path):
+    import pandas as pd
+
+    t = np.arange(200, dtype=np.float64)
+    frame = pd.DataFrame({"when": pd.date_range("2020-01-01", periods=200, freq="h").astype(str), "a": np.sin(t), "b": t})
+    frame.loc[123, "b"] = np.nan
+    frame.loc[150, "a"] = np.inf
+    path = tmp_path / "s.csv"
+    frame.to_csv(path, index=False)
+    with pytest.raises(ConfigError, match=r"^data.features: column 'when' of .*s.csv is not numeric"):
+        TimeSeriesDataModule(str(path), features=["a", "when"], window=20).setup("fit")
+    with pytest.raises(ConfigError, match=r"^data.targets: column 'when'"):
+        TimeSeriesDataModule(str(path), features=["a"], targets=["when"], window=20).setup("fit")
+    # a NaN would train into a non-finite loss, steps later, naming neither the file nor the row
+    with pytest.raises(ConfigError, match=r"^data.path: column 'b' of .*s.csv has 1 missing or non-finite values \(the first at row index 123, from 0\)"):
+        TimeSeriesDataModule(str(path), features=["b"], window=20).setup("fit")
+    with pytest.raises(ConfigError, match=r"column 'a' .* 1 missing or non-finite values \(the first at row index 150, from 0\)"):
+        TimeSeriesDataModule(str(path), features=["a"], window=20).setup("fit")
+    for bad in (0.0, 1.0, 1.5):
+        with pytest.raises(ConfigError, match=rf"^data.val_fraction: must be in \(0, 1\), got {bad}"):
+            TimeSeriesDataModule(str(path), features=["a"], val_fraction=bad)
+
+
 def test_download_verifies_and_caches(tmp_path):
     payload = b"hello corpus\n" * 100
     src = tmp_path / "remote.txt"

@@ -27,6 +27,8 @@ search_space: {space}
         ("{model.optimizer.lrr: {uniform: [0.001, 0.01]}}", "model.optimizer.lrr"),
         ("{model.tbptt.k1: {choice: [8, 64]}}", "model.tbptt.k1"),  # 64 > data.seq_len 32
         ("{}", "search_space: empty"),
+        # found when the data is read, on the driver: not in every trial
+        ("{data.init_args.batch_size: {choice: [4, 4000]}}", "data.batch_size: corpus of 2850 tokens is too short for 4000 streams"),
     ],
 )
 def test_bad_search_space_is_rejected_before_any_trial(tmp_path, capsys, space, message):

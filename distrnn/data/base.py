@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
-
+from typing import Any
 import lightning as L
 
 from distrnn.config import ConfigError, TaskSpec
@@ -23,7 +22,6 @@ class RecurrentDataModule(L.LightningDataModule):
             raise ConfigError(f"data.batch_size: must be > 0, got {batch_size}")
         self.batch_size = batch_size
         self.seed = seed
-        self._train_loader: Optional[ResumableLoader] = None
 
     @property
     def rank(self) -> int:
@@ -32,6 +30,17 @@ class RecurrentDataModule(L.LightningDataModule):
     @property
     def world_size(self) -> int:
         return self.trainer.world_size if self.trainer is not None else 1
+
+    LOADERS = {"fit": ("train_dataloader", "val_dataloader"), "validate": ("val_dataloader",),
+               "test": ("test_dataloader",), "predict": ("predict_dataloader",)}
+
+    def check(self, stage: str) -> dict[str, Any]:
+        """Read the input of ``stage`` and build its loaders once, so that a bad file or a size
+        that does not fit fails (a ConfigError) before a run starts: inside ``trainer.fit`` it
+        would come after the MLflow run was opened. ``setup`` keeps what it read. Returns the
+        loaders by method name."""
+        self.setup(stage)
+        return {name: getattr(self, name)() for name in self.LOADERS[stage]}
 
     def predict_dataloader(self):
         return self.val_dataloader()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -12,7 +13,7 @@ from distrnn.data.base import RecurrentDataModule, existing_path
 from distrnn.data.loaders import TensorLoader
 
 
-def read_table(path, columns: list[str]):
+def read_table(path, features: list[str], targets: list[str]):
     import pandas as pd
 
     try:
@@ -26,9 +27,22 @@ def read_table(path, columns: list[str]):
         raise
     except Exception as e:  # a parse error names the file, not a pandas traceback
         raise ConfigError(f"data.path: cannot read {path}: {e}") from None
-    missing = [c for c in columns if c not in frame.columns]
-    if missing:
-        raise ConfigError(f"data.features/data.targets: columns {missing} not in {path} (has {list(frame.columns)})")
+    for key, columns in (("data.features", features), ("data.targets", targets)):
+        missing = [c for c in columns if c not in frame.columns]
+        if missing:
+            raise ConfigError(f"{key}: columns {missing} not in {path} (has {list(frame.columns)})")
+    columns = list(dict.fromkeys(features + targets))
+    for c in columns:
+        if not pd.api.types.is_numeric_dtype(frame[c]):
+            key = "data.features" if c in features else "data.targets"
+            raise ConfigError(f"{key}: column {c!r} of {path} is not numeric"
+                              f" ({frame[c].dtype}, e.g. {frame[c].iloc[0]!r})")
+    for c in columns:
+        bad = ~np.isfinite(frame[c].to_numpy(dtype="float64"))
+        if bad.any():
+            # a NaN would only surface as a non-finite loss, steps later, naming neither
+            raise ConfigError(f"data.path: column {c!r} of {path} has {int(bad.sum())} missing or non-finite"
+                              f" values (the first at row index {int(bad.argmax())}, from 0); fill or drop them first")
     return frame
 
 
@@ -69,6 +83,8 @@ class TimeSeriesDataModule(RecurrentDataModule):
         for key, v in (("window", window), ("horizon", horizon), ("stride", stride)):
             if v <= 0:
                 raise ConfigError(f"data.{key}: must be > 0, got {v}")
+        if not 0 < val_fraction < 1:
+            raise ConfigError(f"data.val_fraction: must be in (0, 1), got {val_fraction}")
         self.features = list(features)
         self.targets = list(targets) if targets else list(features)
         self.window, self.horizon, self.stride = window, horizon, stride
@@ -79,7 +95,7 @@ class TimeSeriesDataModule(RecurrentDataModule):
     def setup(self, stage: str) -> None:
         if self._series is not None:
             return
-        frame = read_table(self.path, self.features + self.targets)
+        frame = read_table(self.path, self.features, self.targets)
         x = torch.tensor(frame[self.features].to_numpy(dtype="float32"))
         y = torch.tensor(frame[self.targets].to_numpy(dtype="float32"))
         n = x.shape[0]
