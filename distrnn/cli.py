@@ -14,7 +14,7 @@ from typing import Any, NoReturn, Optional
 
 from jsonargparse import ArgumentParser
 from lightning.pytorch import Trainer
-from lightning.pytorch.callbacks import ProgressBar, TQDMProgressBar
+from lightning.pytorch.callbacks import BasePredictionWriter, ProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -32,6 +32,7 @@ from distrnn.checkpoint import (
 from distrnn.config import ConfigError
 from distrnn.data.base import RecurrentDataModule
 from distrnn.engine import TBPTTModule, check_carried_state
+from distrnn.predict import WritePredictions
 from distrnn.rendezvous import host_rendezvous_on_loopback
 from distrnn.tracking import LogConfigToMLflow, MLflowRunInCheckpoint, continue_run
 
@@ -55,6 +56,8 @@ warnings.filterwarnings("ignore", message=".*LeafSpec.*")
 warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter.*")
 # The TBPTT module checkpoints the state after each update, with the loader position that matches it.
 warnings.filterwarnings("ignore", message=".*no pre-optimization state was saved.*")
+# distrnn's loaders are not torch DataLoaders; the prediction writer does not use batch indices.
+warnings.filterwarnings("ignore", message=".*Couldn't infer the batch indices.*")
 
 
 _KEY_LINE = re.compile(r"((?:model|data|trainer|checkpoint)\.[\w.]+: .*)")
@@ -180,6 +183,8 @@ class DistrnnCLI(LightningCLI):
         _check_manual_optimization(trainer_cfg)
         if trainer_cfg.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
             callbacks.append(EpochProgressBar())
+        if self.subcommand == "predict" and not any(isinstance(c, BasePredictionWriter) for c in callbacks):
+            callbacks.append(WritePredictions())
         trainer_cfg["callbacks"] = [*callbacks, MLflowRunInCheckpoint(), CheckpointOnSigterm()]
         if not any(isinstance(p, CheckpointIO) for p in plugins):
             plugins.append(AtomicCheckpointIO())
@@ -222,6 +227,8 @@ class DistrnnCLI(LightningCLI):
 
     def before_predict(self) -> None:
         self.check_data("predict")
+        if self.config_init["predict"].get("return_predictions") is None:
+            self.config_init["predict"]["return_predictions"] = False  # the writer has them; not kept twice
 
     def before_fit(self) -> None:
         self.check_data("fit")

@@ -15,6 +15,7 @@ from typing import Any, Iterator, Optional
 
 import lightning as L
 from lightning.pytorch.callbacks import WeightAveraging
+from lightning.pytorch.trainer.states import TrainerFn
 import numpy as np
 import torch
 from torch import Tensor
@@ -456,13 +457,23 @@ class TBPTTModule(L.LightningModule):
     def on_test_epoch_start(self) -> None:
         self._val_state = None
 
-    def _eval_step(self, batch: dict[str, Any], stage: str) -> None:
+    def on_predict_epoch_start(self) -> None:
+        self._val_state = None
+
+    def _eval_forward(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The model over one evaluation batch, the state carried from the batch before: a
+        stream corpus serves each stream's next chunk in the same row (other loaders reset every
+        row at its first step)."""
         x, y, mask, reset, mask_cpu = self._unpack(batch)
         state = self._val_state
         if state is not None and state_tensors(state)[0].shape[1] != x.shape[0]:
             state = None
         y_hat, state = self.model(x, state, reset)
         self._val_state = detach_state(state)
+        return y_hat, y, mask, mask_cpu
+
+    def _eval_step(self, batch: dict[str, Any], stage: str) -> None:
+        y_hat, y, mask, mask_cpu = self._eval_forward(batch)
         n = int(mask_cpu.sum())
         if n == 0:
             return
@@ -474,10 +485,16 @@ class TBPTTModule(L.LightningModule):
             correct = ((y_hat.argmax(-1) == y) & mask).sum()
             self.log(f"{stage}/accuracy", correct.float() / n, prog_bar=True, batch_size=n, sync_dist=True)
 
-    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        x, _, _, reset, _ = self._unpack(batch)
-        y_hat, _ = self.model(x, None, reset)
-        return y_hat
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Tensor]:
+        """On the host: ``prediction`` (regression: the values; otherwise the most probable class,
+        with its ``probability``), ``target`` and ``mask`` (the steps that have a target)."""
+        y_hat, y, _, mask_cpu = self._eval_forward(batch)
+        if self.task.kind == "regression":
+            out = {"prediction": y_hat.float().cpu()}
+        else:
+            p, k = torch.softmax(y_hat.float(), dim=-1).max(dim=-1)
+            out = {"prediction": k.cpu(), "probability": p.cpu()}
+        return {**out, "target": y.cpu(), "mask": mask_cpu}
 
     # ---------------------------------------------------------------- checkpoint
 
@@ -499,6 +516,8 @@ class TBPTTModule(L.LightningModule):
             return  # weights-only use (generate, fine-tuning from a foreign file)
         world, rank = 1, 0
         if self._trainer is not None:
+            if self.trainer.state.fn != TrainerFn.FITTING:
+                return  # validate, test, predict: the weights only; training's streams are not read
             world, rank = self.trainer.world_size, self.trainer.global_rank
         check_carried_state(checkpoint, world)
         mine = d["ranks"][rank]

@@ -239,6 +239,125 @@ def test_a_run_name_is_not_drawn_from_the_seeded_rng(tmp_path):
     assert names[0] != names[1] and all(n.count("-") == 2 for n in names), names
 
 
+def _forecasting_job(capsys):
+    """A CSV of two series, the arguments of a forecasting job on it, and a checkpoint ck/last.ckpt
+    of 6 updates."""
+    import numpy as np
+    import pandas as pd
+
+    t = np.arange(600, dtype=np.float64)
+    table = pd.DataFrame({"a": 5 + 3 * np.sin(t / 9), "b": 100 + 10 * np.cos(t / 13)})
+    table.to_csv("ts.csv", index=False)
+    args = ["--data", "distrnn.data.TimeSeriesDataModule", "--data.init_args.path", "ts.csv",
+            "--data.init_args.features", "[a, b]", "--data.init_args.targets", "[b]", "--data.init_args.window", "16",
+            "--data.init_args.horizon", "2", "--data.init_args.batch_size", "6", "--data.init_args.stride", "4",
+            "--model.network.recurrence", "gru", "--model.network.hidden_size", "16", "--model.tbptt.mode", "full",
+            "--model.tbptt.k1", "16", "--trainer.logger", "false", "--trainer.enable_progress_bar", "false"]
+    code, _, err = cli(capsys, "fit", *args, "--trainer.max_steps", "6", "--checkpoint.dirpath", "ck")
+    assert code == 0, err[-3000:]
+    return table, args
+
+
+def test_predict_writes_forecasts_in_the_tables_units(tmp_path, capsys):
+    """`distrnn predict` writes predictions.pt; each forecast equals the checkpoint's model run by
+    hand on that window, standardized and back with numpy's float64 statistics of the training rows."""
+    import numpy as np
+
+    from distrnn.generate import load_module
+
+    table, args = _forecasting_job(capsys)
+    code, out, err = cli(capsys, "predict", *args, "--ckpt_path", "ck/last.ckpt")
+    assert code == 0, err[-3000:]
+    assert "predictions: predictions.pt" in out
+    written = torch.load("predictions.pt", weights_only=True)
+    assert written["task"] == "regression" and written["world_size"] == 1
+
+    module = load_module("ck/last.ckpt")
+    x, y = table[["a", "b"]].to_numpy(), table[["b"]].to_numpy()
+    split = int(600 * 0.8)
+    zx = (x - x[:split].mean(0)) / x[:split].std(0, ddof=1)
+    starts = np.arange(split, 600 - 18 + 1, 4)
+    got = torch.cat([b["prediction"] for b in written["batches"]])
+    targets = torch.cat([b["target"] for b in written["batches"]])
+    assert got.shape == (len(starts), 16, 1)
+    with torch.no_grad():
+        for i, s0 in enumerate(starts):
+            window = torch.tensor(zx[s0:s0 + 16][None], dtype=torch.float32)
+            z, _ = module.model(window)
+            expected = z[0, :, 0].double().numpy() * y[:split].std(ddof=1) + y[:split].mean()
+            np.testing.assert_allclose(got[i, :, 0].numpy(), expected, rtol=0, atol=1e-4)
+            np.testing.assert_allclose(targets[i, :, 0].numpy(), y[s0 + 2:s0 + 18, 0], rtol=0, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_two_ranks_evaluate_and_predict_every_window_like_one_process(tmp_path, capsys):
+    """A checkpoint of one process, evaluated by 2 DDP ranks: 26 validation windows in batches of
+    6 make 5 batches, 3 on rank 0 and 2 on rank 1 (none left out, no per-batch collective to
+    wait on an uneven count); val/loss equals one process's (1e-6) and the ranks' predictions,
+    interleaved batch by batch, equal one process's."""
+    import re
+
+    _, args = _forecasting_job(capsys)
+    ddp = ["--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp", "--ckpt_path", "ck/last.ckpt"]
+
+    def val_loss(out):
+        return float(re.search(r"val/loss\s+([0-9.e-]+)", out).group(1))
+
+    code, out, err = cli(capsys, "validate", *args, "--ckpt_path", "ck/last.ckpt")
+    assert code == 0, err[-3000:]
+    one = val_loss(out)
+    r = _run("validate", *args, *ddp)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert val_loss(r.stdout) == pytest.approx(one, rel=1e-6, abs=1e-7)
+
+    code, _, err = cli(capsys, "predict", *args, "--ckpt_path", "ck/last.ckpt")
+    assert code == 0, err[-3000:]
+    single = torch.load("predictions.pt", weights_only=True)["batches"]
+    r = _run("predict", *args, *ddp)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ranks = [torch.load(f"predictions.rank{k}.pt", weights_only=True) for k in (0, 1)]
+    assert [len(d["batches"]) for d in ranks] == [3, 2] and len(single) == 5
+    interleaved = [ranks[i % 2]["batches"][i // 2] for i in range(5)]
+    for a, b in zip(interleaved, single):
+        assert torch.equal(a["target"], b["target"])
+        torch.testing.assert_close(a["prediction"], b["prediction"], rtol=1e-5, atol=1e-5)
+
+
+def test_predict_carries_the_state_along_each_stream(job, capsys):
+    """For a byte corpus, predictions come chunk by chunk with the state carried: they equal one
+    pass of the model over each whole validation stream."""
+    from distrnn.generate import load_module
+
+    code, _, err = cli(capsys, "fit", "--config", str(job), "--trainer.max_steps", "6", "--trainer.logger", "false")
+    assert code == 0, err[-3000:]
+    (ckpt,) = Path("checkpoints").rglob("last.ckpt")
+    code, _, err = cli(capsys, "predict", "--config", str(job), "--ckpt_path", str(ckpt), "--trainer.logger", "false")
+    assert code == 0, err[-3000:]
+    batches = torch.load("predictions.pt", weights_only=True)["batches"]
+    assert len(batches) > 2
+    predicted = torch.cat([b["prediction"] for b in batches], dim=1)
+    mask = torch.cat([b["mask"] for b in batches], dim=1)
+    targets = torch.cat([b["target"] for b in batches], dim=1)
+    probability = torch.cat([b["probability"] for b in batches], dim=1)
+    module = load_module(str(ckpt))
+    text = torch.tensor(list(Path("corpus.txt").read_bytes()))
+    val = text[len(text) - max(2, int(len(text) * 0.05)):]  # ByteCorpusDataModule's default split
+    rows = predicted.shape[0]
+    n = val.numel() - 1
+    lengths = [n // rows + (r < n % rows) for r in range(rows)]
+    start = 0
+    with torch.no_grad():
+        for r, length in enumerate(lengths):
+            stream = val[start:start + length + 1]
+            start += length
+            logits, _ = module.model(stream[None, :-1])
+            p, k = torch.softmax(logits[0], -1).max(-1)
+            assert int(mask[r].sum()) == length
+            assert torch.equal(targets[r, :length], stream[1:])
+            assert torch.equal(predicted[r, :length], k)
+            torch.testing.assert_close(probability[r, :length], p, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("name", sorted(p.name for p in (Path(__file__).parents[1] / "jobs" / "configs").glob("*.yaml")
                                         if not p.name.startswith("sweep_")))
 def test_every_shipped_training_config_parses(capsys, tmp_path, monkeypatch, name):

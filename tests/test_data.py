@@ -96,6 +96,19 @@ def test_tensor_loader_shuffles_per_epoch_and_shards():
     assert not torch.equal(e0, e1)
 
 
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_evaluation_shards_serve_every_sample_once(world):
+    """42 samples in batches of 4 make 11 global batches: training ranks serve the same count (the
+    rounds that do not fill up are left out); evaluation ranks serve all 11 between them."""
+    x = torch.arange(42)[:, None]
+    even = [TensorLoader({"x": x, "y": x}, 4, rank=r, world_size=world) for r in range(world)]
+    assert {len(ld) for ld in even} == {11 // world}
+    uneven = [TensorLoader({"x": x, "y": x}, 4, rank=r, world_size=world, uneven=True) for r in range(world)]
+    assert sum(len(ld) for ld in uneven) == 11 and max(map(len, uneven)) - min(map(len, uneven)) <= 1
+    served = torch.cat([b["x"][:, 0] for ld in uneven for b in ld])
+    assert torch.equal(served.sort().values, torch.arange(42))
+
+
 def test_adding_problem():
     g = torch.Generator().manual_seed(0)
     b = adding_problem(g, 64, 1000)

@@ -155,7 +155,10 @@ class TensorLoader(ResumableLoader):
     """Batches of whole sequences from tensors with a leading sample dimension.
 
     The order is a permutation drawn from (seed, epoch) when ``shuffle``; each rank takes every
-    ``world_size``-th batch. Every batch starts new sequences, so ``reset[:, 0]`` is True.
+    ``world_size``-th batch, and as many as every other rank (a DDP update is a collective: the
+    global batches that do not make a full round are left out) unless ``uneven``: then every
+    batch is served and the first ranks may serve one more (evaluation and prediction, where no
+    collective runs per batch). Every batch starts new sequences, so ``reset[:, 0]`` is True.
     ``fields`` holds ``x`` (sample count from its first dimension) and anything ``transform``
     turns into ``x``, ``y`` and optionally ``mask`` per batch (so large per-step targets need not be
     stored).
@@ -171,8 +174,10 @@ class TensorLoader(ResumableLoader):
         rank: int = 0,
         world_size: int = 1,
         transform: Optional[Callable[[dict[str, Tensor]], dict[str, Tensor]]] = None,
+        uneven: bool = False,
     ) -> None:
         super().__init__()
+        self.uneven = uneven
         self.fields = fields
         self.transform = transform
         self.n = fields["x"].shape[0]
@@ -189,6 +194,8 @@ class TensorLoader(ResumableLoader):
         return math.ceil(self.n / self.batch_size)
 
     def num_batches(self) -> int:
+        if self.uneven:
+            return len(range(self.rank, self._global_batches(), self.world_size))
         return self._global_batches() // self.world_size
 
     def make_batch(self, epoch: int, index: int) -> Batch:

@@ -109,10 +109,16 @@ class TimeSeriesDataModule(RecurrentDataModule):
         mx, sx = x[:split].mean(0), x[:split].std(0).clamp_min(1e-8)
         my, sy = y[:split].mean(0), y[:split].std(0).clamp_min(1e-8)
         self._series = {"x": (x - mx) / sx, "y": (y - my) / sy}
+        self._target_scale = (my, sy)
         self._starts = {
             "train": torch.arange(0, split - span + 1, self.stride),
             "val": torch.arange(split, n - span + 1, self.stride),
         }
+
+    def inverse_targets(self, y: Tensor) -> Tensor:
+        """Standardized targets (or forecasts of them) back in the table's units."""
+        mean, std = self._target_scale
+        return y * std.to(y) + mean.to(y)
 
     def _windows(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         t_BT = batch["x"][:, None] + torch.arange(self.window)[None, :]
@@ -121,7 +127,7 @@ class TimeSeriesDataModule(RecurrentDataModule):
     def _loader(self, split: str, shuffle: bool) -> TensorLoader:
         return self._bind(
             TensorLoader({"x": self._starts[split]}, self.batch_size, shuffle, self.seed, rank=self.rank,
-                         world_size=self.world_size, transform=self._windows)
+                         world_size=self.world_size, transform=self._windows, uneven=not shuffle)
         )
 
     def train_dataloader(self) -> TensorLoader:
