@@ -34,7 +34,7 @@ from distrnn.data.base import RecurrentDataModule
 from distrnn.engine import TBPTTModule, check_carried_state
 from distrnn.predict import WritePredictions
 from distrnn.rendezvous import host_rendezvous_on_loopback
-from distrnn.tracking import LogConfigToMLflow, MLflowRunInCheckpoint, continue_run
+from distrnn.tracking import LogConfigToMLflow, MLflowRunInCheckpoint, continue_run, evaluation_run
 
 CHECKPOINT_DEFAULTS: dict[str, Any] = {
     "monitor": "val/loss",
@@ -219,14 +219,28 @@ class DistrnnCLI(LightningCLI):
                 fail(f"trainer.val_check_interval: {vci} batches, but an epoch of this data has {n} training batches"
                      " per rank; lower it, or set trainer.check_val_every_n_epoch: null to count across epochs")
 
+    def _evaluation_run(self, stage: str) -> None:
+        ckpt_path = self.config_init[stage].get("ckpt_path")
+        checkpoint = None
+        if (ckpt_path and ckpt_path not in ("last", "best", "hpc") and not str(ckpt_path).startswith("registry")
+                and not is_deepspeed_checkpoint(ckpt_path)):
+            try:
+                checkpoint = load_checkpoint_file(ckpt_path)
+            except CheckpointError as e:
+                fail(str(e))
+        evaluation_run(self.trainer.logger, stage, checkpoint, ckpt_path)
+
     def before_validate(self) -> None:
         self.check_data("validate")
+        self._evaluation_run("validate")
 
     def before_test(self) -> None:
         self.check_data("test")
+        self._evaluation_run("test")
 
     def before_predict(self) -> None:
         self.check_data("predict")
+        self._evaluation_run("predict")
         if self.config_init["predict"].get("return_predictions") is None:
             self.config_init["predict"]["return_predictions"] = False  # the writer has them; not kept twice
 

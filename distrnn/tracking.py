@@ -59,8 +59,9 @@ class MLflowLogger(MLFlowLogger):
                            ("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")):
             os.environ.setdefault(key, value)
         uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or mlflow.get_tracking_uri()
+        self._default_name = None
         if run_name is None:
-            run_name = unseeded_run_name()
+            run_name = self._default_name = unseeded_run_name()
         # Every rank builds a client, and a client creates a new SQLite store's tables: ranks (or
         # Tune trials) starting together on a fresh file would race ("table already exists").
         with _store_lock(uri):
@@ -355,6 +356,32 @@ class MLflowRunInCheckpoint(Callback):
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         if isinstance(trainer.logger, MLFlowLogger) and trainer.logger.run_id:
             checkpoint[RUN_ID_KEY] = trainer.logger.run_id
+
+
+STAGE_TAG = "distrnn.stage"
+
+
+def evaluation_run(logger: Any, stage: str, checkpoint: Optional[dict[str, Any]], ckpt_path: Optional[str]) -> Optional[str]:
+    """Name and tag the run that ``validate``, ``test`` or ``predict`` opens, before it is created:
+    tagged ``distrnn.stage``, and when the checkpoint names a training run of this store, nested
+    under it (``mlflow.parentRunId``) as ``<that run's name>-<stage>``, so that evaluations sit
+    with the run they evaluate instead of among the training runs. Returns the parent's id."""
+    if not isinstance(logger, MLFlowLogger) or logger._initialized or logger._run_id:
+        return None
+    tags = {**(logger.tags or {}), STAGE_TAG: stage}
+    if ckpt_path:
+        tags["distrnn.checkpoint"] = str(ckpt_path)[:5000]
+    parent = (checkpoint or {}).get(RUN_ID_KEY)
+    try:
+        name = logger._mlflow_client.get_run(parent).info.run_name if parent else None
+    except Exception:  # a checkpoint from another store
+        parent = name = None
+    if parent:
+        tags["mlflow.parentRunId"] = parent
+        if logger._run_name is None or logger._run_name == getattr(logger, "_default_name", None):
+            logger._run_name = f"{name or parent[:8]}-{stage}"
+    logger.tags = tags
+    return parent
 
 
 def continue_run(logger: Any, checkpoint: dict[str, Any]) -> Optional[str]:

@@ -130,6 +130,18 @@ def test_fit_logs_one_run_to_mlflow_and_generates(job, capsys):
     code, _, err = cli(capsys, "generate", "--checkpoint", "nope.ckpt")
     assert code == 2 and "nope.ckpt" in err
 
+    # an evaluation of the checkpoint is its own run, nested under the run that trained it
+    code, _, err = cli(capsys, "validate", "--config", str(job), "--ckpt_path", str(ckpt))
+    assert code == 0, err[-3000:]
+    runs = _runs(os.environ["MLFLOW_TRACKING_URI"])
+    assert len(runs) == 2
+    evaluation = runs[runs.run_id != run.run_id].iloc[0]
+    assert evaluation["tags.mlflow.parentRunId"] == run.run_id and evaluation["tags.distrnn.stage"] == "validate"
+    assert evaluation["tags.mlflow.runName"] == run["tags.mlflow.runName"] + "-validate"
+    assert evaluation["tags.distrnn.checkpoint"] == str(ckpt) and evaluation["metrics.val/loss"] > 0
+    trained = mlflow.MlflowClient().get_run(run.run_id)
+    assert trained.data.metrics["val/loss"] == run["metrics.val/loss"] and trained.info.status == "FINISHED"
+
 
 @pytest.mark.slow
 def test_fit_against_a_real_mlflow_server(job, tmp_path):
