@@ -221,6 +221,10 @@ class DistrnnCLI(LightningCLI):
 
     def _evaluation_run(self, stage: str) -> None:
         ckpt_path = self.config_init[stage].get("ckpt_path")
+        if ckpt_path == "last":
+            ckpt_path = self.config_init[stage]["ckpt_path"] = self._latest_of_experiment(stage)
+            if ckpt_path is None:
+                fail(f"ckpt_path: last: no checkpoint of this experiment to {stage}")
         checkpoint = None
         if (ckpt_path and ckpt_path not in ("last", "best", "hpc") and not str(ckpt_path).startswith("registry")
                 and not is_deepspeed_checkpoint(ckpt_path)):
@@ -244,8 +248,36 @@ class DistrnnCLI(LightningCLI):
         if self.config_init["predict"].get("return_predictions") is None:
             self.config_init["predict"]["return_predictions"] = False  # the writer has them; not kept twice
 
+    def _latest_of_experiment(self, stage: str = "fit") -> Optional[str]:
+        """``--ckpt_path last`` with MLflow: the newest ``last.ckpt`` or ``preempted.ckpt`` of any
+        run of this experiment. Each run checkpoints into its own folder, where Lightning's own
+        lookup (the new run's empty folder) found nothing and silently started a new run; None
+        (start afresh, as Lightning does) when the experiment has no checkpoint yet."""
+        from pathlib import Path
+
+        from lightning.pytorch.loggers import MLFlowLogger
+
+        logger, ckpt = self.trainer.logger, self.trainer.checkpoint_callback
+        if not isinstance(logger, MLFlowLogger) or getattr(ckpt, "dirpath", None):
+            return "last"  # a fixed checkpoint folder: Lightning's own lookup finds it
+        experiment = logger._mlflow_client.get_experiment_by_name(logger._experiment_name)
+        root = Path(logger.save_dir or "checkpoints")
+        found = [] if experiment is None else [
+            p for name in ("last.ckpt", "preempted.ckpt") for p in (root / experiment.experiment_id).glob(f"*/checkpoints/{name}")]
+        if not found:
+            if self.trainer.is_global_zero and stage == "fit":
+                print(f"distrnn: --ckpt_path last: experiment '{logger._experiment_name}' has no checkpoint under {root}:"
+                      " starting a new run", file=sys.stderr, flush=True)
+            return None
+        latest = str(max(found, key=lambda p: p.stat().st_mtime))
+        if self.trainer.is_global_zero:
+            print(f"distrnn: --ckpt_path last: {'resuming' if stage == 'fit' else stage + ':'} {latest}", file=sys.stderr, flush=True)
+        return latest
+
     def before_fit(self) -> None:
         self.check_data("fit")
+        if self.config_init["fit"].get("ckpt_path") == "last":
+            self.config_init["fit"]["ckpt_path"] = self._latest_of_experiment()
         ckpt_path = self.config_init["fit"].get("ckpt_path")
         if ckpt_path and ckpt_path not in ("last", "best", "hpc", "registry") and not str(ckpt_path).startswith("registry"):
             try:
