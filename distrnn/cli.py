@@ -6,6 +6,7 @@ MLflow run or checkpoint is created.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import sys
@@ -56,6 +57,9 @@ warnings.filterwarnings("ignore", message=".*LeafSpec.*")
 warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter.*")
 # The TBPTT module checkpoints the state after each update, with the loader position that matches it.
 warnings.filterwarnings("ignore", message=".*no pre-optimization state was saved.*")
+# Lightning 2.6 prints a tip for its hosted logger in every run that does not use it; distrnn's runs
+# go to MLflow.
+logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(lambda record: "litlogger" not in str(record.msg))
 # distrnn's loaders are not torch DataLoaders; the prediction writer does not use batch indices.
 warnings.filterwarnings("ignore", message=".*Couldn't infer the batch indices.*")
 
@@ -220,6 +224,9 @@ class DistrnnCLI(LightningCLI):
                      " per rank; lower it, or set trainer.check_val_every_n_epoch: null to count across epochs")
 
     def _evaluation_run(self, stage: str) -> None:
+        # the evaluation's run has its own checkpoint folder; Lightning warns that the training
+        # run's checkpoint bookkeeping, which nothing here uses, is not reloaded
+        warnings.filterwarnings("ignore", message=".*The dirpath has changed from.*")
         ckpt_path = self.config_init[stage].get("ckpt_path")
         if ckpt_path == "last":
             ckpt_path = self.config_init[stage]["ckpt_path"] = self._latest_of_experiment(stage)

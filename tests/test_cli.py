@@ -110,6 +110,7 @@ def test_fit_logs_one_run_to_mlflow_and_generates(job, capsys):
     r = _run("fit", "--config", str(job))
     assert r.returncode == 0, r.stderr[-3000:]
     assert "MLflow run" in r.stdout
+    assert "litlogger" not in r.stdout + r.stderr  # Lightning's advertisement for another logger
     runs = _runs(os.environ["MLFLOW_TRACKING_URI"])
     assert len(runs) == 1
     run = runs.iloc[0]
