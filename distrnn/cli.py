@@ -11,6 +11,7 @@ import os
 import re
 import sys
 import warnings
+from types import SimpleNamespace
 from typing import Any, NoReturn, Optional
 
 from jsonargparse import ArgumentParser
@@ -200,14 +201,17 @@ class DistrnnCLI(LightningCLI):
             fail(str(e))
         return trainer
 
-    def check_data(self, stage: str) -> None:
+    def check_data(self, stage: str, world_size: Optional[int] = None) -> None:
         """The data module reads and checks its input for ``stage``, with the trainer's rank and
-        world size, before the trainer opens the MLflow run; bad data fails with one line, exit 2."""
+        world size (or rank 0 of ``world_size`` ranks that do not exist yet: a Ray driver checking
+        for its workers), before the trainer opens the MLflow run; bad data fails with one line,
+        exit 2."""
         dm = self.datamodule
         if not isinstance(dm, RecurrentDataModule):
             return
         trainer = self.trainer
-        attached, dm.trainer = dm.trainer, trainer
+        ranks = trainer if world_size is None else SimpleNamespace(global_rank=0, world_size=world_size, current_epoch=0)
+        attached, dm.trainer = dm.trainer, ranks
         try:
             loaders = dm.check(stage)
         except ConfigError as e:

@@ -235,7 +235,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     fit_from_ray_checkpoint(cli, ray.train.get_checkpoint())
 
 
-def check_config(args: list[str]) -> None:
+def check_config(args: list[str], world_size: int = 1) -> None:
     """Build the model, data and trainer once on the driver and read the data, so that a bad config
     or file fails here with exit code 2 (one line naming the key) before any worker, trial or MLflow run exists."""
     from distrnn.cli import DistrnnCLI
@@ -243,7 +243,7 @@ def check_config(args: list[str]) -> None:
     # The logger is parsed (and so checked) with the config, then replaced: a check creates no store.
     cli = DistrnnCLI(args=[*args, "--trainer.logger=false"], run=False,
                      trainer_extra={"accelerator": "cpu", "devices": 1, "strategy": "auto"})
-    cli.check_data("fit")  # the data too: a bad file fails here, not in every worker
+    cli.check_data("fit", world_size)  # the data too, as the workers will read it: not in every worker
 
 
 def help_of(cls: type) -> dict[str, str]:
@@ -366,7 +366,7 @@ def main(argv: Optional[list[str]] = None, on_result: Optional[Callable[[Any], N
             import deepspeed  # noqa: F401
         except ImportError:
             _fail(f"strategy: {args.strategy} needs DeepSpeed (pip install 'distrnn[deepspeed]')")
-    check_config(distrnn_args)
+    check_config(distrnn_args, args.num_workers)
     if args.check_only:
         print("distrnn: config OK")
         return None

@@ -43,6 +43,24 @@ def test_bad_search_space_is_rejected_before_any_trial(tmp_path, capsys, space, 
     assert not (tmp_path / "store").exists()
 
 
+def test_a_ray_train_job_checks_its_data_for_its_number_of_workers(tmp_path, capsys, monkeypatch):
+    """2,000 streams fit the 2,850 training tokens of one rank but not of two: the driver of a
+    2-worker job refuses it before Ray starts, as each worker would."""
+    from distrnn.raytrain import main as train_main
+
+    monkeypatch.chdir(tmp_path)
+    write_corpus(tmp_path / "corpus.txt", 3000)
+    args = ["--check-only", "--config", str(REPO / "jobs/configs/tiny.yaml"), "--data.init_args.batch_size", "2000",
+            "--trainer.check_val_every_n_epoch", "null"]
+    assert train_main(["--num-workers", "1", *args]) is None
+    assert "config OK" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        train_main(["--num-workers", "2", *args])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and err == ["distrnn: error: data.batch_size: corpus of 2850 tokens is too short for 4000"
+                                         " streams (batch_size 2000 x world size 2)"], err
+
+
 def test_sweep_file_keys_are_typed(tmp_path, capsys):
     (tmp_path / "sweep.yaml").write_text("config: [x.yaml]\nnum_samples: many\n")
     with pytest.raises(SystemExit) as e:
