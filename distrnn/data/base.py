@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
+
 import lightning as L
 
 from distrnn.config import ConfigError, TaskSpec
