@@ -232,10 +232,8 @@ class DistrnnCLI(LightningCLI):
         # run's checkpoint bookkeeping, which nothing here uses, is not reloaded
         warnings.filterwarnings("ignore", message=".*The dirpath has changed from.*")
         ckpt_path = self.config_init[stage].get("ckpt_path")
-        if ckpt_path == "last":
-            ckpt_path = self.config_init[stage]["ckpt_path"] = self._latest_of_experiment(stage)
-            if ckpt_path is None:
-                fail(f"ckpt_path: last: no checkpoint of this experiment to {stage}")
+        if ckpt_path in ("last", "best"):
+            ckpt_path = self.config_init[stage]["ckpt_path"] = self._resolve_alias(stage)
         checkpoint = None
         if (ckpt_path and ckpt_path not in ("last", "best", "hpc") and not str(ckpt_path).startswith("registry")
                 and not is_deepspeed_checkpoint(ckpt_path)):
@@ -259,36 +257,58 @@ class DistrnnCLI(LightningCLI):
         if self.config_init["predict"].get("return_predictions") is None:
             self.config_init["predict"]["return_predictions"] = False  # the writer has them; not kept twice
 
-    def _latest_of_experiment(self, stage: str = "fit") -> Optional[str]:
-        """``--ckpt_path last`` with MLflow: the newest ``last.ckpt`` or ``preempted.ckpt`` of any
-        run of this experiment. Each run checkpoints into its own folder, where Lightning's own
-        lookup (the new run's empty folder) found nothing and silently started a new run; None
-        (start afresh, as Lightning does) when the experiment has no checkpoint yet."""
+    def _resolve_alias(self, stage: str) -> Optional[str]:
+        """``--ckpt_path last|best``, as a path. ``last``: the newest ``last.ckpt`` or
+        ``preempted.ckpt`` of the run's checkpoint folder, or with MLflow of any run of the
+        experiment (each run checkpoints into its own folder, where Lightning's lookup, the new
+        run's empty folder, found nothing and silently started a new run). ``best``: the best file
+        that checkpoint names (a new process does not know it: Lightning failed with a traceback).
+        None when there is nothing to resume: fit starts afresh, as Lightning does; the other
+        stages fail, exit 2."""
         from pathlib import Path
 
         from lightning.pytorch.loggers import MLFlowLogger
 
+        alias = self.config_init[stage].get("ckpt_path")
         logger, ckpt = self.trainer.logger, self.trainer.checkpoint_callback
-        if not isinstance(logger, MLFlowLogger) or getattr(ckpt, "dirpath", None):
-            return "last"  # a fixed checkpoint folder: Lightning's own lookup finds it
-        experiment = logger._mlflow_client.get_experiment_by_name(logger._experiment_name)
-        root = Path(logger.save_dir or "checkpoints")
-        found = [] if experiment is None else [
-            p for name in ("last.ckpt", "preempted.ckpt") for p in (root / experiment.experiment_id).glob(f"*/checkpoints/{name}")]
+        if getattr(ckpt, "dirpath", None):
+            folders, where = [Path(ckpt.dirpath)], str(ckpt.dirpath)
+        elif isinstance(logger, MLFlowLogger):
+            experiment = logger._mlflow_client.get_experiment_by_name(logger._experiment_name)
+            root = Path(logger.save_dir or "checkpoints")
+            folders = [] if experiment is None else list((root / experiment.experiment_id).glob("*/checkpoints"))
+            where = f"experiment '{logger._experiment_name}' under {root}"
+        else:
+            folders = [Path(self.trainer.default_root_dir) / "checkpoints"]
+            where = str(folders[0])
+        found = [f / name for f in folders for name in ("last.ckpt", "preempted.ckpt") if (f / name).is_file()]
         if not found:
-            if self.trainer.is_global_zero and stage == "fit":
-                print(f"distrnn: --ckpt_path last: experiment '{logger._experiment_name}' has no checkpoint under {root}:"
-                      " starting a new run", file=sys.stderr, flush=True)
+            if stage != "fit":
+                fail(f"ckpt_path: {alias}: no checkpoint in {where} to {stage}")
+            if alias == "best":
+                fail(f"ckpt_path: best: no checkpoint in {where}")
+            if self.trainer.is_global_zero:
+                print(f"distrnn: --ckpt_path last: no checkpoint in {where}: starting a new run", file=sys.stderr, flush=True)
             return None
-        latest = str(max(found, key=lambda p: p.stat().st_mtime))
+        path = str(max(found, key=lambda p: p.stat().st_mtime))
+        if alias == "best":
+            try:
+                states = load_checkpoint_file(path).get("callbacks") or {}
+            except CheckpointError as e:
+                fail(str(e))
+            best = next((v["best_model_path"] for v in states.values() if isinstance(v, dict) and v.get("best_model_path")), None)
+            if not best or not Path(best).is_file():
+                fail(f"ckpt_path: best: {path}, the newest checkpoint in {where}, names no best checkpoint"
+                     + (f" that exists ({best})" if best else " (no validation yet, or checkpoint.monitor: null)"))
+            path = best
         if self.trainer.is_global_zero:
-            print(f"distrnn: --ckpt_path last: {'resuming' if stage == 'fit' else stage + ':'} {latest}", file=sys.stderr, flush=True)
-        return latest
+            print(f"distrnn: --ckpt_path {alias}: {'resuming' if stage == 'fit' else stage + ':'} {path}", file=sys.stderr, flush=True)
+        return path
 
     def before_fit(self) -> None:
         self.check_data("fit")
-        if self.config_init["fit"].get("ckpt_path") == "last":
-            self.config_init["fit"]["ckpt_path"] = self._latest_of_experiment()
+        if self.config_init["fit"].get("ckpt_path") in ("last", "best"):
+            self.config_init["fit"]["ckpt_path"] = self._resolve_alias("fit")
         ckpt_path = self.config_init["fit"].get("ckpt_path")
         if ckpt_path and ckpt_path not in ("last", "best", "hpc", "registry") and not str(ckpt_path).startswith("registry"):
             try:

@@ -193,7 +193,7 @@ def test_resumed_job_continues_its_mlflow_run(job):
     assert min(steps) < 5 <= max(steps)
 
 
-def test_ckpt_path_last_resumes_the_newest_checkpoint_of_the_experiment(job, capsys):
+def test_ckpt_path_last_and_best_find_the_newest_checkpoint_of_the_experiment(job, capsys):
     """Each run checkpoints into its own folder, so Lightning's own `last` (the new run's empty
     folder) found nothing and quietly started a new run. distrnn looks through the experiment's
     runs: the first job starts afresh, the second continues its run and checkpoint."""
@@ -201,7 +201,7 @@ def test_ckpt_path_last_resumes_the_newest_checkpoint_of_the_experiment(job, cap
 
     code, _, err = cli(capsys, "fit", "--config", str(job), "--trainer.max_steps", "10", "--ckpt_path", "last")
     assert code == 0, err[-3000:]
-    assert "--ckpt_path last: experiment 'distrnn' has no checkpoint" in err
+    assert "--ckpt_path last: no checkpoint in experiment 'distrnn' under checkpoints: starting a new run" in err
     (first,) = Path("checkpoints").rglob("last.ckpt")
     code, _, err = cli(capsys, "fit", "--config", str(job), "--trainer.max_steps", "20", "--ckpt_path", "last")
     assert code == 0, err[-3000:]
@@ -211,9 +211,15 @@ def test_ckpt_path_last_resumes_the_newest_checkpoint_of_the_experiment(job, cap
     assert load_checkpoint_file(first)["global_step"] == 20
     code, _, err = cli(capsys, "validate", "--config", str(job), "--ckpt_path", "last")
     assert code == 0 and f"validate: {first}" in err, err[-3000:]
-    code, _, err = cli(capsys, "validate", "--config", str(job), "--ckpt_path", "last",
-                       "--trainer.logger.init_args.experiment_name", "empty")
-    assert code == 2 and err.strip().splitlines()[-1] == "distrnn: error: ckpt_path: last: no checkpoint of this experiment to validate"
+    # best: the file the newest checkpoint names (a new process does not know it: Lightning failed)
+    (best,) = Path("checkpoints").rglob("best-*.ckpt")
+    code, _, err = cli(capsys, "validate", "--config", str(job), "--ckpt_path", "best")
+    assert code == 0 and f"--ckpt_path best: validate: {best}" in err, err[-3000:]
+    for alias in ("last", "best"):
+        code, _, err = cli(capsys, "test", "--config", str(job), "--ckpt_path", alias,
+                           "--trainer.logger.init_args.experiment_name", "empty")
+        assert code == 2 and err.strip().splitlines()[-1] == (
+            f"distrnn: error: ckpt_path: {alias}: no checkpoint in experiment 'empty' under checkpoints to test")
 
 
 def test_init_weights_starts_a_new_run_from_a_checkpoints_weights(job, capsys):
