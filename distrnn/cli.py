@@ -33,6 +33,7 @@ from distrnn.checkpoint import (
 )
 from distrnn.config import ConfigError
 from distrnn.data.base import RecurrentDataModule
+from distrnn.data.download import DownloadError
 from distrnn.engine import TBPTTModule, check_carried_state
 from distrnn.predict import WritePredictions
 from distrnn.rendezvous import host_rendezvous_on_loopback
@@ -216,6 +217,8 @@ class DistrnnCLI(LightningCLI):
             loaders = dm.check(stage)
         except ConfigError as e:
             fail(_key_line(str(e)))
+        except DownloadError as e:  # a public corpus that could not be fetched or verified
+            fail(f"data.corpus: {e}")
         finally:
             dm.trainer = attached
         vci, train = trainer.val_check_interval, loaders.get("train_dataloader")

@@ -84,6 +84,20 @@ def test_bad_input_is_one_line_exit_2_and_no_run(job, args, key, capsys):
     assert not Path("checkpoints").exists()
 
 
+def test_a_corpus_that_cannot_be_fetched_is_one_line_before_the_run(job, capsys, monkeypatch):
+    from distrnn.data import download
+
+    def offline(name, cache_dir, corpus=None):
+        raise download.DownloadError(f"{name}: cannot download https://example.invalid/x.zip: no network")
+
+    monkeypatch.setattr(download, "fetch_corpus", offline)
+    code, _, err = cli(capsys, "fit", "--config", str(job), "--data.init_args.path", "null", "--data.init_args.corpus", "enwik8")
+    assert code == 2 and err.strip().splitlines()[-1] == (
+        "distrnn: error: data.corpus: enwik8: cannot download https://example.invalid/x.zip: no network"), err[-2000:]
+    assert "Traceback" not in err and not Path("checkpoints").exists()
+    assert not Path("mlflow.db").exists() or _runs(os.environ["MLFLOW_TRACKING_URI"]).empty
+
+
 def test_malformed_scan_config_fails_before_the_run(job, capsys, monkeypatch):
     # the kernel reads it on the first forward on CUDA: by then a run and its checkpoints exist
     monkeypatch.setenv("DISTRNN_SCAN_CONFIG", "4,100,4,1")
