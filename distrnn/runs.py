@@ -2,7 +2,7 @@
 
 Prints one row per run: its name, status, the params whose values differ between the runs (the
 ones that are equal everywhere say nothing about the difference) and the final value of every
-metric. ``--plot FILE --metric val/loss`` writes an overlay PNG of one metric against the step.
+metric; the runs of ``validate``/``test``/``predict`` only with ``--evaluations``. ``--plot FILE --metric val/loss`` writes an overlay PNG of one metric against the step.
 """
 
 from __future__ import annotations
@@ -77,11 +77,19 @@ def main(argv: Optional[list[str]] = None) -> int:
     c.add_argument("--plot", default=None, help="write an overlay PNG of --metric to this file")
     c.add_argument("--metric", default="val/loss", help="the metric of --plot")
     c.add_argument("--max_runs", type=int, default=100)
+    c.add_argument("--evaluations", action="store_true",
+                   help="also the runs of validate/test/predict (nested under the runs they evaluated)")
     a = p.parse_args(argv)
     runs = _runs(a.experiment, a.max_runs)
     if not runs:
         print(f"distrnn: experiment '{a.experiment}' has no runs", file=sys.stderr)
         return 1
+    from distrnn.tracking import STAGE_TAG
+
+    evaluations = [r for r in runs if STAGE_TAG in r.data.tags]
+    if evaluations and not a.evaluations:
+        runs = [r for r in runs if STAGE_TAG not in r.data.tags]
+        print(f"({len(evaluations)} validate/test/predict runs not shown: --evaluations)", file=sys.stderr)
     print(table(runs, a.metrics))
     if a.plot:
         n = plot(runs, a.metric, a.plot)

@@ -156,6 +156,13 @@ def test_fit_logs_one_run_to_mlflow_and_generates(job, capsys):
     assert evaluation["tags.distrnn.checkpoint"] == str(ckpt) and evaluation["metrics.val/loss"] > 0
     trained = mlflow.MlflowClient().get_run(run.run_id)
     assert trained.data.metrics["val/loss"] == run["metrics.val/loss"] and trained.info.status == "FINISHED"
+    # runs compare: training runs, the evaluation only when asked for
+    experiment = mlflow.get_experiment(run.experiment_id).name
+    code, out, err = cli(capsys, "runs", "compare", "--experiment", experiment)
+    names = [ln.split()[0] for ln in out.splitlines()[2:]]
+    assert code == 0 and names == [run["tags.mlflow.runName"]] and "1 validate/test/predict runs not shown" in err
+    code, out, _ = cli(capsys, "runs", "compare", "--experiment", experiment, "--evaluations")
+    assert code == 0 and sorted(ln.split()[0] for ln in out.splitlines()[2:]) == sorted(runs["tags.mlflow.runName"])
 
 
 @pytest.mark.slow
