@@ -80,16 +80,28 @@ def _key_line(message: str) -> str:
 
 
 def _check_devices(trainer_cfg: dict[str, Any]) -> None:
-    """Lightning starts any number of CPU processes it is asked for; more than there are cores is
-    a mistake (each rank would fight for a core), so it is refused before anything starts."""
+    """Devices that do not exist, refused before anything starts with the key named (Lightning's
+    own messages name neither the key nor, for a missing GPU, what to set). Lightning starts any
+    number of CPU processes it is asked for; more than there are cores is a mistake too (each
+    rank would fight for a core)."""
     devices, accelerator = trainer_cfg.get("devices"), str(trainer_cfg.get("accelerator") or "auto")
-    if accelerator == "cpu" or (accelerator == "auto" and not _cuda_available()):
-        if isinstance(devices, str) and devices.strip().isdigit():
-            devices = int(devices)
-        n = devices if isinstance(devices, int) else (len(devices) if isinstance(devices, (list, tuple)) else None)
+    if isinstance(devices, str) and devices.strip().isdigit():
+        devices = int(devices)
+    n = devices if isinstance(devices, int) else (len(devices) if isinstance(devices, (list, tuple)) else None)
+    cuda = _cuda_available()
+    if accelerator in ("gpu", "cuda") and not cuda:
+        fail(f"trainer.accelerator: {accelerator}, but no CUDA device is visible on this machine;"
+             " set trainer.accelerator to cpu or auto")
+    if accelerator == "cpu" or (accelerator == "auto" and not cuda):
         cores = os.cpu_count() or 1
         if n is not None and n > cores:
             fail(f"trainer.devices: {n} CPU processes asked for, this machine has {cores} cores")
+    elif accelerator in ("gpu", "cuda", "auto") and n is not None:
+        import torch
+
+        count = torch.cuda.device_count()
+        if n > count:
+            fail(f"trainer.devices: {n} GPUs asked for, this machine has {count}")
 
 
 def _check_manual_optimization(trainer_cfg: dict[str, Any]) -> None:
@@ -115,6 +127,14 @@ def _cuda_available() -> bool:
 def fail(message: str) -> NoReturn:
     print(f"distrnn: error: {message}", file=sys.stderr)
     sys.exit(2)
+
+
+DESCRIPTION = (
+    "Train recurrent networks on long sequences (truncated BPTT on Lightning, tracked in MLflow):"
+    " fit, validate, test, predict below. distrnn's own commands, each with --help:"
+    " generate (sample text from a checkpoint or a registered model), download (a public corpus),"
+    " convert-checkpoint (a DeepSpeed directory to one file), runs compare (an experiment's MLflow runs side by side)."
+)
 
 
 class _Parser(LightningArgumentParser):
@@ -160,7 +180,7 @@ class DistrnnCLI(LightningCLI):
             parser_class=_Parser,
             save_config_callback=LogConfigToMLflow,
             save_config_kwargs={"save_to_log_dir": False},
-            parser_kwargs={"default_env": False},
+            parser_kwargs={"default_env": False, "description": DESCRIPTION},
             args=args,
             **kwargs,
         )

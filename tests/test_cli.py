@@ -64,7 +64,7 @@ def job(tmp_path):
         (["--model.init_weights", "h8.ckpt"], "model.init_weights: checkpoint h8.ckpt does not fit model.network"),
         pytest.param(["--trainer.strategy", "deepspeed_stage_2"], "DeepSpeed",
                      marks=pytest.mark.skipif(importlib.util.find_spec("deepspeed") is not None, reason="deepspeed installed")),
-        pytest.param(["--trainer.accelerator", "gpu"], "gpu",
+        pytest.param(["--trainer.accelerator", "gpu"], "trainer.accelerator: gpu, but no CUDA device is visible",
                      marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")),
     ],
 )
@@ -82,6 +82,36 @@ def test_bad_input_is_one_line_exit_2_and_no_run(job, args, key, capsys):
     assert "Traceback" not in err
     assert not Path("mlflow.db").exists() or _runs(os.environ["MLFLOW_TRACKING_URI"]).empty
     assert not Path("checkpoints").exists()
+
+
+def test_help_names_every_command_and_each_answers_its_own_help(capsys):
+    """`distrnn --help` listed only Lightning's four subcommands (and called itself "Lightning
+    Trainer command line tool"): distrnn's own commands are named there, and each has a --help."""
+    code, out, _ = cli(capsys, "--help")
+    assert code == 0 and "Lightning Trainer command line tool" not in out
+    own = ["generate", "download", "convert-checkpoint", "runs"]
+    for name in own + ["fit", "validate", "test", "predict"]:
+        assert name in out, (name, out)
+    for name in own:
+        code, out, err = cli(capsys, name, "--help")
+        assert code == 0 and out.startswith(f"usage: distrnn {name}"), (name, out[:300], err[-500:])
+
+
+def test_more_gpus_than_the_machine_has_name_trainer_devices(monkeypatch, capsys):
+    """On a GPU machine (stood in for: CUDA visible, 2 devices) more GPUs than exist are refused
+    naming trainer.devices (Lightning's message named neither key nor count asked); as many as
+    exist, or `auto`, pass."""
+    from distrnn import cli as cli_mod
+
+    monkeypatch.setattr(cli_mod, "_cuda_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    for accelerator in ("gpu", "auto"):
+        with pytest.raises(SystemExit) as e:
+            cli_mod._check_devices({"accelerator": accelerator, "devices": "8"})
+        assert e.value.code == 2
+        assert capsys.readouterr().err.strip() == "distrnn: error: trainer.devices: 8 GPUs asked for, this machine has 2"
+        cli_mod._check_devices({"accelerator": accelerator, "devices": 2})
+        cli_mod._check_devices({"accelerator": accelerator, "devices": "auto"})
 
 
 def test_a_corpus_that_cannot_be_fetched_is_one_line_before_the_run(job, capsys, monkeypatch):
