@@ -54,14 +54,22 @@ def verify_checksum(p: Path) -> None:
         raise CheckpointError(f"checkpoint {p}: contents do not match its checksum ({side.name}): the file is corrupted")
 
 
-def load_checkpoint_file(path: str | os.PathLike, map_location: Any = "cpu", training: bool = True) -> dict[str, Any]:
-    """Load safely; with ``training``, also insist on a Lightning training checkpoint."""
+def load_checkpoint_file(path: str | os.PathLike, map_location: Any = "cpu", training: bool = True,
+                         mmap: bool = False) -> dict[str, Any]:
+    """Load safely; with ``training``, also insist on a Lightning training checkpoint. ``mmap``:
+    the tensors are mapped from the file, not read (checks of a checkpoint that Lightning then
+    loads itself: its metadata without a second read of the weights and optimizer state)."""
     p = Path(path)
     if not p.is_file():
         raise CheckpointError(f"checkpoint {p}: no such file")
     verify_checksum(p)
     try:
-        ckpt = torch.load(p, map_location=map_location, weights_only=True)
+        try:
+            ckpt = torch.load(p, map_location=map_location, weights_only=True, mmap=mmap)
+        except RuntimeError as e:
+            if not (mmap and "mmap" in str(e)):
+                raise
+            ckpt = torch.load(p, map_location=map_location, weights_only=True)  # torch's legacy format
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"checkpoint {p}: cannot be loaded safely: {first}") from None

@@ -261,7 +261,7 @@ class DistrnnCLI(LightningCLI):
         if (ckpt_path and ckpt_path not in ("last", "best", "hpc") and not str(ckpt_path).startswith("registry")
                 and not is_deepspeed_checkpoint(ckpt_path)):
             try:
-                checkpoint = load_checkpoint_file(ckpt_path)
+                checkpoint = load_checkpoint_file(ckpt_path, mmap=True)
             except CheckpointError as e:
                 fail(str(e))
         evaluation_run(self.trainer.logger, stage, checkpoint, ckpt_path)
@@ -316,7 +316,7 @@ class DistrnnCLI(LightningCLI):
         path = str(max(found, key=lambda p: p.stat().st_mtime))
         if alias == "best":
             try:
-                states = load_checkpoint_file(path).get("callbacks") or {}
+                states = load_checkpoint_file(path, mmap=True).get("callbacks") or {}
             except CheckpointError as e:
                 fail(str(e))
             best = next((v["best_model_path"] for v in states.values() if isinstance(v, dict) and v.get("best_model_path")), None)
@@ -338,7 +338,7 @@ class DistrnnCLI(LightningCLI):
                 if is_deepspeed_checkpoint(ckpt_path):
                     checkpoint = check_deepspeed_checkpoint(ckpt_path, self.config_init["fit"].get("trust_deepspeed_checkpoint"))
                 else:
-                    checkpoint = load_checkpoint_file(ckpt_path)
+                    checkpoint = load_checkpoint_file(ckpt_path, mmap=True)
                 check_carried_state(checkpoint, self.trainer.world_size)
             except CheckpointError as e:
                 fail(str(e))

@@ -187,7 +187,7 @@ def fit_from_ray_checkpoint(cli: Any, checkpoint: Any, same_run: bool = True) ->
         path = os.path.join(d, CKPT_NAME)
         # A DeepSpeed directory that this run's workers reported to its own Ray storage: checked
         # for every rank's shard, opened as trusted (keep the storage path private: SECURITY.md).
-        ckpt = check_deepspeed_checkpoint(path, trusted=True) if is_deepspeed_checkpoint(path) else load_checkpoint_file(path)
+        ckpt = check_deepspeed_checkpoint(path, trusted=True) if is_deepspeed_checkpoint(path) else load_checkpoint_file(path, mmap=True)
         if cli.trainer.is_global_zero:
             print(f"distrnn: resuming from Ray checkpoint {checkpoint.path} at step {ckpt['global_step']} (epoch {ckpt['epoch']})")
         if same_run:

@@ -156,6 +156,32 @@ def test_checkpoint_write_is_atomic_and_loads_are_safe(tmp_path):
     assert not marker.exists()
 
 
+def test_mapped_loads_equal_read_ones_and_stay_safe(tmp_path):
+    """What distrnn reads of a checkpoint before Lightning loads it (the MLflow run, carried state,
+    best path) is loaded mapped, not read twice: the same contents; a file in torch's legacy
+    format (which cannot be mapped) still loads; a pickle that runs code is still refused."""
+    from distrnn.checkpoint import load_checkpoint_file
+
+    ckpt = {"state_dict": {"w": torch.randn(1000), "b": torch.arange(3)}, "global_step": 7, "distrnn": {"ranks": [1]}}
+    AtomicCheckpointIO().save_checkpoint(ckpt, tmp_path / "z.ckpt")
+    torch.save(ckpt, tmp_path / "legacy.ckpt", _use_new_zipfile_serialization=False)
+    for name in ("z.ckpt", "legacy.ckpt"):
+        mapped = load_checkpoint_file(tmp_path / name, mmap=True)
+        assert mapped["global_step"] == 7 and mapped["distrnn"] == {"ranks": [1]}, name
+        for k, v in ckpt["state_dict"].items():
+            assert torch.equal(mapped["state_dict"][k], v), (name, k)
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    torch.save({"state_dict": {}, "x": Evil()}, tmp_path / "evil.ckpt")
+    with pytest.raises(CheckpointError, match="evil.ckpt: cannot be loaded safely"):
+        load_checkpoint_file(tmp_path / "evil.ckpt", mmap=True)
+    assert not marker.exists()
+
+
 def test_nan_loss_stops_at_its_step_and_writes_no_later_checkpoint(tmp_path):
     from distrnn.config import TaskSpec
     from distrnn.data.loaders import TensorLoader
