@@ -8,6 +8,8 @@ CONFIG ?= jobs/configs/default.yaml
 STRATEGY ?= ddp
 DEVICES ?= auto
 PYTEST_ARGS ?=
+# the versions the suite last passed with (empty: let pip choose within pyproject's ranges)
+CONSTRAINTS ?= constraints.txt
 
 RAY_STATE ?= .ray-local
 WORKERS ?= 2
@@ -17,12 +19,12 @@ TRAIN_ARGS ?=
 .PHONY: venv train train-multigpu test test-fast bench gpu-check gpu-bench mlflow-ui clean \
 	cluster-up cluster-down submit-train submit-tune
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	@# torch first and pinned, so that nothing else gets to choose a multi-GB CUDA build
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[dev,ray]" "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[dev,ray]" "$(TORCH_SPEC)" $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 	@touch $@
 
 venv: $(VENV)/.installed
