@@ -144,18 +144,24 @@ fake_bench.calls = 0
 ms._fwd_tuned, ms._bwd_tuned = ms._autotuned(ms._fwd_kernel, fake_bench), ms._autotuned(ms._bwd_kernel, fake_bench)
 ms.INTERPRETER_CONFIG = None  # the interpreter runs the autotuner too
 import atexit
-atexit.register(lambda: print("tuned", ms.tuned_configs()))
+atexit.register(lambda: print("tuned", ms.tuned_configs(), "timed", fake_bench.calls))
 """
 
 
 def test_autotuned_launch_in_triton_interpreter():
-    """The autotuner's launch (grid from the chosen BLOCK_H) runs the kernels right."""
+    """The autotuner's launch (grid from the chosen BLOCK_H) runs the kernels right. It times the
+    configurations once per hidden size, cell and size class of the launch: T = 40 reuses the
+    choice made at T = 37 (uneven TBPTT chunks), T = 1 (a one-step streaming call) makes its own,
+    which the disk cache would otherwise have handed to every later run of that hidden size."""
     from distrnn.kernels.min_scan import CONFIGS
 
-    r = _python(CHECK.format(dev="cpu", shapes=[(2, 37, 5), (1, 9, 130)], configs=[None], prelude=AUTOTUNED), interpret=True)
+    shapes = [(2, 37, 5), (2, 40, 5), (1, 1, 5), (1, 9, 130)]
+    r = _python(CHECK.format(dev="cpu", shapes=shapes, configs=[None], prelude=AUTOTUNED), interpret=True)
     assert r.returncode == 0 and "worst" in r.stdout, r.stderr[-3000:]
     bt, bh, w, p = CONFIGS[2]
     assert f"BLOCK_T: {bt}, BLOCK_H: {bh}, PREFETCH: {p}, num_warps: {w}" in r.stdout, r.stdout
+    # 3 of the 4 shapes tune: x 2 cells x (forward, backward) x every configuration
+    assert f"timed {3 * 2 * 2 * len(CONFIGS)}" in r.stdout, r.stdout
 
 
 @pytest.mark.gpu

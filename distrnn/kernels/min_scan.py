@@ -14,8 +14,8 @@ and ``dh0``. The reference is :meth:`distrnn.scan._MinRecurrence.sequential`; te
 forward and backward (on CPU through Triton's interpreter, on a GPU natively).
 
 The tile shape, the number of warps and whether the next tile is loaded before this one is
-scanned are chosen by Triton's autotuner on the first call for each hidden size, gate count and
-dtype (``CONFIGS``); ``FIXED_CONFIG`` or the ``config`` argument set one instead.
+scanned are chosen by Triton's autotuner on the first call for each hidden size, gate count,
+dtype and size class of (B, T) (``CONFIGS``, ``shape_key``); ``FIXED_CONFIG`` or the ``config`` argument set one instead.
 """
 
 from __future__ import annotations
@@ -64,8 +64,8 @@ def _load_z(K, KI, C, zoff, m, LSTM: tl.constexpr):
     return k, ki, c
 
 
-@triton.jit
-def _fwd_kernel(K, KI, C, H0, Hout, Hlast, T, Hdim, stride_zb, stride_zt, stride_hb, stride_ht,
+@triton.jit(do_not_specialize=["shape_key"])
+def _fwd_kernel(K, KI, C, H0, Hout, Hlast, T, Hdim, stride_zb, stride_zt, stride_hb, stride_ht, shape_key,
                 LSTM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, PREFETCH: tl.constexpr):
     pid_b = tl.program_id(0).to(tl.int64)  # B*T*G can pass 2**31
     pid_h = tl.program_id(1)
@@ -115,8 +115,8 @@ def _bwd_loads(K, KI, C, Hs, dH, i, n_tiles, rows, cmask, zbase, hbase, T, strid
     return k_next, ki_next, dout, k, ki, c, h_prev
 
 
-@triton.jit
-def _bwd_kernel(K, KI, C, H0, Hs, dH, dLast, dK, dKI, dC, dH0, T, Hdim, stride_zb, stride_zt, stride_hb, stride_ht,
+@triton.jit(do_not_specialize=["shape_key"])
+def _bwd_kernel(K, KI, C, H0, Hs, dH, dLast, dK, dKI, dC, dH0, T, Hdim, stride_zb, stride_zt, stride_hb, stride_ht, shape_key,
                 LSTM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, PREFETCH: tl.constexpr):
     pid_b = tl.program_id(0).to(tl.int64)
     pid_h = tl.program_id(1)
@@ -197,11 +197,18 @@ FIXED_CONFIG: Optional[tuple[int, int, int, bool]] = scan_config_from_env()
 
 def _autotuned(kernel, do_bench=None):
     configs = [triton.Config({"BLOCK_T": bt, "BLOCK_H": bh, "PREFETCH": p}, num_warps=w) for bt, bh, w, p in CONFIGS]
-    # T is left out of the key: the first call (a whole TBPTT chunk) decides for the shorter last one.
     # The choice is kept in Triton's cache folder: later processes (a resumed run, the next
-    # benchmark case) use it without timing again.
-    return triton.autotune(configs=configs, key=["Hdim", "LSTM"], do_bench=do_bench,
+    # benchmark case) use it without timing again. So the key holds the shape's size class
+    # (shape_key): a choice made for short inputs (a one-step streaming call on CUDA, a small
+    # evaluation batch, a benchmark's T = 256) is not reused for training at B=64, T=4096.
+    return triton.autotune(configs=configs, key=["Hdim", "LSTM", "shape_key"], do_bench=do_bench,
                            cache_results=do_bench is None)(kernel)
+
+
+def shape_key(B: int, T: int) -> int:
+    """The size class of a launch for the autotuner: powers of two of B (to 64) and of T (to
+    2048), which the kernel does not read (a few classes, so uneven TBPTT chunks do not each tune)."""
+    return min(B, 64).bit_length() * 16 + min(T, 2048).bit_length()
 
 
 _fwd_tuned, _bwd_tuned = _autotuned(_fwd_kernel), _autotuned(_bwd_kernel)
@@ -242,7 +249,7 @@ class MinScan(torch.autograd.Function):
         last_BH = torch.empty(B, H, device=z_BTG.device, dtype=torch.float32)
         k, ki, c = z_BTG, z_BTG[..., H:], z_BTG[..., (n - 1) * H:]
         _launch(_fwd_kernel, _fwd_tuned, B, H, [k, ki, c, h0, h_BTH, last_BH, T, H, z_BTG.stride(0), z_BTG.stride(1),
-                                                h_BTH.stride(0), h_BTH.stride(1)], lstm, config)
+                                                h_BTH.stride(0), h_BTH.stride(1), shape_key(B, T)], lstm, config)
         ctx.save_for_backward(z_BTG, h0, h_BTH)
         ctx.h0_dtype, ctx.lstm, ctx.config = h0_BH.dtype, lstm, config
         return h_BTH, last_BH
@@ -259,7 +266,8 @@ class MinScan(torch.autograd.Function):
         dz = torch.empty(B, T, G, device=z_BTG.device, dtype=z_BTG.dtype)
         dh0 = torch.zeros(B, H, device=z_BTG.device, dtype=torch.float32)
         args = [z_BTG, z_BTG[..., H:], z_BTG[..., (n - 1) * H:], h0, h_BTH, dh_BTH, dlast_BH, dz, dz[..., H:],
-                dz[..., (n - 1) * H:], dh0, T, H, z_BTG.stride(0), z_BTG.stride(1), h_BTH.stride(0), h_BTH.stride(1)]
+                dz[..., (n - 1) * H:], dh0, T, H, z_BTG.stride(0), z_BTG.stride(1), h_BTH.stride(0), h_BTH.stride(1),
+                shape_key(B, T)]
         _launch(_bwd_kernel, _bwd_tuned, B, H, args, lstm, ctx.config)
         return dz, dh0.to(ctx.h0_dtype), None, None
 
