@@ -364,7 +364,10 @@ class DistrnnCLI(LightningCLI):
 
 def main(argv: Optional[list[str]] = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "generate":
+    if not argv:
+        fail("a command is needed: fit, validate, test, predict, generate, download, convert-checkpoint or runs"
+             " (distrnn --help)")
+    if argv[0] == "generate":
         from distrnn.generate import main as generate_main
 
         sys.exit(generate_main(argv[1:]))

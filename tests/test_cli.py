@@ -95,6 +95,8 @@ def test_help_names_every_command_and_each_answers_its_own_help(capsys):
     for name in own:
         code, out, err = cli(capsys, name, "--help")
         assert code == 0 and out.startswith(f"usage: distrnn {name}"), (name, out[:300], err[-500:])
+    code, _, err = cli(capsys)  # no command at all: the commands named, not only Lightning's four
+    assert code == 2 and all(name in err for name in own + ["fit"]) and len(err.strip().splitlines()) == 1, err
 
 
 def test_more_gpus_than_the_machine_has_name_trainer_devices(monkeypatch, capsys):
