@@ -129,11 +129,18 @@ def fail(message: str) -> NoReturn:
     sys.exit(2)
 
 
+# distrnn's own commands beside Lightning's fit/validate/test/predict: name -> (module, function
+# taking the remaining arguments, what it does); dispatched by main(), named in --help
+OWN_COMMANDS = {
+    "generate": ("distrnn.generate", "main", "sample text from a checkpoint or a registered model"),
+    "download": ("distrnn.data.download", "main", "a public corpus"),
+    "convert-checkpoint": ("distrnn.checkpoint", "convert_main", "a DeepSpeed directory to one file"),
+    "runs": ("distrnn.runs", "main", "compare: an experiment's MLflow runs side by side"),
+}
 DESCRIPTION = (
     "Train recurrent networks on long sequences (truncated BPTT on Lightning, tracked in MLflow):"
-    " fit, validate, test, predict below. distrnn's own commands, each with --help:"
-    " generate (sample text from a checkpoint or a registered model), download (a public corpus),"
-    " convert-checkpoint (a DeepSpeed directory to one file), runs compare (an experiment's MLflow runs side by side)."
+    " fit, validate, test, predict below. distrnn's own commands, each with --help: "
+    + ", ".join(f"{name} ({what})" for name, (_, _, what) in OWN_COMMANDS.items()) + "."
 )
 
 
@@ -365,24 +372,12 @@ class DistrnnCLI(LightningCLI):
 def main(argv: Optional[list[str]] = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv:
-        fail("a command is needed: fit, validate, test, predict, generate, download, convert-checkpoint or runs"
-             " (distrnn --help)")
-    if argv[0] == "generate":
-        from distrnn.generate import main as generate_main
+        fail(f"a command is needed: fit, validate, test, predict, {', '.join(OWN_COMMANDS)} (distrnn --help)")
+    if argv[0] in OWN_COMMANDS:
+        import importlib
 
-        sys.exit(generate_main(argv[1:]))
-    if argv and argv[0] == "runs":
-        from distrnn.runs import main as runs_main
-
-        sys.exit(runs_main(argv[1:]))
-    if argv and argv[0] == "convert-checkpoint":
-        from distrnn.checkpoint import convert_main
-
-        sys.exit(convert_main(argv[1:]))
-    if argv and argv[0] == "download":
-        from distrnn.data.download import main as download_main
-
-        sys.exit(download_main(argv[1:]))
+        module, function, _ = OWN_COMMANDS[argv[0]]
+        sys.exit(getattr(importlib.import_module(module), function)(argv[1:]))
     try:
         cli = DistrnnCLI(args=argv if argv != sys.argv[1:] else None)
     except (ConfigError, CheckpointError) as e:

@@ -105,6 +105,16 @@ def test_negative_control_dropping_the_state_breaks_resume(tmp_path, monkeypatch
     assert diff > 1e-6
 
 
+def _write_code_running_pickle(path, marker):
+    """A checkpoint whose unpickling would create ``marker`` (what a safe load must refuse)."""
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    torch.save({"state_dict": {}, "x": Evil()}, path)
+
+
 def test_checkpoint_write_is_atomic_and_loads_are_safe(tmp_path):
     io = AtomicCheckpointIO()
     target = tmp_path / "x.ckpt"
@@ -144,13 +154,8 @@ def test_checkpoint_write_is_atomic_and_loads_are_safe(tmp_path):
     with pytest.raises(CheckpointError, match="x.ckpt"):
         io.load_checkpoint(target)
     marker = tmp_path / "pwned"
-
-    class Evil:
-        def __reduce__(self):
-            return (open, (str(marker), "w"))
-
     evil = tmp_path / "evil.ckpt"
-    torch.save({"state_dict": {}, "x": Evil()}, evil)
+    _write_code_running_pickle(evil, marker)
     with pytest.raises(CheckpointError, match="evil.ckpt"):
         io.load_checkpoint(evil)
     assert not marker.exists()
@@ -171,12 +176,7 @@ def test_mapped_loads_equal_read_ones_and_stay_safe(tmp_path):
         for k, v in ckpt["state_dict"].items():
             assert torch.equal(mapped["state_dict"][k], v), (name, k)
     marker = tmp_path / "pwned"
-
-    class Evil:
-        def __reduce__(self):
-            return (open, (str(marker), "w"))
-
-    torch.save({"state_dict": {}, "x": Evil()}, tmp_path / "evil.ckpt")
+    _write_code_running_pickle(tmp_path / "evil.ckpt", marker)
     with pytest.raises(CheckpointError, match="evil.ckpt: cannot be loaded safely"):
         load_checkpoint_file(tmp_path / "evil.ckpt", mmap=True)
     assert not marker.exists()
