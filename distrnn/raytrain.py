@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import signal
 import socket
@@ -20,6 +21,7 @@ import tempfile
 import threading
 import uuid
 from dataclasses import MISSING, dataclass, fields
+from glob import escape as glob_escape
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -28,12 +30,45 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from distrnn.checkpoint import PassedMultiple
 
 CKPT_NAME = "checkpoint.ckpt"
+REPORT_DIR_PREFIX = "distrnn-ray-"
 STRATEGIES = ("ddp", "deepspeed_stage_1", "deepspeed_stage_2", "deepspeed_stage_3", "deepspeed_stage_3_offload")
 
 
 def metric_name(key: str) -> str:
     """Tune splits nested result keys at '/', so Lightning's ``val/loss`` is reported as ``val_loss``."""
     return key.replace("/", "_")
+
+
+def _host_prefix() -> str:
+    return f"{REPORT_DIR_PREFIX}{re.sub(r'[^A-Za-z0-9.]', '_', socket.gethostname())}-"
+
+
+def _report_dir_prefix() -> str:
+    """``distrnn-ray-HOST-PID-``: a report folder names the host and process that made it, so that
+    a later process tells a folder left by a killed worker (Ctrl-C or ``ray job stop`` kill the
+    workers mid-report, skipping their clean-up) from one still being written."""
+    return f"{_host_prefix()}{os.getpid()}-"
+
+
+def sweep_report_dirs(root: Optional[str] = None) -> list[str]:
+    """Removes the report folders under ``root`` (the temporary directory) made on this host by
+    processes that no longer run: each holds a whole checkpoint. Another host's folder (a
+    DeepSpeed report's folder carries rank 0's host and process on every node) and a live
+    process's are left alone. Returns the removed paths."""
+    here = _host_prefix()
+    removed = []
+    for path in Path(root or tempfile.gettempdir()).glob(f"{glob_escape(here)}*-*"):
+        pid = path.name[len(here):].split("-", 1)[0]
+        if not pid.isdigit() or not path.is_dir() or path.stat().st_uid != os.getuid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(str(path))
+        except PermissionError:
+            pass  # alive, someone else's
+    return removed
 
 
 class ReportToRay(Callback):
@@ -83,7 +118,10 @@ class ReportToRay(Callback):
         from distrnn.checkpoint import deepspeed_strategy
 
         sharded = deepspeed_strategy(trainer) is not None
-        tmp = tempfile.mkdtemp(prefix="distrnn-ray-") if trainer.is_global_zero or not sharded else None
+        tmp = None
+        if trainer.is_global_zero or not sharded:
+            sweep_report_dirs()
+            tmp = tempfile.mkdtemp(prefix=_report_dir_prefix())
         if sharded:
             tmp = trainer.strategy.broadcast(tmp)
         hands_over = trainer.local_rank == 0 if sharded else trainer.is_global_zero

@@ -230,3 +230,31 @@ def test_ray_reports_follow_batches_that_make_several_updates(monkeypatch):
     module = make_module(task, recurrence="gru", hidden=8, mode="tbptt", k1=10)
     trainer(max_steps=20, callbacks=[ReportToRay(every_n_steps=6)]).fit(module, ListDataModule(TensorLoader(data, 4)))
     assert reported == [8, 12, 20]
+
+
+def test_report_folders_of_killed_workers_are_swept_and_live_ones_kept(tmp_path):
+    """A Ray worker killed mid-report (Ctrl-C or `ray job stop` on the driver) leaves its report
+    folder, a whole checkpoint, in the temporary directory: the next report on the host removes
+    it. A live process's folder, another host's and what is not a report folder stay."""
+    import signal
+    import subprocess
+    import sys
+    import tempfile
+
+    from distrnn.raytrain import _report_dir_prefix, sweep_report_dirs
+
+    code = ("import os, sys, tempfile, time; from distrnn.raytrain import _report_dir_prefix;"
+            "d = tempfile.mkdtemp(prefix=_report_dir_prefix(), dir=sys.argv[1]);"
+            "open(os.path.join(d, 'checkpoint.ckpt'), 'wb').write(b'x' * 1000); print(d, flush=True); time.sleep(600)")
+    worker = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    killed = worker.stdout.readline().strip()
+    alive = tempfile.mkdtemp(prefix=_report_dir_prefix(), dir=tmp_path)
+    other_host = tmp_path / f"distrnn-ray-another.host-{worker.pid}-abc"
+    unrelated = tmp_path / "distrnn-ray-notes"
+    for d in (other_host, unrelated):
+        d.mkdir()
+    assert sweep_report_dirs(str(tmp_path)) == []  # the worker still runs
+    worker.send_signal(signal.SIGKILL)
+    worker.wait()
+    assert sweep_report_dirs(str(tmp_path)) == [killed]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([Path(alive).name, other_host.name, unrelated.name])
