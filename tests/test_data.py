@@ -4,6 +4,7 @@ import gzip
 import hashlib
 import struct
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -67,6 +68,71 @@ def test_doc_starts_reset_the_rows_that_cross_them(tmp_path):
             resets.append((i, int(r), int(t), int(pos[r, t])))
     starts = {p for (i, r, t, p) in resets if i > 0 or t > 0}
     assert starts == {50}  # the first byte of b.txt, wherever its stream reads it
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_resets_fall_where_the_files_start_as_a_mask_over_the_corpus_says(tmp_path, world):
+    """Resets against a mask as long as the corpus (the independent reference): every step whose
+    input is a file's first byte resets its row, no other step does (besides every row's first
+    step of the epoch); files of random lengths, some shorter than a chunk, several per stream."""
+    g = torch.Generator().manual_seed(3)
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    sizes = torch.randint(1, 40, (23,), generator=g).tolist()
+    for i, n in enumerate(sizes):
+        (folder / f"{i:02d}.txt").write_bytes(bytes([65 + i]) * n)
+    starts_mask = torch.zeros(sum(sizes), dtype=torch.bool)
+    starts_mask[torch.tensor([0] + sizes[:-1]).cumsum(0)] = True
+    n_resets = 0
+    for rank in range(world):
+        dm = ByteCorpusDataModule(path=str(folder), batch_size=3, seq_len=7, val_fraction=0.2)
+        dm.trainer = SimpleNamespace(global_rank=rank, world_size=world, current_epoch=0)
+        dm.setup("fit")
+        for name in ("train_dataloader", "val_dataloader"):
+            loader = getattr(dm, name)()
+            offset = 0 if name == "train_dataloader" else dm._split
+            for i, batch in enumerate(loader):
+                pos = loader.stream_positions(i)
+                valid = pos >= 0
+                expected = starts_mask[offset + pos.clamp(min=0)] & valid
+                if i == 0:
+                    expected[:, 0] = True
+                assert torch.equal(batch["reset"], expected), (name, rank, i)
+                n_resets += int(expected.sum())
+    assert n_resets > 2 * world * 3  # more than the epochs' first steps
+
+
+def test_a_corpus_file_is_memory_mapped_not_read(tmp_path):
+    """A 2 GiB corpus file (sparse: no disk used) is set up and served without its bytes entering
+    memory: the process grows by far less than the file (reading it, and a reset mask as long as
+    it, cost 4 GiB before). Batches read what the file holds at their positions."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "big.bin"
+    with open(path, "wb") as f:
+        f.truncate(2 << 30)
+        f.seek(3 << 28)  # where stream 2 of 4 starts: 3/4 of the training part, (1 - 0.25) x 2 GiB
+        f.write(b"distrnn")
+    code = f"""
+import re, torch
+from pathlib import Path
+from distrnn.data import ByteCorpusDataModule
+def rss_mb(key): return int(re.search(key + r":\\s+(\\d+)", Path("/proc/self/status").read_text()).group(1)) // 1024
+before = rss_mb("VmRSS")
+dm = ByteCorpusDataModule(path={str(path)!r}, batch_size=4, seq_len=64, val_fraction=0.25)
+dm.check("fit")
+loader = dm.train_dataloader()
+assert loader.offsets_B[2] == 3 << 28, loader.offsets_B
+batch = next(iter(loader))
+assert bytes(batch["x"][2, :7].tolist()) == b"distrnn" and bytes(batch["y"][2, :6].tolist()) == b"istrnn"
+assert not batch["x"][[0, 1, 3]].any() and batch["reset"][:, 0].all() and not batch["reset"][:, 1:].any()
+print("GREW_MB", rss_mb("VmHWM") - before)
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    grew = int(r.stdout.split("GREW_MB")[1])
+    assert grew < 256, f"the process grew by {grew} MB for a 2048 MB corpus"
 
 
 def test_loader_resumes_at_the_saved_position():

@@ -90,7 +90,9 @@ class StreamLoader(ResumableLoader):
     contiguous streams whose lengths differ by at most one; rank r reads streams
     ``[r * batch_size, (r + 1) * batch_size)``. Across all ranks every input token is read exactly
     once per epoch and every target exactly once. The first chunk of an epoch resets every row;
-    ``doc_start_N`` marks further reset points (document boundaries in a folder corpus).
+    ``doc_starts_D``, sorted corpus positions, are further reset points (where the files of a
+    folder corpus start): positions rather than a mask as long as the corpus, which may be a
+    memory-mapped file larger than memory.
     """
 
     def __init__(
@@ -98,7 +100,7 @@ class StreamLoader(ResumableLoader):
         tokens_N: Tensor,
         batch_size: int,
         seq_len: int,
-        doc_start_N: Optional[Tensor] = None,
+        doc_starts_D: Optional[Tensor] = None,
         rank: int = 0,
         world_size: int = 1,
     ) -> None:
@@ -111,7 +113,7 @@ class StreamLoader(ResumableLoader):
                 f" (batch_size {batch_size} x world size {world_size})"
             )
         self.tokens_N = tokens_N
-        self.doc_start_N = doc_start_N
+        self.doc_starts_D = doc_starts_D if doc_starts_D is not None and doc_starts_D.numel() else None
         self.batch_size = batch_size
         self.seq_len = seq_len
         base, extra = divmod(n_inputs, n_streams)
@@ -131,8 +133,9 @@ class StreamLoader(ResumableLoader):
         valid_BL = t_L[None, :] < self.lengths_B[:, None]
         pos_BL = torch.minimum(self.offsets_B[:, None] + t_L[None, :], self.offsets_B[:, None] + self.lengths_B[:, None] - 1)
         reset_BL = torch.zeros_like(valid_BL)
-        if self.doc_start_N is not None:
-            reset_BL = self.doc_start_N[pos_BL] & valid_BL
+        if self.doc_starts_D is not None:
+            i_BL = torch.searchsorted(self.doc_starts_D, pos_BL).clamp_(max=self.doc_starts_D.numel() - 1)
+            reset_BL = (self.doc_starts_D[i_BL] == pos_BL) & valid_BL
         if index == 0:
             reset_BL[:, 0] = True
         return {

@@ -26,8 +26,18 @@ LOCAL_CORPORA = {
 
 def read_bytes(path: Path, glob: str = "**/*") -> tuple[Tensor, Tensor]:
     """The bytes of a file, or of every file below a folder matching ``glob`` in sorted order; and
-    a mask of the positions where a file starts (the streams reset their state there)."""
-    files = [path] if path.is_file() else sorted(p for p in path.glob(glob) if p.is_file() and not p.name.startswith("."))
+    the sorted positions where a file starts (the streams reset their state there).
+
+    One file is memory-mapped, not read: its pages are read as batches touch them and the page
+    cache serves every rank of the node from one copy, so a corpus larger than memory trains. A
+    folder's files are concatenated in memory."""
+    if path.is_file():
+        if path.stat().st_size == 0:
+            raise ConfigError(f"data.path: {path} holds no bytes")
+        # copy-on-write: a private mapping, so the tensor is writable without the file being
+        # writable; nothing writes to it
+        return torch.from_numpy(np.memmap(path, dtype=np.uint8, mode="c")), torch.zeros(1, dtype=torch.long)
+    files = sorted(p for p in path.glob(glob) if p.is_file() and not p.name.startswith("."))
     if not files:
         raise ConfigError(f"data.path: no files matching {glob!r} under {path}")
     chunks, starts, offset = [], [], 0
@@ -40,10 +50,7 @@ def read_bytes(path: Path, glob: str = "**/*") -> tuple[Tensor, Tensor]:
         offset += data.size
     if not chunks:
         raise ConfigError(f"data.path: {path} holds no bytes")
-    tokens = torch.from_numpy(np.concatenate(chunks))
-    doc_start = torch.zeros(tokens.numel(), dtype=torch.bool)
-    doc_start[torch.tensor(starts)] = True
-    return tokens, doc_start
+    return torch.from_numpy(np.concatenate(chunks)), torch.tensor(starts, dtype=torch.long)
 
 
 class ByteCorpusDataModule(RecurrentDataModule):
@@ -111,15 +118,15 @@ class ByteCorpusDataModule(RecurrentDataModule):
             from distrnn.data.download import fetch_corpus
 
             path = fetch_corpus(self.corpus, self.cache_dir)
-        self._tokens, self._doc_start = read_bytes(path, self.glob)
+        self._tokens, self._doc_starts = read_bytes(path, self.glob)
         n = self._tokens.numel()
         self._split = n - max(2, int(n * self.val_fraction))
 
     def _streams(self, a: int, b: int, batch_size: int) -> StreamLoader:
         try:
-            loader = StreamLoader(
-                self._tokens[a:b], batch_size, self.seq_len, self._doc_start[a:b], self.rank, self.world_size
-            )
+            starts = self._doc_starts
+            loader = StreamLoader(self._tokens[a:b], batch_size, self.seq_len, starts[(starts >= a) & (starts < b)] - a,
+                                  self.rank, self.world_size)
         except ValueError as e:
             raise ConfigError(f"data.batch_size: {e}") from None
         return self._bind(loader)
