@@ -102,17 +102,23 @@ def test_resets_fall_where_the_files_start_as_a_mask_over_the_corpus_says(tmp_pa
     assert n_resets > 2 * world * 3  # more than the epochs' first steps
 
 
-def test_a_corpus_file_is_memory_mapped_not_read(tmp_path):
-    """A 2 GiB corpus file (sparse: no disk used) is set up and served without its bytes entering
-    memory: the process grows by far less than the file (reading it, and a reset mask as long as
-    it, cost 4 GiB before). Batches read what the file holds at their positions."""
+@pytest.mark.parametrize("layout,size", [("file", 2 << 30), ("folder", 1 << 29)])
+def test_a_corpus_is_memory_mapped_not_read(tmp_path, layout, size):
+    """A 2 GiB corpus file, or a folder of two 256 MiB files (sparse: no disk used), is set up and
+    served without its bytes entering memory: the process grows by far less than the corpus
+    (reading it, and a reset mask as long as it, cost 3x the corpus before: 6 GB for the file).
+    Batches read what the files hold at their positions; the folder's second file resets its row."""
     import subprocess
     import sys
 
-    path = tmp_path / "big.bin"
-    with open(path, "wb") as f:
-        f.truncate(2 << 30)
-        f.seek(3 << 28)  # where stream 2 of 4 starts: 3/4 of the training part, (1 - 0.25) x 2 GiB
+    marker = 3 * size // 8  # where stream 2 of 4 starts: 2/4 of the training part, 3/4 of the corpus
+    parts = [(tmp_path / "big.bin", size)] if layout == "file" else [(tmp_path / "docs" / n, size // 2) for n in "ab"]
+    for path, n in parts:
+        path.parent.mkdir(exist_ok=True)
+        with open(path, "wb") as f:
+            f.truncate(n)
+    with open(parts[0][0], "r+b") as f:
+        f.seek(marker)
         f.write(b"distrnn")
     code = f"""
 import re, torch
@@ -120,19 +126,57 @@ from pathlib import Path
 from distrnn.data import ByteCorpusDataModule
 def rss_mb(key): return int(re.search(key + r":\\s+(\\d+)", Path("/proc/self/status").read_text()).group(1)) // 1024
 before = rss_mb("VmRSS")
-dm = ByteCorpusDataModule(path={str(path)!r}, batch_size=4, seq_len=64, val_fraction=0.25)
+dm = ByteCorpusDataModule(path={str(parts[0][0] if layout == "file" else tmp_path / "docs")!r}, batch_size=4, seq_len=64,
+                          val_fraction=0.25, cache_dir={str(tmp_path / "cache")!r})
 dm.check("fit")
 loader = dm.train_dataloader()
-assert loader.offsets_B[2] == 3 << 28, loader.offsets_B
+assert loader.offsets_B[2] == {marker}, loader.offsets_B
 batch = next(iter(loader))
 assert bytes(batch["x"][2, :7].tolist()) == b"distrnn" and bytes(batch["y"][2, :6].tolist()) == b"istrnn"
 assert not batch["x"][[0, 1, 3]].any() and batch["reset"][:, 0].all() and not batch["reset"][:, 1:].any()
+if {layout!r} == "folder":  # b starts at {size // 2}, in stream 2: {size // 2 - marker} steps in
+    t = {size // 2 - marker}
+    later = loader.make_batch(0, t // 64)
+    assert later["reset"][2, t % 64] and later["reset"].sum() == 1
 print("GREW_MB", rss_mb("VmHWM") - before)
 """
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]
     grew = int(r.stdout.split("GREW_MB")[1])
-    assert grew < 256, f"the process grew by {grew} MB for a 2048 MB corpus"
+    assert grew < 256, f"the process grew by {grew} MB for a {size >> 20} MB corpus"
+
+
+def test_a_folder_is_copied_once_and_again_when_it_changes(tmp_path):
+    """A folder corpus is served from one file under cache_dir holding its files' bytes in order;
+    a second setup reuses it (not rewritten); a changed file makes a new copy and removes the old;
+    an unwritable cache_dir is one error naming data.cache_dir."""
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    contents = {"b.txt": b"second file", "a.txt": b"first", "empty.txt": b"", "c/d.txt": b"nested, third"}
+    for name, data in contents.items():
+        (folder / name).parent.mkdir(exist_ok=True)
+        (folder / name).write_bytes(data)
+
+    def served(cache):
+        dm = ByteCorpusDataModule(path=str(folder), batch_size=1, seq_len=8, cache_dir=str(cache))
+        dm.setup("fit")
+        return bytes(dm._tokens.tolist()), dm._doc_starts.tolist()
+
+    cache = tmp_path / "cache"
+    assert served(cache) == (b"first" + b"second file" + b"nested, third", [0, 5, 16])  # a, b, c/d; no empty
+    (copy,) = (cache / "folders").glob("*.bin")
+    stamp = copy.stat().st_mtime_ns, copy.stat().st_ino
+    assert served(cache)[0].startswith(b"first") and (copy.stat().st_mtime_ns, copy.stat().st_ino) == stamp
+    (folder / "a.txt").write_bytes(b"first, longer")
+    assert served(cache) == (b"first, longer" + b"second file" + b"nested, third", [0, 13, 24])
+    assert [p for p in (cache / "folders").glob("*.bin")] != [copy] and not copy.exists()
+    assert len(list((cache / "folders").iterdir())) == 2  # the new copy and its starts
+    # a cache inside the folder: its copies are not part of the corpus
+    expected = (b"first, longer" + b"second file" + b"nested, third", [0, 13, 24])
+    assert served(folder / "cache") == expected and served(folder / "cache") == expected
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(ConfigError, match="^data.cache_dir: cannot copy the folder"):
+        served(tmp_path / "a_file" / "cache")
 
 
 def test_loader_resumes_at_the_saved_position():

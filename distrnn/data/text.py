@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
+import os
+import shutil
 import sysconfig
+from glob import escape as glob_escape
 from pathlib import Path
 from typing import Optional
 
@@ -24,33 +30,79 @@ LOCAL_CORPORA = {
 }
 
 
-def read_bytes(path: Path, glob: str = "**/*") -> tuple[Tensor, Tensor]:
-    """The bytes of a file, or of every file below a folder matching ``glob`` in sorted order; and
-    the sorted positions where a file starts (the streams reset their state there).
+def read_bytes(path: Path, glob: str = "**/*", cache_dir: str | os.PathLike = "data_cache") -> tuple[Tensor, Tensor]:
+    """The bytes of a file, or of every file below a folder matching ``glob`` in sorted order,
+    memory-mapped; and the sorted positions where a file starts (the streams reset their state
+    there).
 
-    One file is memory-mapped, not read: its pages are read as batches touch them and the page
-    cache serves every rank of the node from one copy, so a corpus larger than memory trains. A
-    folder's files are concatenated in memory."""
+    Nothing is read into memory: batches read the pages they touch, and the page cache serves every
+    rank of a node from one copy, so a corpus larger than memory trains. A folder is first copied
+    into one file under ``cache_dir`` (see :func:`concatenated`)."""
     if path.is_file():
         if path.stat().st_size == 0:
             raise ConfigError(f"data.path: {path} holds no bytes")
-        # copy-on-write: a private mapping, so the tensor is writable without the file being
-        # writable; nothing writes to it
-        return torch.from_numpy(np.memmap(path, dtype=np.uint8, mode="c")), torch.zeros(1, dtype=torch.long)
-    files = sorted(p for p in path.glob(glob) if p.is_file() and not p.name.startswith("."))
+        return _map(path), torch.zeros(1, dtype=torch.long)
+    copies = (Path(cache_dir) / "folders").resolve()  # a folder holding the cache must not take in its own copies
+    files = sorted(p for p in path.glob(glob)
+                   if p.is_file() and not p.name.startswith(".") and not p.resolve().is_relative_to(copies))
     if not files:
         raise ConfigError(f"data.path: no files matching {glob!r} under {path}")
-    chunks, starts, offset = [], [], 0
-    for f in files:
-        data = np.fromfile(f, dtype=np.uint8)
-        if data.size == 0:
-            continue
-        chunks.append(data)
-        starts.append(offset)
-        offset += data.size
-    if not chunks:
-        raise ConfigError(f"data.path: {path} holds no bytes")
-    return torch.from_numpy(np.concatenate(chunks)), torch.tensor(starts, dtype=torch.long)
+    data, starts = concatenated(path, glob, files, Path(cache_dir))
+    return _map(data), torch.from_numpy(np.load(starts))
+
+
+def _map(path: Path) -> Tensor:
+    # copy-on-write: a private mapping, so the tensor is writable without the file being writable;
+    # nothing writes to it
+    return torch.from_numpy(np.memmap(path, dtype=np.uint8, mode="c"))
+
+
+def concatenated(folder: Path, glob: str, files: list[Path], cache_dir: Path) -> tuple[Path, Path]:
+    """The files' bytes in one file, and the positions where each non-empty file starts (``.npy``),
+    under ``cache_dir/folders``; named by the folder and glob, and by the files' names, sizes and
+    modification times, so a changed folder is copied again and its older copy removed. Copies are
+    written to temporary files and renamed (starts first), so ranks that build one at the same time
+    all end with a whole one, and a run still reading an older copy keeps it until it ends."""
+    stats = [(f, f.stat()) for f in files]
+    listing = json.dumps([(str(f.relative_to(folder)), st.st_size, st.st_mtime_ns) for f, st in stats])
+    key = hashlib.sha256(f"{folder.resolve()}\0{glob}".encode()).hexdigest()[:12]
+    prefix = f"{folder.name or 'root'}-{key}-"
+    name = prefix + hashlib.sha256(listing.encode()).hexdigest()[:12]
+    where = cache_dir / "folders"
+    data, starts = where / f"{name}.bin", where / f"{name}.starts.npy"
+    if data.exists() and starts.exists():
+        return data, starts
+    if sum(st.st_size for _, st in stats) == 0:
+        raise ConfigError(f"data.path: {folder} holds no bytes")
+    tmp_data, tmp_starts = where / f".{name}.{os.getpid()}.bin", where / f".{name}.{os.getpid()}.npy"
+    try:
+        where.mkdir(parents=True, exist_ok=True)
+        offsets, offset = [], 0
+        with open(tmp_data, "wb") as out:
+            for f, _ in stats:
+                with open(f, "rb") as src:
+                    shutil.copyfileobj(src, out, 1 << 20)
+                n = out.tell() - offset
+                if n:
+                    offsets.append(offset)
+                    offset += n
+        if not offsets:  # emptied since listed
+            raise ConfigError(f"data.path: {folder} holds no bytes")
+        with open(tmp_starts, "wb") as out:
+            np.save(out, np.asarray(offsets, dtype=np.int64))
+        os.replace(tmp_starts, starts)
+        os.replace(tmp_data, data)
+    except OSError as e:
+        raise ConfigError(f"data.cache_dir: cannot copy the folder {folder} into {where}: {e}") from None
+    finally:
+        for tmp in (tmp_data, tmp_starts):
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+    for old in where.glob(glob_escape(prefix) + "*"):
+        if not old.name.startswith(name + "."):
+            with contextlib.suppress(OSError):
+                old.unlink()
+    return data, starts
 
 
 class ByteCorpusDataModule(RecurrentDataModule):
@@ -61,7 +113,7 @@ class ByteCorpusDataModule(RecurrentDataModule):
         corpus: enwik8, text8 or tiny_shakespeare, fetched into ``cache_dir`` (SHA-256 checked); or
             python_stdlib, the running Python's standard library sources (no download).
         glob: which files of a folder to read.
-        cache_dir: where downloaded corpora are kept.
+        cache_dir: where downloaded corpora, and the one-file copies of folder corpora, are kept.
         batch_size: streams per rank (B).
         seq_len: steps per batch chunk; the TBPTT module cuts it into updates of k1 steps.
         val_fraction: the tail of the corpus held out for validation.
@@ -118,7 +170,7 @@ class ByteCorpusDataModule(RecurrentDataModule):
             from distrnn.data.download import fetch_corpus
 
             path = fetch_corpus(self.corpus, self.cache_dir)
-        self._tokens, self._doc_starts = read_bytes(path, self.glob)
+        self._tokens, self._doc_starts = read_bytes(path, self.glob, self.cache_dir)
         n = self._tokens.numel()
         self._split = n - max(2, int(n * self.val_fraction))
 
