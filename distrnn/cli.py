@@ -34,6 +34,7 @@ from distrnn.checkpoint import (
 from distrnn.config import ConfigError
 from distrnn.data.base import RecurrentDataModule
 from distrnn.data.download import DownloadError
+from distrnn.data.loaders import layout_change
 from distrnn.engine import TBPTTModule, check_carried_state
 from distrnn.predict import WritePredictions
 from distrnn.rendezvous import host_rendezvous_on_loopback
@@ -241,7 +242,7 @@ class DistrnnCLI(LightningCLI):
         ranks = trainer if world_size is None else SimpleNamespace(global_rank=0, world_size=world_size, current_epoch=0)
         attached, dm.trainer = dm.trainer, ranks
         try:
-            loaders = dm.check(stage)
+            loaders = self._checked_loaders = dm.check(stage)
         except ConfigError as e:
             fail(_key_line(str(e)))
         except DownloadError as e:  # a public corpus that could not be fetched or verified
@@ -351,6 +352,9 @@ class DistrnnCLI(LightningCLI):
                 fail(str(e))
             except ValueError as e:  # a rank's state missing, another world size: before any run starts
                 fail(f"checkpoint {ckpt_path}: {e}")
+            changed = layout_change(checkpoint, getattr(self, "_checked_loaders", {}).get("train_dataloader"))
+            if changed:
+                fail(changed)
             continue_run(self.trainer.logger, checkpoint)
 
     def instantiate_classes(self) -> None:

@@ -28,6 +28,7 @@ from typing import Any, Callable, Optional
 from lightning.pytorch import Callback, LightningModule, Trainer
 
 from distrnn.checkpoint import PassedMultiple
+from distrnn.config import ConfigError
 
 CKPT_NAME = "checkpoint.ckpt"
 REPORT_DIR_PREFIX = "distrnn-ray-"
@@ -228,7 +229,14 @@ def fit_from_ray_checkpoint(cli: Any, checkpoint: Any, same_run: bool = True) ->
         ckpt = check_deepspeed_checkpoint(path, trusted=True) if is_deepspeed_checkpoint(path) else load_checkpoint_file(path, mmap=True)
         if cli.trainer.is_global_zero:
             print(f"distrnn: resuming from Ray checkpoint {checkpoint.path} at step {ckpt['global_step']} (epoch {ckpt['epoch']})")
-        if same_run:
+        if same_run:  # a job resubmitted with other data settings: refused, as distrnn fit refuses it
+            from distrnn.data import RecurrentDataModule
+            from distrnn.data.loaders import layout_change
+
+            dm = cli.datamodule
+            changed = layout_change(ckpt, dm.check("fit")["train_dataloader"]) if isinstance(dm, RecurrentDataModule) else None
+            if changed:
+                raise ConfigError(changed)
             continue_run(cli.trainer.logger, ckpt)
         del ckpt
         cli.trainer.fit(cli.model, cli.datamodule, ckpt_path=path)

@@ -283,3 +283,73 @@ def test_progress_bar_goes_on_from_where_a_resumed_epoch_stands(tmp_path):
     shown = DistrnnCLI(args=[*args, "--trainer.enable_progress_bar=true"], run=False).trainer.progress_bar_callback
     assert isinstance(shown, EpochProgressBar)
     assert DistrnnCLI(args=args, run=False).trainer.progress_bar_callback is None
+
+
+def test_a_resume_with_other_data_settings_is_refused_naming_the_key(tmp_path, capsys):
+    """A checkpoint's read position means batch i of its run's data layout. Resuming with another
+    batch size, chunk length or corpus would read other data at it (and, for the batch size, drop
+    the carried hidden state) without a word: refused before any run opens, exit 2, the key named
+    and the checkpoint untouched; the same settings resume. A restarted Ray Train job refuses it
+    too (the worker's restore path, without Ray: a stand-in for its checkpoint object)."""
+    import contextlib
+    import shutil
+
+    from conftest import cli
+    from distrnn.config import ConfigError
+    from distrnn.data import GeneratedLoader, TensorLoader
+    from distrnn.data.loaders import layout_change
+    from distrnn.raytrain import CKPT_NAME, fit_from_ray_checkpoint
+
+    corpus = write_corpus(tmp_path / "corpus.txt", 4000)
+    base = ["--config", str(REPO / "jobs/configs/tiny.yaml"), "--trainer.max_steps", "10"]
+    code, _, err = cli(capsys, "fit", *base)
+    assert code == 0, err[-2000:]
+    (last,) = tmp_path.glob("checkpoints/*/*/checkpoints/last.ckpt")
+    before = last.read_bytes()
+    runs = _runs(tmp_path)
+    refusals = [(["--data.init_args.batch_size", "8"], "data.batch_size: 4 in the checkpoint's run, 8 in this one"),
+                (["--data.init_args.seq_len", "64"], "data.seq_len: 32 in the checkpoint's run, 64 in this one")]
+    for extra, message in refusals:
+        code, _, err = cli(capsys, "fit", *base, "--ckpt_path", str(last), *extra, "--trainer.max_steps", "20")
+        assert code == 2 and message in err and err.count("\n") == 1, err[-2000:]
+    with open(corpus, "ab") as f:  # a corpus that grew: every stream would start elsewhere
+        f.write(b"more text\n" * 50)
+    code, _, err = cli(capsys, "fit", *base, "--ckpt_path", str(last), "--trainer.max_steps", "20")
+    assert code == 2 and "the data (tokens): 3800 in the checkpoint's run, 4275 in this one" in err, err[-2000:]
+    assert last.read_bytes() == before and _runs(tmp_path) == runs
+
+    class RayCheckpoint:  # what ray.train.get_checkpoint() returns, as fit_from_ray_checkpoint uses it
+        path = "storage/checkpoint_000000"
+
+        @contextlib.contextmanager
+        def as_directory(self):
+            d = tmp_path / "ray-ckpt"
+            d.mkdir(exist_ok=True)
+            shutil.copy(last, d / CKPT_NAME)
+            yield str(d)
+
+    from distrnn.cli import DistrnnCLI
+
+    worker = DistrnnCLI(args=[*base, "--trainer.logger=false", "--data.init_args.batch_size", "2"], run=False)
+    with pytest.raises(ConfigError, match="^data.batch_size: 4 in the checkpoint's run, 2 in this one"):
+        fit_from_ray_checkpoint(worker, RayCheckpoint())
+
+    corpus.write_bytes(corpus.read_bytes()[:4000])
+    code, _, err = cli(capsys, "fit", *base, "--ckpt_path", str(last), "--trainer.max_steps", "20")
+    assert code == 0 and load_checkpoint_file(last)["global_step"] == 20 and _runs(tmp_path) == runs, err[-2000:]
+
+    saved = {"loops": {"fit_loop": {"state_dict": {"combined_loader": [TensorLoader({"x": torch.zeros(10, 3)}, 2).state_dict()]}}}}
+    assert layout_change(saved, TensorLoader({"x": torch.zeros(10, 3)}, 2)) is None
+    assert layout_change(saved, TensorLoader({"x": torch.zeros(12, 3)}, 2)).startswith("the data (samples): 10 in")
+    assert layout_change(saved, TensorLoader({"x": torch.zeros(10, 3)}, 2, shuffle=True)).startswith("data.seed: None in")
+    gen = {"loops": {"fit_loop": {"state_dict": {"combined_loader": [GeneratedLoader(None, 4, 100, seed=1).state_dict()]}}}}
+    assert layout_change(gen, GeneratedLoader(None, 4, 100, seed=2)).startswith("data.seed: 1 in")
+    old = {"loops": {"fit_loop": {"state_dict": {"combined_loader": [{"epoch": 0, "next_index": 3}]}}}}
+    assert layout_change(old, TensorLoader({"x": torch.zeros(12, 3)}, 2)) is None  # saved before layouts were
+
+
+def _runs(tmp_path):
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    return sorted(r.info.run_id for r in client.search_runs([e.experiment_id for e in client.search_experiments()]))

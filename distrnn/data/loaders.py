@@ -75,8 +75,14 @@ class ResumableLoader:
             self.position = index + 1
             yield batch
 
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "next_index": self.position}
+    def layout(self) -> dict[str, Any]:
+        """What a saved read position means: the settings that decide which data batch ``i``
+        holds, by the config key that sets them. A resume whose loader has another layout would
+        read other data at the saved position (:func:`layout_change`)."""
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "next_index": self.position, "layout": self.layout()}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self._resume = (int(state["epoch"]), int(state["next_index"]))
@@ -127,6 +133,9 @@ class StreamLoader(ResumableLoader):
 
     def num_batches(self) -> int:
         return math.ceil(self.stream_len / self.seq_len)
+
+    def layout(self) -> dict[str, Any]:
+        return {"data.batch_size": self.batch_size, "data.seq_len": self.seq_len, "the data (tokens)": self.tokens_N.numel()}
 
     def make_batch(self, epoch: int, index: int) -> Batch:
         t_L = torch.arange(index * self.seq_len, min((index + 1) * self.seq_len, self.stream_len))
@@ -196,6 +205,9 @@ class TensorLoader(ResumableLoader):
             return self.n // self.batch_size
         return math.ceil(self.n / self.batch_size)
 
+    def layout(self) -> dict[str, Any]:
+        return {"data.batch_size": self.batch_size, "the data (samples)": self.n, "data.seed": self.seed if self.shuffle else None}
+
     def num_batches(self) -> int:
         if self.uneven:
             return len(range(self.rank, self._global_batches(), self.world_size))
@@ -241,9 +253,30 @@ class GeneratedLoader(ResumableLoader):
     def num_batches(self) -> int:
         return self.batches_per_epoch
 
+    def layout(self) -> dict[str, Any]:
+        return {"data.batch_size": self.batch_size, "batches per epoch": self.batches_per_epoch, "data.seed": self.seed}
+
     def make_batch(self, epoch: int, index: int) -> Batch:
         g = batch_generator(self.seed, 0 if self.fixed else epoch, index, self.rank)
         return _complete(self.generate(g, self.batch_size), epoch, index)
+
+
+def layout_change(checkpoint: dict[str, Any], loader: Any) -> Optional[str]:
+    """Why ``loader`` cannot continue at the read position that ``checkpoint`` saved (its first
+    training loader's), as one line naming the config key; None when it can (or when the
+    checkpoint or loader record no layout)."""
+    loops = checkpoint.get("loops") or {}
+    saved = ((loops.get("fit_loop") or {}).get("state_dict") or {}).get("combined_loader") or [None]
+    before = saved[0].get("layout") if isinstance(saved[0], dict) else None
+    if not before or not isinstance(loader, ResumableLoader):
+        return None
+    now = loader.layout()
+    for key in before:
+        if before[key] != now.get(key):
+            return (f"{key}: {before[key]} in the checkpoint's run, {now.get(key)} in this one: the saved read position"
+                    " would point at other data; resume with the same data settings, or start a new run from the"
+                    " checkpoint's weights (--model.init_weights)")
+    return None
 
 
 def _complete(batch: dict[str, Tensor], epoch: int, index: int) -> Batch:
