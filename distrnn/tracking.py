@@ -7,7 +7,7 @@ import random
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import mlflow
 from lightning.pytorch import Callback, LightningModule, Trainer
@@ -41,6 +41,11 @@ class MLflowLogger(MLFlowLogger):
 
     Without ``run_name`` a run gets a fresh name in MLflow's style ("bright-owl-42"), different
     for each run of the same config and seed.
+
+    Every ``system_metrics_s`` seconds the machine of rank 0 is sampled by MLflow's own system
+    metric monitors and logged at the latest training step as ``system/...`` (the MLflow UI's
+    system metrics tab): CPU and memory use, disk, network, and with ``nvidia-ml-py`` installed
+    (``distrnn[gpu]``) each GPU's utilization, memory and power. ``0``: none.
     """
 
     def __init__(
@@ -54,6 +59,7 @@ class MLflowLogger(MLFlowLogger):
         synchronous: bool = False,
         retry_s: float = 30.0,
         log_plots: bool = True,
+        system_metrics_s: float = 10.0,
     ) -> None:
         for key, value in (("MLFLOW_HTTP_REQUEST_TIMEOUT", "30"), ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2"),
                            ("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")):
@@ -76,7 +82,12 @@ class MLflowLogger(MLFlowLogger):
             )
         self._checkpoint_dir = checkpoint_dir
         self._async, self._retry_s, self._log_plots = not synchronous, retry_s, log_plots
+        if system_metrics_s < 0:
+            raise ValueError(f"trainer.logger.init_args.system_metrics_s: must be >= 0, got {system_metrics_s}")
+        self._system_metrics_s = system_metrics_s
         self._sender: Optional[_Sender] = None
+        self._sampler: Optional[_SystemSampler] = None
+        self._last_step: Optional[int] = None
         self.sender_stats: dict[str, float] = {}
 
     @property
@@ -86,8 +97,15 @@ class MLflowLogger(MLFlowLogger):
 
     @rank_zero_only
     def log_metrics(self, metrics: dict[str, float], step: Optional[int] = None) -> None:
+        self._last_step = step
+        if self._sampler is None and self._system_metrics_s > 0:
+            _ = self.experiment  # create the run here, in the main thread
+            self._sampler = _SystemSampler(self._put, lambda: self._last_step, self._system_metrics_s)
+        self._put(metrics, step)
+
+    def _put(self, metrics: dict[str, float], step: Optional[int]) -> None:
         if not self._async:
-            return super().log_metrics(metrics, step)
+            return MLFlowLogger.log_metrics(self, metrics, step)
         if self._sender is None:
             _ = self.experiment  # create the run here, in the main thread
             self._sender = _Sender(self)
@@ -116,6 +134,9 @@ class MLflowLogger(MLFlowLogger):
         if status == "failed" and (isinstance(exc, (KeyboardInterrupt, SIGTERMException))
                                    or isinstance(exc, SystemExit) and exc.code in (0, None)):
             status = "KILLED"
+        sampler, self._sampler = self._sampler, None
+        if sampler is not None:
+            sampler.close()
         sender, self._sender = self._sender, None
         if sender is not None:
             sender.close()
@@ -294,6 +315,62 @@ class _Sender:
     def close(self, timeout: float = 120.0) -> None:
         self.queue.put(None)
         self.thread.join(timeout)
+
+
+class _SystemSampler:
+    """Samples MLflow's system metric monitors (CPU, memory, disk, network; an NVIDIA or AMD GPU
+    monitor when its library and a device are there) every ``interval_s`` seconds in a thread and
+    hands ``{"system/<name>": value}`` to ``put`` at the step ``step()`` gives. A monitor that
+    fails stops the sampling, never the training."""
+
+    def __init__(self, put: Callable[[dict[str, float], Optional[int]], None], step: Callable[[], Optional[int]],
+                 interval_s: float) -> None:
+        import threading
+
+        from mlflow.system_metrics.metrics.cpu_monitor import CPUMonitor
+        from mlflow.system_metrics.metrics.disk_monitor import DiskMonitor
+        from mlflow.system_metrics.metrics.gpu_monitor import GPUMonitor
+        from mlflow.system_metrics.metrics.network_monitor import NetworkMonitor
+        from mlflow.system_metrics.metrics.rocm_monitor import ROCMMonitor
+
+        self.monitors = [CPUMonitor(), DiskMonitor(), NetworkMonitor()]
+        for gpu in (GPUMonitor, ROCMMonitor):
+            try:
+                self.monitors.append(gpu())
+                break
+            except Exception:  # no library, or no device
+                pass
+        self.put, self.step, self.interval_s = put, step, interval_s
+        self.sample()  # the CPU percentage counts from the previous call: start the clock
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="distrnn-system-metrics", daemon=True)
+        self.thread.start()
+
+    def sample(self) -> dict[str, float]:
+        metrics: dict[str, float] = {}
+        for monitor in self.monitors:
+            monitor.collect_metrics()
+            metrics.update(monitor.aggregate_metrics())
+            monitor.clear_metrics()
+        return {f"system/{k}": float(v) for k, v in metrics.items()}
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self.put(self.sample(), self.step())
+            except Exception as e:
+                print(f"distrnn: warning: system metrics stopped: {str(e).splitlines()[0][:200]}", file=sys.stderr, flush=True)
+                return
+
+    def close(self) -> None:
+        """Stops the thread, then logs one last sample (a run shorter than the interval gets one)."""
+        self._stop.set()
+        self.thread.join(10)
+        if not self.thread.is_alive():
+            try:
+                self.put(self.sample(), self.step())
+            except Exception:
+                pass
 
 
 def _store_lock(uri: str) -> Any:

@@ -153,7 +153,7 @@ def test_print_config(job, capsys):
 
 @pytest.mark.slow
 def test_fit_logs_one_run_to_mlflow_and_generates(job, capsys):
-    r = _run("fit", "--config", str(job))
+    r = _run("fit", "--config", str(job), "--trainer.logger.init_args.system_metrics_s", "0.05")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "MLflow run" in r.stdout
     assert "litlogger" not in r.stdout + r.stderr  # Lightning's advertisement for another logger
@@ -166,6 +166,13 @@ def test_fit_logs_one_run_to_mlflow_and_generates(job, capsys):
         assert f"metrics.{m}" in run and run[f"metrics.{m}"] == run[f"metrics.{m}"], m  # present, not NaN
     assert run["metrics.val/bpb"] < 8.0  # better than uniform over bytes
     client = mlflow.MlflowClient()
+    # the machine, sampled every 0.05 s by MLflow's monitors (and once at the end), at the step of the moment
+    cpu = client.get_metric_history(run.run_id, "system/cpu_utilization_percentage")
+    memory = client.get_metric_history(run.run_id, "system/system_memory_usage_megabytes")
+    assert len(cpu) >= 2 and all(0 <= m.value <= 100 for m in cpu) and any(m.value > 0 for m in cpu)
+    assert memory and all(m.value > 100 for m in memory)
+    steps = [m.step for m in sorted(cpu, key=lambda m: m.timestamp)]
+    assert steps == sorted(steps) and 0 < steps[-1] <= 40, steps
     names = {a.path for a in client.list_artifacts(run.run_id)}
     assert "config.yaml" in names
     ckpt_dirs = [n for n in names if n.startswith("best") or n.startswith("last")]
@@ -332,6 +339,18 @@ def test_a_run_name_is_not_drawn_from_the_seeded_rng(tmp_path):
         assert random.random() == random.Random(0).random()
         logger.finalize("success")
     assert names[0] != names[1] and all(n.count("-") == 2 for n in names), names
+
+
+def test_system_metrics_zero_logs_none_and_a_negative_interval_is_one_line(tmp_path, job, capsys):
+    from distrnn.tracking import MLflowLogger
+
+    uri = f"sqlite:///{tmp_path}/system.db"
+    logger = MLflowLogger(experiment_name="quiet", tracking_uri=uri, log_plots=False, system_metrics_s=0)
+    logger.log_metrics({"train/loss": 1.0}, step=1)
+    logger.finalize("success")
+    assert sorted(mlflow.MlflowClient(uri).get_run(logger.run_id).data.metrics) == ["train/loss"]
+    code, _, err = cli(capsys, "fit", "--config", str(job), "--trainer.logger.init_args.system_metrics_s", "-1")
+    assert code == 2 and err.strip() == "distrnn: error: trainer.logger.init_args.system_metrics_s: must be >= 0, got -1.0", err
 
 
 def _forecasting_job(capsys):
