@@ -138,9 +138,16 @@ class TaskSpec:
     """Features per step of real-valued inputs."""
     seq_len: Optional[int] = None
     """Steps per training batch: the sequence length T, or the chunk length a stream serves."""
+    token_unit: Literal["byte", "token"] = "byte"
+    """language_model: what a token is, which names the bits metric: ``bpb`` (bits per byte) for
+    bytes, ``bpt`` (bits per token) for a tokenizer's ids."""
 
     def __post_init__(self) -> None:
         _check(self.output_dim > 0, "data.output_dim", f"must be > 0, got {self.output_dim}")
+
+    @property
+    def bits_metric(self) -> str:
+        return "bpb" if self.token_unit == "byte" else "bpt"
 
 
 C = TypeVar("C")

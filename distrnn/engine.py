@@ -418,7 +418,7 @@ class TBPTTModule(L.LightningModule):
         mean = torch.stack(losses).sum() / sum(weights)
         self.log("train/loss", mean, prog_bar=True, batch_size=sum(weights))
         if self.task.kind == "language_model":
-            self.log("train/bpb", mean / LN2, batch_size=sum(weights))
+            self.log(f"train/{self.task.bits_metric}", mean / LN2, batch_size=sum(weights))
         if self._grad_norm is not None:
             self.log("train/grad_norm", self._grad_norm, batch_size=B)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=B)
@@ -480,7 +480,7 @@ class TBPTTModule(L.LightningModule):
         loss = loss_sum(y_hat, y, mask, self.task) / n
         self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=n, sync_dist=True)
         if self.task.kind == "language_model":
-            self.log(f"{stage}/bpb", loss / LN2, batch_size=n, sync_dist=True)
+            self.log(f"{stage}/{self.task.bits_metric}", loss / LN2, batch_size=n, sync_dist=True)
         elif self.task.kind == "classification":
             correct = ((y_hat.argmax(-1) == y) & mask).sum()
             self.log(f"{stage}/accuracy", correct.float() / n, prog_bar=True, batch_size=n, sync_dist=True)

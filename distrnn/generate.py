@@ -78,8 +78,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"distrnn: error: {e}", file=sys.stderr)
         return 2
     task = module.task
-    if task.kind != "language_model" or task.vocab_size != 256:
-        print(f"distrnn: error: {a.checkpoint or a.model}: not a byte-level language model ({task.kind})", file=sys.stderr)
+    if task.kind != "language_model" or task.vocab_size != 256 or task.token_unit != "byte":
+        what = (f"a language model over {task.vocab_size} token ids of a tokenizer" if task.kind == "language_model"
+                else f"a {task.kind} model")
+        print(f"distrnn: error: {a.checkpoint or a.model}: {what}, not a byte-level language model: generate reads"
+              " and writes bytes", file=sys.stderr)
         return 2
     text = generate(module, a.prompt.encode(), a.length, a.temperature, a.top_k, a.seed)
     sys.stdout.write(a.prompt + text.decode("utf-8", errors="replace") + "\n")

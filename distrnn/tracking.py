@@ -36,7 +36,7 @@ class MLflowLogger(MLFlowLogger):
     ``MLFLOW_HTTP_REQUEST_MAX_RETRIES`` (default here 2) instead of MLflow's minutes.
 
     With ``log_plots`` (default), finalizing a run that ended normally draws its curves from the
-    metrics MLflow holds, as PNG artifacts ``plots/{loss,bpb,accuracy}.png`` (training and validation overlaid,
+    metrics MLflow holds, as PNG artifacts ``plots/{loss,bpb,bpt,accuracy}.png`` (training and validation overlaid,
     against the update step), so a run's curves are in its artifacts without opening the UI.
 
     Without ``run_name`` a run gets a fresh name in MLflow's style ("bright-owl-42"), different
@@ -181,7 +181,7 @@ def unseeded_run_name() -> str:
         random.setstate(state)
 
 
-PLOTTED = ("loss", "bpb", "accuracy")
+PLOTTED = ("loss", "bpb", "bpt", "accuracy")
 
 
 def log_curve_plots(client: Any, run_id: str, stages: tuple[str, ...] = ("train", "val")) -> list[str]:

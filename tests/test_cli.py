@@ -1,6 +1,7 @@
 """The `distrnn` command: bad input, a real training job into MLflow, generation, a real server."""
 
 import importlib.util
+import math
 import os
 import subprocess
 import sys
@@ -8,6 +9,7 @@ import time
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pytest
 import torch
 
@@ -487,3 +489,43 @@ def test_every_shipped_training_config_parses(capsys, tmp_path, monkeypatch, nam
     assert resolved["model"]["network"]["recurrence"] == given["model"]["network"]["recurrence"]
     assert resolved["data"]["class_path"] == given["data"]["class_path"]
     assert not list(tmp_path.iterdir())  # nothing written: no MLflow store, no checkpoint folder
+
+
+def test_a_pre_tokenized_corpus_trains_logs_bits_per_token_and_bad_ids_are_one_line(tmp_path, capsys):
+    """`distrnn fit` on nanoGPT-style uint16 token files (ids above 40,000 of a 40,100-id vocabulary,
+    a next-token rule over 100 of them): it learns (validation loss far below the 100 ids'
+    uniform 4.6 nats), logs bits per token as val/bpt (not bits per byte), and generate, which
+    speaks bytes, refuses the model in one line. A validation file of another tokenizer (an id
+    outside the vocabulary) fails before any run opens, naming the file."""
+    rule = lambda n, shift: 40_000 + (np.arange(n) * 37 + shift) % 100  # noqa: E731
+    rule(20_000, 0).astype(np.uint16).tofile(tmp_path / "train.bin")
+    rule(3_000, 11).astype(np.uint16).tofile(tmp_path / "val.bin")
+    config = tmp_path / "tokens.yaml"
+    config.write_text("""
+seed_everything: 0
+trainer: {max_steps: 60, val_check_interval: 20, limit_val_batches: 2, log_every_n_steps: 10,
+          enable_progress_bar: false, enable_model_summary: false}
+model:
+  network: {recurrence: gru, hidden_size: 32}
+  tbptt: {k1: 16}
+  optimizer: {lr: 0.01}
+data:
+  class_path: distrnn.data.TokenFileDataModule
+  init_args: {path: train.bin, val_path: val.bin, vocab_size: 40100, dtype: uint16, batch_size: 8, seq_len: 32}
+""")
+    code, _, err = cli(capsys, "fit", "--config", str(config))
+    assert code == 0, err[-3000:]
+    (run,) = mlflow.MlflowClient().search_runs([e.experiment_id for e in mlflow.MlflowClient().search_experiments()])
+    assert run.data.metrics["val/bpt"] * math.log(2) == pytest.approx(run.data.metrics["val/loss"], rel=1e-4)
+    assert run.data.metrics["val/loss"] < 4.0 and "val/bpb" not in run.data.metrics
+    (ckpt,) = Path("checkpoints").rglob("last.ckpt")
+    code, _, err = cli(capsys, "generate", "--checkpoint", str(ckpt))
+    assert code == 2 and err.strip().endswith("a language model over 40100 token ids of a tokenizer, not a byte-level"
+                                              " language model: generate reads and writes bytes"), err
+
+    np.array([1, 2, 40_500, 3], dtype=np.uint16).tofile(tmp_path / "val.bin")
+    code, _, err = cli(capsys, "fit", "--config", str(config))
+    assert code == 2 and err.strip().splitlines()[-1] == (
+        "distrnn: error: data.val_path val.bin: token id 40500 at position 2 is not below data.vocab_size 40100:"
+        " is data.dtype the files' type, data.vocab_size their vocabulary's?"), err[-2000:]
+    assert len(mlflow.MlflowClient().search_runs([e.experiment_id for e in mlflow.MlflowClient().search_experiments()])) == 1

@@ -353,3 +353,39 @@ def test_byte_corpus_errors():
         ByteCorpusDataModule(path="nope.txt")
     with pytest.raises(ConfigError, match="data.corpus"):
         ByteCorpusDataModule(corpus="nope")
+
+
+def test_token_files_are_served_as_written_every_token_once_and_checked(tmp_path):
+    """uint16 ids (above 32767 too) come out as written, at the positions the streams say, every
+    token once per epoch across 2 ranks; a file whose size is not a whole number of ids, an id
+    outside the vocabulary (a wrong dtype) and a vocabulary the dtype cannot hold are one error
+    each, naming the key or file."""
+    from distrnn.data import TokenFileDataModule
+
+    ids = np.random.default_rng(0).integers(0, 50_000, 5_001).astype(np.uint16)
+    ids[[0, 777, 5_000]] = [65_535, 40_000, 32_768]
+    ids.tofile(tmp_path / "train.bin")
+    seen = []
+    for rank in range(2):
+        dm = TokenFileDataModule(path=str(tmp_path / "train.bin"), vocab_size=65_536, batch_size=3, seq_len=40,
+                                 val_fraction=0.1)
+        dm.trainer = SimpleNamespace(global_rank=rank, world_size=2, current_epoch=0)
+        loaders = dm.check("fit")
+        train = loaders["train_dataloader"]
+        for i, batch in enumerate(train):
+            pos, m = train.stream_positions(i), batch["mask"]
+            assert torch.equal(batch["x"][m], torch.from_numpy(ids[pos[m]].astype(np.int64)))
+            assert torch.equal(batch["y"][m], torch.from_numpy(ids[pos[m] + 1].astype(np.int64)))
+            seen.append(pos[m])
+        assert dm.task.vocab_size == 65_536 and dm.task.bits_metric == "bpt"
+    split = 5_001 - int(5_001 * 0.1)
+    assert torch.equal(torch.cat(seen).sort().values, torch.arange(split - 1))
+
+    (tmp_path / "odd.bin").write_bytes(b"\x01\x00\x02\x00\x03")
+    with pytest.raises(ConfigError, match=r"^data.path: .*odd.bin is 5 bytes, not a whole number of uint16 tokens"):
+        TokenFileDataModule(path=str(tmp_path / "odd.bin"), vocab_size=10).setup("fit")
+    small = TokenFileDataModule(path=str(tmp_path / "train.bin"), vocab_size=50_000, batch_size=2, seq_len=16)
+    with pytest.raises(ConfigError, match=r"^data.path .*train.bin: token id 65535 at position 0 is not below data.vocab_size 50000"):
+        small.check("fit")
+    with pytest.raises(ConfigError, match="^data.vocab_size: 70000 ids do not fit data.dtype uint16"):
+        TokenFileDataModule(path=str(tmp_path / "train.bin"), vocab_size=70_000)

@@ -4,6 +4,7 @@ from distrnn.data.mnist import SequentialMNISTDataModule
 from distrnn.data.synthetic import SyntheticDataModule
 from distrnn.data.text import ByteCorpusDataModule
 from distrnn.data.timeseries import TimeSeriesDataModule
+from distrnn.data.tokens import TokenFileDataModule
 
 __all__ = [
     "ByteCorpusDataModule",
@@ -15,4 +16,5 @@ __all__ = [
     "SyntheticDataModule",
     "TensorLoader",
     "TimeSeriesDataModule",
+    "TokenFileDataModule",
 ]

@@ -16,6 +16,8 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 from torch import Tensor
 
+from distrnn.config import ConfigError
+
 Batch = dict[str, Any]
 
 
@@ -109,6 +111,8 @@ class StreamLoader(ResumableLoader):
         doc_starts_D: Optional[Tensor] = None,
         rank: int = 0,
         world_size: int = 1,
+        vocab_size: Optional[int] = None,
+        source: str = "data",
     ) -> None:
         super().__init__()
         n_inputs = tokens_N.numel() - 1
@@ -119,6 +123,7 @@ class StreamLoader(ResumableLoader):
                 f" (batch_size {batch_size} x world size {world_size})"
             )
         self.tokens_N = tokens_N
+        self.vocab_size, self.source = vocab_size, source
         self.doc_starts_D = doc_starts_D if doc_starts_D is not None and doc_starts_D.numel() else None
         self.batch_size = batch_size
         self.seq_len = seq_len
@@ -147,14 +152,29 @@ class StreamLoader(ResumableLoader):
             reset_BL = (self.doc_starts_D[i_BL] == pos_BL) & valid_BL
         if index == 0:
             reset_BL[:, 0] = True
+        x_BL, y_BL = self.tokens_N[pos_BL].long(), self.tokens_N[pos_BL + 1].long()
+        if self.vocab_size is not None:
+            self._check_ids(x_BL, pos_BL)
+            self._check_ids(y_BL, pos_BL + 1)
         return {
-            "x": self.tokens_N[pos_BL].long(),
-            "y": self.tokens_N[pos_BL + 1].long(),
+            "x": x_BL,
+            "y": y_BL,
             "mask": valid_BL,
             "reset": reset_BL,
             "epoch": epoch,
             "index": index,
         }
+
+    def _check_ids(self, ids_BL: Tensor, pos_BL: Tensor) -> None:
+        # a few comparisons per token: a file read with the wrong dtype, or tokenized with another
+        # vocabulary, fails here naming the file instead of deep inside the embedding
+        bad_BL = (ids_BL < 0) | (ids_BL >= self.vocab_size)
+        if bool(bad_BL.any()):
+            i = bad_BL.nonzero()[0]
+            raise ConfigError(
+                f"{self.source}: token id {int(ids_BL[i[0], i[1]])} at position {int(pos_BL[i[0], i[1]])} is not"
+                f" below data.vocab_size {self.vocab_size}: is data.dtype the files' type, data.vocab_size their vocabulary's?"
+            )
 
     def stream_positions(self, index: int) -> Tensor:
         """Corpus positions of the inputs of batch ``index`` (-1 where a row has ended); for tests."""
