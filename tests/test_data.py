@@ -21,6 +21,7 @@ from distrnn.data import (
 )
 from distrnn.data.download import Corpus, DownloadError, fetch_corpus
 from distrnn.data.mnist import read_idx
+from distrnn.data.text import read_bytes
 from distrnn.data.synthetic import adding_problem, copy_memory, selective_copy
 
 
@@ -90,7 +91,7 @@ def test_resets_fall_where_the_files_start_as_a_mask_over_the_corpus_says(tmp_pa
         dm.setup("fit")
         for name in ("train_dataloader", "val_dataloader"):
             loader = getattr(dm, name)()
-            offset = 0 if name == "train_dataloader" else dm._split
+            offset = 0 if name == "train_dataloader" else dm.splits["train"].tokens_N.numel()
             for i, batch in enumerate(loader):
                 pos = loader.stream_positions(i)
                 valid = pos >= 0
@@ -157,10 +158,9 @@ def test_a_folder_is_copied_once_and_again_when_it_changes(tmp_path):
         (folder / name).parent.mkdir(exist_ok=True)
         (folder / name).write_bytes(data)
 
-    def served(cache):
-        dm = ByteCorpusDataModule(path=str(folder), batch_size=1, seq_len=8, cache_dir=str(cache))
-        dm.setup("fit")
-        return bytes(dm._tokens.tolist()), dm._doc_starts.tolist()
+    def served(cache):  # what ByteCorpusDataModule splits into training and validation
+        tokens, doc_starts = read_bytes(folder, "**/*", cache)
+        return bytes(tokens.tolist()), doc_starts.tolist()
 
     cache = tmp_path / "cache"
     assert served(cache) == (b"first" + b"second file" + b"nested, third", [0, 5, 16])  # a, b, c/d; no empty

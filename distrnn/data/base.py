@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import lightning as L
+from torch import Tensor
 
 from distrnn.config import ConfigError, TaskSpec
-from distrnn.data.loaders import ResumableLoader
+from distrnn.data.loaders import ResumableLoader, StreamLoader
 
 
 class RecurrentDataModule(L.LightningDataModule):
@@ -51,6 +53,75 @@ class RecurrentDataModule(L.LightningDataModule):
             trainer = self.trainer
             loader.bind_epoch(lambda: trainer.current_epoch)
         return loader
+
+
+@dataclass
+class Split:
+    """One split of a token corpus: its ids, the positions where its documents start (the state
+    resets there), and how errors name it (the config key and file)."""
+
+    tokens_N: Tensor
+    doc_starts_D: Optional[Tensor]
+    source: str
+
+
+class StreamCorpusDataModule(RecurrentDataModule):
+    """A token corpus served as B contiguous streams per rank (:class:`StreamLoader`): the one
+    place where corpus modules build their loaders. Subclasses read their splits in
+    :meth:`read_splits`; :meth:`tail_split` holds out the end of one corpus for validation."""
+
+    def __init__(self, batch_size: int, seq_len: int, val_fraction: float, seed: int = 0,
+                 vocab_size: Optional[int] = None) -> None:
+        super().__init__(batch_size, seed)
+        if seq_len <= 0:
+            raise ConfigError(f"data.seq_len: must be > 0, got {seq_len}")
+        if not 0.0 < val_fraction < 1.0:
+            raise ConfigError(f"data.val_fraction: must be in (0, 1), got {val_fraction}")
+        self.seq_len, self.val_fraction, self._vocab_check = seq_len, val_fraction, vocab_size
+        self.splits: Optional[dict[str, Split]] = None
+
+    def read_splits(self) -> dict[str, Split]:
+        """``{"train": Split, "val": Split}``."""
+        raise NotImplementedError
+
+    def tail_split(self, tokens_N: Tensor, doc_starts_D: Optional[Tensor], source: str) -> dict[str, Split]:
+        n = tokens_N.numel()
+        at = n - max(2, int(n * self.val_fraction))
+
+        def starts(a: int, b: int) -> Optional[Tensor]:
+            return None if doc_starts_D is None else doc_starts_D[(doc_starts_D >= a) & (doc_starts_D < b)] - a
+
+        return {"train": Split(tokens_N[:at], starts(0, at), source), "val": Split(tokens_N[at:], starts(at, n), source)}
+
+    def setup(self, stage: str) -> None:
+        if self.splits is None:
+            self.splits = self.read_splits()
+
+    def _streams(self, split: str, batch_size: int) -> StreamLoader:
+        s = self.splits[split]
+        try:
+            loader = StreamLoader(s.tokens_N, batch_size, self.seq_len, s.doc_starts_D, self.rank, self.world_size,
+                                  self._vocab_check, s.source)
+        except ValueError as e:
+            raise ConfigError(f"data.batch_size: {e}") from None
+        return self._bind(loader)
+
+    def train_dataloader(self) -> StreamLoader:
+        return self._streams("train", self.batch_size)
+
+    def val_dataloader(self) -> StreamLoader:
+        n = self.splits["val"].tokens_N.numel()
+        return self._streams("val", max(1, min(self.batch_size, (n - 1) // self.seq_len)))
+
+    def test_dataloader(self) -> StreamLoader:
+        return self.val_dataloader()
+
+    def check(self, stage: str) -> dict[str, Any]:
+        loaders = super().check(stage)
+        for loader in loaders.values():  # the ends of each split: ids from a wrong dtype show at once
+            loader.make_batch(0, 0)
+            loader.make_batch(0, loader.num_batches() - 1)
+        return loaders
 
 
 def existing_path(value: str, key: str) -> Path:

@@ -17,8 +17,7 @@ import torch
 from torch import Tensor
 
 from distrnn.config import ConfigError, TaskSpec
-from distrnn.data.base import RecurrentDataModule, existing_path
-from distrnn.data.loaders import StreamLoader
+from distrnn.data.base import Split, StreamCorpusDataModule, existing_path
 
 BYTE_VOCAB = 256
 
@@ -105,7 +104,7 @@ def concatenated(folder: Path, glob: str, files: list[Path], cache_dir: Path) ->
     return data, starts
 
 
-class ByteCorpusDataModule(RecurrentDataModule):
+class ByteCorpusDataModule(StreamCorpusDataModule):
     """Byte-level language modelling on a local file or folder, or a public corpus by name.
 
     Args:
@@ -131,11 +130,7 @@ class ByteCorpusDataModule(RecurrentDataModule):
         val_fraction: float = 0.05,
         seed: int = 0,
     ) -> None:
-        super().__init__(batch_size, seed)
-        if seq_len <= 0:
-            raise ConfigError(f"data.seq_len: must be > 0, got {seq_len}")
-        if not 0.0 < val_fraction < 1.0:
-            raise ConfigError(f"data.val_fraction: must be in (0, 1), got {val_fraction}")
+        super().__init__(batch_size, seq_len, val_fraction, seed)
         if corpus is None and path is None:
             raise ConfigError("data.path: give a file or folder (or data.corpus)")
         self.glob = glob
@@ -151,10 +146,7 @@ class ByteCorpusDataModule(RecurrentDataModule):
             self.path = None
         self.corpus = corpus
         self.cache_dir = cache_dir
-        self.seq_len = seq_len
-        self.val_fraction = val_fraction
         self.task = TaskSpec(kind="language_model", output_dim=BYTE_VOCAB, vocab_size=BYTE_VOCAB, seq_len=seq_len)
-        self._tokens: Optional[Tensor] = None
 
     def prepare_data(self) -> None:
         if self.path is None:
@@ -162,33 +154,11 @@ class ByteCorpusDataModule(RecurrentDataModule):
 
             fetch_corpus(self.corpus, self.cache_dir)
 
-    def setup(self, stage: str) -> None:
-        if self._tokens is not None:
-            return
+    def read_splits(self) -> dict[str, Split]:
         path = self.path
         if path is None:
             from distrnn.data.download import fetch_corpus
 
             path = fetch_corpus(self.corpus, self.cache_dir)
-        self._tokens, self._doc_starts = read_bytes(path, self.glob, self.cache_dir)
-        n = self._tokens.numel()
-        self._split = n - max(2, int(n * self.val_fraction))
-
-    def _streams(self, a: int, b: int, batch_size: int) -> StreamLoader:
-        try:
-            starts = self._doc_starts
-            loader = StreamLoader(self._tokens[a:b], batch_size, self.seq_len, starts[(starts >= a) & (starts < b)] - a,
-                                  self.rank, self.world_size)
-        except ValueError as e:
-            raise ConfigError(f"data.batch_size: {e}") from None
-        return self._bind(loader)
-
-    def train_dataloader(self) -> StreamLoader:
-        return self._streams(0, self._split, self.batch_size)
-
-    def val_dataloader(self) -> StreamLoader:
-        val_tokens = self._tokens.numel() - self._split
-        return self._streams(self._split, self._tokens.numel(), max(1, min(self.batch_size, (val_tokens - 1) // self.seq_len)))
-
-    def test_dataloader(self) -> StreamLoader:
-        return self.val_dataloader()
+        tokens, doc_starts = read_bytes(path, self.glob, self.cache_dir)
+        return self.tail_split(tokens, doc_starts, f"data.path {path}")

@@ -10,8 +10,7 @@ import torch
 from torch import Tensor
 
 from distrnn.config import ConfigError, TaskSpec
-from distrnn.data.base import RecurrentDataModule, existing_path
-from distrnn.data.loaders import StreamLoader
+from distrnn.data.base import Split, StreamCorpusDataModule, existing_path
 
 DTYPES = {"uint8": np.uint8, "uint16": np.uint16, "int32": np.int32, "uint32": np.uint32, "int64": np.int64}
 
@@ -29,7 +28,7 @@ def map_tokens(path: Path, dtype: str, key: str) -> Tensor:
     return torch.from_numpy(np.memmap(path, dtype=DTYPES[dtype], mode="c"))
 
 
-class TokenFileDataModule(RecurrentDataModule):
+class TokenFileDataModule(StreamCorpusDataModule):
     """Language modelling on a pre-tokenized corpus: flat binary files of token ids, as numpy's
     ``tofile`` writes them (nanoGPT's ``prepare.py`` writes GPT-2 ids to ``train.bin`` and
     ``val.bin`` as uint16). The files are memory-mapped, so a corpus larger than memory trains,
@@ -61,58 +60,23 @@ class TokenFileDataModule(RecurrentDataModule):
         val_fraction: float = 0.05,
         seed: int = 0,
     ) -> None:
-        super().__init__(batch_size, seed)
+        super().__init__(batch_size, seq_len, val_fraction, seed, vocab_size=vocab_size)
         if vocab_size < 2:
             raise ConfigError(f"data.vocab_size: must be >= 2, got {vocab_size}")
         if dtype not in DTYPES:
             raise ConfigError(f"data.dtype: one of {', '.join(DTYPES)}, got {dtype!r}")
         if vocab_size > np.iinfo(DTYPES[dtype]).max + 1:
             raise ConfigError(f"data.vocab_size: {vocab_size} ids do not fit data.dtype {dtype}")
-        if seq_len <= 0:
-            raise ConfigError(f"data.seq_len: must be > 0, got {seq_len}")
-        if val_path is None and not 0.0 < val_fraction < 1.0:
-            raise ConfigError(f"data.val_fraction: must be in (0, 1), got {val_fraction}")
         self.path = existing_path(path, "data.path")
         self.val_path = existing_path(val_path, "data.val_path") if val_path is not None else None
-        self.vocab_size, self.dtype, self.seq_len, self.val_fraction = vocab_size, dtype, seq_len, val_fraction
+        self.vocab_size, self.dtype = vocab_size, dtype
         self.task = TaskSpec(kind="language_model", output_dim=vocab_size, vocab_size=vocab_size, seq_len=seq_len,
                              token_unit="token")
-        self._train: Optional[Tensor] = None
 
-    def setup(self, stage: str) -> None:
-        if self._train is not None:
-            return
+    def read_splits(self) -> dict[str, Split]:
         tokens = map_tokens(self.path, self.dtype, "data.path")
-        if self.val_path is not None:
-            self._train, self._val = tokens, map_tokens(self.val_path, self.dtype, "data.val_path")
-        else:
-            n = tokens.numel()
-            split = n - max(2, int(n * self.val_fraction))
-            self._train, self._val = tokens[:split], tokens[split:]
-        self._sources = (f"data.path {self.path}",
-                         f"data.val_path {self.val_path}" if self.val_path is not None else f"data.path {self.path}")
-
-    def _streams(self, tokens: Tensor, batch_size: int, source: str) -> StreamLoader:
-        try:
-            loader = StreamLoader(tokens, batch_size, self.seq_len, rank=self.rank, world_size=self.world_size,
-                                  vocab_size=self.vocab_size, source=source)
-        except ValueError as e:
-            raise ConfigError(f"data.batch_size: {e}") from None
-        return self._bind(loader)
-
-    def train_dataloader(self) -> StreamLoader:
-        return self._streams(self._train, self.batch_size, self._sources[0])
-
-    def val_dataloader(self) -> StreamLoader:
-        n = self._val.numel()
-        return self._streams(self._val, max(1, min(self.batch_size, (n - 1) // self.seq_len)), self._sources[1])
-
-    def test_dataloader(self) -> StreamLoader:
-        return self.val_dataloader()
-
-    def check(self, stage: str) -> dict:
-        loaders = super().check(stage)
-        for loader in loaders.values():  # the ends of each split: a wrong dtype shows at once
-            loader.make_batch(0, 0)
-            loader.make_batch(0, loader.num_batches() - 1)
-        return loaders
+        source = f"data.path {self.path}"
+        if self.val_path is None:
+            return self.tail_split(tokens, None, source)
+        val = map_tokens(self.val_path, self.dtype, "data.val_path")
+        return {"train": Split(tokens, None, source), "val": Split(val, None, f"data.val_path {self.val_path}")}
