@@ -170,7 +170,8 @@ def test_a_folder_is_copied_once_and_again_when_it_changes(tmp_path):
     (folder / "a.txt").write_bytes(b"first, longer")
     assert served(cache) == (b"first, longer" + b"second file" + b"nested, third", [0, 13, 24])
     assert [p for p in (cache / "folders").glob("*.bin")] != [copy] and not copy.exists()
-    assert len(list((cache / "folders").iterdir())) == 2  # the new copy and its starts
+    left = sorted(p.name for p in (cache / "folders").iterdir())
+    assert len(left) == 3 and left[0].endswith(".lock"), left  # the new copy, its starts and its lock
     # a cache inside the folder: its copies are not part of the corpus
     expected = (b"first, longer" + b"second file" + b"nested, third", [0, 13, 24])
     assert served(folder / "cache") == expected and served(folder / "cache") == expected
@@ -389,3 +390,35 @@ def test_token_files_are_served_as_written_every_token_once_and_checked(tmp_path
         small.check("fit")
     with pytest.raises(ConfigError, match="^data.vocab_size: 70000 ids do not fit data.dtype uint16"):
         TokenFileDataModule(path=str(tmp_path / "train.bin"), vocab_size=70_000)
+
+
+def test_processes_that_start_together_copy_a_folder_once(tmp_path, monkeypatch):
+    """Ranks started together (torchrun) all find no copy of a folder corpus: one copies while the
+    others wait on the copy's lock, then find it (4 at once, each copy made slow: 1 copy, 4 equal
+    corpora). Each open of the lock file is its own lock, so threads stand in for processes."""
+    import threading
+    import time
+
+    from distrnn.data import text
+
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    for i in range(3):
+        (folder / f"{i}.txt").write_bytes(bytes([65 + i]) * 1000)
+    copies, real = [], text._copy
+
+    def slow_copy(*args):
+        copies.append(args[3].name)
+        time.sleep(0.3)  # every other caller has looked for the copy by now
+        real(*args)
+
+    monkeypatch.setattr(text, "_copy", slow_copy)
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(read_bytes(folder, "**/*", tmp_path / "cache")))
+               for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert len(copies) == 1 and len(results) == 4, copies
+    assert all(torch.equal(r[0], results[0][0]) and torch.equal(r[1], torch.tensor([0, 1000, 2000])) for r in results)

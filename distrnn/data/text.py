@@ -59,9 +59,10 @@ def _map(path: Path) -> Tensor:
 def concatenated(folder: Path, glob: str, files: list[Path], cache_dir: Path) -> tuple[Path, Path]:
     """The files' bytes in one file, and the positions where each non-empty file starts (``.npy``),
     under ``cache_dir/folders``; named by the folder and glob, and by the files' names, sizes and
-    modification times, so a changed folder is copied again and its older copy removed. Copies are
-    written to temporary files and renamed (starts first), so ranks that build one at the same time
-    all end with a whole one, and a run still reading an older copy keeps it until it ends."""
+    modification times, so a changed folder is copied again and its older copy removed. One
+    process copies while the others wait on a lock (ranks started together: torchrun); the copy is
+    written to temporary files and renamed (starts first), so a file there is whole, and a run
+    still reading an older copy keeps it until it ends."""
     stats = [(f, f.stat()) for f in files]
     listing = json.dumps([(str(f.relative_to(folder)), st.st_size, st.st_mtime_ns) for f, st in stats])
     key = hashlib.sha256(f"{folder.resolve()}\0{glob}".encode()).hexdigest()[:12]
@@ -73,12 +74,29 @@ def concatenated(folder: Path, glob: str, files: list[Path], cache_dir: Path) ->
         return data, starts
     if sum(st.st_size for _, st in stats) == 0:
         raise ConfigError(f"data.path: {folder} holds no bytes")
-    tmp_data, tmp_starts = where / f".{name}.{os.getpid()}.bin", where / f".{name}.{os.getpid()}.npy"
     try:
         where.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"data.cache_dir: cannot copy the folder {folder} into {where}: {e}") from None
+    from filelock import FileLock
+
+    # ranks started together (torchrun) copy once: the others wait, then find the copy
+    with FileLock(str(where / f".{name}.lock")):
+        if not (data.exists() and starts.exists()):
+            _copy(folder, [f for f, _ in stats], where, data, starts)
+    for old in [*where.glob(glob_escape(prefix) + "*"), *where.glob("." + glob_escape(prefix) + "*.lock")]:
+        if not old.name.lstrip(".").startswith(name + "."):
+            with contextlib.suppress(OSError):
+                old.unlink()
+    return data, starts
+
+
+def _copy(folder: Path, files: list[Path], where: Path, data: Path, starts: Path) -> None:
+    tmp_data, tmp_starts = where / f".{data.name}.{os.getpid()}.tmp", where / f".{starts.name}.{os.getpid()}.tmp"
+    try:
         offsets, offset = [], 0
         with open(tmp_data, "wb") as out:
-            for f, _ in stats:
+            for f in files:
                 with open(f, "rb") as src:
                     shutil.copyfileobj(src, out, 1 << 20)
                 n = out.tell() - offset
@@ -97,11 +115,6 @@ def concatenated(folder: Path, glob: str, files: list[Path], cache_dir: Path) ->
         for tmp in (tmp_data, tmp_starts):
             with contextlib.suppress(OSError):
                 tmp.unlink()
-    for old in where.glob(glob_escape(prefix) + "*"):
-        if not old.name.startswith(name + "."):
-            with contextlib.suppress(OSError):
-                old.unlink()
-    return data, starts
 
 
 class ByteCorpusDataModule(StreamCorpusDataModule):
