@@ -388,6 +388,8 @@ def test_token_files_are_served_as_written_every_token_once_and_checked(tmp_path
     small = TokenFileDataModule(path=str(tmp_path / "train.bin"), vocab_size=50_000, batch_size=2, seq_len=16)
     with pytest.raises(ConfigError, match=r"^data.path .*train.bin: token id 65535 at position 0 is not below data.vocab_size 50000"):
         small.check("fit")
+    with pytest.raises(ConfigError, match=r"^data.path: .* is not a file of token ids"):
+        TokenFileDataModule(path=str(tmp_path), vocab_size=10).setup("fit")
     with pytest.raises(ConfigError, match="^data.vocab_size: 70000 ids do not fit data.dtype uint16"):
         TokenFileDataModule(path=str(tmp_path / "train.bin"), vocab_size=70_000)
 

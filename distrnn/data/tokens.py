@@ -17,6 +17,8 @@ DTYPES = {"uint8": np.uint8, "uint16": np.uint16, "int32": np.int32, "uint32": n
 
 def map_tokens(path: Path, dtype: str, key: str) -> Tensor:
     """The token ids of a flat binary file, memory-mapped (nothing is read until a batch touches it)."""
+    if not path.is_file():
+        raise ConfigError(f"{key}: {path} is not a file of token ids")
     itemsize = np.dtype(DTYPES[dtype]).itemsize
     size = path.stat().st_size
     if size < 2 * itemsize:
