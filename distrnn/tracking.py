@@ -100,7 +100,11 @@ class MLflowLogger(MLFlowLogger):
         self._last_step = step
         if self._sampler is None and self._system_metrics_s > 0:
             _ = self.experiment  # create the run here, in the main thread
-            self._sampler = _SystemSampler(self._put, lambda: self._last_step, self._system_metrics_s)
+            try:
+                self._sampler = _SystemSampler(self._put, lambda: self._last_step, self._system_metrics_s)
+            except Exception as e:  # e.g. psutil missing: the run goes on without them
+                self._system_metrics_s = 0
+                print(f"distrnn: warning: no system metrics: {str(e).splitlines()[0][:200]}", file=sys.stderr, flush=True)
         self._put(metrics, step)
 
     def _put(self, metrics: dict[str, float], step: Optional[int]) -> None:
