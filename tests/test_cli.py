@@ -343,13 +343,24 @@ def test_a_run_name_is_not_drawn_from_the_seeded_rng(tmp_path):
     assert names[0] != names[1] and all(n.count("-") == 2 for n in names), names
 
 
-def test_system_metrics_zero_logs_none_and_a_negative_interval_is_one_line(tmp_path, job, capsys):
+def test_system_metrics_zero_logs_none_and_a_negative_interval_is_one_line(tmp_path, job, capsys, monkeypatch):
     from distrnn.tracking import MLflowLogger
 
     uri = f"sqlite:///{tmp_path}/system.db"
     logger = MLflowLogger(experiment_name="quiet", tracking_uri=uri, log_plots=False, system_metrics_s=0)
     logger.log_metrics({"train/loss": 1.0}, step=1)
     logger.finalize("success")
+    assert sorted(mlflow.MlflowClient(uri).get_run(logger.run_id).data.metrics) == ["train/loss"]
+    from distrnn import tracking
+
+    def no_monitors(*args):
+        raise ImportError("No module named 'psutil'")
+
+    monkeypatch.setattr(tracking, "_SystemSampler", no_monitors)
+    logger = MLflowLogger(experiment_name="quiet", tracking_uri=uri, log_plots=False)
+    logger.log_metrics({"train/loss": 1.0}, step=1)  # the run goes on without them
+    logger.finalize("success")
+    assert "distrnn: warning: no system metrics: No module named 'psutil'" in capsys.readouterr().err
     assert sorted(mlflow.MlflowClient(uri).get_run(logger.run_id).data.metrics) == ["train/loss"]
     code, _, err = cli(capsys, "fit", "--config", str(job), "--trainer.logger.init_args.system_metrics_s", "-1")
     assert code == 2 and err.strip() == "distrnn: error: trainer.logger.init_args.system_metrics_s: must be >= 0, got -1.0", err
