@@ -388,6 +388,10 @@ def test_token_files_are_served_as_written_every_token_once_and_checked(tmp_path
     small = TokenFileDataModule(path=str(tmp_path / "train.bin"), vocab_size=50_000, batch_size=2, seq_len=16)
     with pytest.raises(ConfigError, match=r"^data.path .*train.bin: token id 65535 at position 0 is not below data.vocab_size 50000"):
         small.check("fit")
+    TokenFileDataModule(path=str(tmp_path / "train.bin"), vocab_size=65_536, val_path=str(tmp_path / "train.bin"),
+                        val_fraction=0)  # unused with its own validation file
+    with pytest.raises(ConfigError, match=r"^data.val_fraction: must be in \(0, 1\), got 0"):
+        TokenFileDataModule(path=str(tmp_path / "train.bin"), vocab_size=65_536, val_fraction=0)
     with pytest.raises(ConfigError, match=r"^data.path: .* is not a file of token ids"):
         TokenFileDataModule(path=str(tmp_path), vocab_size=10).setup("fit")
     with pytest.raises(ConfigError, match="^data.vocab_size: 70000 ids do not fit data.dtype uint16"):

@@ -70,12 +70,13 @@ class StreamCorpusDataModule(RecurrentDataModule):
     place where corpus modules build their loaders. Subclasses read their splits in
     :meth:`read_splits`; :meth:`tail_split` holds out the end of one corpus for validation."""
 
-    def __init__(self, batch_size: int, seq_len: int, val_fraction: float, seed: int = 0,
+    def __init__(self, batch_size: int, seq_len: int, val_fraction: Optional[float], seed: int = 0,
                  vocab_size: Optional[int] = None) -> None:
+        """``val_fraction``: None when validation has its own data (no :meth:`tail_split`)."""
         super().__init__(batch_size, seed)
         if seq_len <= 0:
             raise ConfigError(f"data.seq_len: must be > 0, got {seq_len}")
-        if not 0.0 < val_fraction < 1.0:
+        if val_fraction is not None and not 0.0 < val_fraction < 1.0:
             raise ConfigError(f"data.val_fraction: must be in (0, 1), got {val_fraction}")
         self.seq_len, self.val_fraction, self._vocab_check = seq_len, val_fraction, vocab_size
         self.splits: Optional[dict[str, Split]] = None

@@ -62,7 +62,7 @@ class TokenFileDataModule(StreamCorpusDataModule):
         val_fraction: float = 0.05,
         seed: int = 0,
     ) -> None:
-        super().__init__(batch_size, seq_len, val_fraction, seed, vocab_size=vocab_size)
+        super().__init__(batch_size, seq_len, val_fraction if val_path is None else None, seed, vocab_size=vocab_size)
         if vocab_size < 2:
             raise ConfigError(f"data.vocab_size: must be >= 2, got {vocab_size}")
         if dtype not in DTYPES:
