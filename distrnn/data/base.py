@@ -7,6 +7,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 import lightning as L
+import numpy as np
+import torch
 from torch import Tensor
 
 from distrnn.config import ConfigError, TaskSpec
@@ -123,6 +125,13 @@ class StreamCorpusDataModule(RecurrentDataModule):
             loader.make_batch(0, 0)
             loader.make_batch(0, loader.num_batches() - 1)
         return loaders
+
+
+def map_file(path: Path, dtype: Any = np.uint8) -> Tensor:
+    """A file of ``dtype`` values as a tensor over a memory mapping: nothing is read until a batch
+    touches it. Copy-on-write, so the tensor is writable without the file being writable; nothing
+    writes to it."""
+    return torch.from_numpy(np.memmap(path, dtype=dtype, mode="c"))
 
 
 def existing_path(value: str, key: str) -> Path:

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from distrnn.config import ConfigError, TaskSpec
-from distrnn.data.base import Split, StreamCorpusDataModule, existing_path
+from distrnn.data.base import Split, StreamCorpusDataModule, existing_path, map_file
 
 BYTE_VOCAB = 256
 
@@ -40,20 +40,18 @@ def read_bytes(path: Path, glob: str = "**/*", cache_dir: str | os.PathLike = "d
     if path.is_file():
         if path.stat().st_size == 0:
             raise ConfigError(f"data.path: {path} holds no bytes")
-        return _map(path), torch.zeros(1, dtype=torch.long)
-    copies = (Path(cache_dir) / "folders").resolve()  # a folder holding the cache must not take in its own copies
+        return map_file(path), torch.zeros(1, dtype=torch.long)
+    copies = _copies(Path(cache_dir)).resolve()  # a folder holding the cache must not take in its own copies
     files = sorted(p for p in path.glob(glob)
                    if p.is_file() and not p.name.startswith(".") and not p.resolve().is_relative_to(copies))
     if not files:
         raise ConfigError(f"data.path: no files matching {glob!r} under {path}")
     data, starts = concatenated(path, glob, files, Path(cache_dir))
-    return _map(data), torch.from_numpy(np.load(starts))
+    return map_file(data), torch.from_numpy(np.load(starts))
 
 
-def _map(path: Path) -> Tensor:
-    # copy-on-write: a private mapping, so the tensor is writable without the file being writable;
-    # nothing writes to it
-    return torch.from_numpy(np.memmap(path, dtype=np.uint8, mode="c"))
+def _copies(cache_dir: Path) -> Path:
+    return cache_dir / "folders"
 
 
 def concatenated(folder: Path, glob: str, files: list[Path], cache_dir: Path) -> tuple[Path, Path]:
@@ -68,7 +66,7 @@ def concatenated(folder: Path, glob: str, files: list[Path], cache_dir: Path) ->
     key = hashlib.sha256(f"{folder.resolve()}\0{glob}".encode()).hexdigest()[:12]
     prefix = f"{folder.name or 'root'}-{key}-"
     name = prefix + hashlib.sha256(listing.encode()).hexdigest()[:12]
-    where = cache_dir / "folders"
+    where = _copies(cache_dir)
     data, starts = where / f"{name}.bin", where / f"{name}.starts.npy"
     if data.exists() and starts.exists():
         return data, starts

@@ -6,11 +6,10 @@ from pathlib import Path
 from typing import Literal, Optional
 
 import numpy as np
-import torch
 from torch import Tensor
 
 from distrnn.config import ConfigError, TaskSpec
-from distrnn.data.base import Split, StreamCorpusDataModule, existing_path
+from distrnn.data.base import Split, StreamCorpusDataModule, existing_path, map_file
 
 DTYPES = {"uint8": np.uint8, "uint16": np.uint16, "int32": np.int32, "uint32": np.uint32, "int64": np.int64}
 
@@ -26,8 +25,7 @@ def map_tokens(path: Path, dtype: str, key: str) -> Tensor:
     if size % itemsize:
         raise ConfigError(f"{key}: {path} is {size} bytes, not a whole number of {dtype} tokens ({itemsize} bytes"
                           " each): is data.dtype the file's type?")
-    # copy-on-write mapping: a writable tensor over a file that nothing writes
-    return torch.from_numpy(np.memmap(path, dtype=DTYPES[dtype], mode="c"))
+    return map_file(path, DTYPES[dtype])
 
 
 class TokenFileDataModule(StreamCorpusDataModule):
