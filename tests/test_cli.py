@@ -505,7 +505,7 @@ def test_every_shipped_training_config_parses(capsys, tmp_path, monkeypatch, nam
 def test_a_pre_tokenized_corpus_trains_logs_bits_per_token_and_bad_ids_are_one_line(tmp_path, capsys):
     """`distrnn fit` on nanoGPT-style uint16 token files (ids above 40,000 of a 40,100-id vocabulary,
     a next-token rule over 100 of them): it learns (validation loss far below the 100 ids'
-    uniform 4.6 nats), logs bits per token as val/bpt (not bits per byte), and generate, which
+    uniform 4.6 nats), logs bits per token as val/bpt (not bits per byte), the state reset at each end-of-text id, and generate, which
     speaks bytes, refuses the model in one line. A validation file of another tokenizer (an id
     outside the vocabulary) fails before any run opens, naming the file."""
     rule = lambda n, shift: 40_000 + (np.arange(n) * 37 + shift) % 100  # noqa: E731
@@ -522,10 +522,13 @@ model:
   optimizer: {lr: 0.01}
 data:
   class_path: distrnn.data.TokenFileDataModule
-  init_args: {path: train.bin, val_path: val.bin, vocab_size: 40100, dtype: uint16, batch_size: 8, seq_len: 32}
+  init_args: {path: train.bin, val_path: val.bin, vocab_size: 40100, dtype: uint16, batch_size: 8, seq_len: 32,
+              eot_token: 40099}
 """)
     code, _, err = cli(capsys, "fit", "--config", str(config))
     assert code == 0, err[-3000:]
+    # documents of 100 ids, each after an end-of-text id: the rule holds from a fresh state too
+    assert len(list(Path("data_cache/documents").glob("*.starts.npy"))) == 2
     (run,) = mlflow.MlflowClient().search_runs([e.experiment_id for e in mlflow.MlflowClient().search_experiments()])
     assert run.data.metrics["val/bpt"] * math.log(2) == pytest.approx(run.data.metrics["val/loss"], rel=1e-4)
     assert run.data.metrics["val/loss"] < 4.0 and "val/bpb" not in run.data.metrics

@@ -176,7 +176,7 @@ def test_a_folder_is_copied_once_and_again_when_it_changes(tmp_path):
     expected = (b"first, longer" + b"second file" + b"nested, third", [0, 13, 24])
     assert served(folder / "cache") == expected and served(folder / "cache") == expected
     (tmp_path / "a_file").write_text("")
-    with pytest.raises(ConfigError, match="^data.cache_dir: cannot copy the folder"):
+    with pytest.raises(ConfigError, match="^data.cache_dir: cannot write a copy of the folder"):
         served(tmp_path / "a_file" / "cache")
 
 
@@ -398,6 +398,59 @@ def test_token_files_are_served_as_written_every_token_once_and_checked(tmp_path
         TokenFileDataModule(path=str(tmp_path / "train.bin"), vocab_size=70_000)
 
 
+def test_token_file_documents_reset_the_state_at_each_end_of_text(tmp_path, monkeypatch, capsys):
+    """With data.eot_token the state is zeroed before every end-of-text token, exactly where the
+    file holds it (a per-batch comparison against the ids at each step's position, 2 ranks,
+    training and the held-out tail, and a validation file of its own), and nowhere else but each
+    stream's first step. The positions come from one chunked scan (equal to numpy's over the whole
+    file, chunks of 7), cached: a second setup does not scan, a rewritten file is scanned again and
+    its older positions removed."""
+    from distrnn.data import TokenFileDataModule, tokens
+
+    eot = 999
+    ids = np.random.default_rng(1).integers(0, eot, 4_001).astype(np.uint16)
+    ids[[0, 1, 500, 1_234, 3_600, 3_700, 4_000]] = eot
+    ids[np.random.default_rng(2).random(4_001) < 0.01] = eot
+    ids.tofile(tmp_path / "train.bin")
+    ids[::-1].copy().tofile(tmp_path / "val.bin")
+    assert np.array_equal(tokens.find_token(tmp_path / "train.bin", "uint16", eot, chunk=7), np.flatnonzero(ids == eot))
+    scans, real = [], tokens.find_token
+    monkeypatch.setattr(tokens, "find_token", lambda *a: scans.append(a[0].name) or real(*a))
+    cache = tmp_path / "cache"
+
+    def check(val_path, rank):
+        dm = TokenFileDataModule(path=str(tmp_path / "train.bin"), vocab_size=1_000, eot_token=eot, batch_size=3,
+                                 seq_len=40, val_fraction=0.1, val_path=val_path, cache_dir=str(cache))
+        dm.trainer = SimpleNamespace(global_rank=rank, world_size=2, current_epoch=0)
+        loaders = dm.check("fit")
+        resets = 0
+        for loader, split in ((loaders["train_dataloader"], "train"), (loaders["val_dataloader"], "val")):
+            source = ids[::-1] if split == "val" and val_path else ids[4_001 - int(4_001 * 0.1):] if split == "val" else ids
+            for i, batch in enumerate(loader):
+                pos, m = loader.stream_positions(i), batch["mask"]
+                expected = torch.zeros_like(m)
+                expected[m] = torch.from_numpy(source[pos[m]] == eot)
+                expected[:, 0] |= i == 0
+                assert torch.equal(batch["reset"], expected), (split, rank, i)
+                resets += int(batch["reset"][:, 1:].sum())
+        return resets
+
+    assert sum(check(None, rank) for rank in range(2)) > 40 and scans == ["train.bin"]
+    assert sum(check(str(tmp_path / "val.bin"), rank) for rank in range(2)) > 40
+    assert scans == ["train.bin", "val.bin"]  # each file once, then from the cache
+    ids[2] = eot
+    ids.tofile(tmp_path / "train.bin")
+    check(str(tmp_path / "val.bin"), 0)
+    assert scans[2:] == ["train.bin"] and len(list((cache / "documents").glob("train.bin-*.npy"))) == 1
+
+    with pytest.raises(ConfigError, match="^data.eot_token: must be an id below data.vocab_size 1000, got 1000"):
+        TokenFileDataModule(path=str(tmp_path / "train.bin"), vocab_size=1_000, eot_token=1_000)
+    capsys.readouterr()
+    TokenFileDataModule(path=str(tmp_path / "train.bin"), vocab_size=1_001, eot_token=1_000,
+                        cache_dir=str(cache)).setup("fit")
+    assert "data.eot_token: id 1000 does not occur in" in capsys.readouterr().err
+
+
 def test_processes_that_start_together_copy_a_folder_once(tmp_path, monkeypatch):
     """Ranks started together (torchrun) all find no copy of a folder corpus: one copies while the
     others wait on the copy's lock, then find it (4 at once, each copy made slow: 1 copy, 4 equal
@@ -414,7 +467,7 @@ def test_processes_that_start_together_copy_a_folder_once(tmp_path, monkeypatch)
     copies, real = [], text._copy
 
     def slow_copy(*args):
-        copies.append(args[3].name)
+        copies.append(args[2].name)
         time.sleep(0.3)  # every other caller has looked for the copy by now
         real(*args)
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 from dataclasses import dataclass
+from glob import escape as glob_escape
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import lightning as L
 import numpy as np
@@ -139,3 +142,41 @@ def existing_path(value: str, key: str) -> Path:
     if not path.exists():
         raise ConfigError(f"{key}: no such file or folder: {path}")
     return path
+
+
+def build_once(where: Path, name: str, prefix: str, suffixes: tuple[str, ...], build: Callable[..., None],
+               what: str) -> tuple[Path, ...]:
+    """The cached files ``where/{name}{suffix}``, made by ``build(*paths)`` when one is missing.
+
+    ``name`` holds a digest of everything the files are made from, so changed inputs make new
+    files; those of an older name that starts with ``prefix`` (the same inputs, changed since) are
+    removed. One process builds while the others wait on a lock (ranks started together:
+    torchrun), then find the files. They are written to temporary paths and renamed, so a file
+    there is whole, and a run still reading an older one keeps it (unlinked) until it ends."""
+    outs = tuple(where / f"{name}{suffix}" for suffix in suffixes)
+    if all(p.exists() for p in outs):
+        return outs
+    try:
+        where.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"data.cache_dir: cannot write {what} into {where}: {e}") from None
+    from filelock import FileLock
+
+    with FileLock(str(where / f".{name}.lock")):
+        if not all(p.exists() for p in outs):
+            tmps = tuple(where / f".{p.name}.{os.getpid()}.tmp" for p in outs)
+            try:
+                build(*tmps)
+                for tmp, out in zip(tmps, outs):
+                    os.replace(tmp, out)
+            except OSError as e:
+                raise ConfigError(f"data.cache_dir: cannot write {what} into {where}: {e}") from None
+            finally:
+                for tmp in tmps:
+                    with contextlib.suppress(OSError):
+                        tmp.unlink()
+    for old in [*where.glob(glob_escape(prefix) + "*"), *where.glob("." + glob_escape(prefix) + "*.lock")]:
+        if not old.name.lstrip(".").startswith(name + "."):
+            with contextlib.suppress(OSError):
+                old.unlink()
+    return outs

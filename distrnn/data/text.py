@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
 import shutil
 import sysconfig
-from glob import escape as glob_escape
 from pathlib import Path
 from typing import Optional
 
@@ -17,7 +15,7 @@ import torch
 from torch import Tensor
 
 from distrnn.config import ConfigError, TaskSpec
-from distrnn.data.base import Split, StreamCorpusDataModule, existing_path, map_file
+from distrnn.data.base import Split, StreamCorpusDataModule, build_once, existing_path, map_file
 
 BYTE_VOCAB = 256
 
@@ -56,63 +54,37 @@ def _copies(cache_dir: Path) -> Path:
 
 def concatenated(folder: Path, glob: str, files: list[Path], cache_dir: Path) -> tuple[Path, Path]:
     """The files' bytes in one file, and the positions where each non-empty file starts (``.npy``),
-    under ``cache_dir/folders``; named by the folder and glob, and by the files' names, sizes and
-    modification times, so a changed folder is copied again and its older copy removed. One
-    process copies while the others wait on a lock (ranks started together: torchrun); the copy is
-    written to temporary files and renamed (starts first), so a file there is whole, and a run
-    still reading an older copy keeps it until it ends."""
+    under ``cache_dir/folders`` (:func:`~distrnn.data.base.build_once`: made once, by one process);
+    named by the folder and glob, and by the files' names, sizes and modification times, so a
+    changed folder is copied again and its older copy removed."""
     stats = [(f, f.stat()) for f in files]
     listing = json.dumps([(str(f.relative_to(folder)), st.st_size, st.st_mtime_ns) for f, st in stats])
     key = hashlib.sha256(f"{folder.resolve()}\0{glob}".encode()).hexdigest()[:12]
     prefix = f"{folder.name or 'root'}-{key}-"
     name = prefix + hashlib.sha256(listing.encode()).hexdigest()[:12]
     where = _copies(cache_dir)
-    data, starts = where / f"{name}.bin", where / f"{name}.starts.npy"
-    if data.exists() and starts.exists():
-        return data, starts
-    if sum(st.st_size for _, st in stats) == 0:
+    if not all((where / f"{name}{s}").exists() for s in (".bin", ".starts.npy")) and sum(st.st_size for _, st in stats) == 0:
         raise ConfigError(f"data.path: {folder} holds no bytes")
-    try:
-        where.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ConfigError(f"data.cache_dir: cannot copy the folder {folder} into {where}: {e}") from None
-    from filelock import FileLock
-
-    # ranks started together (torchrun) copy once: the others wait, then find the copy
-    with FileLock(str(where / f".{name}.lock")):
-        if not (data.exists() and starts.exists()):
-            _copy(folder, [f for f, _ in stats], where, data, starts)
-    for old in [*where.glob(glob_escape(prefix) + "*"), *where.glob("." + glob_escape(prefix) + "*.lock")]:
-        if not old.name.lstrip(".").startswith(name + "."):
-            with contextlib.suppress(OSError):
-                old.unlink()
+    data, starts = build_once(where, name, prefix, (".bin", ".starts.npy"),
+                              lambda data, starts: _copy(folder, [f for f, _ in stats], data, starts),
+                              f"a copy of the folder {folder}")
     return data, starts
 
 
-def _copy(folder: Path, files: list[Path], where: Path, data: Path, starts: Path) -> None:
-    tmp_data, tmp_starts = where / f".{data.name}.{os.getpid()}.tmp", where / f".{starts.name}.{os.getpid()}.tmp"
-    try:
-        offsets, offset = [], 0
-        with open(tmp_data, "wb") as out:
-            for f in files:
-                with open(f, "rb") as src:
-                    shutil.copyfileobj(src, out, 1 << 20)
-                n = out.tell() - offset
-                if n:
-                    offsets.append(offset)
-                    offset += n
-        if not offsets:  # emptied since listed
-            raise ConfigError(f"data.path: {folder} holds no bytes")
-        with open(tmp_starts, "wb") as out:
-            np.save(out, np.asarray(offsets, dtype=np.int64))
-        os.replace(tmp_starts, starts)
-        os.replace(tmp_data, data)
-    except OSError as e:
-        raise ConfigError(f"data.cache_dir: cannot copy the folder {folder} into {where}: {e}") from None
-    finally:
-        for tmp in (tmp_data, tmp_starts):
-            with contextlib.suppress(OSError):
-                tmp.unlink()
+def _copy(folder: Path, files: list[Path], data: Path, starts: Path) -> None:
+    offsets, offset = [], 0
+    with open(data, "wb") as out:
+        for f in files:
+            with open(f, "rb") as src:
+                shutil.copyfileobj(src, out, 1 << 20)
+            n = out.tell() - offset
+            if n:
+                offsets.append(offset)
+                offset += n
+    if not offsets:  # emptied since listed
+        raise ConfigError(f"data.path: {folder} holds no bytes")
+    with open(starts, "wb") as out:
+        np.save(out, np.asarray(offsets, dtype=np.int64))
 
 
 class ByteCorpusDataModule(StreamCorpusDataModule):
