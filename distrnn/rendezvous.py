@@ -69,11 +69,15 @@ def resolves_to_loopback(host: str) -> bool:
 
 def host_rendezvous_on_loopback(trainer: Trainer) -> Optional[int]:
     """Host the rendezvous store of ``trainer``'s job on 127.0.0.1 and return its port; None where
-    that does not apply: no process group (one device without DDP/DeepSpeed), several nodes, a
-    process that a launcher started (torchrun, SLURM, Ray, or Lightning's own child ranks: their
-    environment says where the store is), a MASTER_ADDR that is not this machine's loopback, a
-    process group already initialized in this process.
-    A MASTER_PORT set by the user is kept."""
+    that does not apply: no process group (one device without DDP/DeepSpeed), a process that a
+    launcher started (torchrun, SLURM, Ray, or Lightning's own child ranks: their environment says
+    where the store is), a MASTER_ADDR that is not this machine's loopback (other machines must
+    reach rank 0), a process group already initialized in this process.
+    A MASTER_PORT set by the user is kept. Several nodes started by hand (``trainer.num_nodes`` > 1,
+    ``NODE_RANK``) must each be given MASTER_ADDR and MASTER_PORT (an OSError naming them
+    otherwise: the nodes would wait for each other until the rendezvous times out); with a
+    loopback MASTER_ADDR they are all this machine, node 0 hosts the store on 127.0.0.1 and the
+    others join it (None)."""
     import torch.distributed as dist
 
     strategy = trainer.strategy
@@ -81,17 +85,27 @@ def host_rendezvous_on_loopback(trainer: Trainer) -> Optional[int]:
     # Variables a distrnn launcher set, in this process or in a parent that ran a job in-process
     # (a notebook): that job's store is not this job's; torchrun's agent sets no DISTRNN_ variable.
     ours = "MASTER_PORT" in os.environ and os.environ.get(_MARK) == os.environ["MASTER_PORT"]
-    one_machine = trainer.num_nodes == 1 and resolves_to_loopback(os.environ.get("MASTER_ADDR", "127.0.0.1"))
+    one_machine = resolves_to_loopback(os.environ.get("MASTER_ADDR", "127.0.0.1"))
     if not one_machine:
         _gloo_anywhere()
     if (
         not isinstance(strategy, ParallelStrategy)
         or dist.is_initialized()  # a group this process joined before keeps its store
-        or not one_machine
         or type(env) is not LightningEnvironment
         or env.creates_processes_externally
         or (os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and not ours)  # torchrun's agent hosts it
     ):
+        return None
+    if trainer.num_nodes > 1:
+        unset = [k for k in ("MASTER_ADDR", "MASTER_PORT") if k not in os.environ or (k == "MASTER_PORT" and ours)]
+        if unset:
+            raise OSError(f"{' and '.join(unset)}: trainer.num_nodes is {trainer.num_nodes}: set {' and '.join(unset)}"
+                          " on every node (node 0's address, a free port there), or the nodes cannot find each other")
+    if not one_machine:
+        return None
+    if trainer.num_nodes > 1 and env.node_rank() > 0:  # node 0, on this machine, hosts the store
+        join_store_on_loopback(int(os.environ["MASTER_PORT"]))
+        gloo_on_loopback()
         return None
     port = host_store_on_loopback(int(os.environ["MASTER_PORT"]) if "MASTER_PORT" in os.environ and not ours else 0)
     os.environ[_MARK] = str(port)

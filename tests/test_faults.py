@@ -102,6 +102,50 @@ def _assert_same_training_state(ckpt: dict, ref: dict) -> None:
     assert sched["last_epoch"] == sched_ref["last_epoch"] and sched["_last_lr"] == pytest.approx(sched_ref["_last_lr"], abs=1e-12)
 
 
+def test_two_nodes_started_by_hand_on_this_machine_equal_one_node_with_two_ranks(config, uninterrupted, tmp_path):
+    """The README's multi-node launch, each node a `distrnn fit` of its own with NODE_RANK,
+    MASTER_ADDR and MASTER_PORT (2 nodes x 1 rank, both on this machine): the same updates as one
+    node with 2 ranks (weights, optimizer, scheduler, both ranks' hidden states at 1e-6), one
+    MLflow run, and every socket either node listens on is on 127.0.0.1 (node 0 hosts the
+    rendezvous store there, node 1 joins it)."""
+    from conftest import free_port
+
+    text = config.read_text().replace("devices: 2,", "devices: 1, num_nodes: 2,")
+    assert text != config.read_text()
+    (tmp_path / "job.yaml").write_text(text)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_port())}
+    nodes, watches = [], []
+    for node in (1, 0):  # node 1 first: it waits for node 0's store
+        p = subprocess.Popen(distrnn_cmd("fit", "--config", str(tmp_path / "job.yaml"), "--checkpoint.dirpath",
+                                         str(tmp_path / "ck")), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, env={**env, "NODE_RANK": str(node)}, cwd=tmp_path, start_new_session=True)
+        watch = ListeningSockets(p.pid)
+        watch.start()
+        nodes.append(p)
+        watches.append(watch)
+    try:
+        results = [p.communicate(timeout=180) for p in nodes]
+    finally:
+        for p in nodes:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+        seen = [w.stop() for w in watches]
+    for p, (_, err) in zip(nodes, results):
+        assert p.returncode == 0, err[-3000:]
+    store = ("127.0.0.1", int(env["MASTER_PORT"]))
+    assert store in seen[1] and store not in seen[0], seen  # node 0 hosts the store; both listen for gloo
+    assert not any(ListeningSockets.exposed(w) for w in watches), seen
+    ckpt = torch.load(tmp_path / "ck" / "last.ckpt", map_location="cpu", weights_only=True)
+    _assert_same_training_state(ckpt, uninterrupted)
+    assert ckpt["distrnn"]["world_size"] == 2
+    for r, (mine, ref) in enumerate(zip(ckpt["distrnn"]["ranks"], uninterrupted["distrnn"]["ranks"])):
+        torch.testing.assert_close(mine, ref, rtol=0, atol=1e-6, msg=f"rank {r}")
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    runs = mlflow.search_runs(search_all_experiments=True)
+    assert len(runs) == 1 and runs.iloc[0]["status"] == "FINISHED"
+
+
 def test_kill_9_of_rank_1_then_relaunch_equals_the_uninterrupted_run(config, uninterrupted, tmp_path):
     """kill -9 of rank 1 after update 6 (checkpoint at 4): the job dies (Lightning's observer
     takes rank 0 down too) without writing anything later; relaunched from the step-4 checkpoint it

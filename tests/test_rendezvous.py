@@ -49,7 +49,7 @@ def test_a_process_started_by_a_distrnn_job_hosts_its_own_store(loopback_rendezv
     "env,kw",
     [
         ({}, {"devices": 1}),  # one process, no process group
-        ({}, {"devices": 2, "strategy": "ddp", "num_nodes": 2}),  # other nodes must reach rank 0
+        ({"MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29500"}, {"devices": 2, "strategy": "ddp", "num_nodes": 2}),  # other machines
         ({"MASTER_ADDR": "10.0.0.1"}, {"devices": 2, "strategy": "ddp"}),  # rank 0 is elsewhere
         ({"TORCHELASTIC_USE_AGENT_STORE": "True", "MASTER_PORT": "29400"}, {"devices": 2, "strategy": "ddp"}),  # torchrun
         ({"LOCAL_RANK": "1"}, {"devices": 2, "strategy": "ddp"}),  # a rank Lightning's launcher started
@@ -62,6 +62,44 @@ def test_no_store_where_another_launcher_owns_the_rendezvous(loopback_rendezvous
     assert loopback_rendezvous(_trainer(**kw)) is None
     assert _listening_here() <= before
     assert os.environ.get("MASTER_PORT") == env.get("MASTER_PORT")
+
+
+def test_nodes_started_by_hand_need_an_address_and_port_and_on_this_machine_meet_on_loopback(
+        loopback_rendezvous, monkeypatch, tmp_path, capsys):
+    """Several nodes started by hand (NODE_RANK, trainer.num_nodes): without MASTER_ADDR and
+    MASTER_PORT one error naming them (each node would otherwise wait for the others until the
+    rendezvous timed out; `distrnn fit`: exit 2, before any checkpoint). With a loopback MASTER_ADDR every node is this machine: node 0 hosts
+    the store on 127.0.0.1 at MASTER_PORT, node 1 joins it as a client and opens nothing. The job
+    that trains so is in test_ddp.py."""
+    from conftest import free_port
+
+    with pytest.raises(OSError, match="^MASTER_ADDR and MASTER_PORT: trainer.num_nodes is 2: set"):
+        loopback_rendezvous(_trainer(devices=1, strategy="ddp", num_nodes=2))
+    write_corpus(tmp_path / "corpus.txt", 4000)
+    (tmp_path / "job.yaml").write_text(
+        "trainer: {max_steps: 2, accelerator: cpu, devices: 1, num_nodes: 2, strategy: ddp, enable_progress_bar: false}\n"
+        "model: {network: {recurrence: gru, hidden_size: 8}, tbptt: {k1: 8}}\n"
+        f"data: {{class_path: distrnn.data.ByteCorpusDataModule, init_args: {{path: {tmp_path / 'corpus.txt'}, batch_size: 2, seq_len: 8}}}}\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    code, _, err = cli(capsys, "fit", "--config", str(tmp_path / "job.yaml"))
+    assert code == 2 and err.strip().splitlines()[-1].startswith(
+        "distrnn: error: MASTER_ADDR and MASTER_PORT: trainer.num_nodes is 2: set MASTER_ADDR and MASTER_PORT on every node"), err[-2000:]
+    assert not (tmp_path / "checkpoints").exists()
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    with pytest.raises(OSError, match="^MASTER_PORT: trainer.num_nodes is 2"):
+        loopback_rendezvous(_trainer(devices=1, strategy="ddp", num_nodes=2))
+    port = free_port()
+    monkeypatch.setenv("MASTER_PORT", str(port))
+    monkeypatch.setenv("NODE_RANK", "1")
+    before = _listening_here()
+    assert loopback_rendezvous(_trainer(devices=1, strategy="ddp", num_nodes=2)) is None
+    assert _listening_here() <= before
+    assert (os.environ["MASTER_PORT"], os.environ["TORCHELASTIC_USE_AGENT_STORE"]) == (str(port), "True")
+    monkeypatch.setenv("NODE_RANK", "0")
+    os.environ.pop("TORCHELASTIC_USE_AGENT_STORE")
+    assert loopback_rendezvous(_trainer(devices=1, strategy="ddp", num_nodes=2)) == port
+    assert ("127.0.0.1", port) in _listening_here()
 
 
 def test_a_busy_master_port_is_one_line_exit_2(tmp_path, capsys, loopback_rendezvous):
@@ -99,8 +137,12 @@ def test_gloo_connects_a_local_jobs_ranks_over_loopback_and_keeps_a_users_choice
     assert lo in {nic for nic, addrs in psutil.net_if_addrs().items() if any(a.address == "127.0.0.1" for a in addrs)}
     loopback_rendezvous(_trainer(devices=2, strategy="ddp"))
     assert os.environ["GLOO_SOCKET_IFNAME"] == lo
-    loopback_rendezvous(_trainer(devices=2, strategy="ddp", num_nodes=2))  # a later job in this process
+    monkeypatch.setenv("MASTER_ADDR", "10.0.0.1")  # a later job in this process, on several machines
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    loopback_rendezvous(_trainer(devices=2, strategy="ddp", num_nodes=2))
     assert "GLOO_SOCKET_IFNAME" not in os.environ
+    monkeypatch.delenv("MASTER_ADDR")
+    monkeypatch.delenv("MASTER_PORT")
     monkeypatch.setenv("GLOO_SOCKET_IFNAME", "eth7")
     loopback_rendezvous(_trainer(devices=2, strategy="ddp"))
     assert os.environ["GLOO_SOCKET_IFNAME"] == "eth7"
