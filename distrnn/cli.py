@@ -38,7 +38,7 @@ from distrnn.data.loaders import layout_change
 from distrnn.engine import TBPTTModule, check_carried_state
 from distrnn.predict import WritePredictions
 from distrnn.rendezvous import host_rendezvous_on_loopback
-from distrnn.tracking import LogConfigToMLflow, MLflowRunInCheckpoint, continue_run, evaluation_run
+from distrnn.tracking import LogConfigToMLflow, MLflowRunInCheckpoint, SystemMetricsOfEveryNode, continue_run, evaluation_run
 
 CHECKPOINT_DEFAULTS: dict[str, Any] = {
     "monitor": "val/loss",
@@ -219,7 +219,7 @@ class DistrnnCLI(LightningCLI):
             callbacks.append(EpochProgressBar())
         if self.subcommand == "predict" and not any(isinstance(c, BasePredictionWriter) for c in callbacks):
             callbacks.append(WritePredictions())
-        trainer_cfg["callbacks"] = [*callbacks, MLflowRunInCheckpoint(), CheckpointOnSigterm()]
+        trainer_cfg["callbacks"] = [*callbacks, MLflowRunInCheckpoint(), SystemMetricsOfEveryNode(), CheckpointOnSigterm()]
         if not any(isinstance(p, CheckpointIO) for p in plugins):
             plugins.append(AtomicCheckpointIO())
         trainer_cfg["plugins"] = plugins

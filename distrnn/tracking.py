@@ -44,7 +44,8 @@ class MLflowLogger(MLFlowLogger):
 
     Every ``system_metrics_s`` seconds the machine of rank 0 is sampled by MLflow's own system
     metric monitors and logged at the latest training step as ``system/...`` (the MLflow UI's
-    system metrics tab): CPU and memory use, disk, network, and with ``nvidia-ml-py`` installed
+    system metrics tab; in a job on several nodes every node's, as ``system/node<i>/...``:
+    :class:`SystemMetricsOfEveryNode`): CPU and memory use, disk, network, and with ``nvidia-ml-py`` installed
     (``distrnn[gpu]``) each GPU's utilization, memory and power. ``0``: none.
     """
 
@@ -87,6 +88,7 @@ class MLflowLogger(MLFlowLogger):
         self._system_metrics_s = system_metrics_s
         self._sender: Optional[_Sender] = None
         self._sampler: Optional[_SystemSampler] = None
+        self._system_prefix = "system/"  # system/node0/ in a job on several nodes (SystemMetricsOfEveryNode)
         self._last_step: Optional[int] = None
         self.sender_stats: dict[str, float] = {}
 
@@ -95,13 +97,15 @@ class MLflowLogger(MLFlowLogger):
         # Lightning's ModelCheckpoint puts files under save_dir/<experiment id>/<run id>/checkpoints.
         return self._checkpoint_dir
 
-    @rank_zero_only
     def log_metrics(self, metrics: dict[str, float], step: Optional[int] = None) -> None:
-        self._last_step = step
+        self._last_step = step  # on every rank: the step other nodes log their system metrics at
+        if rank_zero_only.rank != 0:
+            return
         if self._sampler is None and self._system_metrics_s > 0:
             _ = self.experiment  # create the run here, in the main thread
             try:
-                self._sampler = _SystemSampler(self._put, lambda: self._last_step, self._system_metrics_s)
+                self._sampler = _SystemSampler(self._put, lambda: self._last_step, self._system_metrics_s,
+                                               self._system_prefix)
             except Exception as e:  # e.g. psutil missing: the run goes on without them
                 self._system_metrics_s = 0
                 print(f"distrnn: warning: no system metrics: {str(e).splitlines()[0][:200]}", file=sys.stderr, flush=True)
@@ -328,7 +332,7 @@ class _SystemSampler:
     fails stops the sampling, never the training."""
 
     def __init__(self, put: Callable[[dict[str, float], Optional[int]], None], step: Callable[[], Optional[int]],
-                 interval_s: float) -> None:
+                 interval_s: float, prefix: str = "system/") -> None:
         import threading
 
         from mlflow.system_metrics.metrics.cpu_monitor import CPUMonitor
@@ -344,7 +348,7 @@ class _SystemSampler:
                 break
             except Exception:  # no library, or no device
                 pass
-        self.put, self.step, self.interval_s = put, step, interval_s
+        self.put, self.step, self.interval_s, self.prefix = put, step, interval_s, prefix
         self.sample()  # the CPU percentage counts from the previous call: start the clock
         self._stop = threading.Event()
         self.thread = threading.Thread(target=self._run, name="distrnn-system-metrics", daemon=True)
@@ -356,7 +360,7 @@ class _SystemSampler:
             monitor.collect_metrics()
             metrics.update(monitor.aggregate_metrics())
             monitor.clear_metrics()
-        return {f"system/{k}": float(v) for k, v in metrics.items()}
+        return {f"{self.prefix}{k}": float(v) for k, v in metrics.items()}
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
@@ -437,6 +441,54 @@ class MLflowRunInCheckpoint(Callback):
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         if isinstance(trainer.logger, MLFlowLogger) and trainer.logger.run_id:
             checkpoint[RUN_ID_KEY] = trainer.logger.run_id
+
+
+class SystemMetricsOfEveryNode(Callback):
+    """In a training job on several nodes, the system metrics of every node, each from its first
+    local rank, logged into the job's one run as ``system/node<i>/...`` (rank 0's logger samples
+    node 0 under that name too); MLflow's UI shows them per node in the system metrics tab.
+
+    At setup the ranks agree on the number of nodes and rank 0 hands out its run id (two
+    collectives, once); the other nodes log through their own MLflow client, from a thread, at
+    their current training step. A node whose sampling or logging fails warns and stops sampling;
+    the training goes on. A job on one node is unchanged (rank 0's machine as ``system/...``)."""
+
+    def __init__(self) -> None:
+        self._sampler: Optional[_SystemSampler] = None
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        import torch
+
+        logger = trainer.logger
+        if stage != "fit" or trainer.world_size == 1 or not isinstance(logger, MLflowLogger) or logger._system_metrics_s <= 0:
+            return
+        node = trainer.strategy.cluster_environment.node_rank()
+        nodes = 1 + int(trainer.strategy.reduce(torch.tensor(float(node), device=trainer.strategy.root_device), reduce_op="max"))
+        if nodes == 1:
+            return
+        run_id = trainer.strategy.broadcast(logger.run_id if trainer.is_global_zero else None)
+        if trainer.is_global_zero:
+            logger._system_prefix = "system/node0/"
+        elif trainer.local_rank == 0:
+            from mlflow.entities import Metric
+
+            client = logger._mlflow_client
+
+            def put(metrics: dict[str, float], step: Optional[int]) -> None:
+                now = int(time.time() * 1000)
+                client.log_batch(run_id, metrics=[Metric(k, v, now, step or 0) for k, v in metrics.items()], synchronous=True)
+
+            try:
+                self._sampler = _SystemSampler(put, lambda: logger._last_step, logger._system_metrics_s,
+                                               f"system/node{node}/")
+            except Exception as e:
+                print(f"distrnn: warning: no system metrics of node {node}: {str(e).splitlines()[0][:200]}",
+                      file=sys.stderr, flush=True)
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        sampler, self._sampler = self._sampler, None
+        if sampler is not None:
+            sampler.close()
 
 
 STAGE_TAG = "distrnn.stage"

@@ -106,8 +106,9 @@ def test_two_nodes_started_by_hand_on_this_machine_equal_one_node_with_two_ranks
     """The README's multi-node launch, each node a `distrnn fit` of its own with NODE_RANK,
     MASTER_ADDR and MASTER_PORT (2 nodes x 1 rank, both on this machine): the same updates as one
     node with 2 ranks (weights, optimizer, scheduler, both ranks' hidden states at 1e-6), one
-    MLflow run, and every socket either node listens on is on 127.0.0.1 (node 0 hosts the
-    rendezvous store there, node 1 joins it)."""
+    MLflow run with each node's system metrics (`system/node0/...`, `system/node1/...`), and every
+    socket either node listens on is on 127.0.0.1 (node 0 hosts the rendezvous store there, node 1
+    joins it)."""
     from conftest import free_port
 
     text = config.read_text().replace("devices: 2,", "devices: 1, num_nodes: 2,")
@@ -144,6 +145,12 @@ def test_two_nodes_started_by_hand_on_this_machine_equal_one_node_with_two_ranks
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
     runs = mlflow.search_runs(search_all_experiments=True)
     assert len(runs) == 1 and runs.iloc[0]["status"] == "FINISHED"
+    client, run_id = mlflow.MlflowClient(), runs.iloc[0]["run_id"]
+    last = client.get_metric_history(run_id, "train/loss")[-1].step
+    for node in (0, 1):  # each node's machine, from its own process, at the run's steps, the last one last
+        history = client.get_metric_history(run_id, f"system/node{node}/cpu_utilization_percentage")
+        assert history and all(0 <= m.step <= last for m in history) and history[-1].step == last, (node, history)
+    assert "metrics.system/cpu_utilization_percentage" not in runs.columns
 
 
 def test_kill_9_of_rank_1_then_relaunch_equals_the_uninterrupted_run(config, uninterrupted, tmp_path):
