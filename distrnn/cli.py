@@ -70,13 +70,25 @@ warnings.filterwarnings("ignore", message=".*Couldn't infer the batch indices.*"
 _KEY_LINE = re.compile(r"((?:model|data|trainer|checkpoint)\.[\w.]+: .*)")
 
 
+_UNION_ITEM = re.compile(r"^  - (.*)$")  # one subtype's error in jsonargparse's union message
+_JSONARGPARSE_OWN = ("Not a valid subclass", "Expected a", "Does not validate", "Problem with given class_path")
+
+
 def _key_line(message: str) -> str:
     """jsonargparse wraps an error raised while instantiating in lines about union subtypes;
-    the line that names the key is the one a user needs."""
-    for line in message.splitlines():
+    the line that names the key is the one a user needs. Where none names a key (a class of
+    another library, such as a callback, refusing its arguments), the class and its own error:
+    the union's first line ("Does not validate against any of the Union subtypes") says nothing."""
+    lines = message.splitlines()
+    for line in lines:
         m = _KEY_LINE.search(line)
         if m:
             return m.group(1).strip()
+    causes = [m.group(1).strip() for m in map(_UNION_ITEM.match, lines) if m]
+    cause = next((c for c in causes if not c.startswith(_JSONARGPARSE_OWN)), None)
+    if cause:
+        classes = list(dict.fromkeys(re.findall(r"class_path='([\w.]+)'", message)))  # the refused one among them
+        return f"{classes[0] if len(classes) == 1 else 'one of ' + ', '.join(classes)}: {cause}" if classes else cause
     return message.strip().splitlines()[0] if message.strip() else "invalid configuration"
 
 

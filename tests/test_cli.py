@@ -59,6 +59,10 @@ def job(tmp_path):
         (["--trainer.strategy", "bogus"], "strategy"),
         (["--trainer.gradient_clip_val", "1.0"], "trainer.gradient_clip_val: distrnn clips in its own update; set model.optimizer.clip_norm"),
         (["--trainer.accumulate_grad_batches", "2"], "trainer.accumulate_grad_batches: not supported"),
+        # another library's class refusing its arguments: the class and its own error, not
+        # jsonargparse's "Does not validate against any of the Union subtypes"
+        (["--trainer.callbacks+=lightning.pytorch.callbacks.EMAWeightAveraging", "--trainer.callbacks.decay", "1.5"],
+         "lightning.pytorch.callbacks.EMAWeightAveraging: Invalid decay value 1.5 provided"),
         # found when the data is read (setup, loaders): before the MLflow run opens, not inside fit
         (["--data.init_args.batch_size", "9000"], "data.batch_size"),
         (["--data.init_args.batch_size", "2000"], "trainer.val_check_interval: 10 batches, but an epoch of this data has 1"),
