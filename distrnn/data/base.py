@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from dataclasses import dataclass
 from glob import escape as glob_escape
 from pathlib import Path
@@ -165,6 +166,8 @@ def build_once(where: Path, name: str, prefix: str, suffixes: tuple[str, ...], b
     with FileLock(str(where / f".{name}.lock")):
         if not all(p.exists() for p in outs):
             tmps = tuple(where / f".{p.name}.{os.getpid()}.tmp" for p in outs)
+            # a large corpus takes a while, once: say so, rather than a silent pause before the run
+            print(f"distrnn: writing {what} into {where} (once: later runs reuse it)", file=sys.stderr, flush=True)
             try:
                 build(*tmps)
                 for tmp, out in zip(tmps, outs):
