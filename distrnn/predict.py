@@ -51,6 +51,7 @@ class WritePredictions(BasePredictionWriter):
         path = self._target(trainer)
         path.parent.mkdir(parents=True, exist_ok=True)
         self._parts, self._count = path.with_name(f".{path.name}.parts-{os.getpid()}"), 0
+        shutil.rmtree(self._parts, ignore_errors=True)  # a killed process's, whose pid this one reuses
         self._parts.mkdir()
 
     def write_on_batch_end(self, trainer: Trainer, pl_module: LightningModule, prediction: Any,
