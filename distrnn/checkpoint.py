@@ -505,17 +505,24 @@ class Checkpoint(ModelCheckpoint):
         if pl_module.automatic_optimization:
             return super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         step = trainer.global_step
+        # The end-of-training file is written here when this batch ends training (max_steps,
+        # max_time, a callback's stop): by on_train_end Lightning has closed the epoch, and a
+        # resume from a file written then would start the next epoch, skipping the rest of this one.
+        ending = self.save_last and (trainer.should_stop or 0 <= trainer.max_steps <= step)
         due = self._passed(step) or self._time_due(trainer) or self._due_at_validation
-        if not due or self._off(trainer):
+        if not (due or ending) or self._off(trainer):
             return
         if self._last_global_step_saved == step:  # written at this step already: the interval restarts
             self._last_time_checked = time.monotonic()
             self._time_requested = self._due_at_validation = False
             return
-        if self.monitor is not None and self._validates_next(trainer):
+        if (self.monitor is not None or not due) and self._validates_next(trainer):
             self._due_at_validation = True  # written once, after the validation chose a best or not
             return
-        self._save_last_now(trainer)
+        if due:
+            self._save_last_now(trainer)
+        else:  # only the last file, as at the end of training
+            self._write_last(trainer, self._monitor_candidates(trainer))
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if pl_module.automatic_optimization:

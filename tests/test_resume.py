@@ -353,3 +353,30 @@ def _runs(tmp_path):
 
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     return sorted(r.info.run_id for r in client.search_runs([e.experiment_id for e in client.search_experiments()]))
+
+
+def test_resuming_a_finished_run_for_more_steps_again_and_again_equals_one_run(tmp_path, capsys):
+    """Training stopped by max_steps mid-epoch writes its last file at the last batch's end, where
+    a resume goes on in the same epoch: 10 -> 22 -> 30 steps in three jobs (22 is no multiple of
+    every_n_train_steps: the file is the end-of-training one) ends with the weights of one 30-step
+    job and the same read position. (Written after Lightning had closed the epoch, the file sent
+    the third job into the next epoch, skipping the rest of this one.)"""
+    from conftest import cli
+
+    write_corpus(tmp_path / "corpus.txt", 4000)
+    base = ["--config", str(REPO / "jobs/configs/tiny.yaml")]
+    code, _, err = cli(capsys, "fit", *base, "--trainer.max_steps", "10")
+    assert code == 0, err[-2000:]
+    (last,) = tmp_path.glob("checkpoints/*/*/checkpoints/last.ckpt")
+    for steps in ("22", "30"):
+        code, _, err = cli(capsys, "fit", *base, "--ckpt_path", str(last), "--trainer.max_steps", steps)
+        assert code == 0, err[-2000:]
+    code, _, err = cli(capsys, "fit", *base, "--trainer.max_steps", "30")
+    assert code == 0, err[-2000:]
+    (one,) = set(tmp_path.glob("checkpoints/*/*/checkpoints/last.ckpt")) - {last}
+    chained, single = load_checkpoint_file(last), load_checkpoint_file(one)
+    assert chained["global_step"] == single["global_step"] == 30
+    position = [c["loops"]["fit_loop"]["state_dict"]["combined_loader"][0] for c in (chained, single)]
+    assert position[0] == position[1] and (position[0]["epoch"], position[0]["next_index"]) == (0, 15)
+    for k, v in single["state_dict"].items():
+        torch.testing.assert_close(chained["state_dict"][k], v, rtol=0, atol=1e-6, msg=k)
