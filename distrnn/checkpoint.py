@@ -13,7 +13,7 @@ import os
 import time
 import weakref
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor
@@ -197,7 +197,13 @@ def convert_main(argv: Optional[list[str]] = None) -> int:
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning's checkpoint IO with write-then-rename saves and safe loads."""
+    """Lightning's checkpoint IO with write-then-rename saves and safe loads. ``on_load``, when
+    set, edits the next training checkpoint loaded, before Lightning restores from it
+    (``--reshard``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.on_load: Optional[Callable[[dict[str, Any]], Any]] = None
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Optional[Any] = None) -> None:
         if "://" in str(path):  # object storage has no rename: Lightning's own writer
@@ -229,7 +235,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def load_checkpoint(self, path: Any, map_location: Optional[Any] = None, weights_only: Optional[bool] = None) -> dict[str, Any]:
         # Lightning also moves plain state dicts through here (ddp_spawn returns rank 0's weights so).
-        return load_checkpoint_file(path, map_location if map_location is not None else "cpu", training=False)
+        checkpoint = load_checkpoint_file(path, map_location if map_location is not None else "cpu", training=False)
+        if self.on_load is not None and "loops" in checkpoint:  # not the weights ddp_spawn hands back
+            on_load, self.on_load = self.on_load, None
+            on_load(checkpoint)
+        return checkpoint
 
 
 class CheckpointOnSigterm(Callback):

@@ -6,6 +6,7 @@ MLflow run or checkpoint is created.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -35,7 +36,7 @@ from distrnn.config import ConfigError
 from distrnn.data.base import RecurrentDataModule
 from distrnn.data.download import DownloadError
 from distrnn.data.loaders import layout_change
-from distrnn.engine import TBPTTModule, check_carried_state
+from distrnn.engine import CHECKPOINT_KEY, TBPTTModule, check_carried_state, reshard_checkpoint
 from distrnn.predict import WritePredictions
 from distrnn.rendezvous import host_rendezvous_on_loopback
 from distrnn.tracking import LogConfigToMLflow, MLflowRunInCheckpoint, SystemMetricsOfEveryNode, continue_run, evaluation_run
@@ -216,6 +217,11 @@ class DistrnnCLI(LightningCLI):
         parser.add_argument("--trust_deepspeed_checkpoint", type=bool, default=False,
                             help="allow --ckpt_path to name a DeepSpeed checkpoint directory, which DeepSpeed"
                                  " loads with pickle: only for directories your own jobs wrote")
+        parser.add_argument("--reshard", type=bool, default=False,
+                            help="fit: let --ckpt_path resume on another number of devices or nodes, or with other"
+                                 " data settings: weights, optimizer, schedule, step and MLflow run go on; the same"
+                                 " global batch continues exactly, any other goes on at the same fraction of the"
+                                 " epoch from a zero hidden state (README: Resuming elsewhere)")
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         config = self.config_init[self.subcommand] if self.subcommand else self.config_init
@@ -354,20 +360,43 @@ class DistrnnCLI(LightningCLI):
             self.config_init["fit"]["ckpt_path"] = self._resolve_alias("fit")
         ckpt_path = self.config_init["fit"].get("ckpt_path")
         if ckpt_path and ckpt_path not in ("last", "best", "hpc", "registry") and not str(ckpt_path).startswith("registry"):
+            loader = getattr(self, "_checked_loaders", {}).get("train_dataloader")
             try:
                 if is_deepspeed_checkpoint(ckpt_path):
                     checkpoint = check_deepspeed_checkpoint(ckpt_path, self.config_init["fit"].get("trust_deepspeed_checkpoint"))
                 else:
                     checkpoint = load_checkpoint_file(ckpt_path, mmap=True)
+                if self.config_init["fit"].get("reshard"):
+                    self._reshard(ckpt_path, checkpoint, loader)
                 check_carried_state(checkpoint, self.trainer.world_size)
             except CheckpointError as e:
                 fail(str(e))
             except ValueError as e:  # a rank's state missing, another world size: before any run starts
                 fail(f"checkpoint {ckpt_path}: {e}")
-            changed = layout_change(checkpoint, getattr(self, "_checked_loaders", {}).get("train_dataloader"))
+            changed = layout_change(checkpoint, loader)
             if changed:
                 fail(changed)
             continue_run(self.trainer.logger, checkpoint)
+
+    def _reshard(self, ckpt_path: str, checkpoint: dict[str, Any], loader: Any) -> None:
+        """``--reshard``: the checkpoint as this run will read it (checked here, before any run
+        opens), and the same rewrite set to happen to the copy Lightning loads."""
+        world = self.trainer.world_size
+        io = self.trainer.strategy.checkpoint_io
+        if is_deepspeed_checkpoint(ckpt_path) or not isinstance(io, AtomicCheckpointIO):
+            saved = (checkpoint.get(CHECKPOINT_KEY) or {}).get("world_size")
+            if saved in (None, world) and layout_change(checkpoint, loader) is None:
+                return  # nothing to reshard
+            if not is_deepspeed_checkpoint(ckpt_path):
+                raise ValueError(f"--reshard: needs distrnn's checkpoint IO, not {type(io).__name__}")
+            raise ValueError("--reshard: a DeepSpeed checkpoint holds optimizer shards of its own world size; convert it"
+                             " (distrnn convert-checkpoint) and start a new run from its weights (--model.init_weights)")
+        changed = reshard_checkpoint(checkpoint, world, loader)
+        if changed is None:
+            return
+        io.on_load = functools.partial(reshard_checkpoint, world=world, loader=loader)
+        if self.trainer.is_global_zero:
+            print(f"distrnn: --reshard: {changed}", file=sys.stderr, flush=True)
 
     def instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand] if self.subcommand else self.config

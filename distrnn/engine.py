@@ -50,7 +50,8 @@ def check_carried_state(checkpoint: dict[str, Any], world: int) -> None:
     if d["world_size"] != world:
         raise ValueError(
             f"checkpoint was written by {d['world_size']} ranks and this run has {world}: every rank's"
-            " streams and hidden state belong to one world size; resume with the same number of devices"
+            " streams and hidden state belong to one world size; resume with the same number of devices, or pass"
+            " --reshard true"
         )
     ranks = d.get("ranks") or []
     present = sum(isinstance(r, dict) and "carry" in r and "rng" in r for r in ranks)
@@ -59,6 +60,82 @@ def check_carried_state(checkpoint: dict[str, Any], world: int) -> None:
             f"checkpoint is incomplete: it holds the carried state of {present} of its {d['world_size']} ranks;"
             " resuming would start some ranks' streams from a wrong state"
         )
+
+
+def _rows(carries: list[dict[str, Any]], split: int) -> list[dict[str, Any]]:
+    """Every rank's carried state and replay history cut into ``split`` ranks' rows: the ranks'
+    rows are consecutive global streams, so joined in rank order they are the global batch."""
+    def cut(parts: list[Optional[Tensor]], dim: int) -> list[Optional[Tensor]]:
+        if any(p is None for p in parts):
+            return [None] * split
+        return list(torch.cat(parts, dim).chunk(split, dim))
+
+    states = [state_tensors(c.get("state")) for c in carries]
+    state: list[Any] = [None] * split
+    if all(states) and len({len(t) for t in states}) == 1:
+        columns = [cut([t[i] for t in states], 1) for i in range(len(states[0]))]
+        whole = isinstance(carries[0]["state"], Tensor)
+        state = [columns[0][r] if whole else tuple(c[r] for c in columns) for r in range(split)]
+    histories = [c.get("history") for c in carries]
+    history: list[Any] = [None] * split
+    if all(h is not None for h in histories):
+        columns = {k: cut([h[k] for h in histories], 0) for k in histories[0]}
+        history = [{k: v[r] for k, v in columns.items()} for r in range(split)]
+    return [{"state": state[r], "history": history[r]} for r in range(split)]
+
+
+def reshard_checkpoint(checkpoint: dict[str, Any], world: int, loader: Any) -> Optional[str]:
+    """Rewrites, in place, a training checkpoint written by another number of ranks or with
+    other data settings, so that a run of ``world`` ranks reading ``loader`` (this rank's
+    training loader) resumes from it: weights, optimizer, schedule, step, callbacks and MLflow run
+    as saved. Returns one line saying what changed, or None when nothing did (an exact resume).
+
+    When the ranks together read the same data at every index as before (the same global batch,
+    e.g. 4 ranks x 8 streams resumed on 2 x 16; ``loader.global_layout``), the resume is exact:
+    the same read position, and every stream's carried hidden state moved to the rank that now
+    reads it. Otherwise each rank goes on at the same fraction of the epoch (rounded down to a
+    batch, at least one batch on once one was read) with a zero hidden state, as at the start of a
+    stream; tokens between the old and the new positions are read twice or not at all this epoch.
+    Ranks take the RNG of the old rank ``rank % old world size``. ValueError (one line) when the
+    checkpoint cannot be resharded."""
+    from distrnn.data.loaders import ResumableLoader
+
+    d = checkpoint.get(CHECKPOINT_KEY)
+    if d is None or not isinstance(loader, ResumableLoader):
+        raise ValueError("only a distrnn training checkpoint, read by one of distrnn's data modules, can be resharded")
+    old_world = d["world_size"]
+    check_carried_state(checkpoint, old_world)
+    fit_loop = (checkpoint.get("loops") or {}).get("fit_loop") or {}
+    saved = (fit_loop.get("state_dict") or {}).get("combined_loader") or []
+    if len(saved) != 1 or not isinstance(saved[0], dict) or "num_batches" not in saved[0] or "layout" not in saved[0]:
+        raise ValueError("the checkpoint records no batch count for its training data (written by an older distrnn):"
+                         " resume with the same devices and data settings, or start from --model.init_weights")
+    before, now = saved[0]["layout"], loader.layout()
+    if old_world == world and before == now:
+        return None
+    old_n, new_n, index, epoch = int(saved[0]["num_batches"]), loader.num_batches(), int(saved[0]["next_index"]), int(saved[0]["epoch"])
+    g = loader.global_layout(before, old_world)
+    exact = g is not None and g == loader.global_layout(now, world) and old_n == new_n
+    if exact:
+        new_index, carries = index, _rows([r["carry"] for r in d["ranks"]], world)
+    else:
+        new_index = index * new_n // old_n
+        if index > 0:
+            new_index = max(new_index, 1)
+        carries = [{"state": None, "history": None}] * world
+    d["ranks"] = [{"carry": carries[r], "rng": d["ranks"][r % old_world]["rng"]} for r in range(world)]
+    d["world_size"] = world
+    # Lightning's batch counters follow the read position, kept as far from it as saved (a save
+    # after a batch's end has one batch processed and not yet completed)
+    progress = fit_loop["epoch_loop.batch_progress"]
+    for part in ("current", "total"):
+        progress[part] = {k: max(0, v + new_index - index) for k, v in progress[part].items()}
+    saved[0] = {**saved[0], "next_index": new_index, "layout": now, "num_batches": new_n}
+    what = f"{old_world} rank(s) x data.batch_size {before.get('data.batch_size')} -> {world} x {now.get('data.batch_size')}"
+    if exact:
+        return f"{what}: the same global batches; read position and hidden states carried over exactly"
+    return (f"{what}: epoch {epoch} goes on at batch {new_index} of {new_n} per rank (was {index} of {old_n}),"
+            " every stream from a zero hidden state")
 
 
 class Carry:

@@ -229,12 +229,20 @@ def fit_from_ray_checkpoint(cli: Any, checkpoint: Any, same_run: bool = True) ->
         ckpt = check_deepspeed_checkpoint(path, trusted=True) if is_deepspeed_checkpoint(path) else load_checkpoint_file(path, mmap=True)
         if cli.trainer.is_global_zero:
             print(f"distrnn: resuming from Ray checkpoint {checkpoint.path} at step {ckpt['global_step']} (epoch {ckpt['epoch']})")
-        if same_run:  # a job resubmitted with other data settings: refused, as distrnn fit refuses it
+        if same_run:  # a job resubmitted with other data settings or workers: as distrnn fit takes it
             from distrnn.data import RecurrentDataModule
             from distrnn.data.loaders import layout_change
+            from distrnn.engine import check_carried_state
 
             dm = cli.datamodule
-            changed = layout_change(ckpt, dm.check("fit")["train_dataloader"]) if isinstance(dm, RecurrentDataModule) else None
+            loader = dm.check("fit")["train_dataloader"] if isinstance(dm, RecurrentDataModule) else None
+            try:
+                if cli.config_init.get("reshard"):
+                    cli._reshard(path, ckpt, loader)
+                check_carried_state(ckpt, cli.trainer.world_size)
+            except ValueError as e:
+                raise ConfigError(f"Ray checkpoint {checkpoint.path}: {e}") from None
+            changed = layout_change(ckpt, loader)
             if changed:
                 raise ConfigError(changed)
             continue_run(cli.trainer.logger, ckpt)

@@ -61,20 +61,30 @@ def test_two_ranks_equal_one_process_with_the_global_batch(loopback_rendezvous, 
         torch.testing.assert_close(b, a, rtol=0, atol=1e-6, msg=k)
 
 
-def _fit_ckpt(tmp_path, rendezvous, steps, ckpt_path=None, devices=2):
+def _fit_ckpt(tmp_path, rendezvous, steps, ckpt_path=None, devices=2, reshard_from=None):
+    """``reshard_from``: the checkpoint's world size and per-rank batch, to reshard it (as
+    ``distrnn fit --reshard true`` does) for this run's ``devices`` x ``6 // devices`` streams."""
+    import functools
+
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     from distrnn.checkpoint import AtomicCheckpointIO
+    from distrnn.engine import reshard_checkpoint
 
     L.seed_everything(0)
     module = make_module(LM, recurrence="lstm", hidden=16, k1=8, k2=12, name="adamw", lr=1e-2, seed=0)
+    io = AtomicCheckpointIO()
+    per_rank = 3 if reshard_from is None else 6 // devices
+    if reshard_from is not None:
+        loader = StreamLoader(torch.zeros(4001, dtype=torch.uint8), per_rank, 16, world_size=devices)
+        io.on_load = functools.partial(reshard_checkpoint, world=devices, loader=loader)
     trainer = L.Trainer(
         accelerator="cpu", devices=devices, strategy="ddp_spawn", max_steps=steps, logger=False,
-        enable_progress_bar=False, enable_model_summary=False, plugins=[AtomicCheckpointIO()],
+        enable_progress_bar=False, enable_model_summary=False, plugins=[io],
         callbacks=[ModelCheckpoint(dirpath=tmp_path / "ck", every_n_train_steps=4, save_top_k=-1, filename="{step}")],
     )
     rendezvous(trainer)
-    trainer.fit(module, Streams(3), ckpt_path=ckpt_path)
+    trainer.fit(module, Streams(per_rank), ckpt_path=ckpt_path)
     return module
 
 
@@ -95,6 +105,45 @@ def test_ddp_resume_restores_every_ranks_state(tmp_path, loopback_rendezvous):
         torch.testing.assert_close(b, a, rtol=0, atol=1e-6, msg=k)
     with pytest.raises(Exception, match="written by 2 ranks"):
         _fit_ckpt(tmp_path / "c", loopback_rendezvous, 16, ckpt_path=str(ckpt), devices=1)
+
+
+@pytest.mark.slow
+def test_reshard_with_the_same_global_batch_is_exact(tmp_path, loopback_rendezvous):
+    """A job of 2 ranks x 3 streams, checkpointed mid-epoch, resumed with ``--reshard`` on 1
+    process x 6 streams, checkpointed again and resumed on 2 x 3, ends with the weights and
+    optimizer of the uninterrupted 2-rank run (1e-6): the 6 streams are the same, and each
+    stream's hidden state and TBPTT history moves to the rank that reads it next. Resharded for
+    another global batch instead, the run goes on at the same fraction of the epoch from a zero
+    state."""
+    from distrnn.checkpoint import load_checkpoint_file
+    from distrnn.engine import reshard_checkpoint
+
+    ref = _fit_ckpt(tmp_path, loopback_rendezvous, 16)
+    ckpt = tmp_path / "ck" / "step=8.ckpt"
+    _fit_ckpt(tmp_path / "one", loopback_rendezvous, 12, ckpt_path=str(ckpt), devices=1, reshard_from=(2, 3))
+    middle = tmp_path / "one" / "ck" / "step=12.ckpt"
+    assert load_checkpoint_file(middle)["distrnn"]["world_size"] == 1
+    resumed = _fit_ckpt(tmp_path / "two", loopback_rendezvous, 16, ckpt_path=str(middle), devices=2, reshard_from=(1, 6))
+    for (k, a), (_, b) in zip(ref.state_dict().items(), resumed.state_dict().items()):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-6, msg=k)
+
+    saved = load_checkpoint_file(ckpt)
+    index = saved["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]["next_index"]
+    h_BH = [saved["distrnn"]["ranks"][r]["carry"]["state"][0] for r in (0, 1)]
+    one = StreamLoader(torch.zeros(4001, dtype=torch.uint8), 6, 16)
+    assert reshard_checkpoint(load_checkpoint_file(ckpt), 2, StreamLoader(torch.zeros(4001, dtype=torch.uint8), 3, 16, world_size=2)) is None
+    merged = load_checkpoint_file(ckpt)
+    assert "carried over exactly" in reshard_checkpoint(merged, 1, one)
+    torch.testing.assert_close(merged["distrnn"]["ranks"][0]["carry"]["state"][0], torch.cat(h_BH, 1), rtol=0, atol=0)
+    other = load_checkpoint_file(ckpt)  # 4 streams instead of 6: 1.5x as many batches per epoch
+    line = reshard_checkpoint(other, 1, StreamLoader(torch.zeros(4001, dtype=torch.uint8), 4, 16))
+    n_old, n_new = one.num_batches(), StreamLoader(torch.zeros(4001, dtype=torch.uint8), 4, 16).num_batches()
+    assert f"goes on at batch {index * n_new // n_old} of {n_new} per rank (was {index} of {n_old})" in line
+    assert other["distrnn"]["ranks"][0]["carry"] == {"state": None, "history": None}
+    loops = other["loops"]["fit_loop"]
+    assert loops["state_dict"]["combined_loader"][0]["next_index"] == index * n_new // n_old
+    assert loops["epoch_loop.batch_progress"]["current"]["ready"] == index * n_new // n_old
+    assert loops["epoch_loop.manual_optimization.optim_step_progress"]["total"]["completed"] == 8
 
 
 class BlockingCollectives(L.Callback):

@@ -285,20 +285,38 @@ def test_progress_bar_goes_on_from_where_a_resumed_epoch_stands(tmp_path):
     assert DistrnnCLI(args=args, run=False).trainer.progress_bar_callback is None
 
 
+def _ray_checkpoint(tmp_path, last):
+    """A stand-in for what ray.train.get_checkpoint() returns, as fit_from_ray_checkpoint uses it:
+    a checkpoint directory holding a copy of ``last``."""
+    import contextlib
+    import shutil
+
+    from distrnn.raytrain import CKPT_NAME
+
+    class RayCheckpoint:
+        path = "storage/checkpoint_000000"
+
+        @contextlib.contextmanager
+        def as_directory(self):
+            d = tmp_path / "ray-ckpt"
+            d.mkdir(exist_ok=True)
+            shutil.copy(last, d / CKPT_NAME)
+            yield str(d)
+
+    return RayCheckpoint
+
+
 def test_a_resume_with_other_data_settings_is_refused_naming_the_key(tmp_path, capsys):
     """A checkpoint's read position means batch i of its run's data layout. Resuming with another
     batch size, chunk length or corpus would read other data at it (and, for the batch size, drop
     the carried hidden state) without a word: refused before any run opens, exit 2, the key named
     and the checkpoint untouched; the same settings resume. A restarted Ray Train job refuses it
     too (the worker's restore path, without Ray: a stand-in for its checkpoint object)."""
-    import contextlib
-    import shutil
-
     from conftest import cli
     from distrnn.config import ConfigError
     from distrnn.data import GeneratedLoader, TensorLoader
     from distrnn.data.loaders import layout_change
-    from distrnn.raytrain import CKPT_NAME, fit_from_ray_checkpoint
+    from distrnn.raytrain import fit_from_ray_checkpoint
 
     corpus = write_corpus(tmp_path / "corpus.txt", 4000)
     base = ["--config", str(REPO / "jobs/configs/tiny.yaml"), "--trainer.max_steps", "10"]
@@ -318,16 +336,7 @@ def test_a_resume_with_other_data_settings_is_refused_naming_the_key(tmp_path, c
     assert code == 2 and "the data (tokens): 3800 in the checkpoint's run, 4275 in this one" in err, err[-2000:]
     assert last.read_bytes() == before and _runs(tmp_path) == runs
 
-    class RayCheckpoint:  # what ray.train.get_checkpoint() returns, as fit_from_ray_checkpoint uses it
-        path = "storage/checkpoint_000000"
-
-        @contextlib.contextmanager
-        def as_directory(self):
-            d = tmp_path / "ray-ckpt"
-            d.mkdir(exist_ok=True)
-            shutil.copy(last, d / CKPT_NAME)
-            yield str(d)
-
+    RayCheckpoint = _ray_checkpoint(tmp_path, last)
     from distrnn.cli import DistrnnCLI
 
     worker = DistrnnCLI(args=[*base, "--trainer.logger=false", "--data.init_args.batch_size", "2"], run=False)
@@ -380,3 +389,48 @@ def test_resuming_a_finished_run_for_more_steps_again_and_again_equals_one_run(t
     assert position[0] == position[1] and (position[0]["epoch"], position[0]["next_index"]) == (0, 15)
     for k, v in single["state_dict"].items():
         torch.testing.assert_close(chained["state_dict"][k], v, rtol=0, atol=1e-6, msg=k)
+
+
+def test_reshard_resumes_with_other_data_settings_in_the_same_run(tmp_path, capsys):
+    """``--reshard true`` lets the refused resume above go on: the checkpoint's optimizer, step and
+    MLflow run, the epoch continued at the same fraction (batch 5 of 30 -> 2 of 15 with twice the
+    streams), the change told in one line and recorded on the run; with nothing changed it is the
+    plain exact resume and says nothing."""
+    import mlflow
+
+    from conftest import cli
+
+    write_corpus(tmp_path / "corpus.txt", 4000)
+    base = ["--config", str(REPO / "jobs/configs/tiny.yaml")]
+    code, _, err = cli(capsys, "fit", *base, "--trainer.max_steps", "10")
+    assert code == 0, err[-2000:]
+    (last,) = tmp_path.glob("checkpoints/*/*/checkpoints/last.ckpt")
+    runs = _runs(tmp_path)
+    wider = [*base, "--data.init_args.batch_size", "8", "--reshard", "true"]
+    code, _, err = cli(capsys, "fit", *wider, "--ckpt_path", str(last), "--trainer.max_steps", "20")
+    assert code == 0, err[-2000:]
+    assert ("distrnn: --reshard: 1 rank(s) x data.batch_size 4 -> 1 x 8: epoch 0 goes on at batch 2 of 15 per rank"
+            " (was 5 of 30), every stream from a zero hidden state") in err
+    saved = load_checkpoint_file(last)
+    assert saved["global_step"] == 20 and _runs(tmp_path) == runs
+    assert saved["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]["next_index"] == 2 + 5  # 2 updates a batch
+    assert saved["optimizer_states"][0]["state"][0]["step"] == 20
+    tags = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_run(runs[0]).data.tags
+    assert tags["resumed.reshard"] == "True" and tags["resumed.data.init_args.batch_size"] == "8"
+    code, _, err = cli(capsys, "fit", *wider, "--ckpt_path", str(last), "--trainer.max_steps", "22")
+    assert code == 0 and "--reshard" not in err and load_checkpoint_file(last)["global_step"] == 22, err[-2000:]
+
+    # a Ray Train job resubmitted with other settings: the worker's restore path (without Ray)
+    from distrnn.cli import DistrnnCLI
+    from distrnn.config import ConfigError
+    from distrnn.raytrain import fit_from_ray_checkpoint
+
+    RayCheckpoint = _ray_checkpoint(tmp_path, last)
+
+    narrow = [*base, "--trainer.logger=false", "--data.init_args.batch_size", "2", "--trainer.max_steps", "24"]
+    with pytest.raises(ConfigError, match="^data.batch_size: 8 in the checkpoint's run, 2 in this one"):
+        fit_from_ray_checkpoint(DistrnnCLI(args=narrow, run=False), RayCheckpoint())
+    worker = DistrnnCLI(args=[*narrow, "--reshard", "true"], run=False)
+    fit_from_ray_checkpoint(worker, RayCheckpoint())
+    assert worker.trainer.global_step == 24
+    assert "epoch 0 goes on at batch 32 of 60 per rank (was 8 of 15)" in capsys.readouterr().err

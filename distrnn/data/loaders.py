@@ -83,8 +83,19 @@ class ResumableLoader:
         read other data at the saved position (:func:`layout_change`)."""
         return {}
 
+    def global_layout(self, layout: dict[str, Any], world_size: int) -> Optional[dict[str, Any]]:
+        """What decides the data of the run's global batch ``i`` (all ranks' batch ``i``
+        together), for a loader of ``layout`` on ``world_size`` ranks: equal for two runs whose
+        ranks, in rank order, read the same data at every index (4 ranks x batch 8 and 2 x 16);
+        None where the data depend on the split itself."""
+        if "data.batch_size" not in layout:
+            return None
+        g = dict(layout)
+        g["global batch"] = g.pop("data.batch_size") * world_size
+        return g
+
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "next_index": self.position, "layout": self.layout()}
+        return {"epoch": self.epoch, "next_index": self.position, "layout": self.layout(), "num_batches": self.num_batches()}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self._resume = (int(state["epoch"]), int(state["next_index"]))
@@ -276,6 +287,9 @@ class GeneratedLoader(ResumableLoader):
     def layout(self) -> dict[str, Any]:
         return {"data.batch_size": self.batch_size, "batches per epoch": self.batches_per_epoch, "data.seed": self.seed}
 
+    def global_layout(self, layout: dict[str, Any], world_size: int) -> Optional[dict[str, Any]]:
+        return None  # each rank draws its own batch from (seed, epoch, index, rank)
+
     def make_batch(self, epoch: int, index: int) -> Batch:
         g = batch_generator(self.seed, 0 if self.fixed else epoch, index, self.rank)
         return _complete(self.generate(g, self.batch_size), epoch, index)
@@ -294,8 +308,8 @@ def layout_change(checkpoint: dict[str, Any], loader: Any) -> Optional[str]:
     for key in before:
         if before[key] != now.get(key):
             return (f"{key}: {before[key]} in the checkpoint's run, {now.get(key)} in this one: the saved read position"
-                    " would point at other data; resume with the same data settings, or start a new run from the"
-                    " checkpoint's weights (--model.init_weights)")
+                    " would point at other data; resume with the same data settings, or pass --reshard true (the same"
+                    " fraction of the epoch), or start a new run from the checkpoint's weights (--model.init_weights)")
     return None
 
 
