@@ -555,6 +555,10 @@ class Checkpoint(ModelCheckpoint):
         by_validation = self._every_n_epochs >= 1 and (trainer.current_epoch + 1) % self._every_n_epochs == 0
         if self._due_at_validation or wrote_best or by_validation:
             self._save_last_now(trainer)
+        elif self.save_last and trainer.should_stop and self._last_global_step_saved != trainer.global_step:
+            # stopped by this validation (EarlyStopping): the end-of-training file, written before
+            # Lightning closes the epoch (see on_train_batch_end)
+            self._write_last(trainer, candidates)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if pl_module.automatic_optimization:

@@ -78,6 +78,24 @@ def test_without_step_or_time_triggers_last_follows_every_validation(saves, caps
     assert saves == [(s, n) for s in (20, 40, 60) for n in (f"{s}.ckpt", "last.ckpt")]
 
 
+def test_a_run_stopped_by_early_stopping_mid_epoch_leaves_last_in_that_epoch(saves, capsys):
+    """EarlyStopping stops after the validation at update 40 (not better than at 20; the step
+    trigger, every 7, does not fall there, nor a validation trigger): last.ckpt is written then, at batch 20 of epoch 0's 60, not after Lightning has closed the epoch (a resume
+    from that file started epoch 1, skipping the rest of epoch 0)."""
+    code, _, err = cli(capsys, "fit", "--config", "job.yaml", "--trainer.max_steps", "60",
+                       "--checkpoint.every_n_train_steps", "7", "--checkpoint.mode", "max",
+                       "--trainer.callbacks+=lightning.pytorch.callbacks.EarlyStopping",
+                       "--trainer.callbacks.monitor=val/loss", "--trainer.callbacks.mode=max",
+                       "--trainer.callbacks.patience=0")
+    assert code == 0, err[-3000:]
+    assert saves[-1] == (40, "last.ckpt") and saves.count((40, "last.ckpt")) == 1
+    last = load_checkpoint_file(next(Path("checkpoints").rglob("last.ckpt")))
+    loops = last["loops"]["fit_loop"]
+    position = loops["state_dict"]["combined_loader"][0]
+    assert (last["epoch"], position["epoch"], position["next_index"], position["num_batches"]) == (0, 0, 20, 60)
+    assert loops["epoch_progress"]["current"]["processed"] == 0
+
+
 def test_resume_from_the_save_deferred_to_validation_equals_the_uninterrupted_run(saves, capsys, monkeypatch):
     """The last.ckpt written after the validation at update 20 (not at that batch's end) resumes
     to the uninterrupted run's weights at update 28, bit for bit."""
