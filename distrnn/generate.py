@@ -1,4 +1,5 @@
-"""``distrnn generate``: sample from a byte-level model, streaming the state one step at a time."""
+"""``distrnn generate``: sample from a language model (bytes, or token ids through a tokenizer),
+streaming the state one step at a time."""
 
 from __future__ import annotations
 
@@ -37,17 +38,17 @@ def load_registered(uri: str) -> torch.nn.Module:
 
 
 @torch.no_grad()
-def generate(module: Any, prompt: bytes, length: int, temperature: float = 1.0, top_k: Optional[int] = None,
-             seed: int = 0) -> bytes:
+def sample(module: Any, prompt_ids: list[int], length: int, temperature: float = 1.0, top_k: Optional[int] = None,
+           seed: int = 0) -> list[int]:
+    """``length`` ids sampled after ``prompt_ids`` (at least one), which stream through the model
+    one step at a time, the way text would arrive."""
     model = getattr(module, "model", module)  # a TBPTTModule or a RecurrentModel from the registry
-    if not prompt:
-        prompt = b"\n"
     g = torch.Generator().manual_seed(seed)
     state = None
     logits = None
-    for b in prompt:  # the prompt streams through one byte at a time, the way text would arrive
-        logits, state = model.step(torch.tensor([b]), state)
-    out = bytearray()
+    for i in prompt_ids:
+        logits, state = model.step(torch.tensor([i]), state)
+    out: list[int] = []
     for _ in range(length):
         z = logits[0].float() / max(temperature, 1e-6)
         if top_k:
@@ -56,16 +57,27 @@ def generate(module: Any, prompt: bytes, length: int, temperature: float = 1.0, 
         nxt = int(torch.multinomial(torch.softmax(z, -1), 1, generator=g))
         out.append(nxt)
         logits, state = model.step(torch.tensor([nxt]), state)
-    return bytes(out)
+    return out
+
+
+def generate(module: Any, prompt: bytes, length: int, temperature: float = 1.0, top_k: Optional[int] = None,
+             seed: int = 0) -> bytes:
+    """A byte-level model's continuation of ``prompt`` (empty: a line end)."""
+    return bytes(sample(module, list(prompt or b"\n"), length, temperature, top_k, seed))
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="distrnn generate", description=__doc__)
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--checkpoint", help="a distrnn checkpoint of a byte-level model")
+    src.add_argument("--checkpoint", help="a distrnn checkpoint of a language model")
     src.add_argument("--model", help="a registered MLflow model, models:/NAME/VERSION")
     p.add_argument("--prompt", default="", help="text to condition on")
-    p.add_argument("--length", type=int, default=200, help="bytes to generate")
+    p.add_argument("--length", type=int, default=200, help="bytes (tokens, with --tokenizer) to generate")
+    p.add_argument("--tokenizer", default=None,
+                   help="for a model of token ids (TokenFileDataModule): the tokenizer.json its data was made with")
+    p.add_argument("--eot", default=None,
+                   help="with --tokenizer: the end-of-text token that starts the text, as between documents in"
+                        " training (default: the tokenizer's own; none: start from the prompt alone)")
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--top_k", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
@@ -78,12 +90,48 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"distrnn: error: {e}", file=sys.stderr)
         return 2
     task = module.task
-    if task.kind != "language_model" or task.vocab_size != 256 or task.token_unit != "byte":
-        what = (f"a language model over {task.vocab_size} token ids of a tokenizer" if task.kind == "language_model"
-                else f"a {task.kind} model")
-        print(f"distrnn: error: {a.checkpoint or a.model}: {what}, not a byte-level language model: generate reads"
-              " and writes bytes", file=sys.stderr)
-        return 2
-    text = generate(module, a.prompt.encode(), a.length, a.temperature, a.top_k, a.seed)
-    sys.stdout.write(a.prompt + text.decode("utf-8", errors="replace") + "\n")
+    source = a.checkpoint or a.model
+    if task.kind != "language_model":
+        return _error(f"{source}: a {task.kind} model, not a language model: generate writes text")
+    if task.token_unit == "byte":
+        if task.vocab_size != 256:
+            return _error(f"{source}: a language model over {task.vocab_size} symbols, not bytes and not a"
+                          " tokenizer's ids: generate has no text for them")
+        if a.tokenizer:
+            return _error(f"--tokenizer: {source} is a byte-level model; it reads and writes bytes")
+        text = generate(module, a.prompt.encode(), a.length, a.temperature, a.top_k, a.seed)
+        sys.stdout.write(a.prompt + text.decode("utf-8", errors="replace") + "\n")
+        return 0
+    if not a.tokenizer:
+        return _error(f"{source}: a language model over {task.vocab_size} token ids: pass --tokenizer, the"
+                      " tokenizer.json its data was made with")
+    from distrnn.data.tokenizer import TokenizerError, end_of_text, load_tokenizer, vocab_size
+
+    try:
+        tokenizer = load_tokenizer(a.tokenizer)
+        if vocab_size(tokenizer) > task.vocab_size:
+            raise TokenizerError(f"--tokenizer: {a.tokenizer} has {vocab_size(tokenizer)} tokens, more than the"
+                                 f" {task.vocab_size} ids of {source}: is it the tokenizer its data was made with?")
+        eot = end_of_text(tokenizer, a.eot) if a.eot is not None else _quiet_end_of_text(tokenizer)
+    except TokenizerError as e:
+        return _error(str(e))
+    prompt_ids = ([] if eot is None else [eot]) + tokenizer.encode(a.prompt, add_special_tokens=False).ids
+    if not prompt_ids:
+        return _error("--prompt: empty, and the tokenizer has no end-of-text token to start from (--eot)")
+    ids = sample(module, prompt_ids, a.length, a.temperature, a.top_k, a.seed)
+    sys.stdout.write(a.prompt + tokenizer.decode(ids, skip_special_tokens=False) + "\n")
     return 0
+
+
+def _quiet_end_of_text(tokenizer: Any) -> Optional[int]:
+    from distrnn.data.tokenizer import TokenizerError, end_of_text
+
+    try:
+        return end_of_text(tokenizer, None)
+    except TokenizerError:
+        return None
+
+
+def _error(message: str) -> int:
+    print(f"distrnn: error: {message}", file=sys.stderr)
+    return 2

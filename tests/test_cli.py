@@ -509,8 +509,8 @@ def test_every_shipped_training_config_parses(capsys, tmp_path, monkeypatch, nam
 def test_a_pre_tokenized_corpus_trains_logs_bits_per_token_and_bad_ids_are_one_line(tmp_path, capsys):
     """`distrnn fit` on nanoGPT-style uint16 token files (ids above 40,000 of a 40,100-id vocabulary,
     a next-token rule over 100 of them): it learns (validation loss far below the 100 ids'
-    uniform 4.6 nats), logs bits per token as val/bpt (not bits per byte), the state reset at each end-of-text id, and generate, which
-    speaks bytes, refuses the model in one line. A validation file of another tokenizer (an id
+    uniform 4.6 nats), logs bits per token as val/bpt (not bits per byte), the state reset at each end-of-text id, and generate
+    asks for the tokenizer in one line (tests/test_tokenizer.py generates with one). A validation file of another tokenizer (an id
     outside the vocabulary) fails before any run opens, naming the file."""
     rule = lambda n, shift: 40_000 + (np.arange(n) * 37 + shift) % 100  # noqa: E731
     rule(20_000, 0).astype(np.uint16).tofile(tmp_path / "train.bin")
@@ -538,8 +538,8 @@ data:
     assert run.data.metrics["val/loss"] < 4.0 and "val/bpb" not in run.data.metrics
     (ckpt,) = Path("checkpoints").rglob("last.ckpt")
     code, _, err = cli(capsys, "generate", "--checkpoint", str(ckpt))
-    assert code == 2 and err.strip().endswith("a language model over 40100 token ids of a tokenizer, not a byte-level"
-                                              " language model: generate reads and writes bytes"), err
+    assert code == 2 and err.strip().endswith("a language model over 40100 token ids: pass --tokenizer, the"
+                                              " tokenizer.json its data was made with"), err
 
     np.array([1, 2, 40_500, 3], dtype=np.uint16).tofile(tmp_path / "val.bin")
     code, _, err = cli(capsys, "fit", "--config", str(config))

@@ -1,0 +1,169 @@
+"""``distrnn tokenize``: text files to a flat file of token ids (what ``TokenFileDataModule``
+reads), with a Hugging Face ``tokenizer.json``; and the tokenizer side of ``distrnn generate``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import numpy as np
+
+# what tokenizers commonly call their end-of-text token, tried in this order
+END_OF_TEXT = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "[SEP]")
+
+
+class TokenizerError(ValueError):
+    """Bad tokenizer input, as one line naming the file or option."""
+
+
+def load_tokenizer(path: str) -> Any:
+    try:
+        from tokenizers import Tokenizer
+    except ImportError:
+        raise TokenizerError("--tokenizer needs the tokenizers package (pip install 'distrnn[tokenizers]')") from None
+    if not Path(path).is_file():
+        raise TokenizerError(f"--tokenizer: {path} is not a file (a Hugging Face tokenizer.json)")
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise TokenizerError(f"--tokenizer: {path} is not a tokenizer.json: {first}") from None
+
+
+def end_of_text(tokenizer: Any, name: Optional[str]) -> Optional[int]:
+    """The id of the end-of-text token: ``name`` ("none": no such token), else the first of
+    :data:`END_OF_TEXT` in the tokenizer's vocabulary."""
+    if name is not None:
+        if name.lower() == "none":
+            return None
+        found = tokenizer.token_to_id(name)
+        if found is None:
+            raise TokenizerError(f"--eot: {name!r} is not a token of this tokenizer")
+        return int(found)
+    for candidate in END_OF_TEXT:
+        found = tokenizer.token_to_id(candidate)
+        if found is not None:
+            return int(found)
+    raise TokenizerError(f"--eot: the tokenizer has none of {', '.join(END_OF_TEXT)}; name its end-of-text token,"
+                         " or pass --eot none to join documents without one")
+
+
+def vocab_size(tokenizer: Any) -> int:
+    return int(tokenizer.get_vocab_size(with_added_tokens=True))
+
+
+def _documents(inputs: list[str]) -> list[Path]:
+    files: list[Path] = []
+    for name in inputs:
+        p = Path(name)
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.is_file() and not any(part.startswith(".") for part in f.relative_to(p).parts))
+            if not found:
+                raise TokenizerError(f"{name}: a folder without files")
+            files += found
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise TokenizerError(f"{name}: no such file or folder")
+    return files
+
+
+def _pieces(path: Path, piece_bytes: int) -> Iterator[str]:
+    """The text of ``path`` in pieces of about ``piece_bytes``, cut after a line end (a piece
+    boundary inside a word would tokenize differently)."""
+    with open(path, "rb") as f:
+        rest, at = b"", 0
+        while chunk := f.read(piece_bytes):
+            data = rest + chunk
+            cut = data.rfind(b"\n") + 1
+            if cut == 0:  # no line end yet: read on (one long line is one piece)
+                rest = data
+                continue
+            piece, rest = data[:cut], data[cut:]
+            yield _text(piece, path, at)
+            at += len(piece)
+        if rest:
+            yield _text(rest, path, at)
+
+
+def _text(piece: bytes, path: Path, at: int) -> str:
+    try:
+        return piece.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise TokenizerError(f"{path}: not UTF-8 text (byte {at + e.start})") from None
+
+
+def tokenize_files(tokenizer: Any, files: list[Path], out: Any, dtype: np.dtype, eot: Optional[int],
+                   piece_bytes: int = 1 << 20, batch: int = 64) -> tuple[int, int]:
+    """Writes every file's ids, each followed by ``eot``, to the binary file ``out``; returns
+    (tokens, documents). The tokenizer's own special tokens (BOS, CLS) are not added; pieces are
+    encoded ``batch`` at a time, which the tokenizer spreads over its threads."""
+    tokens = 0
+    pending: list[str] = []
+
+    def flush() -> None:
+        nonlocal tokens
+        if pending:
+            for enc in tokenizer.encode_batch(pending, add_special_tokens=False):
+                ids = np.asarray(enc.ids, dtype=dtype)
+                ids.tofile(out)
+                tokens += len(ids)
+            pending.clear()
+
+    for path in files:
+        for piece in _pieces(path, piece_bytes):
+            pending.append(piece)
+            if len(pending) >= batch:
+                flush()
+        flush()
+        if eot is not None:
+            np.asarray([eot], dtype=dtype).tofile(out)
+            tokens += 1
+    return tokens, len(files)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="distrnn tokenize",
+        description="Text files (UTF-8) to one flat file of token ids, each file a document followed by the"
+                    " end-of-text id, with a Hugging Face tokenizer.json: the file that data.class_path"
+                    " distrnn.data.TokenFileDataModule trains on. Prints the data settings for it.")
+    p.add_argument("inputs", nargs="+", help="text files (UTF-8), or folders of them: each file one document")
+    p.add_argument("--tokenizer", required=True, help="a Hugging Face tokenizer.json (e.g. GPT-2's)")
+    p.add_argument("--output", required=True, help="the file of token ids to write")
+    p.add_argument("--eot", default=None,
+                   help="the end-of-text token written after each document (default: the tokenizer's own,"
+                        f" one of {', '.join(END_OF_TEXT)}); none: no separator")
+    p.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
+    a = p.parse_args(argv)
+    out = Path(a.output)
+    try:
+        tokenizer = load_tokenizer(a.tokenizer)
+        eot = end_of_text(tokenizer, a.eot)
+        files = _documents(a.inputs)
+        if out.exists() and not a.overwrite:
+            raise TokenizerError(f"--output: {out} exists (--overwrite replaces it)")
+        if out.resolve() in {f.resolve() for f in files}:
+            raise TokenizerError(f"--output: {out} is one of the inputs")
+        vocab = vocab_size(tokenizer)
+        dtype = np.dtype(np.uint16 if vocab <= 1 << 16 else np.uint32)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+        try:
+            with open(tmp, "wb") as f:
+                n, docs = tokenize_files(tokenizer, files, f, dtype, eot)
+            os.replace(tmp, out)  # an interrupted run leaves the previous file, never half of one
+        finally:
+            tmp.unlink(missing_ok=True)
+    except TokenizerError as e:
+        print(f"distrnn: error: {e}", file=sys.stderr)
+        return 2
+    eot_arg = "" if eot is None else f", eot_token: {eot}"
+    print(f"wrote {out}: {n} tokens of {docs} documents ({dtype.name}, vocabulary {vocab}"
+          f"{'' if eot is None else f', end-of-text id {eot}'}); train on it with\n"
+          f"data:\n  class_path: distrnn.data.TokenFileDataModule\n"
+          f"  init_args: {{path: {out}, vocab_size: {vocab}, dtype: {dtype.name}{eot_arg}}}")
+    return 0
