@@ -61,9 +61,9 @@ def test_two_ranks_equal_one_process_with_the_global_batch(loopback_rendezvous, 
         torch.testing.assert_close(b, a, rtol=0, atol=1e-6, msg=k)
 
 
-def _fit_ckpt(tmp_path, rendezvous, steps, ckpt_path=None, devices=2, reshard_from=None):
-    """``reshard_from``: the checkpoint's world size and per-rank batch, to reshard it (as
-    ``distrnn fit --reshard true`` does) for this run's ``devices`` x ``6 // devices`` streams."""
+def _fit_ckpt(tmp_path, rendezvous, steps, ckpt_path=None, devices=2, reshard=False):
+    """``reshard``: reshard the checkpoint (as ``distrnn fit --reshard true`` does) for this run's
+    ``devices`` x ``6 // devices`` streams."""
     import functools
 
     from lightning.pytorch.callbacks import ModelCheckpoint
@@ -74,8 +74,8 @@ def _fit_ckpt(tmp_path, rendezvous, steps, ckpt_path=None, devices=2, reshard_fr
     L.seed_everything(0)
     module = make_module(LM, recurrence="lstm", hidden=16, k1=8, k2=12, name="adamw", lr=1e-2, seed=0)
     io = AtomicCheckpointIO()
-    per_rank = 3 if reshard_from is None else 6 // devices
-    if reshard_from is not None:
+    per_rank = 6 // devices if reshard else 3
+    if reshard:
         loader = StreamLoader(torch.zeros(4001, dtype=torch.uint8), per_rank, 16, world_size=devices)
         io.on_load = functools.partial(reshard_checkpoint, world=devices, loader=loader)
     trainer = L.Trainer(
@@ -89,10 +89,17 @@ def _fit_ckpt(tmp_path, rendezvous, steps, ckpt_path=None, devices=2, reshard_fr
 
 
 @pytest.mark.slow
-def test_ddp_resume_restores_every_ranks_state(tmp_path, loopback_rendezvous):
+def test_ddp_resume_restores_every_ranks_state_and_reshards_exactly(tmp_path, loopback_rendezvous):
     """Resuming 2 ranks mid-epoch from a checkpoint ends with the weights of the uninterrupted run:
-    the checkpoint holds both ranks' hidden states (and TBPTT histories), not rank 0's twice."""
+    the checkpoint holds both ranks' hidden states (and TBPTT histories), not rank 0's twice. A
+    resume on 1 process is refused, unless resharded (``--reshard``): 2 ranks x 3 streams resumed
+    on 1 process x 6 streams, checkpointed again and resumed on 2 x 3, end with the weights and
+    optimizer of the uninterrupted 2-rank run (1e-6): the 6 streams are the same, and each
+    stream's hidden state and TBPTT history moves to the rank that reads it next. Resharded for
+    another global batch instead, the run goes on at the same fraction of the epoch from a zero
+    state."""
     from distrnn.checkpoint import load_checkpoint_file
+    from distrnn.engine import reshard_checkpoint
 
     ref = _fit_ckpt(tmp_path, loopback_rendezvous, 16)
     ckpt = tmp_path / "ck" / "step=8.ckpt"
@@ -106,24 +113,10 @@ def test_ddp_resume_restores_every_ranks_state(tmp_path, loopback_rendezvous):
     with pytest.raises(Exception, match="written by 2 ranks"):
         _fit_ckpt(tmp_path / "c", loopback_rendezvous, 16, ckpt_path=str(ckpt), devices=1)
 
-
-@pytest.mark.slow
-def test_reshard_with_the_same_global_batch_is_exact(tmp_path, loopback_rendezvous):
-    """A job of 2 ranks x 3 streams, checkpointed mid-epoch, resumed with ``--reshard`` on 1
-    process x 6 streams, checkpointed again and resumed on 2 x 3, ends with the weights and
-    optimizer of the uninterrupted 2-rank run (1e-6): the 6 streams are the same, and each
-    stream's hidden state and TBPTT history moves to the rank that reads it next. Resharded for
-    another global batch instead, the run goes on at the same fraction of the epoch from a zero
-    state."""
-    from distrnn.checkpoint import load_checkpoint_file
-    from distrnn.engine import reshard_checkpoint
-
-    ref = _fit_ckpt(tmp_path, loopback_rendezvous, 16)
-    ckpt = tmp_path / "ck" / "step=8.ckpt"
-    _fit_ckpt(tmp_path / "one", loopback_rendezvous, 12, ckpt_path=str(ckpt), devices=1, reshard_from=(2, 3))
+    _fit_ckpt(tmp_path / "one", loopback_rendezvous, 12, ckpt_path=str(ckpt), devices=1, reshard=True)
     middle = tmp_path / "one" / "ck" / "step=12.ckpt"
     assert load_checkpoint_file(middle)["distrnn"]["world_size"] == 1
-    resumed = _fit_ckpt(tmp_path / "two", loopback_rendezvous, 16, ckpt_path=str(middle), devices=2, reshard_from=(1, 6))
+    resumed = _fit_ckpt(tmp_path / "two", loopback_rendezvous, 16, ckpt_path=str(middle), devices=2, reshard=True)
     for (k, a), (_, b) in zip(ref.state_dict().items(), resumed.state_dict().items()):
         torch.testing.assert_close(b, a, rtol=0, atol=1e-6, msg=k)
 
