@@ -196,6 +196,21 @@ def convert_main(argv: Optional[list[str]] = None) -> int:
     return 0
 
 
+def ends_training(trainer: Trainer) -> bool:
+    """Whether training stops after the batch that just ended: max_steps reached, or a stop asked
+    for (max_time, EarlyStopping, any callback) that min_epochs and min_steps allow (Lightning's own
+    test). Files written at the end of training are written then: by ``on_train_end`` Lightning has
+    closed the epoch, and a resume from a file written there starts the next epoch, skipping the
+    rest of this one."""
+    if 0 <= trainer.max_steps <= trainer.global_step:
+        return True
+    if not trainer.should_stop:
+        return False
+    loop = trainer.fit_loop
+    return ((not loop.min_epochs or loop.epoch_progress.current.processed >= loop.min_epochs)
+            and (not loop.min_steps or trainer.global_step >= loop.min_steps))
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning's checkpoint IO with write-then-rename saves and safe loads. ``on_load``, when
     set, edits the next training checkpoint loaded, before Lightning restores from it
@@ -515,10 +530,7 @@ class Checkpoint(ModelCheckpoint):
         if pl_module.automatic_optimization:
             return super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         step = trainer.global_step
-        # The end-of-training file is written here when this batch ends training (max_steps,
-        # max_time, a callback's stop): by on_train_end Lightning has closed the epoch, and a
-        # resume from a file written then would start the next epoch, skipping the rest of this one.
-        ending = self.save_last and (trainer.should_stop or 0 <= trainer.max_steps <= step)
+        ending = self.save_last and ends_training(trainer)  # the end-of-training file, here
         due = self._passed(step) or self._time_due(trainer) or self._due_at_validation
         if not (due or ending) or self._off(trainer):
             return
@@ -555,9 +567,9 @@ class Checkpoint(ModelCheckpoint):
         by_validation = self._every_n_epochs >= 1 and (trainer.current_epoch + 1) % self._every_n_epochs == 0
         if self._due_at_validation or wrote_best or by_validation:
             self._save_last_now(trainer)
-        elif self.save_last and trainer.should_stop and self._last_global_step_saved != trainer.global_step:
-            # stopped by this validation (EarlyStopping): the end-of-training file, written before
-            # Lightning closes the epoch (see on_train_batch_end)
+        elif self.save_last and ends_training(trainer) and self._last_global_step_saved != trainer.global_step:
+            # stopped by this validation (EarlyStopping): the end-of-training file, before
+            # Lightning closes the epoch (ends_training)
             self._write_last(trainer, candidates)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:

@@ -107,12 +107,13 @@ def reshard_checkpoint(checkpoint: dict[str, Any], world: int, loader: Any) -> O
     check_carried_state(checkpoint, old_world)
     fit_loop = (checkpoint.get("loops") or {}).get("fit_loop") or {}
     saved = (fit_loop.get("state_dict") or {}).get("combined_loader") or []
-    if len(saved) != 1 or not isinstance(saved[0], dict) or "num_batches" not in saved[0] or "layout" not in saved[0]:
-        raise ValueError("the checkpoint records no batch count for its training data (written by an older distrnn):"
-                         " resume with the same devices and data settings, or start from --model.init_weights")
-    before, now = saved[0]["layout"], loader.layout()
+    before, now = (saved[0].get("layout") if len(saved) == 1 and isinstance(saved[0], dict) else None), loader.layout()
     if old_world == world and before == now:
         return None
+    if before is None or "num_batches" not in saved[0]:
+        raise ValueError("the checkpoint records no batch count for its training data (written by an older distrnn):"
+                         " resume it without --reshard on the same devices and data settings, or start from"
+                         " --model.init_weights")
     old_n, new_n, index, epoch = int(saved[0]["num_batches"]), loader.num_batches(), int(saved[0]["next_index"]), int(saved[0]["epoch"])
     g = loader.global_layout(before, old_world)
     exact = g is not None and g == loader.global_layout(now, world) and old_n == new_n

@@ -91,13 +91,20 @@ class ReportToRay(Callback):
         self._passed.start(trainer.global_step)
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int) -> None:
-        # a TBPTT batch makes several updates: report when it passed a multiple of n
-        if self._passed(trainer.global_step):
+        from distrnn.checkpoint import Checkpoint, ends_training
+
+        # a TBPTT batch makes several updates: report when it passed a multiple of n; the last
+        # report before Lightning closes the epoch (a job resubmitted for more steps goes on in
+        # it), or from the validation that follows when that one reports anyway
+        ending = ends_training(trainer) and not (self.after_validation and Checkpoint._validates_next(trainer))
+        if self._passed(trainer.global_step) or ending:
             self._report(trainer)
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self.after_validation and not trainer.sanity_checking:
-            self._report(trainer, force=True)
+        from distrnn.checkpoint import ends_training
+
+        if not trainer.sanity_checking and (self.after_validation or ends_training(trainer)):
+            self._report(trainer, force=self.after_validation)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._last_step != trainer.global_step:

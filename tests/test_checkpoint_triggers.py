@@ -226,8 +226,10 @@ def test_ranks_save_at_the_step_rank_0s_clock_chose(tmp_path, loopback_rendezvou
 
 def test_ray_reports_follow_batches_that_make_several_updates(monkeypatch):
     """ReportToRay (checkpoints to Ray storage every report_every updates): with 4 updates a batch
-    and n = 6, after the batches that passed 6, 12, 18 (updates 8, 12, 20); testing ``step % n``
-    at the batch's end reported only at 12."""
+    and n = 6, after the batches that passed 6, 12, 18, 24 (updates 8, 12, 20, 24); testing
+    ``step % n`` at the batch's end reported only at 12 and 24. The end of training (28, mid-epoch
+    1) is reported at its batch's end, before Lightning closes the epoch (reported later, a job
+    resubmitted for more steps skipped the rest of epoch 1)."""
     from distrnn.config import TaskSpec
     from distrnn.data.loaders import TensorLoader
     from distrnn.raytrain import ReportToRay
@@ -237,7 +239,7 @@ def test_ray_reports_follow_batches_that_make_several_updates(monkeypatch):
     reported = []
 
     def report(self, t, force=False):  # what it hands to Ray (which needs a session) aside
-        reported.append(t.global_step)
+        reported.append((t.global_step, t.fit_loop.epoch_progress.current.processed))
         self._last_step = t.global_step
 
     monkeypatch.setattr(ReportToRay, "_report", report)
@@ -246,8 +248,8 @@ def test_ray_reports_follow_batches_that_make_several_updates(monkeypatch):
     data = {"x": torch.randn(16, 40, 2, generator=g), "y": torch.randn(16, 40, 1, generator=g),
             "mask": torch.ones(16, 40, dtype=torch.bool)}
     module = make_module(task, recurrence="gru", hidden=8, mode="tbptt", k1=10)
-    trainer(max_steps=20, callbacks=[ReportToRay(every_n_steps=6)]).fit(module, ListDataModule(TensorLoader(data, 4)))
-    assert reported == [8, 12, 20]
+    trainer(max_steps=28, callbacks=[ReportToRay(every_n_steps=6)]).fit(module, ListDataModule(TensorLoader(data, 4)))
+    assert reported == [(8, 0), (12, 0), (20, 1), (24, 1), (28, 1)]  # 16 updates an epoch
 
 
 def test_report_folders_of_killed_workers_are_swept_and_live_ones_kept(tmp_path):

@@ -59,7 +59,9 @@ def document_starts(path: Path, dtype: str, eot_token: int, cache_dir: Path) -> 
     (starts,) = build_once(cache_dir / "documents", name, prefix, (".starts.npy",), scan,
                            f"the document starts of {path}")
     starts_D = np.load(starts)
-    if not len(starts_D):
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    if not len(starts_D) and rank_zero_only.rank == 0:  # every rank reads the same file
         print(f"distrnn: warning: data.eot_token: id {eot_token} does not occur in {path}: it is read as one"
               " document", file=sys.stderr)
     return torch.from_numpy(starts_D)
