@@ -187,7 +187,7 @@ def test_loader_resumes_at_the_saved_position():
     for _ in range(7):
         next(it)
     state = a.state_dict()
-    assert state == {"epoch": 0, "next_index": 7, "layout": {"data.batch_size": 3, "data.seq_len": 20, "the data (tokens)": 3000}}
+    assert state == {"epoch": 0, "next_index": 7, "layout": {"data.batch_size": 3, "data.seq_len": 20, "the data (tokens)": 3000}, "num_batches": 50}
     rest = list(it)
     b = StreamLoader(tokens, 3, 20)
     b.load_state_dict(state)
