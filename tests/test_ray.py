@@ -7,6 +7,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import subprocess
 import sys
 import urllib.request
@@ -200,7 +201,8 @@ def test_failing_job_without_retries_fails_with_the_error_in_its_logs(cluster, t
 def test_ctrl_c_to_a_ray_train_driver_kills_its_run_and_exits_130(cluster, tmp_path, data):
     """Ctrl-C to `jobs/train.py` once the job has reported a checkpoint: Ray Train aborts the run
     and kills the workers, which never finalize their MLflow run; the driver marks it KILLED
-    (it stayed RUNNING) and exits 130 (it exited 1), saying how to continue."""
+    (it stayed RUNNING) and exits 130 (it exited 1), saying how to continue. The same command on
+    2 workers with --reshard true continues it."""
     import signal
     import time
 
@@ -208,7 +210,9 @@ def test_ctrl_c_to_a_ray_train_driver_kills_its_run_and_exits_130(cluster, tmp_p
            str(tmp_path / "store"), "--name", "stopped", "--config", str(data / "b2.yaml"), "--trainer.max_steps", "100000"]
     driver = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(cluster, tmp_path), cwd=tmp_path)
     deadline = time.time() + 200
-    while not glob.glob(str(tmp_path / "store/stopped/checkpoint_*")):
+    # a checkpoint that Ray has registered (a resubmitted job restores from what the snapshot lists)
+    snapshot = tmp_path / "store/stopped/checkpoint_manager_snapshot.json"
+    while not (snapshot.is_file() and '"checkpoint_dir_name"' in snapshot.read_text()):
         assert driver.poll() is None and time.time() < deadline, driver.communicate()[1][-3000:]
         time.sleep(0.5)
     driver.send_signal(signal.SIGINT)
@@ -217,6 +221,26 @@ def test_ctrl_c_to_a_ray_train_driver_kills_its_run_and_exits_130(cluster, tmp_p
     (run,) = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").search_runs(
         [e.experiment_id for e in mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").search_experiments()])
     assert run.info.status == "KILLED" and run.data.tags.get("distrnn.ray_job")
+
+    # resubmitted under the same name on 2 workers: the run goes on from its latest checkpoint,
+    # resharded (1 x 2 streams -> 2 x 2: the same fraction of the epoch), in the same MLflow run
+    # (Ray restores its latest registered checkpoint, which may be older than the newest folder)
+    cmd[cmd.index("--num-workers") + 1] = "2"
+    r = subprocess.run([*cmd, "--trainer.max_steps", "24", "--reshard", "true"], capture_output=True, text=True,
+                       timeout=300, env=_env(cluster, tmp_path), cwd=tmp_path)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    step = int(re.search(r"resuming from Ray checkpoint \S+ at step (\d+) \(epoch 0\)", r.stdout + r.stderr).group(1))
+    after = torch.load(_latest_ray_checkpoint(tmp_path / "store", "stopped"), map_location="cpu", weights_only=True)
+    now = after["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]
+    assert after["global_step"] == 24 and after["distrnn"]["world_size"] == 2 and now["epoch"] == 0
+    # 2 updates a batch; 1 worker read batch step / 2 of its 2 streams' 179, each of 2 workers has 90
+    assert now["num_batches"] == 90
+    index = max((step // 2) * 90 // 179, 1)
+    assert f"-> 2 x 2: epoch 0 goes on at batch {index} of 90 per rank (was {step // 2} of 179)" in r.stdout + r.stderr
+    assert now["next_index"] == index + (24 - step) // 2
+    (again,) = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").search_runs(
+        [e.experiment_id for e in mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").search_experiments()])
+    assert again.info.run_id == run.info.run_id and again.info.status == "FINISHED"
 
 
 def test_sweep_through_ray_job_submit(cluster, tmp_path, data):
