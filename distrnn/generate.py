@@ -97,8 +97,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         if task.vocab_size != 256:
             return _error(f"{source}: a language model over {task.vocab_size} symbols, not bytes and not a"
                           " tokenizer's ids: generate has no text for them")
-        if a.tokenizer:
-            return _error(f"--tokenizer: {source} is a byte-level model; it reads and writes bytes")
+        if a.tokenizer or a.eot is not None:
+            flag = "--tokenizer" if a.tokenizer else "--eot"
+            return _error(f"{flag}: {source} is a byte-level model; it reads and writes bytes, without a tokenizer")
         text = generate(module, a.prompt.encode(), a.length, a.temperature, a.top_k, a.seed)
         sys.stdout.write(a.prompt + text.decode("utf-8", errors="replace") + "\n")
         return 0

@@ -189,6 +189,10 @@ def test_fit_logs_one_run_to_mlflow_and_generates(job, capsys):
     assert out.startswith("the cat") and len(out.encode()) >= 40
     code, _, err = cli(capsys, "generate", "--checkpoint", "nope.ckpt")
     assert code == 2 and "nope.ckpt" in err
+    for flag, value in (("--tokenizer", "tok.json"), ("--eot", "none")):  # token-model options, one line
+        code, _, err = cli(capsys, "generate", "--checkpoint", str(ckpt), flag, value)
+        assert code == 2 and err.strip().endswith(f"{flag}: {ckpt} is a byte-level model; it reads and writes bytes,"
+                                                  " without a tokenizer") and err.count("\n") == 1, err
 
     # an evaluation of the checkpoint is its own run, nested under the run that trained it
     code, _, err = cli(capsys, "validate", "--config", str(job), "--ckpt_path", str(ckpt))
