@@ -27,8 +27,10 @@ from distrnn.checkpoint import (
     AtomicCheckpointIO,
     Checkpoint,
     CheckpointError,
+    TRUST_FLAG,
     CheckpointOnSigterm,
     check_deepspeed_checkpoint,
+    deepspeed_strategy,
     is_deepspeed_checkpoint,
     load_checkpoint_file,
 )
@@ -36,7 +38,7 @@ from distrnn.config import ConfigError
 from distrnn.data.base import RecurrentDataModule
 from distrnn.data.download import DownloadError
 from distrnn.data.loaders import layout_change
-from distrnn.engine import CHECKPOINT_KEY, TBPTTModule, check_carried_state, reshard_checkpoint
+from distrnn.engine import TBPTTModule, check_carried_state, needs_reshard, reshard_checkpoint
 from distrnn.predict import WritePredictions
 from distrnn.rendezvous import host_rendezvous_on_loopback
 from distrnn.tracking import LogConfigToMLflow, MLflowRunInCheckpoint, SystemMetricsOfEveryNode, continue_run, evaluation_run
@@ -284,14 +286,29 @@ class DistrnnCLI(LightningCLI):
         ckpt_path = self.config_init[stage].get("ckpt_path")
         if ckpt_path in ("last", "best"):
             ckpt_path = self.config_init[stage]["ckpt_path"] = self._resolve_alias(stage)
+        if self.config_init[stage].get("reshard"):
+            fail(f"--reshard: only fit resumes a run; {stage} reads a checkpoint's weights on any devices and data")
         checkpoint = None
-        if (ckpt_path and ckpt_path not in ("last", "best", "hpc") and not str(ckpt_path).startswith("registry")
-                and not is_deepspeed_checkpoint(ckpt_path)):
+        if ckpt_path and ckpt_path not in ("last", "best", "hpc") and not str(ckpt_path).startswith("registry"):
             try:
-                checkpoint = load_checkpoint_file(ckpt_path, mmap=True)
+                if is_deepspeed_checkpoint(ckpt_path):
+                    checkpoint = self._open_deepspeed_checkpoint(stage, ckpt_path)
+                else:
+                    checkpoint = load_checkpoint_file(ckpt_path, mmap=True)
             except CheckpointError as e:
                 fail(str(e))
         evaluation_run(self.trainer.logger, stage, checkpoint, ckpt_path)
+
+    def _open_deepspeed_checkpoint(self, stage: str, ckpt_path: str) -> dict[str, Any]:
+        """A DeepSpeed checkpoint directory's client state, opened only when the user vouches for
+        it (DeepSpeed unpickles it) and only for a DeepSpeed strategy, the one that can load it
+        (any other failed with a traceback from torch.load on a directory)."""
+        trusted = bool(self.config_init[stage].get("trust_deepspeed_checkpoint"))
+        if trusted and deepspeed_strategy(self.trainer) is None:
+            raise CheckpointError(
+                f"checkpoint {ckpt_path}: a DeepSpeed checkpoint directory, which only a DeepSpeed trainer.strategy loads;"
+                f" or convert it into one file: distrnn convert-checkpoint {ckpt_path} model.ckpt {TRUST_FLAG}")
+        return check_deepspeed_checkpoint(ckpt_path, trusted)
 
     def before_validate(self) -> None:
         self.check_data("validate")
@@ -364,7 +381,7 @@ class DistrnnCLI(LightningCLI):
             loader = getattr(self, "_checked_loaders", {}).get("train_dataloader")
             try:
                 if is_deepspeed_checkpoint(ckpt_path):
-                    checkpoint = check_deepspeed_checkpoint(ckpt_path, self.config_init["fit"].get("trust_deepspeed_checkpoint"))
+                    checkpoint = self._open_deepspeed_checkpoint("fit", ckpt_path)
                 else:
                     checkpoint = load_checkpoint_file(ckpt_path, mmap=True)
                 if self.config_init["fit"].get("reshard"):
@@ -384,17 +401,14 @@ class DistrnnCLI(LightningCLI):
         opens), and the same rewrite set to happen to the copy Lightning loads."""
         world = self.trainer.world_size
         io = self.trainer.strategy.checkpoint_io
-        if is_deepspeed_checkpoint(ckpt_path) or not isinstance(io, AtomicCheckpointIO):
-            saved = (checkpoint.get(CHECKPOINT_KEY) or {}).get("world_size")
-            if saved in (None, world) and layout_change(checkpoint, loader) is None:
-                return  # nothing to reshard
-            if not is_deepspeed_checkpoint(ckpt_path):
-                raise ValueError(f"--reshard: needs distrnn's checkpoint IO, not {type(io).__name__}")
+        if not needs_reshard(checkpoint, world, loader):
+            return  # the plain exact resume
+        if is_deepspeed_checkpoint(ckpt_path):
             raise ValueError("--reshard: a DeepSpeed checkpoint holds optimizer shards of its own world size; convert it"
                              " (distrnn convert-checkpoint) and start a new run from its weights (--model.init_weights)")
+        if not isinstance(io, AtomicCheckpointIO):
+            raise ValueError(f"--reshard: needs distrnn's checkpoint IO, not {type(io).__name__}")
         changed = reshard_checkpoint(checkpoint, world, loader)
-        if changed is None:
-            return
         io.on_load = functools.partial(reshard_checkpoint, world=world, loader=loader)
         if self.trainer.is_global_zero:
             print(f"distrnn: --reshard: {changed}", file=sys.stderr, flush=True)

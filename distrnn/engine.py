@@ -84,6 +84,17 @@ def _rows(carries: list[dict[str, Any]], split: int) -> list[dict[str, Any]]:
     return [{"state": state[r], "history": history[r]} for r in range(split)]
 
 
+def needs_reshard(checkpoint: dict[str, Any], world: int, loader: Any) -> bool:
+    """Whether a run of ``world`` ranks reading ``loader`` would resume ``checkpoint`` other than
+    exactly as saved: another number of ranks, or data settings the checkpoint records otherwise
+    (:func:`distrnn.data.loaders.layout_change`). False also for a checkpoint that records neither
+    (an older distrnn's, a foreign one): nothing to compare is nothing to reshard."""
+    from distrnn.data.loaders import layout_change
+
+    saved = (checkpoint.get(CHECKPOINT_KEY) or {}).get("world_size")
+    return saved not in (None, world) or layout_change(checkpoint, loader) is not None
+
+
 def reshard_checkpoint(checkpoint: dict[str, Any], world: int, loader: Any) -> Optional[str]:
     """Rewrites, in place, a training checkpoint written by another number of ranks or with
     other data settings, so that a run of ``world`` ranks reading ``loader`` (this rank's
@@ -105,11 +116,11 @@ def reshard_checkpoint(checkpoint: dict[str, Any], world: int, loader: Any) -> O
         raise ValueError("only a distrnn training checkpoint, read by one of distrnn's data modules, can be resharded")
     old_world = d["world_size"]
     check_carried_state(checkpoint, old_world)
+    if not needs_reshard(checkpoint, world, loader):
+        return None
     fit_loop = (checkpoint.get("loops") or {}).get("fit_loop") or {}
     saved = (fit_loop.get("state_dict") or {}).get("combined_loader") or []
     before, now = (saved[0].get("layout") if len(saved) == 1 and isinstance(saved[0], dict) else None), loader.layout()
-    if old_world == world and before == now:
-        return None
     if before is None or "num_batches" not in saved[0]:
         raise ValueError("the checkpoint records no batch count for its training data (written by an older distrnn):"
                          " resume it without --reshard on the same devices and data settings, or start from"

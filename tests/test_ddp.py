@@ -124,7 +124,13 @@ def test_ddp_resume_restores_every_ranks_state_and_reshards_exactly(tmp_path, lo
     index = saved["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]["next_index"]
     h_BH = [saved["distrnn"]["ranks"][r]["carry"]["state"][0] for r in (0, 1)]
     one = StreamLoader(torch.zeros(4001, dtype=torch.uint8), 6, 16)
-    assert reshard_checkpoint(load_checkpoint_file(ckpt), 2, StreamLoader(torch.zeros(4001, dtype=torch.uint8), 3, 16, world_size=2)) is None
+    two = StreamLoader(torch.zeros(4001, dtype=torch.uint8), 3, 16, world_size=2)
+    assert reshard_checkpoint(load_checkpoint_file(ckpt), 2, two) is None
+    old = load_checkpoint_file(ckpt)  # as an older distrnn wrote it: no batch count
+    del old["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]["num_batches"]
+    assert reshard_checkpoint(old, 2, two) is None  # nothing changed: the plain resume, not refused
+    with pytest.raises(ValueError, match="records no batch count"):
+        reshard_checkpoint(old, 1, one)
     merged = load_checkpoint_file(ckpt)
     assert "carried over exactly" in reshard_checkpoint(merged, 1, one)
     torch.testing.assert_close(merged["distrnn"]["ranks"][0]["carry"]["state"][0], torch.cat(h_BH, 1), rtol=0, atol=0)

@@ -136,8 +136,13 @@ def test_deepspeed_checkpoint_needs_the_trust_flag_and_every_shard(ds_checkpoint
     assert "--trust_deepspeed_checkpoint" in err and str(ds_checkpoint) in err
     assert not out.exists()
     write_corpus(tmp_path / "corpus.txt", 2000)
-    code, _, err = cli(capsys, "fit", "--config", str(REPO / "jobs/configs/tiny.yaml"), "--ckpt_path", str(ds_checkpoint))
-    assert code == 2 and "--trust_deepspeed_checkpoint" in err, err[-2000:]
+    tiny = ["--config", str(REPO / "jobs/configs/tiny.yaml"), "--ckpt_path", str(ds_checkpoint)]
+    for stage in ("fit", "test", "predict"):  # evaluation stages handed it to Lightning unchecked
+        code, _, err = cli(capsys, stage, *tiny)
+        assert code == 2 and "--trust_deepspeed_checkpoint" in err and err.count("error:") == 1, (stage, err[-2000:])
+        # trusted, but no DeepSpeed strategy to load it (CPU): one line, not torch.load's traceback
+        code, _, err = cli(capsys, stage, *tiny, "--trust_deepspeed_checkpoint", "true")
+        assert code == 2 and "only a DeepSpeed trainer.strategy loads" in err and "convert-checkpoint" in err, (stage, err[-2000:])
     if (tmp_path / "mlflow.db").exists():  # no MLflow run was started
         import mlflow
 

@@ -419,6 +419,8 @@ def test_reshard_resumes_with_other_data_settings_in_the_same_run(tmp_path, caps
     assert tags["resumed.reshard"] == "True" and tags["resumed.data.init_args.batch_size"] == "8"
     code, _, err = cli(capsys, "fit", *wider, "--ckpt_path", str(last), "--trainer.max_steps", "22")
     assert code == 0 and "--reshard" not in err and load_checkpoint_file(last)["global_step"] == 22, err[-2000:]
+    code, _, err = cli(capsys, "test", *wider, "--ckpt_path", str(last))
+    assert code == 2 and "--reshard: only fit resumes a run; test reads" in err, err[-2000:]
 
     # a Ray Train job resubmitted with other settings: the worker's restore path (without Ray)
     from distrnn.cli import DistrnnCLI
