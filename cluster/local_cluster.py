@@ -3,7 +3,7 @@
     python cluster/local_cluster.py up [--dashboard-host 127.0.0.1] [--num-cpus N] [--state-dir .ray-local]
     source .ray-local/cluster.env      # RAY_ADDRESS, RAY_API_SERVER_ADDRESS, RAY_AUTH_MODE, RAY_AUTH_TOKEN_PATH
     ray job submit --working-dir . -- python jobs/tune.py --config jobs/configs/sweep_tiny.yaml
-    python cluster/local_cluster.py down
+    python cluster/local_cluster.py down   # this cluster's processes only (`ray stop` stops every Ray here)
 
 Token authentication is on (RAY_AUTH_MODE=token, a fresh random token in the state folder, mode
 0600): a request without the token is refused. The dashboard (and the job API behind it) binds to
@@ -117,16 +117,57 @@ def _wait_for_dashboard(url: str, token_path: str | None, timeout: float = 60.0)
             time.sleep(0.5)
 
 
+def cluster_processes(temp_dir: str, gcs_address: str) -> list:
+    """This cluster's processes and no other Ray's on the machine (`ray stop` stops every one):
+    those started with its temp folder or its GCS address as an argument (GCS, raylet, dashboard,
+    monitors, client server), and all their descendants (agents, workers, job drivers)."""
+    import psutil
+
+    def ours(arg: str) -> bool:
+        return arg == temp_dir or arg.endswith("=" + temp_dir) or temp_dir + "/" in arg or arg.endswith("=" + gcs_address)
+
+    found = {}
+    for p in psutil.process_iter(["cmdline"]):
+        if any(ours(a) for a in p.info["cmdline"] or []):
+            found[p.pid] = p
+            try:
+                found.update({c.pid: c for c in p.children(recursive=True)})
+            except psutil.Error:
+                pass
+    found.pop(os.getpid(), None)
+    return list(found.values())
+
+
+def stop_processes(procs: list, grace: float = 5.0) -> None:
+    """SIGTERM, and SIGKILL to what is left after ``grace`` seconds."""
+    import psutil
+
+    for p in procs:
+        try:
+            p.terminate()
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=grace)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(alive, timeout=grace)
+
+
 def down(state: Path) -> None:
     info_file = state / "cluster.json"
     if not info_file.exists():
         print(f"local_cluster: no cluster recorded in {state}")
         return
     info = json.loads(info_file.read_text())
-    env = {**os.environ, **{k: v for k, v in info.items() if k.startswith("RAY_")}}
-    subprocess.run([ray_bin(), "stop", "--force"], env=env, check=False, stdout=subprocess.DEVNULL,
-                   stderr=subprocess.DEVNULL, timeout=120)
-    shutil.rmtree(info.get("DISTRNN_RAY_TEMP_DIR", "/nonexistent"), ignore_errors=True)
+    temp_dir = info.get("DISTRNN_RAY_TEMP_DIR")
+    if temp_dir:
+        stop_processes(cluster_processes(temp_dir, info["RAY_ADDRESS"]))
+    else:  # recorded by an older version of this script, which named no folder of its own
+        subprocess.run([ray_bin(), "stop", "--force"], check=False, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
+    shutil.rmtree(temp_dir or "/nonexistent", ignore_errors=True)
     for name in ("cluster.env", "cluster.json", "auth_token"):
         (state / name).unlink(missing_ok=True)
 

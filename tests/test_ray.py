@@ -356,6 +356,29 @@ def test_cluster_script_refuses_an_open_dashboard_without_authentication(tmp_pat
     assert not (tmp_path / "s" / "cluster.json").exists()
 
 
+def test_cluster_down_stops_its_own_cluster_and_no_other(cluster, tmp_path, monkeypatch):
+    """`make cluster-down` ran `ray stop --force`, which kills every Ray on the machine (here: the
+    module's cluster; elsewhere a user's other cluster or a local driver's Ray): a second cluster
+    brought up and down leaves no process of its own and the first one answering."""
+    monkeypatch.syspath_prepend(str(REPO / "cluster"))
+    from local_cluster import cluster_processes
+
+    state = tmp_path / "second"
+    up = subprocess.run([PY, str(REPO / "cluster/local_cluster.py"), "up", "--state-dir", str(state), "--num-cpus", "1"],
+                        capture_output=True, text=True, timeout=180)
+    info = json.loads((state / "cluster.json").read_text()) if up.returncode == 0 else {}
+    try:
+        assert up.returncode == 0, up.stderr
+        mine = cluster_processes(info["DISTRNN_RAY_TEMP_DIR"], info["RAY_ADDRESS"])
+        theirs = cluster_processes(cluster["DISTRNN_RAY_TEMP_DIR"], cluster["RAY_ADDRESS"])
+        assert {"gcs_server", "raylet"} <= {p.name() for p in mine} and not {p.pid for p in mine} & {p.pid for p in theirs}
+    finally:
+        subprocess.run([PY, str(REPO / "cluster/local_cluster.py"), "down", "--state-dir", str(state)], timeout=180)
+    assert not [p for p in mine if p.is_running()]
+    assert all(p.is_running() for p in theirs) and _jobs(cluster) is not None
+    assert not (state / "cluster.json").exists() and not Path(info["DISTRNN_RAY_TEMP_DIR"]).exists()
+
+
 def test_make_submit_train_with_a_bad_config_creates_no_job_and_no_run(cluster, tmp_path, data):
     """`make submit-train` checks the config on the submitting machine first: a TBPTT length of 0
     stops it there, with the key named, before `ray job submit` runs; the cluster's job list and
