@@ -84,6 +84,27 @@ def test_tokenize_writes_each_document_then_end_of_text_and_refuses_bad_input(tm
     assert not list(Path("data").glob(".*.tmp")) and not Path("x.bin").exists()
 
 
+def test_a_tokenizer_that_marks_each_texts_start_gets_whole_files(tmp_path, capsys):
+    """SentencePiece's Metaspace marks the start of every text it encodes: cut into pieces, a file
+    would get a marker at each cut. Such a tokenizer is found out by a probe and gets whole files
+    (said on stderr): the ids equal its own encoding of each file; byte-level BPE keeps its pieces."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from distrnn.data.tokenizer import cuts_are_exact, tokenize_files
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+    tok.train_from_iterator([write_corpus(tmp_path / "c.txt", 20_000).read_text() + DOCS["b/e.py"]],
+                            trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"]))
+    files = _docs(tmp_path)
+    assert not cuts_are_exact(tok) and cuts_are_exact(_train_tokenizer(tmp_path / "bpe.json", "the cat sat\n"))
+    with open(tmp_path / "ids.bin", "wb") as f:
+        tokenize_files(tok, files, f, np.dtype(np.uint16), None, piece_bytes=64)
+    ids = np.fromfile(tmp_path / "ids.bin", dtype=np.uint16).tolist()
+    assert ids == [i for f in files for i in tok.encode(f.read_bytes().decode(), add_special_tokens=False).ids]
+    assert "each file is encoded whole" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_a_tokenized_corpus_trains_and_generates_text_through_its_tokenizer(tmp_path, capsys):
     """tokenize -> fit (TokenFileDataModule with the printed settings) -> generate --tokenizer:

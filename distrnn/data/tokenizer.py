@@ -83,10 +83,32 @@ def _cut(data: bytes) -> int:
     return 0
 
 
-def _pieces(path: Path, piece_bytes: int) -> Iterator[str]:
+# texts with a place to cut (:func:`_cut`) that tokenizers treat in different ways
+_PROBES = ("the cat sat\non a mat", "x = f(1).\nY += 2", "12\n345", "naïve\ncafé ✓", "a  b\nc\td\n\ne\nf")
+
+
+def cuts_are_exact(tokenizer: Any) -> bool:
+    """Whether ``tokenizer`` encodes the two sides of a cut as it encodes the whole, probed on a
+    few texts. Byte-level BPE tokenizers (GPT-2's, Llama 3's) do; one that marks the start of
+    every text (SentencePiece's Metaspace, a ``Prepend`` normalizer) does not."""
+    def ids(text: str) -> list[int]:
+        return tokenizer.encode(text, add_special_tokens=False).ids
+
+    for text in _PROBES:
+        data = text.encode("utf-8")
+        cut = _cut(data)
+        if ids(text) != ids(data[:cut].decode("utf-8")) + ids(data[cut:].decode("utf-8")):
+            return False
+    return True
+
+
+def _pieces(path: Path, piece_bytes: Optional[int]) -> Iterator[str]:
     """The text of ``path`` in pieces of about ``piece_bytes`` (:func:`_cut`), so that the pieces'
     ids are the whole file's; text without such a place (one long line, or only "\\r\\n" line
-    ends) is read on until one comes, or whole."""
+    ends) is read on until one comes, or whole. ``piece_bytes`` None: the whole file."""
+    if piece_bytes is None:
+        yield _text(path.read_bytes(), path, 0)
+        return
     with open(path, "rb") as f:
         rest, at = b"", 0
         while chunk := f.read(piece_bytes):
@@ -110,10 +132,15 @@ def _text(piece: bytes, path: Path, at: int) -> str:
 
 
 def tokenize_files(tokenizer: Any, files: list[Path], out: Any, dtype: np.dtype, eot: Optional[int],
-                   piece_bytes: int = 1 << 20, batch: int = 64) -> tuple[int, int]:
+                   piece_bytes: Optional[int] = 1 << 20, batch: int = 64) -> tuple[int, int]:
     """Writes every file's ids, each followed by ``eot``, to the binary file ``out``; returns
     (tokens, documents). The tokenizer's own special tokens (BOS, CLS) are not added; pieces are
-    encoded ``batch`` at a time, which the tokenizer spreads over its threads."""
+    encoded ``batch`` at a time, which the tokenizer spreads over its threads. A tokenizer that
+    would encode the pieces otherwise than the whole (:func:`cuts_are_exact`) gets whole files."""
+    if piece_bytes is not None and not cuts_are_exact(tokenizer):
+        print("distrnn tokenize: this tokenizer encodes the start of a text differently (as SentencePiece's"
+              " Metaspace does): each file is encoded whole, in memory", file=sys.stderr)
+        piece_bytes = None
     tokens = 0
     pending: list[str] = []
 
