@@ -378,23 +378,31 @@ class DistrnnCLI(LightningCLI):
             self.config_init["fit"]["ckpt_path"] = self._resolve_alias("fit")
         ckpt_path = self.config_init["fit"].get("ckpt_path")
         if ckpt_path and ckpt_path not in ("last", "best", "hpc", "registry") and not str(ckpt_path).startswith("registry"):
-            loader = getattr(self, "_checked_loaders", {}).get("train_dataloader")
             try:
                 if is_deepspeed_checkpoint(ckpt_path):
                     checkpoint = self._open_deepspeed_checkpoint("fit", ckpt_path)
                 else:
                     checkpoint = load_checkpoint_file(ckpt_path, mmap=True)
-                if self.config_init["fit"].get("reshard"):
-                    self._reshard(ckpt_path, checkpoint, loader)
-                check_carried_state(checkpoint, self.trainer.world_size)
+                changed = self.check_resume(ckpt_path, checkpoint)
             except CheckpointError as e:
                 fail(str(e))
             except ValueError as e:  # a rank's state missing, another world size: before any run starts
                 fail(f"checkpoint {ckpt_path}: {e}")
-            changed = layout_change(checkpoint, loader)
             if changed:
                 fail(changed)
             continue_run(self.trainer.logger, checkpoint)
+
+    def check_resume(self, ckpt_path: str, checkpoint: dict[str, Any]) -> Optional[str]:
+        """Whether this run can resume ``checkpoint``, before any run opens (``distrnn fit``, a Ray
+        worker restoring): ``--reshard`` applied, every rank's carried state there for this world
+        size (else ValueError, one line). Returns why the data cannot go on at the saved read
+        position (:func:`layout_change`), or None. Needs :meth:`check_data` first."""
+        config = self.config_init[self.subcommand] if self.subcommand else self.config_init
+        loader = getattr(self, "_checked_loaders", {}).get("train_dataloader")
+        if config.get("reshard"):
+            self._reshard(ckpt_path, checkpoint, loader)
+        check_carried_state(checkpoint, self.trainer.world_size)
+        return layout_change(checkpoint, loader)
 
     def _reshard(self, ckpt_path: str, checkpoint: dict[str, Any], loader: Any) -> None:
         """``--reshard``: the checkpoint as this run will read it (checked here, before any run

@@ -237,18 +237,11 @@ def fit_from_ray_checkpoint(cli: Any, checkpoint: Any, same_run: bool = True) ->
         if cli.trainer.is_global_zero:
             print(f"distrnn: resuming from Ray checkpoint {checkpoint.path} at step {ckpt['global_step']} (epoch {ckpt['epoch']})")
         if same_run:  # a job resubmitted with other data settings or workers: as distrnn fit takes it
-            from distrnn.data.loaders import layout_change
-            from distrnn.engine import check_carried_state
-
             cli.check_data("fit")  # this rank's loaders, for the data's layout and batch count
-            loader = getattr(cli, "_checked_loaders", {}).get("train_dataloader")
             try:
-                if cli.config_init.get("reshard"):
-                    cli._reshard(path, ckpt, loader)
-                check_carried_state(ckpt, cli.trainer.world_size)
+                changed = cli.check_resume(path, ckpt)
             except ValueError as e:
                 raise ConfigError(f"Ray checkpoint {checkpoint.path}: {e}") from None
-            changed = layout_change(ckpt, loader)
             if changed:
                 raise ConfigError(changed)
             continue_run(cli.trainer.logger, ckpt)
