@@ -272,20 +272,46 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # that folder is the job's package, at the same path on every node.
     if os.path.isdir(config["cwd"]):
         os.chdir(config["cwd"])
+    trial = config.get("trial")  # a Tune trial of several ranks (distrnn.tune.run_trial_group)
+    if trial is None:
+        callbacks = [ReportToRay(every_n_steps=config["report_every"]), TagRun(JOB_TAG, config["job"])]
+    else:
+        from distrnn.tune import trial_callbacks
+
+        callbacks = [ReportToRay(after_validation=True), *trial_callbacks(trial)]
     cli = DistrnnCLI(
         args=config["args"],
         run=False,
         trainer_extra={
             "strategy": _strategy(config["strategy"]),
             "plugins": [RayLightningEnvironment()],
-            "callbacks": [ReportToRay(every_n_steps=config["report_every"]), TagRun(JOB_TAG, config["job"])],
+            "callbacks": callbacks,
             "devices": "auto",
             "accelerator": "gpu" if config["use_gpu"] else "cpu",
             "enable_progress_bar": False,
         },
     )
     prepare_trainer(cli.trainer)
-    fit_from_ray_checkpoint(cli, ray.train.get_checkpoint())
+    if trial is None:
+        fit_from_ray_checkpoint(cli, ray.train.get_checkpoint())
+    else:
+        from distrnn.tune import join_trial_run
+
+        join_trial_run(cli, trial)
+        # the trial's Tune checkpoint (its own, restored, or the one PBT copied from another trial)
+        fit_from_ray_checkpoint(cli, ray.train.get_checkpoint() or trial["checkpoint"], same_run=False)
+
+
+def strategy_error(name: str) -> Optional[str]:
+    """Why ``name`` cannot be a Ray run's strategy here, or None."""
+    if name not in STRATEGIES:
+        return f"strategy: '{name}' is not one of {', '.join(STRATEGIES)}"
+    if name.startswith("deepspeed"):
+        try:
+            import deepspeed  # noqa: F401
+        except ImportError:
+            return f"strategy: {name} needs DeepSpeed (pip install 'distrnn[deepspeed]')"
+    return None
 
 
 def check_config(args: list[str], world_size: int = 1) -> None:
@@ -406,19 +432,15 @@ def main(argv: Optional[list[str]] = None, on_result: Optional[Callable[[Any], N
     keep_a_local_ray_on_loopback()
     argv = list(sys.argv[1:] if argv is None else argv)
     args, distrnn_args = parse_args(RayTrainArgs, argv, "jobs/train.py")
-    if args.strategy not in STRATEGIES:
-        _fail(f"strategy: '{args.strategy}' is not one of {', '.join(STRATEGIES)}")
+    problem = strategy_error(args.strategy)
+    if problem:
+        _fail(problem)
     if args.num_workers < 1:
         _fail(f"num_workers: must be >= 1, got {args.num_workers}")
     if args.max_failures < 0:
         _fail(f"max_failures: must be >= 0, got {args.max_failures}")
     if args.report_every < 1:
         _fail(f"report_every: must be >= 1, got {args.report_every}")
-    if args.strategy.startswith("deepspeed"):
-        try:
-            import deepspeed  # noqa: F401
-        except ImportError:
-            _fail(f"strategy: {args.strategy} needs DeepSpeed (pip install 'distrnn[deepspeed]')")
     check_config(distrnn_args, args.num_workers)
     if args.check_only:
         print("distrnn: config OK")

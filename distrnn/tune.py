@@ -2,8 +2,9 @@
 
 A sweep YAML names the distrnn config every trial starts from, a search space over its keys,
 the metric, the scheduler (ASHA by default, PBT as an option) and the resources per trial.
-Each trial is ``distrnn fit`` in a Tune trial process, reporting after every validation with a
-full checkpoint (what ASHA compares and PBT copies), and logging to its own MLflow run nested
+Each trial is ``distrnn fit`` in a Tune trial process, or, with ``workers_per_trial`` > 1, a Ray
+Train run of that many ranks (as ``jobs/train.py`` runs one); either reports after every validation
+with a full checkpoint (what ASHA compares and PBT copies) and logs to its own MLflow run nested
 under one parent run for the sweep. The whole space is checked before any trial starts.
 """
 
@@ -20,7 +21,7 @@ from typing import Any, Literal, Optional
 from lightning.pytorch import Callback, LightningModule, Trainer
 
 from distrnn.raytrain import (ReportToRay, check_config, fit_from_ray_checkpoint, init_ray, keep_a_local_ray_on_loopback,
-                              metric_name, tracking_env)
+                              metric_name, strategy_error, tracking_env)
 
 DISTRIBUTIONS = ("loguniform", "uniform", "choice", "randint", "grid")
 PARENT_TAG = "distrnn.sweep"
@@ -68,12 +69,19 @@ class SweepConfig:
     max_concurrent_trials: int = 2
     """Trials running at once."""
     cpus_per_trial: float = 1.0
-    """CPUs reserved per trial."""
+    """CPUs reserved per trial (with several workers, split evenly over them)."""
     gpus_per_trial: float = 0.0
-    """GPUs per trial (fractions share a GPU)."""
+    """GPUs per trial (fractions share a GPU; with several workers, split evenly over them)."""
+    workers_per_trial: int = 1
+    """Ranks per trial. 1: the trial trains in its Tune process. More (or a DeepSpeed strategy):
+    each trial is a Ray Train run of that many workers, as ``jobs/train.py`` runs one (each rank
+    its own streams; the global batch is the per-rank batch times the workers)."""
+    strategy: str = "ddp"
+    """The strategy of a trial's Ray Train run: ddp, deepspeed_stage_1/2/3 or deepspeed_stage_3_offload."""
     reuse_actors: bool = True
     """Run the next trial in a finished trial's worker process (Ray's default is a new process per
-    trial, which pays the imports of torch, Lightning and MLflow, seconds, every time)."""
+    trial, which pays the imports of torch, Lightning and MLflow, seconds, every time). Trials of
+    several workers never do: a stopped trial's process must end to take its workers with it."""
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     """Early stopping or population-based training."""
     seed: Optional[int] = 0
@@ -162,36 +170,142 @@ class ApplyConfiguredLR(Callback):
                 group["lr"] = lr * factor(sched.last_epoch)
 
 
+def _trial(sweep: dict[str, Any]) -> dict[str, Any]:
+    """What the trial's training needs to know of its Tune trial (a Ray Train worker has no Tune context)."""
+    from ray import tune
+
+    context = tune.get_context()
+    return {"parent_run_id": sweep["parent_run_id"], "experiment_name": sweep["experiment_name"],
+            "scheduler": sweep["scheduler"], "name": context.get_trial_name(), "id": context.get_trial_id()}
+
+
+def trial_callbacks(trial: dict[str, Any]) -> list[Callback]:
+    return [ApplyConfiguredLR()] if trial["scheduler"] == "pbt" else []
+
+
+def join_trial_run(cli: Any, trial: dict[str, Any]) -> None:
+    """Log into the trial's own MLflow run, nested under the sweep's parent run."""
+    logger = cli.trainer.logger
+    if logger is None or not hasattr(logger, "tags"):
+        return
+    logger.tags = {**(logger.tags or {}), "mlflow.parentRunId": trial["parent_run_id"],
+                   "distrnn.trial": trial["name"], "distrnn.trial_id": trial["id"]}
+    logger._run_name = trial["name"]
+    logger._experiment_name = trial["experiment_name"]
+    logger._async = False  # ASHA may stop a trial at any report: send each metric before going on
+    # A trial restored (failure, Tuner.restore) continues its own run; a PBT trial that took
+    # another trial's checkpoint must not continue that trial's run, which the checkpoint names.
+    own = _trial_run(trial["experiment_name"], trial["parent_run_id"], trial["id"])
+    if own is not None:
+        logger._run_id = own
+
+
 def run_trial(values: dict[str, Any], sweep: dict[str, Any]) -> None:
-    """One trial: distrnn's CLI with the trial's values, reporting to Tune after each validation."""
+    """One trial of one rank: distrnn's CLI in the Tune trial's process, reporting to Tune after each validation."""
     from ray import tune
 
     from distrnn.cli import DistrnnCLI
 
     if os.path.isdir(sweep["cwd"]):
         os.chdir(sweep["cwd"])
-    callbacks: list[Callback] = [ReportToRay(after_validation=True, tune=True)]
-    if sweep["scheduler"] == "pbt":
-        callbacks.append(ApplyConfiguredLR())
+    trial = _trial(sweep)
     cli = DistrnnCLI(
         args=sweep["args"] + as_args(values),
         run=False,
-        trainer_extra={"callbacks": callbacks, "enable_progress_bar": False, "devices": 1},
+        trainer_extra={"callbacks": [ReportToRay(after_validation=True, tune=True), *trial_callbacks(trial)],
+                       "enable_progress_bar": False, "devices": 1},
     )
-    logger = cli.trainer.logger
-    if logger is not None and hasattr(logger, "tags"):
-        context = tune.get_context()
-        logger.tags = {**(logger.tags or {}), "mlflow.parentRunId": sweep["parent_run_id"],
-                       "distrnn.trial": context.get_trial_name(), "distrnn.trial_id": context.get_trial_id()}
-        logger._run_name = context.get_trial_name()
-        logger._experiment_name = sweep["experiment_name"]
-        logger._async = False  # ASHA may stop a trial at any report: send each metric before going on
-        # A trial restored (failure, Tuner.restore) continues its own run; a PBT trial that took
-        # another trial's checkpoint must not continue that trial's run, which the checkpoint names.
-        own = _trial_run(sweep["experiment_name"], sweep["parent_run_id"], context.get_trial_id())
-        if own is not None:
-            logger._run_id = own
+    join_trial_run(cli, trial)
     fit_from_ray_checkpoint(cli, tune.get_checkpoint(), same_run=False)
+
+
+TRAIN_RUNS = "train-runs"
+
+
+def run_trial_group(values: dict[str, Any], sweep: dict[str, Any]) -> None:
+    """One trial of several ranks: a Ray Train run of ``jobs/train.py``'s workers (placed by Ray
+    Train, DDP or DeepSpeed), started from the trial's Tune checkpoint. Every report the workers
+    make after a validation reaches Tune with its checkpoint, which Tune copies into the trial's
+    folder: ASHA compares the reports, PBT copies the checkpoints, a restored sweep resumes from them.
+
+    Ray's own ``TuneReportCallback`` hands Tune the metrics only (the checkpoint's path as one of
+    them), so PBT and ``--resume`` would have no checkpoint: here a Train callback passes each
+    report to this process, which reports it to Tune and removes the Train run's copy."""
+    import threading
+    import uuid
+
+    import ray.train
+    from ray import tune
+    from ray.train.torch import TorchTrainer
+    from ray.util.queue import Empty, Queue
+
+    from distrnn.raybackend import LoopbackTorchConfig
+    from distrnn.raytrain import train_loop_per_worker
+
+    trial = _trial(sweep)
+    trial["checkpoint"] = tune.get_checkpoint()
+    workers, gpus = sweep["workers_per_trial"], sweep["gpus_per_trial"]
+    per_worker = {"CPU": sweep["cpus_per_trial"] / workers, **({"GPU": gpus / workers} if gpus else {})}
+    reports = Queue(actor_options={"num_cpus": 0})
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"args": sweep["args"] + as_args(values), "strategy": sweep["strategy"], "report_every": None,
+                           "use_gpu": gpus > 0, "cwd": sweep["cwd"], "job": None, "trial": trial},
+        torch_config=LoopbackTorchConfig(),
+        scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=gpus > 0, resources_per_worker=per_worker),
+        # a new name for each start: Ray Train resumes a run of the same name from its own latest
+        # checkpoint, which is not the one Tune gives a restarted trial (PBT's copy of another's)
+        run_config=ray.train.RunConfig(name=f"{trial['id']}-{uuid.uuid4().hex[:8]}", storage_path=sweep["train_storage"],
+                                       callbacks=[_forward_reports(reports)], worker_runtime_env={"env_vars": sweep["env"]}),
+    )
+    outcome: dict[str, BaseException] = {}
+
+    def fit() -> None:
+        try:
+            trainer.fit()
+        except BaseException as e:
+            outcome["error"] = e
+
+    training = threading.Thread(target=fit, name="distrnn-trial-ray-train", daemon=True)
+    training.start()
+    while True:
+        try:
+            metrics, checkpoint = reports.get(timeout=0.5)
+        except Empty:
+            # the Train run has made its last report once fit returned
+            if training.is_alive() or not reports.empty():
+                continue
+            break
+        tune.report(metrics, checkpoint=None if checkpoint is None else tune.Checkpoint(checkpoint.path, checkpoint.filesystem))
+        if checkpoint is not None:  # Tune holds its own copy now
+            checkpoint.filesystem.delete_dir(checkpoint.path)
+    training.join()
+    if "error" in outcome:
+        raise outcome["error"]
+
+
+def _forward_reports(queue: Any) -> Any:
+    """A Ray Train callback (run by the Train controller) that puts each report, rank 0's metrics
+    and the persisted checkpoint, on ``queue``."""
+    from ray.train import UserCallback
+
+    class ForwardReports(UserCallback):
+        def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+            queue.put((metrics[0], checkpoint))
+
+    return ForwardReports()
+
+
+def remove_train_runs(storage: str, name: str) -> None:
+    """The sweep's Ray Train run folders (each trial's report of several ranks is also in Tune's
+    folder; a stopped trial's Train run was killed before it could remove its own)."""
+    import pyarrow.fs
+
+    fs, path = pyarrow.fs.FileSystem.from_uri(storage) if "://" in storage else (pyarrow.fs.LocalFileSystem(), storage)
+    try:
+        fs.delete_dir(f"{path.rstrip('/')}/{name}/{TRAIN_RUNS}")
+    except (FileNotFoundError, OSError):
+        pass
 
 
 def _trial_run(experiment_name: str, parent: str, trial_id: str) -> Optional[str]:
@@ -331,9 +445,18 @@ def main(argv: Optional[list[str]] = None) -> Any:
         samples = validate_space(sweep.search_space)
     except SearchSpaceError as e:
         _fail(str(e))
+    if sweep.workers_per_trial < 1:
+        _fail(f"workers_per_trial: must be >= 1, got {sweep.workers_per_trial}")
+    problem = strategy_error(sweep.strategy)
+    if problem:
+        _fail(problem)
+    if sweep.workers_per_trial > 1 and sweep.gpus_per_trial and not float(sweep.gpus_per_trial / sweep.workers_per_trial).is_integer():
+        # two ranks of one process group on one GPU: NCCL refuses them
+        _fail(f"gpus_per_trial: {sweep.gpus_per_trial} GPUs cannot be split evenly into whole GPUs for"
+              f" {sweep.workers_per_trial} workers (workers_per_trial); give 0 or a multiple of it")
     args = base_args(sweep)
     for sample in samples:  # an unknown key or an impossible value fails here, before any trial
-        check_config(args + as_args(sample))
+        check_config(args + as_args(sample), sweep.workers_per_trial)
     if check_only:
         print("distrnn: sweep OK")
         return None
@@ -349,11 +472,19 @@ def main(argv: Optional[list[str]] = None) -> Any:
     parent = _parent_run(sweep, resume)
     init_ray(env)
     storage = sweep.storage_path if "://" in sweep.storage_path else str(Path(sweep.storage_path).expanduser().resolve())
-    trainable = tune.with_resources(
-        tune.with_parameters(run_trial, sweep={"args": args, "cwd": os.getcwd(), "parent_run_id": parent,
-                                               "experiment_name": sweep.experiment_name, "scheduler": sweep.scheduler.name}),
-        {"cpu": sweep.cpus_per_trial, "gpu": sweep.gpus_per_trial},
-    )
+    grouped = sweep.workers_per_trial > 1 or sweep.strategy != "ddp"
+    shared = {"args": args, "cwd": os.getcwd(), "parent_run_id": parent, "experiment_name": sweep.experiment_name,
+              "scheduler": sweep.scheduler.name}
+    if grouped:
+        # The trial's process only forwards reports; Ray Train reserves the workers' resources. A
+        # trial with no resources at all is refused by Tune: it reserves a mebibyte of memory.
+        shared.update(workers_per_trial=sweep.workers_per_trial, strategy=sweep.strategy, env=env,
+                      cpus_per_trial=sweep.cpus_per_trial, gpus_per_trial=sweep.gpus_per_trial,
+                      train_storage=f"{storage.rstrip('/')}/{sweep.name}/{TRAIN_RUNS}")
+        trainable = tune.with_resources(tune.with_parameters(run_trial_group, sweep=shared), {"cpu": 0, "memory": 2**20})
+    else:
+        trainable = tune.with_resources(tune.with_parameters(run_trial, sweep=shared),
+                                        {"cpu": sweep.cpus_per_trial, "gpu": sweep.gpus_per_trial})
     metric = metric_name(sweep.metric)
     path = f"{storage.rstrip('/')}/{sweep.name}"
     if resume and tune.Tuner.can_restore(path):
@@ -369,7 +500,7 @@ def main(argv: Optional[list[str]] = None) -> Any:
             param_space=space,
             tune_config=tune.TuneConfig(
                 metric=metric, mode=sweep.mode, num_samples=sweep.num_samples, scheduler=_scheduler(sweep),
-                max_concurrent_trials=sweep.max_concurrent_trials, reuse_actors=sweep.reuse_actors,
+                max_concurrent_trials=sweep.max_concurrent_trials, reuse_actors=sweep.reuse_actors and not grouped,
                 search_alg=BasicVariantGenerator(random_state=sweep.seed, max_concurrent=sweep.max_concurrent_trials),
             ),
             run_config=tune.RunConfig(name=sweep.name, storage_path=storage),
@@ -387,6 +518,8 @@ def main(argv: Optional[list[str]] = None) -> Any:
         results = tuner.fit()
     finally:
         restore_sigint()
+        if grouped:
+            remove_train_runs(storage, sweep.name)
     client = mlflow.MlflowClient()
     if interrupted.is_set():  # Tune stopped every trial and saved its state for --resume
         _close_trial_runs(client, parent, results, interrupted=True)

@@ -398,47 +398,52 @@ def test_make_submit_train_with_a_bad_config_creates_no_job_and_no_run(cluster, 
         [e.experiment_id for e in mlflow.MlflowClient(f"sqlite:///{db}").search_experiments()])
 
 
-def test_pbt_sweep_exploits_into_each_trials_own_run_with_the_new_lr(cluster, tmp_path, data):
-    """Synchronous PBT with 2 concurrent trials: the worse trial restarts from the better one's checkpoint with a
-    perturbed learning rate. It keeps logging into its own MLflow run (the checkpoint names the
-    donor's run), records the changed lr as a resumed.* tag, and trains with that lr (ApplyConfiguredLR:
-    the donor's optimizer state held the donor's)."""
-    space = json.dumps({"model.optimizer.lr": {"loguniform": [1e-6, 3e-2]}})
-    # checkpoints under tmp_path, not the checkout (the driver runs in REPO for the sweep's relative config)
-    overrides = json.dumps({"data.init_args.path": str(data / "corpus.txt"), "trainer.max_steps": 48,
-                            "trainer.logger.init_args.checkpoint_dir": str(tmp_path / "checkpoints"),
-                            "trainer.val_check_interval": 3, "trainer.limit_val_batches": 2, "trainer.log_every_n_steps": 1})
-    r = subprocess.run([PY, str(REPO / "jobs/tune.py"), "--config", str(REPO / "jobs/configs/sweep_tiny.yaml"),
-                        "--storage_path", str(tmp_path / "store"), f"--overrides={overrides}", f"--search_space={space}",
-                        "--num_samples", "2", "--name", "pbt", "--scheduler",
-                        json.dumps({"name": "pbt", "perturbation_interval": 2, "synch": True})],
-                       capture_output=True, text=True, timeout=500, env=_env(cluster, tmp_path), cwd=REPO)
-    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
-    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
-    exp = client.get_experiment_by_name("sweep-tiny")
-    runs = client.search_runs([exp.experiment_id])
-    trials = [run for run in runs if "mlflow.parentRunId" in run.data.tags]
-    assert len(trials) == 2 and len({t.data.tags["distrnn.trial_id"] for t in trials}) == 2
-    exploited = [t for t in trials if "resumed.model.optimizer.lr" in t.data.tags]
-    assert exploited, [t.data.tags for t in trials]
+def test_pbt_sweep_of_two_ranks_per_trial_restarts_each_trial_exactly(cluster, tmp_path, data, two_workers):
+    """workers_per_trial 2: each trial is a Ray Train run of 2 DDP workers with the two_workers job's config
+    (validating every 2 batches: reports at updates 4, 8, 12). Synchronous PBT stops both trials at their
+    second report; the worse restarts from the better one's checkpoint with a perturbed lr, the better from
+    its own. Each report reaches Tune with a checkpoint of both ranks' state and each restart goes through
+    it to the workers: the better trial ends with exactly the uninterrupted job's weights. The exploited
+    trial keeps logging into its own MLflow run (the checkpoint names the donor's), records the changed lr as
+    a resumed.* tag and trains with it (ApplyConfiguredLR: the donor's optimizer state held the donor's).
+    No Ray Train run folder is left behind."""
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(json.dumps({
+        "config": [str(data / "b2.yaml")], "overrides": {"trainer.val_check_interval": 2},
+        "search_space": {"model.optimizer.lr": {"choice": [0.01]}},
+        "num_samples": 2, "workers_per_trial": 2, "cpus_per_trial": 1, "max_concurrent_trials": 2,
+        "scheduler": {"name": "pbt", "perturbation_interval": 2, "synch": True}, "name": "pbt",
+        "experiment_name": "sweep-pbt", "storage_path": str(tmp_path / "store")}))
+    r = subprocess.run([PY, str(REPO / "jobs/tune.py"), "--config", str(sweep)], capture_output=True, text=True,
+                       timeout=400, env=_env(cluster, tmp_path), cwd=tmp_path)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-4000:]
     # Tune's record of every exploit: [target, donor, iterations, donor's config, new config]
     policy = [json.loads(ln) for ln in (tmp_path / "store/pbt/pbt_global.txt").read_text().splitlines()]
-    assert policy
-    new_lrs = {p[5]["model.optimizer.lr"] for p in policy}
-    donor_lrs = {p[4]["model.optimizer.lr"] for p in policy}
-    for t in exploited:
-        assert any(float(t.data.tags["resumed.model.optimizer.lr"]) == pytest.approx(n, rel=1e-6) for n in new_lrs)
-    # tiny.yaml's schedule is constant: every lr a trial trained with is its own or one PBT assigned,
-    # never its donor's (which the copied optimizer state held). An exploit at a trial's last report
-    # leaves it nothing to train (seen once), so the assigned lrs are looked for over all trials.
-    assigned = set()
-    for t in trials:
-        original = float(t.data.params["model.optimizer.lr"])
-        for v in {m.value for m in client.get_metric_history(t.info.run_id, "train/lr")}:
-            if v != pytest.approx(original, rel=1e-6):
-                assert any(v == pytest.approx(n, rel=1e-6) for n in new_lrs), (v, new_lrs, donor_lrs)
-                assigned.add(v)
-    assert assigned, [t.data.tags for t in trials]
+    assert len(policy) == 1 and policy[0][2] == 2, policy
+    target, donor, new_lr = policy[0][0], policy[0][1], policy[0][5]["model.optimizer.lr"]
+    # rank 0 of each trial's new worker group (the driver may show a worker's line twice)
+    resumed = set(re.findall(r"pid=(\d+)\)\S* distrnn: resuming from Ray checkpoint \S+ at step (\d+)", out))
+    assert sorted(step for _, step in resumed) == ["8", "8"], out[-3000:]
+    _, reference, _ = two_workers
+    (donor_dir,) = [d for d in (tmp_path / "store/pbt").iterdir() if f"_{donor}_" in d.name]
+    last = torch.load(sorted(donor_dir.glob("checkpoint_*/checkpoint.ckpt"))[-1], map_location="cpu", weights_only=True)
+    assert last["global_step"] == 12 and last["distrnn"]["world_size"] == 2 and len(last["distrnn"]["ranks"]) == 2
+    for k, ref in reference.items():
+        torch.testing.assert_close(last["state_dict"][k], ref, rtol=0, atol=1e-6, msg=k)
+    assert not (tmp_path / "store/pbt/train-runs").exists()
+
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    exp = client.get_experiment_by_name("sweep-pbt")
+    runs = client.search_runs([exp.experiment_id])
+    (parent,) = [x for x in runs if "mlflow.parentRunId" not in x.data.tags]
+    trials = [x for x in runs if "mlflow.parentRunId" in x.data.tags]
+    assert len(trials) == 2 and len({t.data.tags["distrnn.trial_id"] for t in trials}) == 2
+    assert all(t.data.tags["mlflow.parentRunId"] == parent.info.run_id for t in trials)
+    exploited = [t for t in trials if "resumed.model.optimizer.lr" in t.data.tags]
+    assert len(exploited) == 1 and float(exploited[0].data.tags["resumed.model.optimizer.lr"]) == pytest.approx(new_lr, rel=1e-6)
+    lrs = {m.value for m in client.get_metric_history(exploited[0].info.run_id, "train/lr")}
+    assert any(v == pytest.approx(new_lr, rel=1e-6) for v in lrs), (lrs, new_lr)  # tiny schedule: constant
 
 
 def test_interrupted_sweep_resumes_where_it_stopped(cluster, tmp_path, data):

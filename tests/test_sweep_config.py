@@ -61,6 +61,33 @@ def test_a_ray_train_job_checks_its_data_for_its_number_of_workers(tmp_path, cap
                                          " streams (batch_size 2000 x world size 2)"], err
 
 
+@pytest.mark.parametrize(
+    "option,message",
+    [
+        (["--workers_per_trial", "2"], "data.batch_size: corpus of 2850 tokens is too short for 3000 streams"),
+        (["--workers_per_trial", "0"], "workers_per_trial: must be >= 1, got 0"),
+        (["--strategy", "fsdp"], "strategy: 'fsdp' is not one of ddp, deepspeed_stage_1"),
+        (["--workers_per_trial", "2", "--gpus_per_trial", "1"], "gpus_per_trial: 1.0 GPUs cannot be split evenly"),
+    ],
+)
+def test_a_sweep_of_several_ranks_per_trial_is_checked_for_them(tmp_path, capsys, option, message):
+    """1,500 streams fit the 2,850 training tokens of a one-rank trial but not of a two-rank one
+    (each rank its own 1,500): refused on the driver, before any trial or run."""
+    write_corpus(tmp_path / "corpus.txt", 3000)
+    (tmp_path / "sweep.yaml").write_text(SWEEP.format(config=REPO / "jobs/configs/tiny.yaml",
+                                                      space="{model.optimizer.lr: {choice: [0.01]}}"))
+    base = ["--config", str(tmp_path / "sweep.yaml"), "--storage_path", str(tmp_path / "store"), "--check_only",
+            "--overrides", '{"data.init_args.path": "corpus.txt", "data.init_args.batch_size": 1500,'
+                           ' "trainer.check_val_every_n_epoch": null}']
+    tune_main(base)
+    assert "sweep OK" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        tune_main(base + option)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and message in err[0], err
+    assert len(mlflow.search_runs(search_all_experiments=True)) == 0
+
+
 def test_sweep_file_keys_are_typed(tmp_path, capsys):
     (tmp_path / "sweep.yaml").write_text("config: [x.yaml]\nnum_samples: many\n")
     with pytest.raises(SystemExit) as e:
