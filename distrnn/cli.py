@@ -190,6 +190,25 @@ class EpochProgressBar(TQDMProgressBar):
         super().on_train_batch_end(trainer, pl_module, outputs, batch, done - 1)
 
 
+def _weights_misfit(model: Any, checkpoint: dict[str, Any]) -> Optional[str]:
+    """Why ``checkpoint``'s weights do not fit ``model`` (another architecture), naming the model
+    settings that differ, or None. A DeepSpeed directory's client state holds no ``state_dict``."""
+    saved = checkpoint.get("state_dict")
+    if not isinstance(saved, dict):
+        return None
+    mine = model.state_dict()
+    odd = sorted(set(saved) ^ set(mine)) or [k for k in mine if tuple(mine[k].shape) != tuple(saved[k].shape)]
+    if not odd:
+        return None
+    from distrnn.tracking import flatten
+
+    before, now = flatten(checkpoint.get("hyper_parameters") or {}), flatten(dict(model.hparams))
+    changed = [f"model.{k} {before[k]} -> {now[k]}" for k in sorted(before) if k in now and before[k] != now[k]]
+    return (f"its weights do not fit this model ({odd[0]}{' differs' if odd[0] in saved and odd[0] in mine else ''})"
+            + (f"; changed: {', '.join(changed[:4])}" if changed else "")
+            + "; a resumed run keeps its model: give the checkpoint's model settings, or start a new run")
+
+
 class DistrnnCLI(LightningCLI):
     """The ``distrnn`` command. Ray workers and Tune trials build it with ``run=False`` and the same
     YAML, adding what their environment needs through ``trainer_extra`` (strategy, plugins,
@@ -392,16 +411,28 @@ class DistrnnCLI(LightningCLI):
                 fail(changed)
             continue_run(self.trainer.logger, checkpoint)
 
+    def _parse_ckpt_path(self) -> None:
+        # Lightning builds the model from the hyperparameters saved in the checkpoint, over the
+        # config and the command line: `fit --ckpt_path X --model.optimizer.lr 1e-4` trained on
+        # with X's lr, silently. A resumed fit takes the values given (those changed are tagged
+        # resumed.* on its run; a model whose weights no longer fit is refused in check_resume);
+        # validate, test and predict build the model the checkpoint holds, as Lightning does.
+        if self.config.get("subcommand") != "fit":
+            super()._parse_ckpt_path()
+
     def check_resume(self, ckpt_path: str, checkpoint: dict[str, Any]) -> Optional[str]:
         """Whether this run can resume ``checkpoint``, before any run opens (``distrnn fit``, a Ray
-        worker restoring): ``--reshard`` applied, every rank's carried state there for this world
-        size (else ValueError, one line). Returns why the data cannot go on at the saved read
-        position (:func:`layout_change`), or None. Needs :meth:`check_data` first."""
+        worker restoring): the model's weights fit it, ``--reshard`` applied, every rank's carried
+        state there for this world size (else ValueError, one line). Returns why the data cannot go
+        on at the saved read position (:func:`layout_change`), or None. Needs :meth:`check_data` first."""
         config = self.config_init[self.subcommand] if self.subcommand else self.config_init
         loader = getattr(self, "_checked_loaders", {}).get("train_dataloader")
         if config.get("reshard"):
             self._reshard(ckpt_path, checkpoint, loader)
         check_carried_state(checkpoint, self.trainer.world_size)
+        misfit = _weights_misfit(self.model, checkpoint)
+        if misfit:
+            raise ValueError(misfit)
         return layout_change(checkpoint, loader)
 
     def _reshard(self, ckpt_path: str, checkpoint: dict[str, Any], loader: Any) -> None:

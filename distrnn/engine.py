@@ -530,6 +530,27 @@ class TBPTTModule(L.LightningModule):
         if getattr(fit_loop, "_combined_loader_states_to_load", None) and fit_loop._combined_loader is not None:
             fit_loop._combined_loader._load_state_dicts(fit_loop._combined_loader_states_to_load)
             fit_loop._combined_loader_states_to_load = []
+        self._apply_configured_optimizer()
+
+    def _apply_configured_optimizer(self) -> None:
+        """A resumed run restores the optimizer's and the schedule's state with the settings of the
+        run that saved them: the configured ones win (a resume with a lower lr or another weight
+        decay, a PBT trial restarted from another trial's checkpoint with a perturbed lr), the
+        schedule's factor at the restored step applied to the configured lr. A no-op on a new run."""
+        c = self.optim_cfg
+        for config in self.trainer.lr_scheduler_configs:
+            sched = config.scheduler
+            if not isinstance(sched, torch.optim.lr_scheduler.LambdaLR):
+                continue
+            sched.base_lrs = [c.lr for _ in sched.base_lrs]
+            for group, factor in zip(sched.optimizer.param_groups, sched.lr_lambdas):
+                group["initial_lr"] = c.lr
+                group["lr"] = c.lr * factor(sched.last_epoch)
+                group["weight_decay"] = c.weight_decay
+                if "betas" in group:
+                    group["betas"] = c.betas
+                if "momentum" in group:
+                    group["momentum"] = c.momentum
 
     def on_train_epoch_start(self) -> None:
         self._t_last, self._tokens_since_log = None, 0

@@ -276,9 +276,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if trial is None:
         callbacks = [ReportToRay(every_n_steps=config["report_every"]), TagRun(JOB_TAG, config["job"])]
     else:
-        from distrnn.tune import trial_callbacks
-
-        callbacks = [ReportToRay(after_validation=True), *trial_callbacks(trial)]
+        callbacks = [ReportToRay(after_validation=True)]
     cli = DistrnnCLI(
         args=config["args"],
         run=False,

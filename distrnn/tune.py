@@ -18,8 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-from lightning.pytorch import Callback, LightningModule, Trainer
-
 from distrnn.raytrain import (ReportToRay, check_config, fit_from_ray_checkpoint, init_ray, keep_a_local_ray_on_loopback,
                               metric_name, strategy_error, tracking_env)
 
@@ -45,6 +43,9 @@ class SchedulerConfig:
     """ASHA: 1/reduction_factor of the trials go on at each rung."""
     perturbation_interval: int = 2
     """PBT: validations between exploit/explore steps."""
+    resample_probability: float = 0.25
+    """PBT: the chance that explore draws a value anew from the search space instead of perturbing
+    the copied one (x0.8 or x1.2; a choice moves to a neighbouring value)."""
     synch: bool = False
     """PBT: wait until every trial reaches the perturbation step before exploiting (Ray's
     synchronous PBT: deterministic for small populations, at the cost of idle trials)."""
@@ -155,32 +156,13 @@ def tune_space(space: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-class ApplyConfiguredLR(Callback):
-    """PBT restarts a trial from another trial's checkpoint with a perturbed config. The optimizer
-    state in that checkpoint holds the old learning rate; the trial's own ``model.optimizer.lr``
-    must win, with the schedule's current factor applied to it."""
-
-    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        lr = pl_module.optim_cfg.lr  # type: ignore[attr-defined]
-        for config in trainer.lr_scheduler_configs:
-            sched = config.scheduler
-            sched.base_lrs = [lr for _ in sched.base_lrs]
-            for group, factor in zip(sched.optimizer.param_groups, sched.lr_lambdas):
-                group["initial_lr"] = lr
-                group["lr"] = lr * factor(sched.last_epoch)
-
-
 def _trial(sweep: dict[str, Any]) -> dict[str, Any]:
     """What the trial's training needs to know of its Tune trial (a Ray Train worker has no Tune context)."""
     from ray import tune
 
     context = tune.get_context()
     return {"parent_run_id": sweep["parent_run_id"], "experiment_name": sweep["experiment_name"],
-            "scheduler": sweep["scheduler"], "name": context.get_trial_name(), "id": context.get_trial_id()}
-
-
-def trial_callbacks(trial: dict[str, Any]) -> list[Callback]:
-    return [ApplyConfiguredLR()] if trial["scheduler"] == "pbt" else []
+            "name": context.get_trial_name(), "id": context.get_trial_id()}
 
 
 def join_trial_run(cli: Any, trial: dict[str, Any]) -> None:
@@ -212,8 +194,8 @@ def run_trial(values: dict[str, Any], sweep: dict[str, Any]) -> None:
     cli = DistrnnCLI(
         args=sweep["args"] + as_args(values),
         run=False,
-        trainer_extra={"callbacks": [ReportToRay(after_validation=True, tune=True), *trial_callbacks(trial)],
-                       "enable_progress_bar": False, "devices": 1},
+        trainer_extra={"callbacks": [ReportToRay(after_validation=True, tune=True)], "enable_progress_bar": False,
+                       "devices": 1},
     )
     join_trial_run(cli, trial)
     fit_from_ray_checkpoint(cli, tune.get_checkpoint(), same_run=False)
@@ -397,7 +379,8 @@ def _scheduler(sweep: SweepConfig) -> Any:
                              reduction_factor=s.reduction_factor)
     if s.name == "pbt":
         return PopulationBasedTraining(time_attr="training_iteration", perturbation_interval=s.perturbation_interval,
-                                       hyperparam_mutations=tune_space(sweep.search_space), synch=s.synch)
+                                       hyperparam_mutations=tune_space(sweep.search_space), synch=s.synch,
+                                       resample_probability=s.resample_probability)
     return FIFOScheduler()
 
 
@@ -445,6 +428,8 @@ def main(argv: Optional[list[str]] = None) -> Any:
         samples = validate_space(sweep.search_space)
     except SearchSpaceError as e:
         _fail(str(e))
+    if not 0 <= sweep.scheduler.resample_probability <= 1:
+        _fail(f"scheduler.resample_probability: must be within [0, 1], got {sweep.scheduler.resample_probability}")
     if sweep.workers_per_trial < 1:
         _fail(f"workers_per_trial: must be >= 1, got {sweep.workers_per_trial}")
     problem = strategy_error(sweep.strategy)
@@ -473,8 +458,7 @@ def main(argv: Optional[list[str]] = None) -> Any:
     init_ray(env)
     storage = sweep.storage_path if "://" in sweep.storage_path else str(Path(sweep.storage_path).expanduser().resolve())
     grouped = sweep.workers_per_trial > 1 or sweep.strategy != "ddp"
-    shared = {"args": args, "cwd": os.getcwd(), "parent_run_id": parent, "experiment_name": sweep.experiment_name,
-              "scheduler": sweep.scheduler.name}
+    shared = {"args": args, "cwd": os.getcwd(), "parent_run_id": parent, "experiment_name": sweep.experiment_name}
     if grouped:
         # The trial's process only forwards reports; Ray Train reserves the workers' resources. A
         # trial with no resources at all is refused by Tune: it reserves a mebibyte of memory.

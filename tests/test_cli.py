@@ -493,6 +493,38 @@ def test_predict_carries_the_state_along_each_stream(job, capsys):
             torch.testing.assert_close(probability[r, :length], p, rtol=1e-5, atol=1e-6)
 
 
+def test_a_resumed_fit_trains_with_the_optimizer_settings_given_and_keeps_its_model(tmp_path, capsys, monkeypatch):
+    """Resuming with another lr and weight decay (a lower lr to go on, or a PBT trial restarted from another
+    trial's checkpoint with a perturbed one) trains with them, not with those in the checkpoint's optimizer
+    state and hyperparameters (Lightning's CLI put the checkpoint's model settings over the command line),
+    and the run records them as resumed.* tags. Another hidden size, whose weights the checkpoint cannot
+    fill, is refused in one line naming the setting, before any run opens."""
+    monkeypatch.chdir(tmp_path)
+    write_corpus(tmp_path / "corpus.txt", 3000)
+    base = ["fit", "--config", str(Path(__file__).parents[1] / "jobs/configs/tiny.yaml"), "--trainer.val_check_interval", "2",
+            "--checkpoint.dirpath", "ckpts"]
+    code, _, err = cli(capsys, *base, "--trainer.max_steps", "4")
+    assert code == 0, err
+    code, _, err = cli(capsys, *base, "--trainer.max_steps", "8", "--model.optimizer.lr", "0.002",
+                       "--model.optimizer.weight_decay", "0.1", "--ckpt_path", "ckpts/last.ckpt")
+    assert code == 0, err
+    last = torch.load("ckpts/last.ckpt", map_location="cpu", weights_only=True)
+    group = last["optimizer_states"][0]["param_groups"][0]
+    assert last["global_step"] == 8 and group["lr"] == pytest.approx(0.002) and group["weight_decay"] == 0.1, group
+    assert last["hyper_parameters"]["optimizer"]["lr"] == 0.002
+    (run,) = mlflow.search_runs(experiment_names=["tiny"], output_format="list")
+    assert run.data.params["model.optimizer.lr"] == "0.01" and run.data.tags["resumed.model.optimizer.lr"] == "0.002"
+
+    before = sorted(p.name for p in (tmp_path / "ckpts").iterdir())
+    code, _, err = cli(capsys, *base, "--trainer.max_steps", "12", "--model.network.hidden_size", "64",
+                       "--ckpt_path", "ckpts/last.ckpt")
+    lines = err.strip().splitlines()
+    assert code == 2 and lines[-1].startswith("distrnn: error: checkpoint ckpts/last.ckpt: its weights do not fit this model")
+    assert "model.network.hidden_size 32 -> 64" in lines[-1], lines[-1]
+    assert sorted(p.name for p in (tmp_path / "ckpts").iterdir()) == before
+    assert len(mlflow.search_runs(experiment_names=["tiny"])) == 1
+
+
 @pytest.mark.parametrize("name", sorted(p.name for p in (Path(__file__).parents[1] / "jobs" / "configs").glob("*.yaml")
                                         if not p.name.startswith("sweep_")))
 def test_every_shipped_training_config_parses(capsys, tmp_path, monkeypatch, name):

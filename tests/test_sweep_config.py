@@ -68,6 +68,7 @@ def test_a_ray_train_job_checks_its_data_for_its_number_of_workers(tmp_path, cap
         (["--workers_per_trial", "0"], "workers_per_trial: must be >= 1, got 0"),
         (["--strategy", "fsdp"], "strategy: 'fsdp' is not one of ddp, deepspeed_stage_1"),
         (["--workers_per_trial", "2", "--gpus_per_trial", "1"], "gpus_per_trial: 1.0 GPUs cannot be split evenly"),
+        (["--scheduler", '{"name": "pbt", "resample_probability": 1.5}'], "scheduler.resample_probability: must be within [0, 1]"),
     ],
 )
 def test_a_sweep_of_several_ranks_per_trial_is_checked_for_them(tmp_path, capsys, option, message):
