@@ -204,7 +204,8 @@ def _weights_misfit(model: Any, checkpoint: dict[str, Any]) -> Optional[str]:
 
     before, now = flatten(checkpoint.get("hyper_parameters") or {}), flatten(dict(model.hparams))
     changed = [f"model.{k} {before[k]} -> {now[k]}" for k in sorted(before) if k in now and before[k] != now[k]]
-    return (f"its weights do not fit this model ({odd[0]}{' differs' if odd[0] in saved and odd[0] in mine else ''})"
+    where = "differs" if odd[0] in saved and odd[0] in mine else "only in the checkpoint" if odd[0] in saved else "not in the checkpoint"
+    return (f"its weights do not fit this model ({odd[0]} {where})"
             + (f"; changed: {', '.join(changed[:4])}" if changed else "")
             + "; a resumed run keeps its model: give the checkpoint's model settings, or start a new run")
 
