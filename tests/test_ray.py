@@ -441,7 +441,8 @@ def test_pbt_sweep_of_two_ranks_per_trial_restarts_each_trial_exactly(cluster, t
     assert len(trials) == 2 and len({t.data.tags["distrnn.trial_id"] for t in trials}) == 2
     for t in trials:
         assert t.data.tags["mlflow.parentRunId"] == parent.info.run_id
-        assert max(m.step for m in client.get_metric_history(t.info.run_id, "train/loss")) >= 10
+        # logged by batch (2 updates each): the last batch, 5, in each trial's own run
+        assert max(m.step for m in client.get_metric_history(t.info.run_id, "train/loss")) == 5
 
 
 def test_interrupted_sweep_resumes_where_it_stopped(cluster, tmp_path, data):
