@@ -423,7 +423,7 @@ class DistrnnCLI(LightningCLI):
 
     def check_resume(self, ckpt_path: str, checkpoint: dict[str, Any]) -> Optional[str]:
         """Whether this run can resume ``checkpoint``, before any run opens (``distrnn fit``, a Ray
-        worker restoring): the model's weights fit it, ``--reshard`` applied, every rank's carried
+        worker restoring): the model's weights and optimizer fit it, ``--reshard`` applied, every rank's carried
         state there for this world size (else ValueError, one line). Returns why the data cannot go
         on at the saved read position (:func:`layout_change`), or None. Needs :meth:`check_data` first."""
         config = self.config_init[self.subcommand] if self.subcommand else self.config_init
@@ -434,6 +434,11 @@ class DistrnnCLI(LightningCLI):
         misfit = _weights_misfit(self.model, checkpoint)
         if misfit:
             raise ValueError(misfit)
+        saved = ((checkpoint.get("hyper_parameters") or {}).get("optimizer") or {}).get("name")
+        name = getattr(getattr(self.model, "optim_cfg", None), "name", saved)
+        if saved != name and checkpoint.get("optimizer_states"):  # Lightning would load one's state into the other
+            raise ValueError(f"model.optimizer.name {saved} -> {name}: the checkpoint holds the state of {saved}; resume"
+                             f" with {saved}, or start a new run from its weights (--model.init_weights)")
         return layout_change(checkpoint, loader)
 
     def _reshard(self, ckpt_path: str, checkpoint: dict[str, Any], loader: Any) -> None:

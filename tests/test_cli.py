@@ -498,7 +498,8 @@ def test_a_resumed_fit_trains_with_the_optimizer_settings_given_and_keeps_its_mo
     trial's checkpoint with a perturbed one) trains with them, not with those in the checkpoint's optimizer
     state and hyperparameters (Lightning's CLI put the checkpoint's model settings over the command line),
     and the run records them as resumed.* tags. Another hidden size, whose weights the checkpoint cannot
-    fill, is refused in one line naming the setting, before any run opens."""
+    fill, or another optimizer (a traceback from inside SGD's step, before) is refused in one line naming
+    the setting, before any run opens."""
     monkeypatch.chdir(tmp_path)
     write_corpus(tmp_path / "corpus.txt", 3000)
     base = ["fit", "--config", str(Path(__file__).parents[1] / "jobs/configs/tiny.yaml"), "--trainer.val_check_interval", "2",
@@ -521,6 +522,11 @@ def test_a_resumed_fit_trains_with_the_optimizer_settings_given_and_keeps_its_mo
     lines = err.strip().splitlines()
     assert code == 2 and lines[-1].startswith("distrnn: error: checkpoint ckpts/last.ckpt: its weights do not fit this model")
     assert "model.network.hidden_size 32 -> 64" in lines[-1], lines[-1]
+    code, _, err = cli(capsys, *base, "--trainer.max_steps", "12", "--model.optimizer.name", "sgd",
+                       "--ckpt_path", "ckpts/last.ckpt")
+    assert code == 2 and err.strip().splitlines()[-1] == (
+        "distrnn: error: checkpoint ckpts/last.ckpt: model.optimizer.name adamw -> sgd: the checkpoint holds the state"
+        " of adamw; resume with adamw, or start a new run from its weights (--model.init_weights)"), err[-2000:]
     assert sorted(p.name for p in (tmp_path / "ckpts").iterdir()) == before
     assert len(mlflow.search_runs(experiment_names=["tiny"])) == 1
 
