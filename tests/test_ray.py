@@ -410,7 +410,9 @@ def test_pbt_sweep_of_two_ranks_per_trial_restarts_each_trial_exactly(cluster, t
     sweep.write_text(json.dumps({
         "config": [str(data / "b2.yaml")], "overrides": {"trainer.val_check_interval": 2},
         "search_space": {"model.optimizer.lr": {"choice": [0.01]}},
-        "num_samples": 2, "workers_per_trial": 2, "cpus_per_trial": 1, "max_concurrent_trials": 2,
+        # one CPU a worker: on the 2 CPUs of the module's cluster one trial's workers train at a time and the
+        # other's wait for theirs (4 ranks on 2 cores starved the other xdist worker's tests)
+        "num_samples": 2, "workers_per_trial": 2, "cpus_per_trial": 2, "max_concurrent_trials": 2,
         "scheduler": {"name": "pbt", "perturbation_interval": 2, "synch": True, "resample_probability": 1.0},
         "name": "pbt", "experiment_name": "sweep-pbt", "storage_path": str(tmp_path / "store")}))
     r = subprocess.run([PY, str(REPO / "jobs/tune.py"), "--config", str(sweep)], capture_output=True, text=True,
