@@ -426,6 +426,33 @@ def init_ray(env: dict[str, str]) -> None:
                  ignore_reinit_error=True)
 
 
+def storage_location(path: str) -> str:
+    """Ray storage as given for a URI (``s3://``, ``gs://``), else the folder expanded and made
+    absolute: Ray's workers and trials run in other folders."""
+    return path if "://" in path else str(Path(path).expanduser().resolve())
+
+
+def ray_trainer(loop_config: dict[str, Any], *, workers: int, resources_per_worker: dict[str, float], name: str,
+                storage: str, env: dict[str, str], **run_options: Any) -> Any:
+    """The Ray Train run of :func:`train_loop_per_worker` that a job (:func:`main`) and a Tune trial
+    of several ranks (:func:`distrnn.tune.run_trial_group`) both start: ``workers`` workers on
+    loopback-safe torch groups, each with the driver's tracking settings (``env``).
+    ``run_options``: the rest of Ray's ``RunConfig`` (failure, checkpoint, callbacks)."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from distrnn.raybackend import LoopbackTorchConfig
+
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        torch_config=LoopbackTorchConfig(),
+        scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=loop_config["use_gpu"],
+                                               resources_per_worker=resources_per_worker),
+        run_config=ray.train.RunConfig(name=name, storage_path=storage, worker_runtime_env={"env_vars": env}, **run_options),
+    )
+
+
 def main(argv: Optional[list[str]] = None, on_result: Optional[Callable[[Any], None]] = None) -> Any:
     keep_a_local_ray_on_loopback()
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -444,29 +471,18 @@ def main(argv: Optional[list[str]] = None, on_result: Optional[Callable[[Any], N
         print("distrnn: config OK")
         return None
 
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from ray.train import CheckpointConfig, FailureConfig
 
-    from distrnn.raybackend import LoopbackTorchConfig
-
-    storage = args.storage_path if "://" in args.storage_path else str(Path(args.storage_path).expanduser().resolve())
+    storage = storage_location(args.storage_path)
     env = tracking_env()
     init_ray(env)
     job = uuid.uuid4().hex
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"args": distrnn_args, "strategy": args.strategy, "report_every": args.report_every,
-                           "use_gpu": args.use_gpu, "cwd": os.getcwd(), "job": job},
-        torch_config=LoopbackTorchConfig(),
-        scaling_config=ScalingConfig(num_workers=args.num_workers, use_gpu=args.use_gpu,
-                                     resources_per_worker={"CPU": args.cpus_per_worker, **({"GPU": 1} if args.use_gpu else {})}),
-        run_config=RunConfig(
-            name=args.name,
-            storage_path=storage,
-            failure_config=FailureConfig(max_failures=args.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
-            worker_runtime_env={"env_vars": env},
-        ),
+    trainer = ray_trainer(
+        {"args": distrnn_args, "strategy": args.strategy, "report_every": args.report_every, "use_gpu": args.use_gpu,
+         "cwd": os.getcwd(), "job": job},
+        workers=args.num_workers, resources_per_worker={"CPU": args.cpus_per_worker, **({"GPU": 1} if args.use_gpu else {})},
+        name=args.name, storage=storage, env=env,
+        failure_config=FailureConfig(max_failures=args.max_failures), checkpoint_config=CheckpointConfig(num_to_keep=2),
     )
     # `ray job stop` sends SIGTERM: end like Ctrl-C (the driver's exit takes the workers with it)
     previous_term = signal.signal(signal.SIGTERM, signal.default_int_handler) if _main_thread() else None

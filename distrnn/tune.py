@@ -18,8 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-from distrnn.raytrain import (ReportToRay, check_config, fit_from_ray_checkpoint, init_ray, keep_a_local_ray_on_loopback,
-                              metric_name, strategy_error, tracking_env)
+from distrnn.raytrain import (CKPT_NAME, ReportToRay, check_config, fit_from_ray_checkpoint, init_ray,
+                              keep_a_local_ray_on_loopback, metric_name, ray_trainer, storage_location, strategy_error,
+                              tracking_env)
 
 DISTRIBUTIONS = ("loguniform", "uniform", "choice", "randint", "grid")
 PARENT_TAG = "distrnn.sweep"
@@ -91,6 +92,10 @@ class SweepConfig:
     """The sweep's name: Ray's run folder under storage_path, and the MLflow parent run's name."""
     storage_path: str = "~/ray_results"
     """Where Ray keeps trial checkpoints and the sweep's state (shared by all nodes on a cluster)."""
+    keep_checkpoints: Optional[int] = None
+    """Checkpoints each trial keeps in storage: its N best by ``metric`` and its latest (Tune
+    removes the others as it goes). None: every report's (Ray's default). PBT needs at least 3: a
+    trial copies another's latest checkpoint, which that one's next reports must not remove first."""
     experiment_name: str = "distrnn-sweeps"
     """MLflow experiment of the parent run and the trials."""
 
@@ -216,29 +221,21 @@ def run_trial_group(values: dict[str, Any], sweep: dict[str, Any]) -> None:
     import threading
     import uuid
 
-    import ray.train
     from ray import tune
-    from ray.train.torch import TorchTrainer
     from ray.util.queue import Empty, Queue
-
-    from distrnn.raybackend import LoopbackTorchConfig
-    from distrnn.raytrain import train_loop_per_worker
 
     trial = _trial(sweep)
     trial["checkpoint"] = tune.get_checkpoint()
     workers, gpus = sweep["workers_per_trial"], sweep["gpus_per_trial"]
-    per_worker = {"CPU": sweep["cpus_per_trial"] / workers, **({"GPU": gpus / workers} if gpus else {})}
     reports = Queue(actor_options={"num_cpus": 0})
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"args": sweep["args"] + as_args(values), "strategy": sweep["strategy"], "report_every": None,
-                           "use_gpu": gpus > 0, "cwd": sweep["cwd"], "job": None, "trial": trial},
-        torch_config=LoopbackTorchConfig(),
-        scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=gpus > 0, resources_per_worker=per_worker),
+    trainer = ray_trainer(
+        {"args": sweep["args"] + as_args(values), "strategy": sweep["strategy"], "report_every": None,
+         "use_gpu": gpus > 0, "cwd": sweep["cwd"], "job": None, "trial": trial},
+        workers=workers, resources_per_worker={"CPU": sweep["cpus_per_trial"] / workers, **({"GPU": gpus / workers} if gpus else {})},
         # a new name for each start: Ray Train resumes a run of the same name from its own latest
         # checkpoint, which is not the one Tune gives a restarted trial (PBT's copy of another's)
-        run_config=ray.train.RunConfig(name=f"{trial['id']}-{uuid.uuid4().hex[:8]}", storage_path=sweep["train_storage"],
-                                       callbacks=[_forward_reports(reports)], worker_runtime_env={"env_vars": sweep["env"]}),
+        name=f"{trial['id']}-{uuid.uuid4().hex[:8]}", storage=sweep["train_storage"], env=sweep["env"],
+        callbacks=[_forward_reports(reports)],
     )
     outcome: dict[str, BaseException] = {}
 
@@ -432,6 +429,9 @@ def main(argv: Optional[list[str]] = None) -> Any:
         _fail(f"scheduler.resample_probability: must be within [0, 1], got {sweep.scheduler.resample_probability}")
     if sweep.workers_per_trial < 1:
         _fail(f"workers_per_trial: must be >= 1, got {sweep.workers_per_trial}")
+    if sweep.keep_checkpoints is not None and sweep.keep_checkpoints < (3 if sweep.scheduler.name == "pbt" else 1):
+        pbt = " with PBT (a trial may copy another's checkpoint after that one's next reports)" if sweep.scheduler.name == "pbt" else ""
+        _fail(f"keep_checkpoints: must be >= {3 if pbt else 1}{pbt} or null (keep all), got {sweep.keep_checkpoints}")
     problem = strategy_error(sweep.strategy)
     if problem:
         _fail(problem)
@@ -456,7 +456,7 @@ def main(argv: Optional[list[str]] = None) -> Any:
     mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
     parent = _parent_run(sweep, resume)
     init_ray(env)
-    storage = sweep.storage_path if "://" in sweep.storage_path else str(Path(sweep.storage_path).expanduser().resolve())
+    storage = storage_location(sweep.storage_path)
     grouped = sweep.workers_per_trial > 1 or sweep.strategy != "ddp"
     shared = {"args": args, "cwd": os.getcwd(), "parent_run_id": parent, "experiment_name": sweep.experiment_name}
     if grouped:
@@ -487,7 +487,8 @@ def main(argv: Optional[list[str]] = None) -> Any:
                 max_concurrent_trials=sweep.max_concurrent_trials, reuse_actors=sweep.reuse_actors and not grouped,
                 search_alg=BasicVariantGenerator(random_state=sweep.seed, max_concurrent=sweep.max_concurrent_trials),
             ),
-            run_config=tune.RunConfig(name=sweep.name, storage_path=storage),
+            run_config=tune.RunConfig(name=sweep.name, storage_path=storage, checkpoint_config=tune.CheckpointConfig(
+                num_to_keep=sweep.keep_checkpoints, checkpoint_score_attribute=metric, checkpoint_score_order=sweep.mode)),
         )
     def mark_interrupted() -> None:
         # before Tune stops a trial: each trial run's logger reads it when its training ends
@@ -522,14 +523,40 @@ def main(argv: Optional[list[str]] = None) -> Any:
         _fail(f"no trial reported {sweep.metric}; {len(errors)} of {len(results)} trials failed: "
               f"{str(errors[0]).splitlines()[0] if errors else ''}")
     best_config = {k: best.config[k] for k in sweep.search_space}
-    client.log_batch(parent, metrics=[mlflow.entities.Metric(f"best_{metric}", float(best.metrics[metric]), 0, 0)],
-                     params=[mlflow.entities.Param(f"best.{k}", _cli_value(v)) for k, v in best_config.items()])
+    value, checkpoint = _best_report(best, metric, sweep.mode)
+    trial_run = _trial_run(sweep.experiment_name, parent, best.metrics.get("trial_id", ""))
+    tags = {"best.trial_id": str(best.metrics.get("trial_id")), **({"best.run_id": trial_run} if trial_run else {}),
+            **({"best.checkpoint": checkpoint} if checkpoint else {})}
+    client.log_batch(parent, metrics=[mlflow.entities.Metric(f"best_{metric}", value, 0, 0)],
+                     params=[mlflow.entities.Param(f"best.{k}", _cli_value(v)) for k, v in best_config.items()],
+                     tags=[mlflow.entities.RunTag(k, v[:5000]) for k, v in tags.items()])
     client.log_text(parent, json.dumps(best_config, indent=2), "best_config.json")
     client.set_terminated(parent, "FINISHED" if not errors else "FAILED")
     print(f"distrnn: sweep '{sweep.name}': {len(results)} trials, {len(errors)} failed; best {sweep.metric} "
-          f"{best.metrics[metric]:.4f} with {json.dumps(best_config)}")
+          f"{value:.4f} with {json.dumps(best_config)}")
+    if checkpoint:
+        print(f"distrnn: its checkpoint: {checkpoint}")
     print(f"distrnn: MLflow parent run {parent} in experiment '{sweep.experiment_name}'")
     return results
+
+
+def _best_report(result: Any, metric: str, mode: str) -> tuple[float, Optional[str]]:
+    """The best value of ``metric`` that the trial of ``result`` reported (Tune's scope "all": the
+    trial is best by it, while ``result.metrics`` is its last report), and the checkpoint file of
+    that report as ``--ckpt_path`` takes it: a local path, or a URI for remote storage. None when
+    the report's checkpoint is no longer kept (``keep_checkpoints`` keeps the best ones)."""
+    kept = [(c, m) for c, m in (result.best_checkpoints or []) if metric in m]
+    history = result.metrics_dataframe
+    values = [float(m[metric]) for _, m in kept]
+    if history is not None and metric in history:
+        values += [float(v) for v in history[metric].dropna()]
+    values.append(float(result.metrics[metric]))
+    value = min(values) if mode == "min" else max(values)
+    for c, m in kept:
+        if math.isclose(float(m[metric]), value, rel_tol=1e-9, abs_tol=1e-12):
+            fs = c.filesystem.type_name
+            return value, f"{c.path}/{CKPT_NAME}" if fs == "local" else f"{fs}://{c.path}/{CKPT_NAME}"
+    return value, None
 
 
 def _catch_interrupt(on_interrupt: Any = None) -> tuple[Any, Any]:

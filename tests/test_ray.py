@@ -246,7 +246,9 @@ def test_ctrl_c_to_a_ray_train_driver_kills_its_run_and_exits_130(cluster, tmp_p
 def test_sweep_through_ray_job_submit(cluster, tmp_path, data):
     """4 trials, 2 at a time, ASHA: the job succeeds, every trial ran and has a nested MLflow run
     under the sweep's parent with its metrics, ASHA stopped at least one early, the best is logged.
-    The grid runs two good learning rates first, so the two hopeless ones fall below ASHA's first rung."""
+    The grid runs two good learning rates first, so the two hopeless ones fall below ASHA's first rung.
+    keep_checkpoints 1: each trial keeps its best and its latest of up to 4 report checkpoints; the
+    parent names the best trial's run and the checkpoint of its best report."""
     space = json.dumps({"model.optimizer.lr": {"grid": [0.03, 0.02, 1e-6, 1e-7]}, "model.network.hidden_size": {"choice": [16, 32]}})
     # checkpoints under tmp_path, not the checkout (the driver runs in REPO for the sweep's relative config)
     overrides = json.dumps({"data.init_args.path": str(data / "corpus.txt"), "trainer.max_steps": 48,
@@ -254,7 +256,7 @@ def test_sweep_through_ray_job_submit(cluster, tmp_path, data):
                             "trainer.val_check_interval": 6, "trainer.limit_val_batches": 2})
     r = _submit(cluster, tmp_path, "python", "jobs/tune.py", "--config", "jobs/configs/sweep_tiny.yaml",
                 "--storage_path", str(tmp_path / "store"), f"--overrides={overrides}", f"--search_space={space}", "--num_samples", "1",
-                "--scheduler", json.dumps({"name": "asha", "max_t": 4, "grace_period": 1, "reduction_factor": 2}))
+                "--keep_checkpoints", "1", "--scheduler", json.dumps({"name": "asha", "max_t": 4, "grace_period": 1, "reduction_factor": 2}))
     out = r.stdout + r.stderr
     assert r.returncode == 0 and "succeeded" in out, out[-4000:]
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
@@ -272,9 +274,21 @@ def test_sweep_through_ray_job_submit(cluster, tmp_path, data):
     assert {1e-6, 1e-7} <= lrs and 0.03 not in lrs  # the hopeless stopped, the best ran to the end
     ran = trials[trials["tags.distrnn.stopped_early"] != "true"]
     assert (ran["status"] == "FINISHED").all(), runs.to_string()  # though Tune stopped it at max_t
-    best = trials["metrics.val/loss"].min()
-    assert parent["metrics.best_val_loss"] == pytest.approx(best, rel=1e-6)
-    assert parent["status"] == "FINISHED"
+    client = mlflow.MlflowClient()
+    history = {t: [m.value for m in client.get_metric_history(t, "val/loss")] for t in trials["run_id"]}
+    best_run = min(history, key=lambda t: min(history[t]))
+    assert parent["metrics.best_val_loss"] == pytest.approx(min(history[best_run]), rel=1e-6)
+    assert parent["tags.best.run_id"] == best_run and parent["status"] == "FINISHED"
+    # the best report's checkpoint, as Tune recorded that report; no trial keeps more than 2
+    ckpt = Path(parent["tags.best.checkpoint"])
+    assert ckpt.name == "checkpoint.ckpt" and ckpt.is_file(), parent["tags.best.checkpoint"]
+    reports = [json.loads(ln) for ln in (ckpt.parent.parent / "result.json").read_text().splitlines()]
+    (report,) = [x for x in reports if x.get("checkpoint_dir_name") == ckpt.parent.name]
+    assert report["val_loss"] == pytest.approx(min(history[best_run]), rel=1e-6) and report["trial_id"] == \
+        trials.set_index("run_id").loc[best_run, "tags.distrnn.trial_id"]
+    kept = [(len((d / "result.json").read_text().splitlines()), len(list(d.glob("checkpoint_*"))))
+            for d in (tmp_path / "store").glob("*/run_trial_*")]  # (reports, checkpoints kept) per trial
+    assert len(kept) == 4 and max(r for r, _ in kept) >= 3 and max(c for _, c in kept) <= 2, kept
 
 
 def test_every_ray_server_listens_on_loopback_only(cluster):

@@ -69,6 +69,8 @@ def test_a_ray_train_job_checks_its_data_for_its_number_of_workers(tmp_path, cap
         (["--strategy", "fsdp"], "strategy: 'fsdp' is not one of ddp, deepspeed_stage_1"),
         (["--workers_per_trial", "2", "--gpus_per_trial", "1"], "gpus_per_trial: 1.0 GPUs cannot be split evenly"),
         (["--scheduler", '{"name": "pbt", "resample_probability": 1.5}'], "scheduler.resample_probability: must be within [0, 1]"),
+        (["--keep_checkpoints", "0"], "keep_checkpoints: must be >= 1 or null (keep all), got 0"),
+        (["--keep_checkpoints", "2", "--scheduler", '{"name": "pbt"}'], "keep_checkpoints: must be >= 3 with PBT"),
     ],
 )
 def test_a_sweep_of_several_ranks_per_trial_is_checked_for_them(tmp_path, capsys, option, message):
@@ -209,3 +211,15 @@ def test_the_sweep_closes_trial_runs_after_the_trials_have_closed_them():
     run = client.get_run(stopped)
     assert run.info.status == "KILLED" and run.data.tags.get("distrnn.stopped_early") == "true"
     assert client.get_run(finished).info.status == "FINISHED"
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "jobs" / "configs").glob("sweep_*.yaml")))
+def test_every_shipped_sweep_passes_its_check(tmp_path, capsys, monkeypatch, name):
+    """The sweeps in jobs/configs stay valid (search space, scheduler, keep_checkpoints, each
+    sample's config and data) as the classes they name change; nothing is written to the store."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "jobs").symlink_to(REPO / "jobs")  # the sweeps name their configs from the checkout's root
+    write_corpus(tmp_path / "corpus.txt", 3000)  # tiny.yaml's data
+    assert tune_main(["--config", f"jobs/configs/{name}", "--storage_path", str(tmp_path / "store"), "--check_only"]) is None
+    assert "distrnn: sweep OK" in capsys.readouterr().out
+    assert not (tmp_path / "store").exists() and len(mlflow.search_runs(search_all_experiments=True)) == 0
