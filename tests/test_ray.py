@@ -17,7 +17,7 @@ import mlflow
 import pytest
 import torch
 
-from conftest import REPO, ListeningSockets, beyond_loopback, distrnn_cmd, listening_sockets, write_corpus
+from conftest import REPO, ListeningSockets, beyond_loopback, cli, distrnn_cmd, listening_sockets, write_corpus
 
 pytestmark = pytest.mark.slow
 
@@ -243,12 +243,13 @@ def test_ctrl_c_to_a_ray_train_driver_kills_its_run_and_exits_130(cluster, tmp_p
     assert again.info.run_id == run.info.run_id and again.info.status == "FINISHED"
 
 
-def test_sweep_through_ray_job_submit(cluster, tmp_path, data):
+def test_sweep_through_ray_job_submit(cluster, tmp_path, data, capsys):
     """4 trials, 2 at a time, ASHA: the job succeeds, every trial ran and has a nested MLflow run
     under the sweep's parent with its metrics, ASHA stopped at least one early, the best is logged.
     The grid runs two good learning rates first, so the two hopeless ones fall below ASHA's first rung.
     keep_checkpoints 1: each trial keeps its best and its latest of up to 4 report checkpoints; the
-    parent names the best trial's run and the checkpoint of its best report."""
+    parent names the best trial's run and the checkpoint of its best report, which `distrnn validate`
+    takes: it scores the best value again, in a run nested under the best trial's."""
     space = json.dumps({"model.optimizer.lr": {"grid": [0.03, 0.02, 1e-6, 1e-7]}, "model.network.hidden_size": {"choice": [16, 32]}})
     # checkpoints under tmp_path, not the checkout (the driver runs in REPO for the sweep's relative config)
     overrides = json.dumps({"data.init_args.path": str(data / "corpus.txt"), "trainer.max_steps": 48,
@@ -289,6 +290,12 @@ def test_sweep_through_ray_job_submit(cluster, tmp_path, data):
     kept = [(len((d / "result.json").read_text().splitlines()), len(list(d.glob("checkpoint_*"))))
             for d in (tmp_path / "store").glob("*/run_trial_*")]  # (reports, checkpoints kept) per trial
     assert len(kept) == 4 and max(r for r, _ in kept) >= 3 and max(c for _, c in kept) <= 2, kept
+    code, _, err = cli(capsys, "validate", "--config", str(REPO / "jobs/configs/tiny.yaml"), "--ckpt_path", str(ckpt),
+                       "--data.init_args.path", str(data / "corpus.txt"), "--trainer.limit_val_batches", "2")
+    assert code == 0, err[-3000:]
+    (evaluation,) = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                                       f"tags.`mlflow.parentRunId` = '{best_run}'")
+    assert evaluation.data.metrics["val/loss"] == pytest.approx(min(history[best_run]), rel=1e-5)
 
 
 def test_every_ray_server_listens_on_loopback_only(cluster):
