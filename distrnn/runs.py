@@ -3,6 +3,9 @@
 Prints one row per run: its name, status, the params whose values differ between the runs (the
 ones that are equal everywhere say nothing about the difference) and the final value of every
 metric; the runs of ``validate``/``test``/``predict`` only with ``--evaluations``. ``--plot FILE --metric val/loss`` writes an overlay PNG of one metric against the step.
+A sweep's parent run (``jobs/tune.py``) is a line above the table (its best value, trial and
+config), not a row: its trials are the rows (``--sweep NAME``: only the trials of that sweep).
+``--sort METRIC`` orders the rows by that metric's final value, smallest first (``--descending``).
 """
 
 from __future__ import annotations
@@ -12,6 +15,9 @@ import sys
 from typing import Any, Optional
 
 import mlflow
+
+SWEEP_TAG = "distrnn.sweep"  # on a sweep's parent run (distrnn.tune), its name
+STOPPED_EARLY_TAG = "distrnn.stopped_early"  # on a trial the sweep's scheduler stopped
 
 
 def _runs(experiment: str, max_runs: int) -> list[Any]:
@@ -27,16 +33,40 @@ def differing_params(runs: list[Any]) -> list[str]:
     return [k for k in keys if len({r.data.params.get(k) for r in runs}) > 1]
 
 
+STOPPED_EARLY = "STOPPED_EARLY"
+
+
+def _status(run: Any) -> str:
+    """A trial that the sweep's scheduler stopped is KILLED in MLflow like one stopped by Ctrl-C:
+    the table tells them apart."""
+    return STOPPED_EARLY if run.data.tags.get(STOPPED_EARLY_TAG) == "true" else run.info.status
+
+
+def _name(run: Any) -> str:
+    return run.data.tags.get("mlflow.runName") or run.info.run_id[:8]
+
+
+def sweep_line(parent: Any, runs: list[Any]) -> str:
+    """One line for a sweep's parent run: its trials among ``runs`` and the best it logged."""
+    trials = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    best = {k: v for k, v in parent.data.metrics.items() if k.startswith("best_")}
+    by_id = {r.info.run_id: r for r in runs}
+    winner = by_id.get(parent.data.tags.get("best.run_id", ""))
+    config = ", ".join(f"{k[len('best.'):]}={v}" for k, v in sorted(parent.data.params.items()) if k.startswith("best."))
+    found = "; ".join(f"{k} {v:.4g}" for k, v in best.items()) or "no best logged yet"
+    return (f"sweep '{parent.data.tags.get(SWEEP_TAG)}' (run {parent.info.run_id[:8]}, {parent.info.status}): {len(trials)} trials;"
+            f" {found}{f' in {_name(winner)}' if winner else ''}{f' with {config}' if config else ''}")
+
+
 def table(runs: list[Any], metrics: Optional[list[str]] = None) -> str:
     params = differing_params(runs)
     metric_keys = metrics or sorted({k for r in runs for k in r.data.metrics if not k.startswith("system/")})
     head = ["run", "status", *params, *metric_keys]
     rows = []
     for r in runs:
-        name = r.data.tags.get("mlflow.runName") or r.info.run_id[:8]
         vals = [r.data.params.get(k, "-") for k in params]
         ms = [f"{r.data.metrics[k]:.4g}" if k in r.data.metrics else "-" for k in metric_keys]
-        rows.append([name, r.info.status, *vals, *ms])
+        rows.append([_name(r), _status(r), *vals, *ms])
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
     fmt = lambda row: "  ".join(str(x).ljust(w) for x, w in zip(row, widths))  # noqa: E731
     return "\n".join([fmt(head), fmt(["-" * w for w in widths]), *map(fmt, rows)])
@@ -55,7 +85,7 @@ def plot(runs: list[Any], metric: str, path: str) -> int:
         hist = sorted(client.get_metric_history(r.info.run_id, metric), key=lambda m: m.step)
         if not hist:
             continue
-        ax.plot([m.step for m in hist], [m.value for m in hist], label=r.data.tags.get("mlflow.runName") or r.info.run_id[:8])
+        ax.plot([m.step for m in hist], [m.value for m in hist], label=_name(r))
         drawn += 1
     ax.set_xlabel("step")
     ax.set_ylabel(metric)
@@ -79,6 +109,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     c.add_argument("--max_runs", type=int, default=100)
     c.add_argument("--evaluations", action="store_true",
                    help="also the runs of validate/test/predict (nested under the runs they evaluated)")
+    c.add_argument("--sweep", default=None, help="only the trials of the sweep of this name (its latest, when run again)")
+    c.add_argument("--sort", default=None, metavar="METRIC", help="order the rows by this metric's final value, smallest first")
+    c.add_argument("--descending", action="store_true", help="with --sort: largest first")
     a = p.parse_args(argv)
     runs = _runs(a.experiment, a.max_runs)
     if not runs:
@@ -90,6 +123,24 @@ def main(argv: Optional[list[str]] = None) -> int:
     if evaluations and not a.evaluations:
         runs = [r for r in runs if STAGE_TAG not in r.data.tags]
         print(f"({len(evaluations)} validate/test/predict runs not shown: --evaluations)", file=sys.stderr)
+    parents = [r for r in runs if SWEEP_TAG in r.data.tags]
+    if a.sweep is not None:
+        parents = [r for r in parents if r.data.tags[SWEEP_TAG] == a.sweep][-1:]  # runs come oldest first
+        if not parents:
+            raise SystemExit(f"distrnn: error: --sweep: no sweep named '{a.sweep}' in experiment '{a.experiment}'")
+        runs = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id or r in parents]
+    for parent in parents:
+        print(sweep_line(parent, runs))
+    runs = [r for r in runs if SWEEP_TAG not in r.data.tags]
+    if a.sort:
+        if not any(a.sort in r.data.metrics for r in runs):
+            raise SystemExit(f"distrnn: error: --sort: no run logged a metric '{a.sort}'")
+        # runs without the metric last, in either order
+        runs = sorted(runs, key=lambda r: (a.sort not in r.data.metrics,
+                                           (-1 if a.descending else 1) * r.data.metrics.get(a.sort, 0.0)))
+    if not runs:
+        print(f"distrnn: no runs to compare in experiment '{a.experiment}'", file=sys.stderr)
+        return 1
     print(table(runs, a.metrics))
     if a.plot:
         n = plot(runs, a.metric, a.plot)

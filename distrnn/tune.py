@@ -21,9 +21,10 @@ from typing import Any, Literal, Optional
 from distrnn.raytrain import (CKPT_NAME, ReportToRay, check_config, fit_from_ray_checkpoint, init_ray,
                               keep_a_local_ray_on_loopback, metric_name, ray_trainer, storage_location, strategy_error,
                               tracking_env)
+from distrnn.runs import STOPPED_EARLY_TAG
+from distrnn.runs import SWEEP_TAG as PARENT_TAG
 
 DISTRIBUTIONS = ("loguniform", "uniform", "choice", "randint", "grid")
-PARENT_TAG = "distrnn.sweep"
 
 
 class SearchSpaceError(ValueError):
@@ -635,7 +636,7 @@ def _close_trial_runs(client: Any, parent: str, results: Any, interrupted: bool 
             if trial in stopped or run.info.status == "RUNNING":
                 client.set_terminated(run.info.run_id, "KILLED")
         elif trial in stopped:
-            client.set_tag(run.info.run_id, "distrnn.stopped_early", "true")
+            client.set_tag(run.info.run_id, STOPPED_EARLY_TAG, "true")
             client.set_terminated(run.info.run_id, "KILLED")
         elif run.info.status == "RUNNING":
             client.set_terminated(run.info.run_id, "KILLED")

@@ -296,6 +296,13 @@ def test_sweep_through_ray_job_submit(cluster, tmp_path, data, capsys):
     (evaluation,) = client.search_runs([e.experiment_id for e in client.search_experiments()],
                                        f"tags.`mlflow.parentRunId` = '{best_run}'")
     assert evaluation.data.metrics["val/loss"] == pytest.approx(min(history[best_run]), rel=1e-5)
+    # `distrnn runs compare`: the sweep is one line naming its best trial, its 4 trials the rows
+    code, out, err = cli(capsys, "runs", "compare", "--experiment", "sweep-tiny", "--sweep", "sweep-tiny")
+    assert code == 0, err
+    names = trials.set_index("run_id")["tags.mlflow.runName"]
+    assert out.startswith("sweep 'sweep-tiny'") and "4 trials; best_val_loss " in out and f" in {names[best_run]} with " in out
+    rows = {ln.split()[0]: ln.split()[1] for ln in out.splitlines()[3:]}
+    assert rows == {names[t]: "STOPPED_EARLY" if t in set(stopped["run_id"]) else "FINISHED" for t in trials["run_id"]}, out
 
 
 def test_every_ray_server_listens_on_loopback_only(cluster):

@@ -133,3 +133,61 @@ def test_mlflow_models_serve_answers_with_the_models_predictions(two_runs):
     with torch.no_grad():
         y, _ = reference(x)
     np.testing.assert_allclose(predictions, y.numpy(), rtol=0, atol=1e-6)
+
+
+def test_compare_shows_a_sweep_as_a_line_and_its_trials_as_rows(tmp_path, capsys):
+    """An experiment with two sweeps (parent runs with nested trials, as jobs/tune.py logs them) and
+    a plain run: each parent is one line naming its best trial, not a row whose missing params
+    would make every param 'differ'; --sweep keeps one sweep's trials, --sort orders them, a trial
+    the scheduler stopped reads STOPPED_EARLY, an unknown sweep or metric is one line."""
+    client = mlflow.MlflowClient()
+    exp = client.create_experiment("sweeps")
+
+    def sweep(name, losses, stopped=()):
+        parent = client.create_run(exp, run_name=name, tags={"distrnn.sweep": name}).info.run_id
+        client.log_param(parent, "sweep.num_samples", str(len(losses)))
+        trials = []
+        for i, loss in enumerate(losses):
+            t = client.create_run(exp, run_name=f"{name}_trial_{i}", tags={"mlflow.parentRunId": parent}).info.run_id
+            client.log_batch(t, metrics=[mlflow.entities.Metric("val/loss", loss, 0, 0)],
+                             params=[mlflow.entities.Param("model.optimizer.lr", str(10.0 ** -i)),
+                                     mlflow.entities.Param("trainer.max_steps", "40")])
+            client.set_terminated(t, "KILLED" if i in stopped else "FINISHED")
+            if i in stopped:
+                client.set_tag(t, "distrnn.stopped_early", "true")
+            trials.append(t)
+        best = min(range(len(losses)), key=losses.__getitem__)
+        client.log_batch(parent, metrics=[mlflow.entities.Metric("best_val_loss", losses[best], 0, 0)],
+                         params=[mlflow.entities.Param("best.model.optimizer.lr", str(10.0 ** -best))],
+                         tags=[mlflow.entities.RunTag("best.run_id", trials[best])])
+        client.set_terminated(parent, "FINISHED")
+
+    sweep("a", [3.0, 2.0, 4.0], stopped=(2,))
+    sweep("b", [1.5, 2.5])
+    plain = client.create_run(exp, run_name="plain").info.run_id
+    client.log_batch(plain, params=[mlflow.entities.Param("model.optimizer.lr", "0.5"), mlflow.entities.Param("trainer.max_steps", "40")])
+    client.set_terminated(plain, "FINISHED")
+
+    code, out, err = cli(capsys, "runs", "compare", "--experiment", "sweeps")
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0].startswith("sweep 'a' (run ") and "3 trials; best_val_loss 2 in a_trial_1 with model.optimizer.lr=0.1" in lines[0]
+    assert lines[1].startswith("sweep 'b' (run ") and "2 trials; best_val_loss 1.5 in b_trial_0" in lines[1]
+    head = lines[2].split()
+    assert head == ["run", "status", "model.optimizer.lr", "val/loss"]  # not sweep.*, best.*, trainer.max_steps
+    assert [ln.split()[0] for ln in lines[4:]] == ["a_trial_0", "a_trial_1", "a_trial_2", "b_trial_0", "b_trial_1", "plain"]
+
+    code, out, err = cli(capsys, "runs", "compare", "--experiment", "sweeps", "--sweep", "a", "--sort", "val/loss")
+    assert code == 0, err
+    lines = out.splitlines()
+    assert len(lines) == 1 + 2 + 3 and lines[0].startswith("sweep 'a'")
+    rows = [ln.split() for ln in lines[3:]]
+    assert [r[0] for r in rows] == ["a_trial_1", "a_trial_0", "a_trial_2"] and rows[2][1] == "STOPPED_EARLY"
+    assert [r[1] for r in rows[:2]] == ["FINISHED", "FINISHED"]
+    code, out, _ = cli(capsys, "runs", "compare", "--experiment", "sweeps", "--sweep", "b", "--sort", "val/loss", "--descending")
+    assert [ln.split()[0] for ln in out.splitlines()[3:]] == ["b_trial_1", "b_trial_0"]
+
+    code, _, err = cli(capsys, "runs", "compare", "--experiment", "sweeps", "--sweep", "c")
+    assert code != 0 and err.strip() == "distrnn: error: --sweep: no sweep named 'c' in experiment 'sweeps'"
+    code, _, err = cli(capsys, "runs", "compare", "--experiment", "sweeps", "--sort", "val/acc")
+    assert code != 0 and err.strip() == "distrnn: error: --sort: no run logged a metric 'val/acc'"
