@@ -6,6 +6,7 @@ MLflow run or checkpoint is created.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -13,9 +14,9 @@ import re
 import sys
 import warnings
 from types import SimpleNamespace
-from typing import Any, NoReturn, Optional
+from typing import Any, Iterator, NoReturn, Optional
 
-from jsonargparse import ArgumentParser
+from jsonargparse import ArgumentParser, set_parsing_settings
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter, ProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -474,6 +475,22 @@ class DistrnnCLI(LightningCLI):
                 cfg["model.init_weights"] = init_weights
 
 
+@contextlib.contextmanager
+def field_docs_in_help(argv: list[str]) -> Iterator[None]:
+    """The config dataclasses document each field in a docstring below it (litgpt's style), which
+    jsonargparse puts into ``--help`` only with this setting. It costs ~2 s per parser (it reads
+    the source of every class in the config, Lightning's Trainer's too), so it is on for the
+    parsers built inside this block when ``argv`` asks for help, and only for them."""
+    asked = any(a in ("-h", "--help") for a in argv)
+    if asked:
+        set_parsing_settings(docstring_parse_attribute_docstrings=True)
+    try:
+        yield
+    finally:
+        if asked:
+            set_parsing_settings(docstring_parse_attribute_docstrings=False)
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv:
@@ -484,7 +501,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         module, function, _ = OWN_COMMANDS[argv[0]]
         sys.exit(getattr(importlib.import_module(module), function)(argv[1:]))
     try:
-        cli = DistrnnCLI(args=argv if argv != sys.argv[1:] else None)
+        with field_docs_in_help(argv):
+            cli = DistrnnCLI(args=argv if argv != sys.argv[1:] else None)
     except (ConfigError, CheckpointError) as e:
         fail(_key_line(str(e)))
     except SIGTERMException:

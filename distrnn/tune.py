@@ -311,12 +311,23 @@ def _fail(message: str) -> None:
 def load_sweep(argv: list[str]) -> tuple[SweepConfig, bool, bool]:
     from jsonargparse import ActionConfigFile, ArgumentParser
 
+    from distrnn.cli import field_docs_in_help
+
     parser = ArgumentParser(prog="jobs/tune.py", description="A Ray Tune sweep over distrnn configs.",
                             exit_on_error=False, default_env=False)
-    parser.add_argument("--config", action=ActionConfigFile, help="the sweep YAML")
-    parser.add_class_arguments(SweepConfig, "sweep", as_group=False)
+    parser.add_argument("--config", action=ActionConfigFile,
+                        help="the sweep YAML: the options below as keys (its `config:` key, the distrnn configs, is"
+                             " --sweep.config on the command line)")
     parser.add_argument("--resume", type=bool, default=False, help="continue an interrupted sweep (Tuner.restore)")
     parser.add_argument("--check_only", type=bool, default=False, help="check the sweep and the configs, then exit")
+    if any(a in ("-h", "--help") for a in argv):  # the keys as given: at the top level (see _nest)
+        import re
+
+        with field_docs_in_help(argv):
+            parser.add_class_arguments(SweepConfig, "sweep", as_group=False)
+            print(re.sub(r"--sweep\.(?!config\b)", "--", parser.format_help()))
+        sys.exit(0)
+    parser.add_class_arguments(SweepConfig, "sweep", as_group=False)
     try:
         ns = parser.parse_args(_nest(argv))
     except Exception as e:  # jsonargparse's message names the key
@@ -361,7 +372,7 @@ def _nest(argv: list[str]) -> list[str]:
             out += ["--config", yaml.safe_dump({"sweep": data})]
         elif a in ("--resume", "--check-only", "--check_only"):  # bare flags
             out.append(a.replace("-", "_").replace("__", "--", 1) + "=true")
-        elif a.startswith("--") and a.split("=")[0] not in ("--resume", "--check_only"):
+        elif a.startswith("--") and a.split("=")[0] not in ("--resume", "--check_only") and not a.startswith("--sweep."):
             out.append("--sweep." + a[2:])
         else:
             out.append(a)

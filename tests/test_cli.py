@@ -101,6 +101,15 @@ def test_help_names_every_command_and_each_answers_its_own_help(capsys):
     for name in own:
         code, out, err = cli(capsys, name, "--help")
         assert code == 0 and out.startswith(f"usage: distrnn {name}"), (name, out[:300], err[-500:])
+    code, out, _ = cli(capsys, "fit", "--help")  # each config field with the docstring below it
+    assert code == 0 and "Steps between updates (tbptt)" in out and "Hidden units per layer (H)." in out, out[:2000]
+    from jsonargparse import ArgumentParser
+
+    from distrnn.config import TBPTTConfig
+
+    later = ArgumentParser()  # the costly docstring reading is off again for the parsers of other commands
+    later.add_class_arguments(TBPTTConfig, "tbptt")
+    assert "--tbptt.k1" in later.format_help() and "Steps between updates" not in later.format_help()
     code, _, err = cli(capsys)  # no command at all: the commands named, not only Lightning's four
     assert code == 2 and all(name in err for name in own + ["fit"]) and len(err.strip().splitlines()) == 1, err
 

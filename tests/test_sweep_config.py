@@ -223,3 +223,19 @@ def test_every_shipped_sweep_passes_its_check(tmp_path, capsys, monkeypatch, nam
     assert tune_main(["--config", f"jobs/configs/{name}", "--storage_path", str(tmp_path / "store"), "--check_only"]) is None
     assert "distrnn: sweep OK" in capsys.readouterr().out
     assert not (tmp_path / "store").exists() and len(mlflow.search_runs(search_all_experiments=True)) == 0
+
+
+def test_help_shows_each_key_as_given_with_its_doc(tmp_path, capsys):
+    """`jobs/tune.py --help` (it was an error: --help became --sweep.help) lists the keys as they are
+    typed, each with the docstring of its SweepConfig field; the distrnn configs can be named on the
+    command line as --sweep.config (--config is the sweep YAML)."""
+    with pytest.raises(SystemExit) as e:
+        tune_main(["--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and "--sweep.num_samples" not in out
+    assert "--num_samples NUM_SAMPLES" in out and "Trials drawn from the space" in out
+    assert "--keep_checkpoints KEEP_CHECKPOINTS" in out and "its N best by" in out
+    write_corpus(tmp_path / "corpus.txt", 3000)
+    (tmp_path / "sweep.yaml").write_text(SWEEP.format(config="nope.yaml", space="{model.optimizer.lr: {choice: [0.01]}}"))
+    tune_main(["--config", str(tmp_path / "sweep.yaml"), "--sweep.config", f"[{REPO / 'jobs/configs/tiny.yaml'}]", "--check-only"])
+    assert "sweep OK" in capsys.readouterr().out
