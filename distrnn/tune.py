@@ -85,6 +85,10 @@ class SweepConfig:
     """Run the next trial in a finished trial's worker process (Ray's default is a new process per
     trial, which pays the imports of torch, Lightning and MLflow, seconds, every time). Trials of
     several workers never do: a stopped trial's process must end to take its workers with it."""
+    search: Literal["random", "optuna"] = "random"
+    """How trials get their values. random: independent draws from the distributions (every point
+    of a grid); optuna: Optuna's TPE sampler draws each new trial near the values that scored best
+    so far (Bayesian optimization; needs Optuna, in distrnn[ray]; no grid, not with PBT)."""
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     """Early stopping or population-based training."""
     seed: Optional[int] = 0
@@ -393,6 +397,35 @@ def _scheduler(sweep: SweepConfig) -> Any:
     return FIFOScheduler()
 
 
+def _searcher(sweep: SweepConfig) -> Any:
+    """Where the next trial's values come from: independent draws, or Optuna's TPE, which draws
+    near the values that scored best so far (each trial's last report is its score)."""
+    if sweep.search == "optuna":
+        from ray.tune.search import ConcurrencyLimiter
+        from ray.tune.search.optuna import OptunaSearch
+
+        return ConcurrencyLimiter(OptunaSearch(seed=sweep.seed), max_concurrent=sweep.max_concurrent_trials)
+    from ray.tune.search import BasicVariantGenerator
+
+    return BasicVariantGenerator(random_state=sweep.seed, max_concurrent=sweep.max_concurrent_trials)
+
+
+def search_error(sweep: SweepConfig) -> Optional[str]:
+    """Why ``sweep.search`` cannot search this sweep, or None."""
+    if sweep.search != "optuna":
+        return None
+    grid = [k for k, spec in sweep.search_space.items() if isinstance(spec, dict) and "grid" in spec]
+    if grid:
+        return f"search: optuna draws every value itself; search_space.{grid[0]} is a grid (use choice)"
+    if sweep.scheduler.name == "pbt":
+        return "search: optuna picks each trial's values once, PBT changes them as trials run: use search: random with pbt"
+    try:
+        import optuna  # noqa: F401
+    except ImportError:
+        return "search: optuna needs Optuna (pip install 'distrnn[ray]')"
+    return None
+
+
 def _parent_run(sweep: SweepConfig, resume: bool) -> str:
     import mlflow
 
@@ -444,7 +477,7 @@ def main(argv: Optional[list[str]] = None) -> Any:
     if sweep.keep_checkpoints is not None and sweep.keep_checkpoints < (3 if sweep.scheduler.name == "pbt" else 1):
         pbt = " with PBT (a trial may copy another's checkpoint after that one's next reports)" if sweep.scheduler.name == "pbt" else ""
         _fail(f"keep_checkpoints: must be >= {3 if pbt else 1}{pbt} or null (keep all), got {sweep.keep_checkpoints}")
-    problem = strategy_error(sweep.strategy)
+    problem = strategy_error(sweep.strategy) or search_error(sweep)
     if problem:
         _fail(problem)
     if sweep.workers_per_trial > 1 and sweep.gpus_per_trial and not float(sweep.gpus_per_trial / sweep.workers_per_trial).is_integer():
@@ -486,18 +519,13 @@ def main(argv: Optional[list[str]] = None) -> Any:
     if resume and tune.Tuner.can_restore(path):
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
     else:
-        from ray.tune.search import BasicVariantGenerator
-
-        space = {} if sweep.scheduler.name == "pbt" else tune_space(sweep.search_space)
-        if sweep.scheduler.name == "pbt":  # PBT draws the initial values from its mutations
-            space = {k: v for k, v in tune_space(sweep.search_space).items()}
         tuner = tune.Tuner(
             trainable,
-            param_space=space,
+            param_space=tune_space(sweep.search_space),  # PBT too: its first values are drawn from it
             tune_config=tune.TuneConfig(
                 metric=metric, mode=sweep.mode, num_samples=sweep.num_samples, scheduler=_scheduler(sweep),
                 max_concurrent_trials=sweep.max_concurrent_trials, reuse_actors=sweep.reuse_actors and not grouped,
-                search_alg=BasicVariantGenerator(random_state=sweep.seed, max_concurrent=sweep.max_concurrent_trials),
+                search_alg=_searcher(sweep),
             ),
             run_config=tune.RunConfig(name=sweep.name, storage_path=storage, checkpoint_config=tune.CheckpointConfig(
                 num_to_keep=sweep.keep_checkpoints, checkpoint_score_attribute=metric, checkpoint_score_order=sweep.mode)),

@@ -479,7 +479,9 @@ def test_interrupted_sweep_resumes_where_it_stopped(cluster, tmp_path, data):
     """Ctrl-C (SIGINT) to the sweep's driver after every trial has checkpointed: exit 130, the
     parent run KILLED, no trial marked stopped early. The same command with --resume continues
     each trial from its latest checkpoint (not from step 0) in its own MLflow run under the same
-    parent; the sweep then finishes with every trial run to max_steps."""
+    parent; the sweep then finishes with every trial run to max_steps. The values come from
+    Optuna (search: optuna), whose study, restored with the sweep, ends with each trial's values
+    and its final val/loss as the score."""
     import signal
     import time
 
@@ -494,7 +496,7 @@ def test_interrupted_sweep_resumes_where_it_stopped(cluster, tmp_path, data):
                             "trainer.callbacks": [hold]})
     cmd = [PY, str(REPO / "jobs/tune.py"), "--config", str(REPO / "jobs/configs/sweep_tiny.yaml"), "--storage_path",
            str(tmp_path / "store"), f"--overrides={overrides}", "--num_samples", "2", "--name", "resumable",
-           "--scheduler", json.dumps({"name": "fifo"})]
+           "--scheduler", json.dumps({"name": "fifo"}), "--search", "optuna"]
     driver = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(cluster, tmp_path), cwd=REPO)
     deadline = time.time() + 300
     while len(glob.glob(str(tmp_path / "store/resumable/run_trial_*/checkpoint_000001"))) < 2:
@@ -528,3 +530,16 @@ def test_interrupted_sweep_resumes_where_it_stopped(cluster, tmp_path, data):
         steps = [m.step for m in client.get_metric_history(t.info.run_id, "val/loss")]
         # (tiny.yaml makes two updates per batch; val/loss is logged by batch: the last at 89)
         assert max(steps) > steps_before[t.data.tags["distrnn.trial_id"]] and max(steps) >= 85
+    from ray.tune.search.optuna import OptunaSearch
+
+    searcher = OptunaSearch()
+    searcher.restore_from_dir(str(tmp_path / "store/resumable"))
+    studied = sorted(((t.state.name, t.value, t.params["model.optimizer.lr"], t.params["model.network.hidden_size"])
+                      for t in searcher._ot_study.trials), key=lambda x: x[2])
+    last = {t.info.run_id: max(client.get_metric_history(t.info.run_id, "val/loss"), key=lambda m: (m.step, m.timestamp)).value
+            for t in trials}
+    logged = sorted((("COMPLETE", last[t.info.run_id], float(t.data.params["model.optimizer.lr"]),
+                      int(t.data.params["model.network.hidden_size"])) for t in trials), key=lambda x: x[2])
+    assert [x[0] for x in studied] == ["COMPLETE", "COMPLETE"], studied
+    for got, want in zip(studied, logged):
+        assert got[1:] == pytest.approx(want[1:], rel=1e-6), (studied, logged)

@@ -71,6 +71,10 @@ def test_a_ray_train_job_checks_its_data_for_its_number_of_workers(tmp_path, cap
         (["--scheduler", '{"name": "pbt", "resample_probability": 1.5}'], "scheduler.resample_probability: must be within [0, 1]"),
         (["--keep_checkpoints", "0"], "keep_checkpoints: must be >= 1 or null (keep all), got 0"),
         (["--keep_checkpoints", "2", "--scheduler", '{"name": "pbt"}'], "keep_checkpoints: must be >= 3 with PBT"),
+        (["--search", "optuna", "--search_space", '{"model.optimizer.lr": {"grid": [0.01, 0.02]}}'],
+         "search: optuna draws every value itself; search_space.model.optimizer.lr is a grid (use choice)"),
+        (["--search", "optuna", "--scheduler", '{"name": "pbt"}'], "search: optuna picks each trial's values once"),
+        (["--search", "bayes"], "search"),
     ],
 )
 def test_a_sweep_of_several_ranks_per_trial_is_checked_for_them(tmp_path, capsys, option, message):
@@ -239,3 +243,14 @@ def test_help_shows_each_key_as_given_with_its_doc(tmp_path, capsys):
     (tmp_path / "sweep.yaml").write_text(SWEEP.format(config="nope.yaml", space="{model.optimizer.lr: {choice: [0.01]}}"))
     tune_main(["--config", str(tmp_path / "sweep.yaml"), "--sweep.config", f"[{REPO / 'jobs/configs/tiny.yaml'}]", "--check-only"])
     assert "sweep OK" in capsys.readouterr().out
+
+
+def test_search_optuna_without_optuna_installed_is_one_line(monkeypatch):
+    import sys
+
+    from distrnn.tune import SweepConfig, search_error
+
+    sweep = SweepConfig(search="optuna", search_space={"model.optimizer.lr": {"loguniform": [1e-4, 1e-2]}})
+    assert search_error(sweep) is None
+    monkeypatch.setitem(sys.modules, "optuna", None)  # an import of it fails as when it is not installed
+    assert search_error(sweep) == "search: optuna needs Optuna (pip install 'distrnn[ray]')"
