@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shlex
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -571,12 +572,18 @@ def main(argv: Optional[list[str]] = None) -> Any:
                      params=[mlflow.entities.Param(f"best.{k}", _cli_value(v)) for k, v in best_config.items()],
                      tags=[mlflow.entities.RunTag(k, v[:5000]) for k, v in tags.items()])
     client.log_text(parent, json.dumps(best_config, indent=2), "best_config.json")
+    # the best trial's config as one command (paths relative to this folder), to train it further
+    command = shlex.join(["distrnn", "fit", *args, *as_args(best_config)])
+    client.log_text(parent, command + "\n", "best_command.txt")
     client.set_terminated(parent, "FINISHED" if not errors else "FAILED")
     print(f"distrnn: sweep '{sweep.name}': {len(results)} trials, {len(errors)} failed; best {sweep.metric} "
           f"{value:.4f} with {json.dumps(best_config)}")
     if checkpoint:
         print(f"distrnn: its checkpoint: {checkpoint}")
-    print(f"distrnn: MLflow parent run {parent} in experiment '{sweep.experiment_name}'")
+    print(f"distrnn: its config: {command}")
+    print(f"distrnn: MLflow parent run {parent} in experiment '{sweep.experiment_name}'; the trials side by side:"
+          f" distrnn runs compare --experiment {shlex.quote(sweep.experiment_name)} --sweep {shlex.quote(sweep.name)}"
+          f" --sort {shlex.quote(sweep.metric)}{' --descending' if sweep.mode == 'max' else ''}")
     return results
 
 

@@ -8,6 +8,7 @@ import glob
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 import urllib.request
@@ -16,6 +17,7 @@ from pathlib import Path
 import mlflow
 import pytest
 import torch
+import yaml
 
 from conftest import REPO, ListeningSockets, beyond_loopback, cli, distrnn_cmd, listening_sockets, write_corpus
 
@@ -296,6 +298,19 @@ def test_sweep_through_ray_job_submit(cluster, tmp_path, data, capsys):
     (evaluation,) = client.search_runs([e.experiment_id for e in client.search_experiments()],
                                        f"tags.`mlflow.parentRunId` = '{best_run}'")
     assert evaluation.data.metrics["val/loss"] == pytest.approx(min(history[best_run]), rel=1e-5)
+    # the best trial's config as a command: distrnn builds the best trial's model from it
+    client.download_artifacts(parent["run_id"], "best_command.txt", str(tmp_path))
+    command = shlex.split((tmp_path / "best_command.txt").read_text())
+    assert command[:2] == ["distrnn", "fit"] and f"distrnn: its config: {shlex.join(command)}" in out
+    best_lr, best_h = float(parent["params.best.model.optimizer.lr"]), int(parent["params.best.model.network.hidden_size"])
+    with pytest.MonkeyPatch.context() as m:
+        m.chdir(REPO)  # the job's working directory: the sweep names its configs from there
+        code, printed, err = cli(capsys, *command[1:], "--print_config")
+    assert code == 0, err[-2000:]
+    resolved = yaml.safe_load(printed)
+    assert resolved["model"]["optimizer"]["lr"] == best_lr and resolved["model"]["network"]["hidden_size"] == best_h
+    assert resolved["trainer"]["max_steps"] == 48 and resolved["data"]["init_args"]["path"] == str(data / "corpus.txt")
+    assert "distrnn runs compare --experiment sweep-tiny --sweep sweep-tiny --sort val/loss" in out
     # `distrnn runs compare`: the sweep is one line naming its best trial, its 4 trials the rows
     code, out, err = cli(capsys, "runs", "compare", "--experiment", "sweep-tiny", "--sweep", "sweep-tiny")
     assert code == 0, err
