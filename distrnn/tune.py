@@ -98,6 +98,9 @@ class SweepConfig:
     """The sweep's name: Ray's run folder under storage_path, and the MLflow parent run's name."""
     storage_path: str = "~/ray_results"
     """Where Ray keeps trial checkpoints and the sweep's state (shared by all nodes on a cluster)."""
+    max_failures: int = 0
+    """Times a failed trial (an error, a lost worker or node) is restarted from its latest
+    checkpoint, in its own MLflow run, before the sweep counts it as failed."""
     keep_checkpoints: Optional[int] = None
     """Checkpoints each trial keeps in storage: its N best by ``metric`` and its latest (Tune
     removes the others as it goes). None: every report's (Ray's default). PBT needs at least 3: a
@@ -475,6 +478,8 @@ def main(argv: Optional[list[str]] = None) -> Any:
         _fail(f"scheduler.resample_probability: must be within [0, 1], got {sweep.scheduler.resample_probability}")
     if sweep.workers_per_trial < 1:
         _fail(f"workers_per_trial: must be >= 1, got {sweep.workers_per_trial}")
+    if sweep.max_failures < 0:
+        _fail(f"max_failures: must be >= 0, got {sweep.max_failures}")
     if sweep.keep_checkpoints is not None and sweep.keep_checkpoints < (3 if sweep.scheduler.name == "pbt" else 1):
         pbt = " with PBT (a trial may copy another's checkpoint after that one's next reports)" if sweep.scheduler.name == "pbt" else ""
         _fail(f"keep_checkpoints: must be >= {3 if pbt else 1}{pbt} or null (keep all), got {sweep.keep_checkpoints}")
@@ -529,7 +534,8 @@ def main(argv: Optional[list[str]] = None) -> Any:
                 search_alg=_searcher(sweep),
             ),
             run_config=tune.RunConfig(name=sweep.name, storage_path=storage, checkpoint_config=tune.CheckpointConfig(
-                num_to_keep=sweep.keep_checkpoints, checkpoint_score_attribute=metric, checkpoint_score_order=sweep.mode)),
+                num_to_keep=sweep.keep_checkpoints, checkpoint_score_attribute=metric, checkpoint_score_order=sweep.mode),
+                failure_config=tune.FailureConfig(max_failures=sweep.max_failures)),
         )
     def mark_interrupted() -> None:
         # before Tune stops a trial: each trial run's logger reads it when its training ends

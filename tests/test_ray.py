@@ -490,6 +490,34 @@ def test_pbt_sweep_of_two_ranks_per_trial_restarts_each_trial_exactly(cluster, t
         assert max(m.step for m in client.get_metric_history(t.info.run_id, "train/loss")) == 5
 
 
+def test_a_failed_trial_restarts_from_its_checkpoint_and_ends_like_an_uninterrupted_run(cluster, tmp_path, data,
+                                                                                           single_process):
+    """max_failures 1: the one trial of b4.yaml's config raises after update 8 (its last report, with a
+    checkpoint, was at update 6); Tune restarts it from that checkpoint, in the same MLflow run, and it
+    ends with the weights of the uninterrupted one-process run (1e-6); the sweep succeeds."""
+    fail = {"class_path": "distrnn.faults.FailAt", "init_args": {"step": 8, "how": "raise", "marker": str(tmp_path / "failed")}}
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(json.dumps({
+        "config": [str(data / "b4.yaml")], "overrides": {"trainer.callbacks": [fail]},
+        "search_space": {"model.optimizer.lr": {"choice": [0.01]}}, "num_samples": 1, "max_failures": 1,
+        "scheduler": {"name": "fifo"}, "name": "retried", "experiment_name": "sweep-retried",
+        "storage_path": str(tmp_path / "store")}))
+    r = subprocess.run([PY, str(REPO / "jobs/tune.py"), "--config", str(sweep)], capture_output=True, text=True,
+                       timeout=400, env=_env(cluster, tmp_path), cwd=tmp_path)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0 and (tmp_path / "failed").is_file(), out[-4000:]
+    assert "injected fault: rank 0 at step 8" in out and re.search(r"resuming from Ray checkpoint \S+ at step 6\b", out), out[-4000:]
+    (trial_dir,) = [d for d in (tmp_path / "store/retried").iterdir() if (d / "params.json").is_file()]
+    last = torch.load(sorted(trial_dir.glob("checkpoint_*/checkpoint.ckpt"))[-1], map_location="cpu", weights_only=True)
+    assert last["global_step"] == 12
+    for k, ref in single_process.items():
+        torch.testing.assert_close(last["state_dict"][k], ref, rtol=0, atol=1e-6, msg=k)
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("sweep-retried").experiment_id])
+    trials = [x for x in runs if "mlflow.parentRunId" in x.data.tags]
+    assert [t.info.status for t in trials] == ["FINISHED"], [(t.info.run_name, t.info.status) for t in runs]
+
+
 def test_interrupted_sweep_resumes_where_it_stopped(cluster, tmp_path, data):
     """Ctrl-C (SIGINT) to the sweep's driver after every trial has checkpointed: exit 130, the
     parent run KILLED, no trial marked stopped early. The same command with --resume continues

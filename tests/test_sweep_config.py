@@ -69,6 +69,7 @@ def test_a_ray_train_job_checks_its_data_for_its_number_of_workers(tmp_path, cap
         (["--strategy", "fsdp"], "strategy: 'fsdp' is not one of ddp, deepspeed_stage_1"),
         (["--workers_per_trial", "2", "--gpus_per_trial", "1"], "gpus_per_trial: 1.0 GPUs cannot be split evenly"),
         (["--scheduler", '{"name": "pbt", "resample_probability": 1.5}'], "scheduler.resample_probability: must be within [0, 1]"),
+        (["--max_failures", "-1"], "max_failures: must be >= 0, got -1"),
         (["--keep_checkpoints", "0"], "keep_checkpoints: must be >= 1 or null (keep all), got 0"),
         (["--keep_checkpoints", "2", "--scheduler", '{"name": "pbt"}'], "keep_checkpoints: must be >= 3 with PBT"),
         (["--search", "optuna", "--search_space", '{"model.optimizer.lr": {"grid": [0.01, 0.02]}}'],
