@@ -337,17 +337,18 @@ def help_of(cls: type) -> dict[str, str]:
 
 
 def parse_args(cls: type, argv: list[str], prog: str) -> tuple[Any, list[str]]:
-    """Options of the dataclass ``cls`` (``--num-workers 2``); everything else goes to distrnn's CLI."""
+    """Options of the dataclass ``cls`` (``--num-workers 2``, or ``--num_workers 2`` as distrnn's
+    and the sweep's options are spelled); everything else goes to distrnn's CLI."""
     parser = argparse.ArgumentParser(prog=prog, description=(cls.__doc__ or "").split("\n\n")[0], allow_abbrev=False)
     docs = help_of(cls)
     for f in fields(cls):
-        flag = "--" + f.name.replace("_", "-")
+        flags = ["--" + f.name.replace("_", "-")] + (["--" + f.name] if "_" in f.name else [])
         default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
         if f.type in ("bool", bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=docs.get(f.name))
+            parser.add_argument(*flags, action=argparse.BooleanOptionalAction, default=default, help=docs.get(f.name))
         else:
             kind = {"int": int, "float": float}.get(str(f.type).replace("Optional[", "").rstrip("]"), str)
-            parser.add_argument(flag, type=kind, default=default, help=docs.get(f.name))
+            parser.add_argument(*flags, type=kind, default=default, help=docs.get(f.name))
     ns, rest = parser.parse_known_args(argv)
     return cls(**vars(ns)), rest
 
