@@ -163,11 +163,14 @@ def down(state: Path) -> None:
         return
     info = json.loads(info_file.read_text())
     temp_dir = info.get("DISTRNN_RAY_TEMP_DIR")
-    if temp_dir:
-        stop_processes(cluster_processes(temp_dir, info["RAY_ADDRESS"]))
-    else:  # recorded by an older version of this script, which named no folder of its own
-        subprocess.run([ray_bin(), "stop", "--force"], check=False, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
-    shutil.rmtree(temp_dir or "/nonexistent", ignore_errors=True)
+    if not temp_dir:
+        # recorded by an older version of this script, which named no folder of its own: its
+        # processes cannot be told from another Ray's, and `ray stop` would stop every one
+        raise SystemExit(f"local_cluster: error: {info_file} was written by an older distrnn and names no folder of"
+                         f" its cluster's own; stop that cluster ({info.get('RAY_ADDRESS')}) with `ray stop` (which stops"
+                         f" every Ray cluster of this user on this machine), then remove {info_file}")
+    stop_processes(cluster_processes(temp_dir, info["RAY_ADDRESS"]))
+    shutil.rmtree(temp_dir, ignore_errors=True)
     for name in ("cluster.env", "cluster.json", "auth_token"):
         (state / name).unlink(missing_ok=True)
 

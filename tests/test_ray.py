@@ -399,6 +399,17 @@ def test_cluster_script_refuses_an_open_dashboard_without_authentication(tmp_pat
     assert not (tmp_path / "s" / "cluster.json").exists()
 
 
+def test_cluster_down_of_an_old_state_file_stops_nothing_and_says_how(tmp_path):
+    """A state file of an older distrnn names no folder of its cluster: `down` ran `ray stop --force`
+    (every Ray of this user here, the module's cluster too); now it stops nothing and says what to do."""
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "cluster.json").write_text(json.dumps({"RAY_ADDRESS": "127.0.0.1:6390"}))
+    r = subprocess.run([PY, str(REPO / "cluster/local_cluster.py"), "down", "--state-dir", str(tmp_path / "s")],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0 and r.stderr.strip().splitlines()[-1].startswith("local_cluster: error:") and "`ray stop`" in r.stderr
+    assert (tmp_path / "s" / "cluster.json").exists()
+
+
 def test_cluster_down_stops_its_own_cluster_and_no_other(cluster, tmp_path, monkeypatch):
     """`make cluster-down` ran `ray stop --force`, which kills every Ray on the machine (here: the
     module's cluster; elsewhere a user's other cluster or a local driver's Ray): a second cluster
