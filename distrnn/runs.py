@@ -106,17 +106,20 @@ def main(argv: Optional[list[str]] = None) -> int:
     c.add_argument("--metrics", nargs="*", default=None, help="metrics to show (default: all)")
     c.add_argument("--plot", default=None, help="write an overlay PNG of --metric to this file")
     c.add_argument("--metric", default="val/loss", help="the metric of --plot")
-    c.add_argument("--max_runs", type=int, default=100)
+    c.add_argument("--max_runs", type=int, default=1000, help="read at most this many runs, the oldest first")
     c.add_argument("--evaluations", action="store_true",
                    help="also the runs of validate/test/predict (nested under the runs they evaluated)")
     c.add_argument("--sweep", default=None, help="only the trials of the sweep of this name (its latest, when run again)")
     c.add_argument("--sort", default=None, metavar="METRIC", help="order the rows by this metric's final value, smallest first")
     c.add_argument("--descending", action="store_true", help="with --sort: largest first")
     a = p.parse_args(argv)
-    runs = _runs(a.experiment, a.max_runs)
+    runs = _runs(a.experiment, a.max_runs + 1)
     if not runs:
         print(f"distrnn: experiment '{a.experiment}' has no runs", file=sys.stderr)
         return 1
+    if len(runs) > a.max_runs:
+        runs = runs[:a.max_runs]
+        print(f"(only the first {a.max_runs} runs of the experiment: --max_runs)", file=sys.stderr)
     from distrnn.tracking import STAGE_TAG
 
     evaluations = [r for r in runs if STAGE_TAG in r.data.tags]

@@ -187,6 +187,9 @@ def test_compare_shows_a_sweep_as_a_line_and_its_trials_as_rows(tmp_path, capsys
     code, out, _ = cli(capsys, "runs", "compare", "--experiment", "sweeps", "--sweep", "b", "--sort", "val/loss", "--descending")
     assert [ln.split()[0] for ln in out.splitlines()[3:]] == ["b_trial_1", "b_trial_0"]
 
+    code, out, err = cli(capsys, "runs", "compare", "--experiment", "sweeps", "--max_runs", "3")
+    assert code == 0 and "(only the first 3 runs of the experiment: --max_runs)" in err
+    assert out.splitlines()[0].startswith("sweep 'a'") and [ln.split()[0] for ln in out.splitlines()[3:]] == ["a_trial_0", "a_trial_1"]
     code, _, err = cli(capsys, "runs", "compare", "--experiment", "sweeps", "--sweep", "c")
     assert code != 0 and err.strip() == "distrnn: error: --sweep: no sweep named 'c' in experiment 'sweeps'"
     code, _, err = cli(capsys, "runs", "compare", "--experiment", "sweeps", "--sort", "val/acc")
