@@ -80,6 +80,7 @@ class MLflowLogger(MLFlowLogger):
                 save_dir=checkpoint_dir,
                 log_model=log_model,
                 synchronous=True,  # each send waits for its answer; the waiting is in _Sender's thread
+                artifact_location=artifact_location(uri),
             )
         self._checkpoint_dir = checkpoint_dir
         self._async, self._retry_s, self._log_plots = not synchronous, retry_s, log_plots
@@ -379,6 +380,17 @@ class _SystemSampler:
                 self.put(self.sample(), self.step())
             except Exception:
                 pass
+
+
+def artifact_location(uri: str) -> Optional[str]:
+    """Where a new experiment of a SQLite store keeps its artifacts: ``mlruns`` beside the
+    database file. MLflow's default is ``mlruns`` in the working directory of the process that
+    creates the experiment: for a job submitted to Ray that is the job's unpacked package in
+    Ray's temporary folder, which goes away with the cluster. None for any other store (a
+    tracking server has its own artifact root)."""
+    if not uri.startswith("sqlite:///") or uri in ("sqlite:///", "sqlite:///:memory:"):
+        return None
+    return str(Path(uri[len("sqlite:///"):]).resolve().parent / "mlruns")
 
 
 def _store_lock(uri: str) -> Any:

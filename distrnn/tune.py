@@ -433,11 +433,12 @@ def search_error(sweep: SweepConfig) -> Optional[str]:
 def _parent_run(sweep: SweepConfig, resume: bool) -> str:
     import mlflow
 
-    from distrnn.tracking import INTERRUPTED_TAG
+    from distrnn.tracking import INTERRUPTED_TAG, artifact_location
 
     client = mlflow.MlflowClient()
     exp = client.get_experiment_by_name(sweep.experiment_name)
-    exp_id = exp.experiment_id if exp else client.create_experiment(sweep.experiment_name)
+    exp_id = exp.experiment_id if exp else client.create_experiment(
+        sweep.experiment_name, artifact_location=artifact_location(mlflow.get_tracking_uri()))
     if resume:
         runs = client.search_runs([exp_id], f"tags.`{PARENT_TAG}` = '{sweep.name}'", order_by=["start_time DESC"], max_results=1)
         if runs:

@@ -298,6 +298,10 @@ def test_sweep_through_ray_job_submit(cluster, tmp_path, data, capsys):
     (evaluation,) = client.search_runs([e.experiment_id for e in client.search_experiments()],
                                        f"tags.`mlflow.parentRunId` = '{best_run}'")
     assert evaluation.data.metrics["val/loss"] == pytest.approx(min(history[best_run]), rel=1e-5)
+    # artifacts beside the store, not in the job's unpacked package in Ray's temporary folder
+    assert client.get_experiment_by_name("sweep-tiny").artifact_location == str(tmp_path / "mlruns")
+    assert (tmp_path / "mlruns" / parent["run_id"] / "artifacts" / "best_config.json").is_file()
+    assert all((tmp_path / "mlruns" / t / "artifacts" / "config.yaml").is_file() for t in trials["run_id"])
     # the best trial's config as a command: distrnn builds the best trial's model from it
     client.download_artifacts(parent["run_id"], "best_command.txt", str(tmp_path))
     command = shlex.split((tmp_path / "best_command.txt").read_text())
