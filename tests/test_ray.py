@@ -456,6 +456,23 @@ def test_make_submit_train_with_a_bad_config_creates_no_job_and_no_run(cluster, 
         [e.experiment_id for e in mlflow.MlflowClient(f"sqlite:///{db}").search_experiments()])
 
 
+def test_make_submit_train_logs_into_the_store_of_the_submitting_shell(cluster, tmp_path, data):
+    """`make submit-train` hands the job the store that `make train` and `make mlflow-ui` use
+    (MLFLOW_TRACKING_URI, else mlflow.db in the checkout), made absolute: the job ran without it,
+    and logged into mlflow.db in its unpacked package in Ray's temporary folder, which no UI showed
+    and the cluster's end removed. TRAIN_ARGS come after the config, so an override there wins."""
+    venv = Path(PY).parent.parent
+    r = subprocess.run(["make", "-C", str(REPO), "-o", f"{venv}/.installed", "submit-train", f"VENV={venv}",
+                        f"CONFIG={data / 'b2.yaml'}", "WORKERS=1", f"RAY_STATE={cluster['state_dir']}",
+                        f"TRAIN_ARGS=--storage-path {tmp_path / 'store'} --name make-job --trainer.max_steps 4"],
+                       capture_output=True, text=True, timeout=400, env=_env(cluster, tmp_path))
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("ray").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.params["trainer.max_steps"] == "4"
+    assert (tmp_path / "mlruns" / run.info.run_id / "artifacts" / "config.yaml").is_file()
+
+
 def test_pbt_sweep_of_two_ranks_per_trial_restarts_each_trial_exactly(cluster, tmp_path, data, two_workers):
     """workers_per_trial 2: each trial is a Ray Train run of 2 DDP workers with the two_workers job's config
     (validating every 2 batches: reports at updates 4, 8, 12). Synchronous PBT stops the trials at a report and
