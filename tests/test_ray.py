@@ -188,18 +188,6 @@ def _jobs(cluster):
         return {j["submission_id"]: j["status"] for j in json.load(r) if j.get("submission_id")}
 
 
-def test_failing_job_without_retries_fails_with_the_error_in_its_logs(cluster, tmp_path, data):
-    # one worker (a rank other than 0 failing is the DeepSpeed restore test's case)
-    fault = json.dumps({"class_path": "distrnn.faults.FailAt", "init_args": {"step": 2, "rank": 0, "how": "raise"}})
-    r = _submit(cluster, tmp_path, "python", "jobs/train.py", "--num-workers", "1", "--max-failures", "0",
-                "--storage-path", str(tmp_path / "store"), "--name", "fail0", f"--trainer.callbacks=[{fault}]",
-                "--config", str(data / "b2.yaml"), submission_id="fail0")
-    out = r.stdout + r.stderr
-    assert r.returncode != 0, out[-3000:]
-    assert _jobs(cluster)["fail0"] == "FAILED"
-    assert "injected fault: rank 0 at step 2" in out, out[-6000:]
-
-
 def test_ctrl_c_to_a_ray_train_driver_kills_its_run_and_exits_130(cluster, tmp_path, data):
     """Ctrl-C to `jobs/train.py` once the job has reported a checkpoint: Ray Train aborts the run
     and kills the workers, which never finalize their MLflow run; the driver marks it KILLED
@@ -456,20 +444,27 @@ def test_make_submit_train_with_a_bad_config_creates_no_job_and_no_run(cluster, 
         [e.experiment_id for e in mlflow.MlflowClient(f"sqlite:///{db}").search_experiments()])
 
 
-def test_make_submit_train_logs_into_the_store_of_the_submitting_shell(cluster, tmp_path, data):
+def test_make_submit_train_logs_into_the_store_of_the_submitting_shell_and_a_failing_job_fails(cluster, tmp_path, data):
     """`make submit-train` hands the job the store that `make train` and `make mlflow-ui` use
     (MLFLOW_TRACKING_URI, else mlflow.db in the checkout), made absolute: the job ran without it,
     and logged into mlflow.db in its unpacked package in Ray's temporary folder, which no UI showed
-    and the cluster's end removed. TRAIN_ARGS come after the config, so an override there wins."""
+    and the cluster's end removed. TRAIN_ARGS come after the config, so overrides there win. The job
+    (one worker, no retries) raises at update 2: it fails with the error in its logs, and its run FAILED."""
+    fault = json.dumps([{"class_path": "distrnn.faults.FailAt", "init_args": {"step": 2, "rank": 0, "how": "raise"}}])
     venv = Path(PY).parent.parent
+    before = _jobs(cluster)
     r = subprocess.run(["make", "-C", str(REPO), "-o", f"{venv}/.installed", "submit-train", f"VENV={venv}",
                         f"CONFIG={data / 'b2.yaml'}", "WORKERS=1", f"RAY_STATE={cluster['state_dir']}",
-                        f"TRAIN_ARGS=--storage-path {tmp_path / 'store'} --name make-job --trainer.max_steps 4"],
+                        f"TRAIN_ARGS=--storage-path {tmp_path / 'store'} --name make-job --max-failures 0"
+                        f" --trainer.max_steps 4 --trainer.callbacks='{fault}'"],
                        capture_output=True, text=True, timeout=400, env=_env(cluster, tmp_path))
-    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    out = r.stdout + r.stderr
+    assert r.returncode != 0 and "injected fault: rank 0 at step 2" in out, out[-6000:]
+    (job,) = set(_jobs(cluster)) - set(before)
+    assert _jobs(cluster)[job] == "FAILED"
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     (run,) = client.search_runs([client.get_experiment_by_name("ray").experiment_id])
-    assert run.info.status == "FINISHED" and run.data.params["trainer.max_steps"] == "4"
+    assert run.info.status == "FAILED" and run.data.params["trainer.max_steps"] == "4"
     assert (tmp_path / "mlruns" / run.info.run_id / "artifacts" / "config.yaml").is_file()
 
 
