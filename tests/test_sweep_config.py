@@ -79,9 +79,10 @@ def test_a_ray_train_job_checks_its_data_for_its_number_of_workers(tmp_path, cap
         (["--search", "bayes"], "search"),
     ],
 )
-def test_a_sweep_of_several_ranks_per_trial_is_checked_for_them(tmp_path, capsys, option, message):
-    """1,500 streams fit the 2,850 training tokens of a one-rank trial but not of a two-rank one
-    (each rank its own 1,500): refused on the driver, before any trial or run."""
+def test_a_sweeps_settings_are_checked_on_the_driver_before_any_trial(tmp_path, capsys, option, message):
+    """Each setting above is refused on the driver in one line, before any trial or run. The first:
+    1,500 streams fit the 2,850 training tokens of a one-rank trial but not of a two-rank one (each
+    rank its own 1,500)."""
     write_corpus(tmp_path / "corpus.txt", 3000)
     (tmp_path / "sweep.yaml").write_text(SWEEP.format(config=REPO / "jobs/configs/tiny.yaml",
                                                       space="{model.optimizer.lr: {choice: [0.01]}}"))
