@@ -27,6 +27,12 @@ REPO = Path(__file__).resolve().parents[1]
 # version, in Ray's workers, and each rebuilt what the other had built.)
 os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
 
+# Ray runs its workers at nice 15 so that its own servers stay responsive; beside the other
+# pytest-xdist worker's processes (nice 0) they then get almost no CPU: a sweep trial's actor
+# took 4 minutes to import what it needs on 2 busy cores (20 s at nice 0), and test_ray.py ran
+# 16 min in CI against ~10 alone. Every Ray a test starts (a cluster, a driver's own) reads this.
+os.environ["RAY_worker_niceness"] = "0"
+
 
 @pytest.fixture(autouse=True)
 def _isolated(tmp_path, monkeypatch):
