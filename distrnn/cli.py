@@ -475,13 +475,17 @@ class DistrnnCLI(LightningCLI):
                 cfg["model.init_weights"] = init_weights
 
 
+def asks_for_help(argv: list[str]) -> bool:
+    return any(a in ("-h", "--help") for a in argv)
+
+
 @contextlib.contextmanager
 def field_docs_in_help(argv: list[str]) -> Iterator[None]:
     """The config dataclasses document each field in a docstring below it (litgpt's style), which
     jsonargparse puts into ``--help`` only with this setting. It costs ~2 s per parser (it reads
     the source of every class in the config, Lightning's Trainer's too), so it is on for the
     parsers built inside this block when ``argv`` asks for help, and only for them."""
-    asked = any(a in ("-h", "--help") for a in argv)
+    asked = asks_for_help(argv)
     if asked:
         set_parsing_settings(docstring_parse_attribute_docstrings=True)
     try:

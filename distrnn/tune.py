@@ -319,7 +319,7 @@ def _fail(message: str) -> None:
 def load_sweep(argv: list[str]) -> tuple[SweepConfig, bool, bool]:
     from jsonargparse import ActionConfigFile, ArgumentParser
 
-    from distrnn.cli import field_docs_in_help
+    from distrnn.cli import asks_for_help, field_docs_in_help
 
     parser = ArgumentParser(prog="jobs/tune.py", description="A Ray Tune sweep over distrnn configs.",
                             exit_on_error=False, default_env=False)
@@ -328,7 +328,7 @@ def load_sweep(argv: list[str]) -> tuple[SweepConfig, bool, bool]:
                              " --sweep.config on the command line)")
     parser.add_argument("--resume", type=bool, default=False, help="continue an interrupted sweep (Tuner.restore)")
     parser.add_argument("--check_only", type=bool, default=False, help="check the sweep and the configs, then exit")
-    if any(a in ("-h", "--help") for a in argv):  # the keys as given: at the top level (see _nest)
+    if asks_for_help(argv):  # the keys as given: at the top level (see _nest)
         import re
 
         with field_docs_in_help(argv):
