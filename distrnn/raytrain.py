@@ -391,13 +391,18 @@ def _fail(message: str) -> None:
 
 def tracking_env() -> dict[str, str]:
     """Workers log where the driver would: the tracking URI resolved here, a relative SQLite path
-    made absolute (workers run in other folders)."""
+    made absolute (workers run in other folders), and the code's git tags as resolved here (a
+    job's package has no .git: :func:`distrnn.tracking.code_version`)."""
+    import json
+
     import mlflow
+
+    from distrnn.tracking import CODE_TAGS_ENV, code_version
 
     uri = os.environ.get("MLFLOW_TRACKING_URI") or mlflow.get_tracking_uri()
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         uri = "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())
-    return {"MLFLOW_TRACKING_URI": uri}
+    return {"MLFLOW_TRACKING_URI": uri, CODE_TAGS_ENV: json.dumps(code_version()[0], separators=(",", ":"))}
 
 
 def keep_a_local_ray_on_loopback() -> None:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -418,9 +420,61 @@ def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+GIT_COMMIT_TAG, GIT_BRANCH_TAG = "mlflow.source.git.commit", "mlflow.source.git.branch"  # the MLflow UI shows these
+GIT_DIRTY_TAG, VERSION_TAG = "distrnn.git.dirty", "distrnn.version"
+# The tags of the checkout a Ray job was submitted from (`make submit-train`): Ray uploads the
+# working tree without its .git, so the job's own distrnn cannot tell its commit
+CODE_TAGS_ENV = "DISTRNN_CODE_TAGS"
+DIFF_LIMIT = 5_000_000  # characters of uncommitted changes logged as an artifact, at most
+
+
+def code_version(source: Optional[Path] = None) -> tuple[dict[str, str], Optional[str]]:
+    """Which code trains: ``(tags, diff)``. The tags hold distrnn's version and, when ``source``
+    (distrnn's package folder) is tracked in a git checkout, its commit, branch and whether
+    tracked files differ from that commit; ``diff`` is then ``git diff HEAD`` (else None).
+
+    MLflow would record the commit of the entry point's checkout, but ``distrnn``'s entry point is
+    in the checkout's git-ignored ``.venv``, which MLflow takes for no checkout at all. A distrnn
+    installed from a package has no commit: its version only. A Ray job's package (uploaded
+    without ``.git``) takes the submitting checkout's tags from ``DISTRNN_CODE_TAGS``, which
+    :func:`distrnn.raytrain.tracking_env` sets; its uncommitted changes are in the package but
+    not in a ``code.diff``."""
+    import distrnn
+
+    tags = {VERSION_TAG: distrnn.__version__}
+    src = Path(source or Path(distrnn.__file__).resolve().parent)
+
+    def git(*args: str) -> str:
+        r = subprocess.run(["git", "-C", str(src), *args], capture_output=True, text=True, timeout=30)
+        if r.returncode != 0:
+            raise RuntimeError(r.stderr)
+        return r.stdout
+
+    try:
+        # tracked, not merely inside some checkout (a venv's site-packages below another project's)
+        git("ls-files", "--error-unmatch", "__init__.py")
+        commit = git("rev-parse", "HEAD").strip()
+        branch = git("rev-parse", "--abbrev-ref", "HEAD").strip()
+        diff = git("diff", "HEAD", "--no-color", "--no-ext-diff")
+    except (OSError, RuntimeError, subprocess.TimeoutExpired):
+        try:
+            given = json.loads(os.environ.get(CODE_TAGS_ENV) or "{}")
+        except ValueError:
+            given = None
+        if isinstance(given, dict):
+            tags.update({str(k): str(v) for k, v in given.items()})
+        return tags, None
+    tags.update({GIT_COMMIT_TAG: commit, GIT_DIRTY_TAG: str(bool(diff)).lower()})
+    if branch != "HEAD":  # not a detached head
+        tags[GIT_BRANCH_TAG] = branch
+    return tags, diff or None
+
+
 class LogConfigToMLflow(SaveConfigCallback):
     """Logs the resolved config to the job's MLflow run: every key as a param, the YAML as
-    ``config.yaml``. Runs after instantiation, so a bad config never creates a run."""
+    ``config.yaml``, and the code that trains (:func:`code_version`: version, git commit, branch,
+    uncommitted changes as tags and ``code.diff``). Runs after instantiation, so a bad config
+    never creates a run."""
 
     @rank_zero_only
     def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -439,8 +493,24 @@ class LogConfigToMLflow(SaveConfigCallback):
         logger.log_hyperparams({k: v for k, v in params.items() if k not in logged})
         for k, v in changed.items():
             logger.experiment.set_tag(logger.run_id, f"resumed.{k}"[:250], v[:5000])
-        name = "config.yaml" if not logged else time.strftime("config-resumed-%Y%m%d-%H%M%S.yaml")
-        logger.experiment.log_text(logger.run_id, text, name)
+        suffix = "" if not logged else time.strftime("-resumed-%Y%m%d-%H%M%S")
+        logger.experiment.log_text(logger.run_id, text, f"config{suffix}.yaml")
+        self._log_code(logger, resumed=bool(logged), suffix=suffix)
+
+    @staticmethod
+    def _log_code(logger: MLFlowLogger, resumed: bool, suffix: str) -> None:
+        # a resume may run other code than the start: its version beside the first, as resumed.<tag>
+        tags, diff = code_version()
+        before = logger.experiment.get_run(logger.run_id).data.tags
+        for k, v in tags.items():
+            if not resumed or k not in before:
+                logger.experiment.set_tag(logger.run_id, k, v)
+            elif before[k] != v:
+                logger.experiment.set_tag(logger.run_id, f"resumed.{k}", v)
+        if diff is not None:
+            if len(diff) > DIFF_LIMIT:
+                diff = diff[:DIFF_LIMIT] + f"\n[distrnn: cut at {DIFF_LIMIT} of {len(diff)} characters]\n"
+            logger.experiment.log_text(logger.run_id, diff, f"code{suffix}.diff")
 
 
 RUN_ID_KEY = "mlflow_run_id"

@@ -433,7 +433,7 @@ def search_error(sweep: SweepConfig) -> Optional[str]:
 def _parent_run(sweep: SweepConfig, resume: bool) -> str:
     import mlflow
 
-    from distrnn.tracking import INTERRUPTED_TAG, artifact_location
+    from distrnn.tracking import INTERRUPTED_TAG, artifact_location, code_version
 
     client = mlflow.MlflowClient()
     exp = client.get_experiment_by_name(sweep.experiment_name)
@@ -446,7 +446,7 @@ def _parent_run(sweep: SweepConfig, resume: bool) -> str:
             if INTERRUPTED_TAG in runs[0].data.tags:  # from here on a failing trial is FAILED again
                 client.delete_tag(runs[0].info.run_id, INTERRUPTED_TAG)
             return runs[0].info.run_id
-    run = client.create_run(exp_id, run_name=sweep.name, tags={PARENT_TAG: sweep.name})
+    run = client.create_run(exp_id, run_name=sweep.name, tags={**code_version()[0], PARENT_TAG: sweep.name})
     params = {f"sweep.{k}": json.dumps(v)[:6000] for k, v in _plain(sweep).items()}
     client.log_batch(run.info.run_id, params=[mlflow.entities.Param(k, v) for k, v in params.items()])
     return run.info.run_id

@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import cli, distrnn_cmd, free_port, write_corpus
+import distrnn
+
+from conftest import REPO, cli, distrnn_cmd, free_port, write_corpus
 
 CONFIG = """
 seed_everything: 0
@@ -190,6 +192,15 @@ def test_fit_logs_one_run_to_mlflow_and_generates(job, capsys):
     assert steps == sorted(steps) and 0 < steps[-1] <= 40, steps
     names = {a.path for a in client.list_artifacts(run.run_id)}
     assert "config.yaml" in names
+    # the code that trained: this checkout's commit (MLflow's own tag was empty: `distrnn` runs
+    # from the git-ignored .venv) and whether tracked files differ from it, the difference logged
+    tags = client.get_run(run.run_id).data.tags
+    if (REPO / ".git").exists():
+        diff = subprocess.run(["git", "-C", str(REPO), "diff", "HEAD"], capture_output=True, text=True, check=True).stdout
+        head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout
+        assert tags["mlflow.source.git.commit"] == head.strip() and tags["distrnn.git.dirty"] == str(bool(diff)).lower()
+        assert ("code.diff" in names) == bool(diff), names
+    assert tags["distrnn.version"] == distrnn.__version__
     ckpt_dirs = [n for n in names if n.startswith("best") or n.startswith("last")]
     assert ckpt_dirs, names
     ckpt = next(Path("checkpoints").rglob("last.ckpt"))
@@ -257,6 +268,49 @@ def test_fit_against_a_real_mlflow_server(job, tmp_path):
 
 
 @pytest.mark.slow
+def test_code_version_names_the_commit_and_the_uncommitted_changes_of_a_tracked_source(tmp_path, monkeypatch):
+    from distrnn.tracking import code_version
+
+    def git(*args):
+        return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(tmp_path / "repo"), *args],
+                              capture_output=True, text=True, check=True).stdout.strip()
+
+    pkg = tmp_path / "repo/pkg"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("x = 1\n")
+    git("init", "-q", "-b", "trunk")
+    git("add", "pkg/__init__.py")
+    git("commit", "-q", "-m", "one")
+    tags, diff = code_version(pkg)
+    assert tags == {"distrnn.version": distrnn.__version__, "mlflow.source.git.commit": git("rev-parse", "HEAD"),
+                    "mlflow.source.git.branch": "trunk", "distrnn.git.dirty": "false"} and diff is None
+    (pkg / "__init__.py").write_text("x = 2\n")
+    (tmp_path / "repo/untracked.txt").write_text("not code of the commit\n")
+    tags, diff = code_version(pkg)
+    assert tags["distrnn.git.dirty"] == "true" and "-x = 1\n+x = 2" in diff and "untracked" not in diff
+    git("commit", "-qam", "two")
+    git("checkout", "-q", "--detach")
+    assert "mlflow.source.git.branch" not in code_version(pkg)[0]
+    # inside a checkout but not tracked by it (a venv's site-packages), or no checkout at all: the version only
+    other = tmp_path / "repo/.venv/site-packages/pkg"
+    other.mkdir(parents=True)
+    (other / "__init__.py").write_text("")
+    plain = tmp_path / "plain/pkg"
+    plain.mkdir(parents=True)
+    (plain / "__init__.py").write_text("")
+    for folder in (other, plain):
+        assert code_version(folder) == ({"distrnn.version": distrnn.__version__}, None)
+    # a Ray job's package (no .git) takes the submitting checkout's tags, as tracking_env passes them
+    from distrnn.raytrain import tracking_env
+
+    monkeypatch.setenv("DISTRNN_CODE_TAGS", tracking_env()["DISTRNN_CODE_TAGS"])
+    tags, diff = code_version(plain)
+    assert tags == code_version()[0] and diff is None
+    if (REPO / ".git").exists():
+        assert tags["mlflow.source.git.commit"] == subprocess.run(
+            ["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+
+
 def test_resumed_job_continues_its_mlflow_run(job):
     r = _run("fit", "--config", str(job), "--trainer.max_steps", "10")
     assert r.returncode == 0, r.stderr[-3000:]
@@ -267,6 +321,7 @@ def test_resumed_job_continues_its_mlflow_run(job):
     assert len(runs) == 1 and runs.iloc[0]["status"] == "FINISHED"
     run = mlflow.MlflowClient().get_run(runs.iloc[0].run_id)
     assert run.data.params["trainer.max_steps"] == "10" and run.data.tags["resumed.trainer.max_steps"] == "20"
+    assert not any(k.startswith("resumed.mlflow") or k.startswith("resumed.distrnn") for k in run.data.tags)  # the same code
     steps = {m.step for m in mlflow.MlflowClient().get_metric_history(run.info.run_id, "train/loss")}
     # Lightning logs against batches (2 updates each here): the resume came after batch 5
     assert min(steps) < 5 <= max(steps)

@@ -270,6 +270,9 @@ def test_sweep_through_ray_job_submit(cluster, tmp_path, data, capsys):
     best_run = min(history, key=lambda t: min(history[t]))
     assert parent["metrics.best_val_loss"] == pytest.approx(min(history[best_run]), rel=1e-6)
     assert parent["tags.best.run_id"] == best_run and parent["status"] == "FINISHED"
+    import distrnn  # the code: a bare `ray job submit` uploads no .git, so no commit: the version
+
+    assert (runs["tags.distrnn.version"] == distrnn.__version__).all()
     # the best report's checkpoint, as Tune recorded that report; no trial keeps more than 2
     ckpt = Path(parent["tags.best.checkpoint"])
     assert ckpt.name == "checkpoint.ckpt" and ckpt.is_file(), parent["tags.best.checkpoint"]
@@ -466,6 +469,9 @@ def test_make_submit_train_logs_into_the_store_of_the_submitting_shell_and_a_fai
     (run,) = client.search_runs([client.get_experiment_by_name("ray").experiment_id])
     assert run.info.status == "FAILED" and run.data.params["trainer.max_steps"] == "4"
     assert (tmp_path / "mlruns" / run.info.run_id / "artifacts" / "config.yaml").is_file()
+    if (REPO / ".git").exists():  # Ray uploaded the checkout without its .git: the commit came from here
+        head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True, check=True)
+        assert run.data.tags["mlflow.source.git.commit"] == head.stdout.strip(), run.data.tags
 
 
 def test_pbt_sweep_restarts_each_trial_exactly(cluster, tmp_path, data, single_process):
