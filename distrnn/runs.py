@@ -58,15 +58,27 @@ def sweep_line(parent: Any, runs: list[Any]) -> str:
             f" {found}{f' in {_name(winner)}' if winner else ''}{f' with {config}' if config else ''}")
 
 
+def code(run: Any) -> str:
+    """The code a run trained with (distrnn.tracking.code_version's tags): the commit's first 8
+    characters, ``+`` when it ran with uncommitted changes (its ``code.diff``), else the version."""
+    tags = run.data.tags
+    commit = tags.get("mlflow.source.git.commit")
+    if commit:
+        return commit[:8] + ("+" if tags.get("distrnn.git.dirty") == "true" else "")
+    return tags.get("distrnn.version", "-")
+
+
 def table(runs: list[Any], metrics: Optional[list[str]] = None) -> str:
     params = differing_params(runs)
     metric_keys = metrics or sorted({k for r in runs for k in r.data.metrics if not k.startswith("system/")})
-    head = ["run", "status", *params, *metric_keys]
+    # a column only when the runs differ in it, as for params
+    with_code = len({code(r) for r in runs}) > 1
+    head = ["run", "status", *(["code"] if with_code else []), *params, *metric_keys]
     rows = []
     for r in runs:
         vals = [r.data.params.get(k, "-") for k in params]
         ms = [f"{r.data.metrics[k]:.4g}" if k in r.data.metrics else "-" for k in metric_keys]
-        rows.append([_name(r), _status(r), *vals, *ms])
+        rows.append([_name(r), _status(r), *([code(r)] if with_code else []), *vals, *ms])
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
     fmt = lambda row: "  ".join(str(x).ljust(w) for x, w in zip(row, widths))  # noqa: E731
     return "\n".join([fmt(head), fmt(["-" * w for w in widths]), *map(fmt, rows)])

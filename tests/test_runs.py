@@ -63,6 +63,22 @@ def test_compare_table_shows_the_differing_params_and_final_metrics(two_runs, tm
     assert (tmp_path / "val.png").stat().st_size > 5000 and "2 runs plotted" in out
     code, _, err = cli(capsys, "runs", "compare", "--experiment", "nope")
     assert code != 0 and "nope" in err
+    # both runs trained with the same code: no column for it; one with other code gets one
+    assert "code" not in head
+    other = runs.iloc[0]["run_id"]
+    client = mlflow.MlflowClient()
+    before = client.get_run(other).data.tags
+    try:
+        client.set_tag(other, "mlflow.source.git.commit", "0123456789abcdef")
+        client.set_tag(other, "distrnn.git.dirty", "true")
+        code, out, err = cli(capsys, "runs", "compare", "--experiment", "cmp")
+        head = out.splitlines()[0].split()
+        assert code == 0 and head[:3] == ["run", "status", "code"], out
+        row = next(ln.split() for ln in out.splitlines()[2:] if ln.split()[0] == runs.iloc[0]["tags.mlflow.runName"])
+        assert row[2] == "01234567+"
+    finally:
+        for k in ("mlflow.source.git.commit", "distrnn.git.dirty"):
+            client.set_tag(other, k, before[k]) if k in before else client.delete_tag(other, k)
 
 
 def test_registered_model_round_trips(two_runs, capsys, monkeypatch):
