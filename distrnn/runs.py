@@ -61,11 +61,13 @@ def sweep_line(parent: Any, runs: list[Any]) -> str:
 def code(run: Any) -> str:
     """The code a run trained with (distrnn.tracking.code_version's tags): the commit's first 8
     characters, ``+`` when it ran with uncommitted changes (its ``code.diff``), else the version."""
+    from distrnn.tracking import GIT_COMMIT_TAG, GIT_DIRTY_TAG, VERSION_TAG
+
     tags = run.data.tags
-    commit = tags.get("mlflow.source.git.commit")
+    commit = tags.get(GIT_COMMIT_TAG)
     if commit:
-        return commit[:8] + ("+" if tags.get("distrnn.git.dirty") == "true" else "")
-    return tags.get("distrnn.version", "-")
+        return commit[:8] + ("+" if tags.get(GIT_DIRTY_TAG) == "true" else "")
+    return tags.get(VERSION_TAG, "-")
 
 
 def table(runs: list[Any], metrics: Optional[list[str]] = None) -> str:

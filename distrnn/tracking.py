@@ -500,13 +500,12 @@ class LogConfigToMLflow(SaveConfigCallback):
     @staticmethod
     def _log_code(logger: MLFlowLogger, resumed: bool, suffix: str) -> None:
         # a resume may run other code than the start: its version beside the first, as resumed.<tag>
+        from mlflow.entities import RunTag
+
         tags, diff = code_version()
-        before = logger.experiment.get_run(logger.run_id).data.tags
-        for k, v in tags.items():
-            if not resumed or k not in before:
-                logger.experiment.set_tag(logger.run_id, k, v)
-            elif before[k] != v:
-                logger.experiment.set_tag(logger.run_id, f"resumed.{k}", v)
+        before = logger.experiment.get_run(logger.run_id).data.tags if resumed else {}
+        new = {k if k not in before else f"resumed.{k}": v for k, v in tags.items() if before.get(k) != v}
+        logger.experiment.log_batch(logger.run_id, tags=[RunTag(k, v) for k, v in new.items()])
         if diff is not None:
             if len(diff) > DIFF_LIMIT:
                 diff = diff[:DIFF_LIMIT] + f"\n[distrnn: cut at {DIFF_LIMIT} of {len(diff)} characters]\n"
