@@ -311,6 +311,25 @@ def test_code_version_names_the_commit_and_the_uncommitted_changes_of_a_tracked_
             ["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
 
 
+def test_a_resume_under_other_code_records_it_beside_the_first(tmp_path, monkeypatch):
+    """The code of the start stays the run's; a resume under another commit, now with
+    uncommitted changes, adds resumed.<tag> for what changed, and its diff as a file of its own."""
+    from distrnn import tracking
+
+    logger = tracking.MLflowLogger(experiment_name="code", tracking_uri=f"sqlite:///{tmp_path}/m.db", system_metrics_s=0)
+    first = {"distrnn.version": "0.1.0", "mlflow.source.git.commit": "a" * 40, "distrnn.git.dirty": "false"}
+    monkeypatch.setattr(tracking, "code_version", lambda: (first, None))
+    tracking.LogConfigToMLflow._log_code(logger, resumed=False, suffix="")
+    later = {**first, "mlflow.source.git.commit": "b" * 40, "distrnn.git.dirty": "true"}
+    monkeypatch.setattr(tracking, "code_version", lambda: (later, "diff --git a/x b/x\n"))
+    tracking.LogConfigToMLflow._log_code(logger, resumed=True, suffix="-resumed-1")
+    tags = logger.experiment.get_run(logger.run_id).data.tags
+    assert tags["mlflow.source.git.commit"] == "a" * 40 and tags["resumed.mlflow.source.git.commit"] == "b" * 40
+    assert tags["distrnn.git.dirty"] == "false" and tags["resumed.distrnn.git.dirty"] == "true"
+    assert "resumed.distrnn.version" not in tags  # unchanged
+    assert [a.path for a in logger.experiment.list_artifacts(logger.run_id)] == ["code-resumed-1.diff"]
+
+
 def test_resumed_job_continues_its_mlflow_run(job):
     r = _run("fit", "--config", str(job), "--trainer.max_steps", "10")
     assert r.returncode == 0, r.stderr[-3000:]
