@@ -29,8 +29,9 @@ os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get(
 
 # Ray runs its workers at nice 15 so that its own servers stay responsive; beside the other
 # pytest-xdist worker's processes (nice 0) they then get almost no CPU: a sweep trial's actor
-# took 4 minutes to import what it needs on 2 busy cores (20 s at nice 0), and test_ray.py ran
-# 16 min in CI against ~10 alone. Every Ray a test starts (a cluster, a driver's own) reads this.
+# took 4 minutes to import what it needs on 2 busy cores (20 s at nice 0), and the 2-rank
+# failed-trial test took 216 s in CI against 65 s alone (the suite: 16 min; 13 with this). Every
+# Ray a test starts (a cluster, a driver's own) reads this.
 os.environ["RAY_worker_niceness"] = "0"
 
 
