@@ -488,22 +488,23 @@ class LogConfigToMLflow(SaveConfigCallback):
         params.pop("config", None)
         # A resumed job continues its run; MLflow params are immutable, so values changed for the
         # resume (max_steps, ckpt_path) are recorded as tags instead.
-        logged = logger.experiment.get_run(logger.run_id).data.params
+        run = logger.experiment.get_run(logger.run_id)
+        logged = run.data.params
         changed = {k: v for k, v in params.items() if k in logged and logged[k] != v}
         logger.log_hyperparams({k: v for k, v in params.items() if k not in logged})
         for k, v in changed.items():
             logger.experiment.set_tag(logger.run_id, f"resumed.{k}"[:250], v[:5000])
         suffix = "" if not logged else time.strftime("-resumed-%Y%m%d-%H%M%S")
         logger.experiment.log_text(logger.run_id, text, f"config{suffix}.yaml")
-        self._log_code(logger, resumed=bool(logged), suffix=suffix)
+        self._log_code(logger, resumed=bool(logged), suffix=suffix, before=run.data.tags)
 
     @staticmethod
-    def _log_code(logger: MLFlowLogger, resumed: bool, suffix: str) -> None:
+    def _log_code(logger: MLFlowLogger, resumed: bool, suffix: str, before: dict[str, str]) -> None:
         # a resume may run other code than the start: its version beside the first, as resumed.<tag>
         from mlflow.entities import RunTag
 
         tags, diff = code_version()
-        before = logger.experiment.get_run(logger.run_id).data.tags if resumed else {}
+        before = before if resumed else {}
         new = {k if k not in before else f"resumed.{k}": v for k, v in tags.items() if before.get(k) != v}
         logger.experiment.log_batch(logger.run_id, tags=[RunTag(k, v) for k, v in new.items()])
         if diff is not None:

@@ -319,10 +319,11 @@ def test_a_resume_under_other_code_records_it_beside_the_first(tmp_path, monkeyp
     logger = tracking.MLflowLogger(experiment_name="code", tracking_uri=f"sqlite:///{tmp_path}/m.db", system_metrics_s=0)
     first = {"distrnn.version": "0.1.0", "mlflow.source.git.commit": "a" * 40, "distrnn.git.dirty": "false"}
     monkeypatch.setattr(tracking, "code_version", lambda: (first, None))
-    tracking.LogConfigToMLflow._log_code(logger, resumed=False, suffix="")
+    tracking.LogConfigToMLflow._log_code(logger, resumed=False, suffix="", before={})
     later = {**first, "mlflow.source.git.commit": "b" * 40, "distrnn.git.dirty": "true"}
     monkeypatch.setattr(tracking, "code_version", lambda: (later, "diff --git a/x b/x\n"))
-    tracking.LogConfigToMLflow._log_code(logger, resumed=True, suffix="-resumed-1")
+    tracking.LogConfigToMLflow._log_code(logger, resumed=True, suffix="-resumed-1",
+                                         before=logger.experiment.get_run(logger.run_id).data.tags)
     tags = logger.experiment.get_run(logger.run_id).data.tags
     assert tags["mlflow.source.git.commit"] == "a" * 40 and tags["resumed.mlflow.source.git.commit"] == "b" * 40
     assert tags["distrnn.git.dirty"] == "false" and tags["resumed.distrnn.git.dirty"] == "true"
