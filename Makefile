@@ -73,19 +73,20 @@ cluster-down: venv
 
 # A job logs where `make train` and `make mlflow-ui` do (MLFLOW_TRACKING_URI, else mlflow.db here, made
 # absolute): a job runs in its unpacked package in Ray's temporary folder, where a relative store would go.
-JOB_ENV = $(shell $(PY) -c 'import json; from distrnn.raytrain import tracking_env; print(json.dumps({"env_vars": tracking_env()}))')
+# Shell-quoted here: a branch name or store path may hold a quote.
+JOB_ENV = $(shell $(PY) -c 'import json, shlex; from distrnn.raytrain import tracking_env; print(shlex.quote(json.dumps({"env_vars": tracking_env()})))')
 
 ## Ray Train job on the cluster in $(RAY_STATE) (or RAY_API_SERVER_ADDRESS); the config is checked here first.
 ## TRAIN_ARGS: jobs/train.py's options and config overrides (after the config, so they win).
 submit-train: venv
 	$(PY) jobs/train.py --check-only --num-workers $(WORKERS) --config $(CONFIG) $(TRAIN_ARGS)
-	. $(abspath $(RAY_STATE))/cluster.env && $(VENV)/bin/ray job submit --working-dir . --runtime-env-json '$(JOB_ENV)' -- \
+	. $(abspath $(RAY_STATE))/cluster.env && $(VENV)/bin/ray job submit --working-dir . --runtime-env-json $(JOB_ENV) -- \
 		python jobs/train.py --num-workers $(WORKERS) --config $(CONFIG) $(TRAIN_ARGS)
 
 ## Ray Tune sweep on the cluster in $(RAY_STATE); the search space is checked here first.
 submit-tune: venv
 	$(PY) jobs/tune.py --check-only --config $(SWEEP)
-	. $(abspath $(RAY_STATE))/cluster.env && $(VENV)/bin/ray job submit --working-dir . --runtime-env-json '$(JOB_ENV)' -- \
+	. $(abspath $(RAY_STATE))/cluster.env && $(VENV)/bin/ray job submit --working-dir . --runtime-env-json $(JOB_ENV) -- \
 		python jobs/tune.py --config $(SWEEP)
 
 clean:

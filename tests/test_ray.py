@@ -447,6 +447,22 @@ def test_make_submit_train_with_a_bad_config_creates_no_job_and_no_run(cluster, 
         [e.experiment_id for e in mlflow.MlflowClient(f"sqlite:///{db}").search_experiments()])
 
 
+def test_make_submit_hands_the_job_its_environment_whatever_characters_it_holds(tmp_path):
+    """The store path and git branch go into the job's --runtime-env-json through the shell: a
+    quote, a dollar sign or a space in them reach the job unchanged (`make -n`: nothing runs)."""
+    store = f"sqlite:///{tmp_path}/it's $HOME & co/mlflow.db"
+    venv = Path(PY).parent.parent
+    for target in ("submit-train", "submit-tune"):
+        r = subprocess.run(["make", "-n", "-C", str(REPO), "-o", f"{venv}/.installed", target, f"VENV={venv}",
+                            f"RAY_STATE={tmp_path}"], capture_output=True, text=True, timeout=120,
+                           env={**os.environ, "MLFLOW_TRACKING_URI": store})
+        assert r.returncode == 0, r.stderr
+        (line,) = [ln for ln in r.stdout.replace("\\\n", " ").splitlines() if "ray job submit" in ln]
+        words = shlex.split(line)
+        env = json.loads(words[words.index("--runtime-env-json") + 1])["env_vars"]
+        assert env["MLFLOW_TRACKING_URI"] == store, line
+
+
 def test_make_submit_train_logs_into_the_store_of_the_submitting_shell_and_a_failing_job_fails(cluster, tmp_path, data):
     """`make submit-train` hands the job the store that `make train` and `make mlflow-ui` use
     (MLFLOW_TRACKING_URI, else mlflow.db in the checkout), made absolute: the job ran without it,
