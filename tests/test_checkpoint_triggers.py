@@ -252,6 +252,7 @@ def test_ray_reports_follow_batches_that_make_several_updates(monkeypatch):
     assert reported == [(8, 0), (12, 0), (20, 1), (24, 1), (28, 1)]  # 16 updates an epoch
 
 
+@pytest.mark.fresh_store  # checks what its folder holds
 def test_report_folders_of_killed_workers_are_swept_and_live_ones_kept(tmp_path):
     """A Ray worker killed mid-report (Ctrl-C or `ray job stop` on the driver) leaves its report
     folder, a whole checkpoint, in the temporary directory: the next report on the host removes

@@ -147,6 +147,7 @@ def test_a_corpus_that_cannot_be_fetched_is_one_line_before_the_run(job, capsys,
     assert not Path("mlflow.db").exists() or _runs(os.environ["MLFLOW_TRACKING_URI"]).empty
 
 
+@pytest.mark.fresh_store  # checks that no store was created
 def test_malformed_scan_config_fails_before_the_run(job, capsys, monkeypatch):
     # the kernel reads it on the first forward on CUDA: by then a run and its checkpoints exist
     monkeypatch.setenv("DISTRNN_SCAN_CONFIG", "4,100,4,1")
@@ -234,6 +235,7 @@ def test_fit_logs_one_run_to_mlflow_and_generates(job, capsys):
     assert code == 0 and sorted(ln.split()[0] for ln in out.splitlines()[2:]) == sorted(runs["tags.mlflow.runName"])
 
 
+@pytest.mark.fresh_store  # checks that no local store was created
 @pytest.mark.slow
 def test_fit_against_a_real_mlflow_server(job, tmp_path):
     port = free_port()
@@ -615,6 +617,7 @@ def test_a_resumed_fit_trains_with_the_optimizer_settings_given_and_keeps_its_mo
     assert len(mlflow.search_runs(experiment_names=["tiny"])) == 1
 
 
+@pytest.mark.fresh_store  # checks what its folder holds
 @pytest.mark.parametrize("name", sorted(p.name for p in (Path(__file__).parents[1] / "jobs" / "configs").glob("*.yaml")
                                         if not p.name.startswith("sweep_")))
 def test_every_shipped_training_config_parses(capsys, tmp_path, monkeypatch, name):

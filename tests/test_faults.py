@@ -17,7 +17,7 @@ import mlflow
 import pytest
 import torch
 
-from conftest import ListeningSockets, distrnn_cmd, write_corpus
+from conftest import ListeningSockets, distrnn_cmd, seed_store, write_corpus
 
 pytestmark = pytest.mark.slow
 
@@ -78,8 +78,9 @@ LISTENING: dict = {}
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(config, tmp_path_factory):
+def uninterrupted(config, tmp_path_factory, store_template):
     cwd = tmp_path_factory.mktemp("uninterrupted")
+    seed_store(cwd, store_template)
     r = _fit(cwd, config, watch=LISTENING)
     assert r.returncode == 0, r.stderr[-3000:]
     return torch.load(cwd / "ck" / "last.ckpt", map_location="cpu", weights_only=True)
@@ -102,13 +103,14 @@ def _assert_same_training_state(ckpt: dict, ref: dict) -> None:
     assert sched["last_epoch"] == sched_ref["last_epoch"] and sched["_last_lr"] == pytest.approx(sched_ref["_last_lr"], abs=1e-12)
 
 
+@pytest.mark.fresh_store
 def test_two_nodes_started_by_hand_on_this_machine_equal_one_node_with_two_ranks(config, uninterrupted, tmp_path):
     """The README's multi-node launch, each node a `distrnn fit` of its own with NODE_RANK,
     MASTER_ADDR and MASTER_PORT (2 nodes x 1 rank, both on this machine): the same updates as one
     node with 2 ranks (weights, optimizer, scheduler, both ranks' hidden states at 1e-6), one
     MLflow run with each node's system metrics (`system/node0/...`, `system/node1/...`), and every
     socket either node listens on is on 127.0.0.1 (node 0 hosts the rendezvous store there, node 1
-    joins it)."""
+    joins it). The store is a fresh one: the two nodes create its tables at the same time."""
     from conftest import free_port
 
     text = config.read_text().replace("devices: 2,", "devices: 1, num_nodes: 2,")

@@ -43,6 +43,7 @@ print("GREW_MB", peak[0] - before)
 """
 
 
+@pytest.mark.fresh_store  # checks what its folder holds
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
 def test_predictions_go_to_disk_batch_by_batch(tmp_path):
     """48 batches of 2.25 MB (108 MB of predictions): the process's own (anonymous) memory grows by

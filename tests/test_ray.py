@@ -19,7 +19,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO, ListeningSockets, beyond_loopback, cli, distrnn_cmd, listening_sockets, write_corpus
+from conftest import REPO, ListeningSockets, beyond_loopback, cli, distrnn_cmd, listening_sockets, seed_store, write_corpus
 
 pytestmark = pytest.mark.slow
 
@@ -92,10 +92,10 @@ def _ray_train(cluster, tmp, data, name, *extra, timeout=400):
 
 
 @pytest.fixture(scope="module")
-def single_process(tmp_path_factory, data):
+def single_process(tmp_path_factory, data, store_template):
     """The reference: one process reading all 4 streams (the 2 workers x 2 streams of the Ray run)."""
     tmp = tmp_path_factory.mktemp("single")
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/mlflow.db"}
+    env = {**os.environ, "MLFLOW_TRACKING_URI": seed_store(tmp, store_template)}
     r = subprocess.run(distrnn_cmd("fit", "--config", str(data / "b4.yaml")), capture_output=True, text=True,
                        timeout=300, env=env, cwd=tmp)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -104,8 +104,9 @@ def single_process(tmp_path_factory, data):
 
 
 @pytest.fixture(scope="module")
-def two_workers(cluster, tmp_path_factory, data):
+def two_workers(cluster, tmp_path_factory, data, store_template):
     tmp = tmp_path_factory.mktemp("two")
+    seed_store(tmp, store_template)
     # Ray Train's workers are the raylet's children, not the driver's: watch the whole machine
     watch = ListeningSockets(None, every=0.25)
     watch.start()

@@ -115,6 +115,7 @@ def _write_code_running_pickle(path, marker):
     torch.save({"state_dict": {}, "x": Evil()}, path)
 
 
+@pytest.mark.fresh_store  # checks what its folder holds
 def test_checkpoint_write_is_atomic_and_loads_are_safe(tmp_path):
     io = AtomicCheckpointIO()
     target = tmp_path / "x.ckpt"
