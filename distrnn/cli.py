@@ -411,7 +411,10 @@ class DistrnnCLI(LightningCLI):
                 fail(f"checkpoint {ckpt_path}: {e}")
             if changed:
                 fail(changed)
-            continue_run(self.trainer.logger, checkpoint)
+            if continue_run(self.trainer.logger, checkpoint):
+                # the run goes on in its own checkpoint folder, which holds its earlier checkpoints;
+                # Lightning warns of a non-empty folder on every resume
+                warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
 
     def _parse_ckpt_path(self) -> None:
         # Lightning builds the model from the hyperparameters saved in the checkpoint, over the
