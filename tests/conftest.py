@@ -228,7 +228,7 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA dev
 # `make test` runs on 2 pytest-xdist workers, file by file, in this order (--dist loadfile
 # --no-loadscope-reorder): a module's fixtures, such as test_ray's cluster, are built once
 # (`--dist loadgroup` does not group under pytest 9: pytest-xdist issue 1386), and the longest
-# files go first, so that neither worker is left with one at the end: test_ray (~6 min alone) on
+# files go first, so that neither worker is left with one at the end: test_ray (~8 min alone) on
 # one worker while the other works through the rest.
 LONGEST_FIRST = ["test_ray.py", "test_faults.py", "test_cli.py", "test_mlflow_server.py", "test_ddp.py",
                  "test_deepspeed.py", "test_resume.py", "test_runs.py", "test_kernels.py", "test_notebooks.py"]
