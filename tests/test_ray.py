@@ -140,28 +140,37 @@ def test_ray_train_workers_rendezvous_on_loopback_only(two_workers):
     assert not beyond_loopback(seen), f"listening beyond loopback: {beyond_loopback(seen)}"
 
 
-def test_worker_failure_restores_mid_epoch_from_the_latest_checkpoint(cluster, tmp_path, data, two_workers):
-    """A job (`ray job submit`) whose rank 1 raises after update 6, with --max-failures 1: Ray
-    restarts the worker group from the latest checkpoint (update 4's), mid-epoch, and the run ends
-    with the uninterrupted job's weights (1e-6) in one MLflow run. (A DeepSpeed directory
-    checkpoint restored through Ray: the failed-trial test below; Tune's restarts of one-rank
-    trials: the PBT and --resume tests.)"""
+def test_worker_failure_restores_mid_epoch_from_the_latest_checkpoint_deepspeed(cluster, tmp_path, data, two_workers):
+    """A worker that raises with max_failures=1: Ray restarts the worker group from the latest
+    checkpoint, mid-epoch, and the run ends with the uninterrupted run's weights in one MLflow run.
+    Run with `--strategy deepspeed_stage_2` (Ray's DeepSpeed strategy, its refusal of a CPU lifted in
+    the workers by a test callback, DS_ACCELERATOR=cpu), whose checkpoint is the harder case: a
+    directory to which every rank adds its ZeRO shard. Rank 1 fails after update 6; the workers
+    restart from update 4's directory; the final weights equal the DDP run's (ZeRO-2 updates equal
+    plain ones). (DDP's file checkpoints are restored through Ray by the resubmitted job of the
+    Ctrl-C test and by the Tune tests, PBT and --resume; a DeepSpeed trial's by the failed-trial test.)"""
+    pytest.importorskip("deepspeed")
     marker = tmp_path / "failed-once"
-    callbacks = json.dumps([{"class_path": "distrnn.faults.FailAt",
+    callbacks = json.dumps([{"class_path": "ds_lightning_check.AllowDeepSpeedOnCPU"},
+                            {"class_path": "distrnn.faults.FailAt",
                              "init_args": {"step": 6, "rank": 1, "how": "raise", "marker": str(marker)}}])
     r = _submit(cluster, tmp_path, "python", "jobs/train.py", "--num-workers", "2", "--report-every", "4",
-                "--max-failures", "1", "--storage-path", str(tmp_path / "store"), "--name", "restarted",
-                f"--trainer.callbacks={callbacks}", "--config", str(data / "b2.yaml"))
+                "--max-failures", "1", "--strategy", "deepspeed_stage_2", "--storage-path", str(tmp_path / "store"),
+                "--name", "ds", f"--trainer.callbacks={callbacks}", "--config", str(data / "b2.yaml"),
+                env_vars={"PYTHONPATH": str(REPO / "tests"), "DS_ACCELERATOR": "cpu"})
     out = r.stdout + r.stderr
     assert r.returncode == 0 and marker.exists(), out[-5000:]
     assert "resuming from Ray checkpoint" in out and "at step 4 (epoch 0)" in out, out[-5000:]
-    final = torch.load(_latest_ray_checkpoint(tmp_path / "store", "restarted"), map_location="cpu", weights_only=True)
-    assert final["global_step"] == 12 and final["distrnn"]["world_size"] == 2
+    final = _latest_ray_checkpoint(tmp_path / "store", "ds")
+    assert final.is_dir() and len(list(final.glob("checkpoint/zero_pp_rank_*_optim_states.pt"))) == 2
+    # ZeRO-2 without mixed precision keeps the full fp32 module in the model-states file (the test's
+    # own file: unpickling it is fine here)
+    states = torch.load(final / "checkpoint" / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    assert states["global_step"] == 12 and states["distrnn"]["world_size"] == 2
     for k, ref in two_workers[1].items():
-        torch.testing.assert_close(final["state_dict"][k], ref, rtol=0, atol=1e-6, msg=k)
+        torch.testing.assert_close(states["module"][k], ref, rtol=0, atol=1e-5, msg=k)
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
-    (status,) = mlflow.search_runs(experiment_names=["ray"])["status"]
-    assert status == "FINISHED"
+    assert len(mlflow.search_runs(experiment_names=["ray"])) == 1
 
 
 def _submit(cluster, tmp, *entrypoint, submission_id=None, env_vars=None, extra_env=None, timeout=500):
