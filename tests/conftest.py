@@ -38,7 +38,7 @@ os.environ["RAY_worker_niceness"] = "0"
 @pytest.fixture(scope="session")
 def store_template(tmp_path_factory) -> Optional[Path]:
     """An empty MLflow SQLite store, created once per test process. MLflow builds a new store by
-    running its schema migrations, 2-5 s on this machine for every store a test (or a process it
+    running its schema migrations, 4.5-7 s on 2 busy cores for every store a test (or a process it
     starts) creates; tests start from a copy instead (test_cli.py + test_resume.py: 160 -> 132 s).
     None without MLflow (the GPU image of `make gpu-check`)."""
     try:
