@@ -140,6 +140,18 @@ def test_ray_train_workers_rendezvous_on_loopback_only(two_workers):
     assert not beyond_loopback(seen), f"listening beyond loopback: {beyond_loopback(seen)}"
 
 
+def _assert_zero2_checkpoint_of_2_ranks_equals(ckpt: Path, reference: dict) -> None:
+    """A DeepSpeed ZeRO-2 checkpoint directory of 2 ranks at update 12 (both ZeRO shards, both
+    ranks' carried state) whose weights equal ``reference`` (ZeRO-2 updates equal plain ones: 1e-5)."""
+    assert ckpt.is_dir() and len(list(ckpt.glob("checkpoint/zero_pp_rank_*_optim_states.pt"))) == 2, sorted(ckpt.rglob("*"))
+    # ZeRO-2 without mixed precision keeps the full fp32 module in the model-states file (the test's
+    # own file: unpickling it is fine here)
+    states = torch.load(ckpt / "checkpoint" / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    assert states["global_step"] == 12 and states["distrnn"]["world_size"] == 2 and len(states["distrnn"]["ranks"]) == 2
+    for k, ref in reference.items():
+        torch.testing.assert_close(states["module"][k], ref, rtol=0, atol=1e-5, msg=k)
+
+
 def test_worker_failure_restores_mid_epoch_from_the_latest_checkpoint_deepspeed(cluster, tmp_path, data, two_workers):
     """A worker that raises with max_failures=1: Ray restarts the worker group from the latest
     checkpoint, mid-epoch, and the run ends with the uninterrupted run's weights in one MLflow run.
@@ -162,13 +174,7 @@ def test_worker_failure_restores_mid_epoch_from_the_latest_checkpoint_deepspeed(
     assert r.returncode == 0 and marker.exists(), out[-5000:]
     assert "resuming from Ray checkpoint" in out and "at step 4 (epoch 0)" in out, out[-5000:]
     final = _latest_ray_checkpoint(tmp_path / "store", "ds")
-    assert final.is_dir() and len(list(final.glob("checkpoint/zero_pp_rank_*_optim_states.pt"))) == 2
-    # ZeRO-2 without mixed precision keeps the full fp32 module in the model-states file (the test's
-    # own file: unpickling it is fine here)
-    states = torch.load(final / "checkpoint" / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
-    assert states["global_step"] == 12 and states["distrnn"]["world_size"] == 2
-    for k, ref in two_workers[1].items():
-        torch.testing.assert_close(states["module"][k], ref, rtol=0, atol=1e-5, msg=k)
+    _assert_zero2_checkpoint_of_2_ranks_equals(final, two_workers[1])
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
     assert len(mlflow.search_runs(experiment_names=["ray"])) == 1
 
@@ -562,13 +568,7 @@ def test_a_failed_deepspeed_trial_of_two_ranks_restarts_from_its_checkpoint_and_
     assert "injected fault: rank 1 at step 8" in out and re.search(r"resuming from Ray checkpoint \S+ at step 6\b", out), out[-4000:]
     (trial_dir,) = [d for d in (tmp_path / "store/retried").iterdir() if (d / "params.json").is_file()]
     last = sorted(trial_dir.glob("checkpoint_*/checkpoint.ckpt"))[-1]
-    assert last.is_dir() and len(list(last.glob("checkpoint/zero_pp_rank_*_optim_states.pt"))) == 2, sorted(last.rglob("*"))
-    # ZeRO-2 without mixed precision keeps the full fp32 module in the model-states file (the test's
-    # own file: unpickling it is fine here)
-    states = torch.load(last / "checkpoint" / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
-    assert states["global_step"] == 12 and states["distrnn"]["world_size"] == 2 and len(states["distrnn"]["ranks"]) == 2
-    for k, ref in two_workers[1].items():
-        torch.testing.assert_close(states["module"][k], ref, rtol=0, atol=1e-5, msg=k)
+    _assert_zero2_checkpoint_of_2_ranks_equals(last, two_workers[1])
     assert not (tmp_path / "store/retried/train-runs").exists()
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     runs = client.search_runs([client.get_experiment_by_name("sweep-retried").experiment_id])
