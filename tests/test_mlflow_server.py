@@ -73,7 +73,9 @@ def _post(url, body, auth):
     req = urllib.request.Request(url, data=json.dumps(body).encode(), method="PATCH" if "update" in url else "POST",
                                  headers={"Content-Type": "application/json",
                                           "Authorization": "Basic " + base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()})
-    with urllib.request.urlopen(req, timeout=10) as r:
+    # 60 s: the server's first request (a user created, its password hashed) took over 10 s once in
+    # CI, beside a DeepSpeed Ray trial on the other core
+    with urllib.request.urlopen(req, timeout=60) as r:
         return r.status
 
 
