@@ -521,11 +521,38 @@ def main(argv: Optional[list[str]] = None) -> None:
         if e.code == 1 and isinstance(e.__context__, KeyboardInterrupt):
             sys.exit(128 + 2)
         raise
-    if cli.subcommand == "fit" and cli.trainer.is_global_zero:
+    if cli.trainer.is_global_zero:
         _print_where(cli)
 
 
+def ui_hint(tracking_uri: str, experiment_id: str, run_id: str, cwd: Optional[str] = None) -> str:
+    """How to open a run in the MLflow UI: its page on a tracking server, else the command that
+    serves the UI over its store (``make mlflow-ui`` where that is the store it serves)."""
+    import shlex
+
+    page = f"#/experiments/{experiment_id}/runs/{run_id}"
+    if tracking_uri.startswith(("http://", "https://")):
+        return f"open {tracking_uri.rstrip('/')}/{page}"
+    cwd = cwd or os.getcwd()
+    default = f"sqlite:///{os.path.join(cwd, 'mlflow.db')}"
+    if tracking_uri in (default, "sqlite:///mlflow.db") and _has_mlflow_ui_target(os.path.join(cwd, "Makefile")):
+        serve = "make mlflow-ui"
+    else:
+        serve = f"mlflow ui --host 127.0.0.1 --port 5000 --backend-store-uri {shlex.quote(tracking_uri)}"
+    return f"{serve}   (then open http://127.0.0.1:5000/{page})"
+
+
+def _has_mlflow_ui_target(makefile: str) -> bool:
+    try:
+        with open(makefile, encoding="utf-8", errors="replace") as f:
+            return any(line.startswith("mlflow-ui:") for line in f)
+    except OSError:
+        return False
+
+
 def _print_where(cli: DistrnnCLI) -> None:
+    """After a command ends: the MLflow run it logged to (fit, validate, test and predict each
+    have one) and, after fit, its checkpoints."""
     from lightning.pytorch.loggers import MLFlowLogger
 
     logger = cli.trainer.logger
@@ -533,8 +560,8 @@ def _print_where(cli: DistrnnCLI) -> None:
     print()
     if isinstance(logger, MLFlowLogger) and logger.run_id:
         print(f"MLflow run {logger.run_id} in experiment '{logger._experiment_name}' at {logger._tracking_uri}")
-        print("  look at it with:  make mlflow-ui   (then open http://127.0.0.1:5000)")
-    if ckpt is not None and ckpt.last_model_path:
+        print(f"  look at it with:  {ui_hint(logger._tracking_uri, logger.experiment_id, logger.run_id)}")
+    if cli.subcommand == "fit" and ckpt is not None and ckpt.last_model_path:
         print(f"checkpoints: {ckpt.dirpath}  (last: {ckpt.last_model_path})")
 
 

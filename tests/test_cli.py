@@ -3,6 +3,7 @@
 import importlib.util
 import math
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -216,11 +217,14 @@ def test_fit_logs_one_run_to_mlflow_and_generates(job, capsys):
                                                   " without a tokenizer") and err.count("\n") == 1, err
 
     # an evaluation of the checkpoint is its own run, nested under the run that trained it
-    code, _, err = cli(capsys, "validate", "--config", str(job), "--ckpt_path", str(ckpt))
+    code, out, err = cli(capsys, "validate", "--config", str(job), "--ckpt_path", str(ckpt))
     assert code == 0, err[-3000:]
     runs = _runs(os.environ["MLFLOW_TRACKING_URI"])
     assert len(runs) == 2
     evaluation = runs[runs.run_id != run.run_id].iloc[0]
+    # it says where its results went, as fit does (not the training run's checkpoints)
+    assert f"MLflow run {evaluation.run_id} in experiment" in out and "checkpoints:" not in out, out
+    assert f"#/experiments/{evaluation.experiment_id}/runs/{evaluation.run_id}" in out, out
     assert evaluation["tags.mlflow.parentRunId"] == run.run_id and evaluation["tags.distrnn.stage"] == "validate"
     assert evaluation["tags.mlflow.runName"] == run["tags.mlflow.runName"] + "-validate"
     assert evaluation["tags.distrnn.checkpoint"] == str(ckpt) and evaluation["metrics.val/loss"] > 0
@@ -677,3 +681,21 @@ data:
         "distrnn: error: data.val_path val.bin: token id 40500 at position 2 is not below data.vocab_size 40100:"
         " is data.dtype the files' type, data.vocab_size their vocabulary's?"), err[-2000:]
     assert len(mlflow.MlflowClient().search_runs([e.experiment_id for e in mlflow.MlflowClient().search_experiments()])) == 1
+
+
+def test_the_ui_hint_opens_the_run_where_its_store_is_served(tmp_path):
+    from distrnn.cli import ui_hint
+
+    page = "#/experiments/3/runs/abc"
+    assert ui_hint("http://10.0.0.5:5000/", "3", "abc") == f"open http://10.0.0.5:5000/{page}"
+    # a store of one's own: the command that serves it, quoted for the shell
+    store = f"sqlite:///{tmp_path}/it's here/mlflow.db"
+    hint = ui_hint(store, "3", "abc", cwd=str(tmp_path))
+    assert hint.startswith("mlflow ui --host 127.0.0.1 --port 5000 --backend-store-uri ") and hint.endswith(f"http://127.0.0.1:5000/{page})")
+    assert shlex.split(hint.split("   (")[0])[-1] == store
+    # this checkout's default store: its Makefile serves it (another project's Makefile does not)
+    here = f"sqlite:///{tmp_path}/mlflow.db"
+    (tmp_path / "Makefile").write_text("all:\n\ttrue\n")
+    assert ui_hint(here, "3", "abc", cwd=str(tmp_path)).startswith("mlflow ui ")
+    (tmp_path / "Makefile").write_text((REPO / "Makefile").read_text())
+    assert ui_hint(here, "3", "abc", cwd=str(tmp_path)) == f"make mlflow-ui   (then open http://127.0.0.1:5000/{page})"
