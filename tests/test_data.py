@@ -349,6 +349,22 @@ def test_download_verifies_and_caches(tmp_path):
     assert not (tmp_path / "cache" / "d.txt").exists()
 
 
+def test_distrnn_download_prints_the_cached_file_or_one_error_line(tmp_path, monkeypatch, capsys):
+    from distrnn.data import download
+
+    payload = b"hello corpus\n" * 100
+    src = tmp_path / "remote.txt"
+    src.write_bytes(payload)
+    monkeypatch.setitem(download.CORPORA, "good", Corpus(src.as_uri(), None, hashlib.sha256(payload).hexdigest(), "g.txt"))
+    monkeypatch.setitem(download.CORPORA, "bad", Corpus(src.as_uri(), None, "0" * 64, "b.txt"))
+    assert download.main(["good", "--cache_dir", str(tmp_path / "cache")]) == 0
+    assert capsys.readouterr().out.strip() == str(tmp_path / "cache" / "g.txt")
+    assert download.main(["bad", "--cache_dir", str(tmp_path / "cache")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"distrnn: error: bad: SHA-256 of {src.as_uri()} is ") and err.count("\n") == 1, err
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["g.txt"]
+
+
 def test_byte_corpus_errors():
     with pytest.raises(ConfigError, match="data.path: no such file"):
         ByteCorpusDataModule(path="nope.txt")

@@ -95,7 +95,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         path = fetch_corpus(a.name, a.cache_dir)
     except DownloadError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"distrnn: error: {e}", file=sys.stderr)
         return 1
     print(path)
     return 0
