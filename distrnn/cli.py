@@ -42,7 +42,14 @@ from distrnn.data.loaders import layout_change
 from distrnn.engine import TBPTTModule, check_carried_state, needs_reshard, reshard_checkpoint
 from distrnn.predict import WritePredictions
 from distrnn.rendezvous import host_rendezvous_on_loopback
-from distrnn.tracking import LogConfigToMLflow, MLflowRunInCheckpoint, SystemMetricsOfEveryNode, continue_run, evaluation_run
+from distrnn.tracking import (
+    LogConfigToMLflow,
+    MLflowRunInCheckpoint,
+    SystemMetricsOfEveryNode,
+    continue_run,
+    evaluation_run,
+    where_run_is,
+)
 
 CHECKPOINT_DEFAULTS: dict[str, Any] = {
     "monitor": "val/loss",
@@ -525,31 +532,6 @@ def main(argv: Optional[list[str]] = None) -> None:
         _print_where(cli)
 
 
-def ui_hint(tracking_uri: str, experiment_id: str, run_id: str, cwd: Optional[str] = None) -> str:
-    """How to open a run in the MLflow UI: its page on a tracking server, else the command that
-    serves the UI over its store (``make mlflow-ui`` where that is the store it serves)."""
-    import shlex
-
-    page = f"#/experiments/{experiment_id}/runs/{run_id}"
-    if tracking_uri.startswith(("http://", "https://")):
-        return f"open {tracking_uri.rstrip('/')}/{page}"
-    cwd = cwd or os.getcwd()
-    default = f"sqlite:///{os.path.join(cwd, 'mlflow.db')}"
-    if tracking_uri in (default, "sqlite:///mlflow.db") and _has_mlflow_ui_target(os.path.join(cwd, "Makefile")):
-        serve = "make mlflow-ui"
-    else:
-        serve = f"mlflow ui --host 127.0.0.1 --port 5000 --backend-store-uri {shlex.quote(tracking_uri)}"
-    return f"{serve}   (then open http://127.0.0.1:5000/{page})"
-
-
-def _has_mlflow_ui_target(makefile: str) -> bool:
-    try:
-        with open(makefile, encoding="utf-8", errors="replace") as f:
-            return any(line.startswith("mlflow-ui:") for line in f)
-    except OSError:
-        return False
-
-
 def _print_where(cli: DistrnnCLI) -> None:
     """After a command ends: the MLflow run it logged to (fit, validate, test and predict each
     have one) and, after fit, its checkpoints."""
@@ -559,8 +541,7 @@ def _print_where(cli: DistrnnCLI) -> None:
     ckpt = cli.trainer.checkpoint_callback
     print()
     if isinstance(logger, MLFlowLogger) and logger.run_id:
-        print(f"MLflow run {logger.run_id} in experiment '{logger._experiment_name}' at {logger._tracking_uri}")
-        print(f"  look at it with:  {ui_hint(logger._tracking_uri, logger.experiment_id, logger.run_id)}")
+        print(where_run_is(logger._tracking_uri, logger._experiment_name, logger.experiment_id, logger.run_id))
     if cli.subcommand == "fit" and ckpt is not None and ckpt.last_model_path:
         print(f"checkpoints: {ckpt.dirpath}  (last: {ckpt.last_model_path})")
 

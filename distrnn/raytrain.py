@@ -209,14 +209,34 @@ def _close_job_runs(tracking_uri: str, job: str, status: str) -> list[str]:
 
     client = mlflow.MlflowClient(tracking_uri)
     closed = []
-    for exp in client.search_experiments():
-        for run in client.search_runs([exp.experiment_id], f"tags.`{JOB_TAG}` = '{job}'"):
-            if run.info.status == "RUNNING" or (status == "KILLED" and run.info.status == "FAILED"):
-                if status == "KILLED":
-                    client.set_tag(run.info.run_id, INTERRUPTED_TAG, "true")
-                client.set_terminated(run.info.run_id, status)
-                closed.append(run.info.run_id)
+    for _, run in _job_runs(client, job):
+        if run.info.status == "RUNNING" or (status == "KILLED" and run.info.status == "FAILED"):
+            if status == "KILLED":
+                client.set_tag(run.info.run_id, INTERRUPTED_TAG, "true")
+            client.set_terminated(run.info.run_id, status)
+            closed.append(run.info.run_id)
     return closed
+
+
+def _job_runs(client: Any, job: str) -> list[tuple[Any, Any]]:
+    """(experiment, run) of every MLflow run that the workers of job ``job`` logged to."""
+    return [(exp, run) for exp in client.search_experiments()
+            for run in client.search_runs([exp.experiment_id], f"tags.`{JOB_TAG}` = '{job}'")]
+
+
+def _print_job_runs(tracking_uri: str, job: str) -> None:
+    """The MLflow run of a finished job and how to open it, as `distrnn fit` ends."""
+    import mlflow
+
+    from distrnn.tracking import where_run_is
+
+    try:
+        runs = _job_runs(mlflow.MlflowClient(tracking_uri), job)
+    except Exception as e:  # the training is done and checkpointed; a store that does not answer only costs this line
+        print(f"distrnn: warning: could not look up the job's MLflow run: {str(e).splitlines()[0][:300]}", file=sys.stderr)
+        return
+    for exp, run in runs:
+        print(where_run_is(tracking_uri, exp.name, exp.experiment_id, run.info.run_id))
 
 
 def fit_from_ray_checkpoint(cli: Any, checkpoint: Any, same_run: bool = True) -> None:
@@ -513,6 +533,7 @@ def main(argv: Optional[list[str]] = None, on_result: Optional[Callable[[Any], N
             signal.signal(signal.SIGTERM, previous_term)
     print(f"distrnn: Ray Train run '{args.name}' finished at step {result.metrics.get('step')}; "
           f"latest checkpoint {result.checkpoint.path if result.checkpoint else None}")
+    _print_job_runs(env["MLFLOW_TRACKING_URI"], job)
     if on_result is not None:
         on_result(result)
     return result

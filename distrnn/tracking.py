@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shlex
 import subprocess
 import sys
 import time
@@ -172,6 +173,35 @@ class MLflowLogger(MLFlowLogger):
         except Exception as e:
             print(f"distrnn: warning: finalizing the MLflow run {self.run_id} failed: {str(e).splitlines()[0][:300]};"
                   f" checkpoints are in {self._checkpoint_dir}", file=sys.stderr, flush=True)
+
+
+def ui_hint(tracking_uri: str, experiment_id: str, run_id: str, cwd: Optional[str] = None) -> str:
+    """How to open a run in the MLflow UI: its page on a tracking server, else the command that
+    serves the UI over its store (``make mlflow-ui`` where that is the store it serves)."""
+    page = f"#/experiments/{experiment_id}/runs/{run_id}"
+    if tracking_uri.startswith(("http://", "https://")):
+        return f"open {tracking_uri.rstrip('/')}/{page}"
+    cwd = cwd or os.getcwd()
+    default = f"sqlite:///{os.path.join(cwd, 'mlflow.db')}"
+    if tracking_uri in (default, "sqlite:///mlflow.db") and _has_mlflow_ui_target(os.path.join(cwd, "Makefile")):
+        serve = "make mlflow-ui"
+    else:
+        serve = f"mlflow ui --host 127.0.0.1 --port 5000 --backend-store-uri {shlex.quote(tracking_uri)}"
+    return f"{serve}   (then open http://127.0.0.1:5000/{page})"
+
+
+def _has_mlflow_ui_target(makefile: str) -> bool:
+    try:
+        with open(makefile, encoding="utf-8", errors="replace") as f:
+            return any(line.startswith("mlflow-ui:") for line in f)
+    except OSError:
+        return False
+
+
+def where_run_is(tracking_uri: str, experiment: str, experiment_id: str, run_id: str) -> str:
+    """Two lines for the end of a command: the run, and how to open it."""
+    return (f"MLflow run {run_id} in experiment '{experiment}' at {tracking_uri}\n"
+            f"  look at it with:  {ui_hint(tracking_uri, experiment_id, run_id)}")
 
 
 def unseeded_run_name() -> str:

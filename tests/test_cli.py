@@ -684,7 +684,7 @@ data:
 
 
 def test_the_ui_hint_opens_the_run_where_its_store_is_served(tmp_path):
-    from distrnn.cli import ui_hint
+    from distrnn.tracking import ui_hint
 
     page = "#/experiments/3/runs/abc"
     assert ui_hint("http://10.0.0.5:5000/", "3", "abc") == f"open http://10.0.0.5:5000/{page}"

@@ -115,13 +115,13 @@ def two_workers(cluster, tmp_path_factory, data, store_template):
     finally:
         watch.stop()
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
-    return tmp, _weights(_latest_ray_checkpoint(tmp / "store", "two")), watch.seen
+    return tmp, _weights(_latest_ray_checkpoint(tmp / "store", "two")), watch.seen, r.stdout
 
 
 def test_two_workers_train_like_one_process_with_the_global_batch(two_workers, single_process):
     """2 Ray Train workers x 2 streams end with the weights of 1 process x 4 streams (12 AdamW
     updates, TBPTT k1=8 k2=12): DDP averages the ranks' losses, the ranks read disjoint streams."""
-    tmp, ray_weights, _ = two_workers
+    tmp, ray_weights, _, out = two_workers
     for k, ref in single_process.items():
         torch.testing.assert_close(ray_weights[k], ref, rtol=0, atol=1e-5, msg=k)
     ckpt = torch.load(_latest_ray_checkpoint(tmp / "store", "two"), map_location="cpu", weights_only=True)
@@ -129,13 +129,16 @@ def test_two_workers_train_like_one_process_with_the_global_batch(two_workers, s
     mlflow.set_tracking_uri(f"sqlite:///{tmp}/mlflow.db")
     runs = mlflow.search_runs(experiment_names=["ray"])
     assert len(runs) == 1 and runs["metrics.train/loss"].notna().all()  # one MLflow run per job (rank 0)
+    # the driver ends by naming it and how to open it, as `distrnn fit` does
+    assert f"MLflow run {runs.run_id[0]} in experiment 'ray' at sqlite:///{tmp}/mlflow.db" in out, out[-3000:]
+    assert f"#/experiments/{runs.experiment_id[0]}/runs/{runs.run_id[0]})" in out, out[-3000:]
 
 
 def test_ray_train_workers_rendezvous_on_loopback_only(two_workers):
     """Rank 0 of a Ray Train job hosts torch.distributed's store (no authentication); PyTorch binds
     it to every interface. On a cluster whose node is 127.0.0.1 distrnn's backend hosts it on
     127.0.0.1: nothing the job opened listened beyond loopback while it trained."""
-    _, _, seen = two_workers
+    _, _, seen, _ = two_workers
     assert any(name.startswith("ray::") for name in seen.values()), f"no worker socket seen: {seen}"
     assert not beyond_loopback(seen), f"listening beyond loopback: {beyond_loopback(seen)}"
 
