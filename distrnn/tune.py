@@ -501,7 +501,7 @@ def main(argv: Optional[list[str]] = None) -> Any:
     import mlflow
     from ray import tune
 
-    from distrnn.tracking import INTERRUPTED_TAG
+    from distrnn.tracking import INTERRUPTED_TAG, ui_hint
 
     env = tracking_env()
     os.environ.update(env)
@@ -591,6 +591,8 @@ def main(argv: Optional[list[str]] = None) -> Any:
     print(f"distrnn: MLflow parent run {parent} in experiment '{sweep.experiment_name}'; the trials side by side:"
           f" distrnn runs compare --experiment {shlex.quote(sweep.experiment_name)} --sweep {shlex.quote(sweep.name)}"
           f" --sort {shlex.quote(sweep.metric)}{' --descending' if sweep.mode == 'max' else ''}")
+    hint = ui_hint(env["MLFLOW_TRACKING_URI"], client.get_run(parent).info.experiment_id, parent)
+    print(f"  look at it with:  {hint}")
     return results
 
 

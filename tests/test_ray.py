@@ -281,6 +281,7 @@ def test_sweep_through_ray_job_submit(cluster, tmp_path, data, capsys):
     best_run = min(history, key=lambda t: min(history[t]))
     assert parent["metrics.best_val_loss"] == pytest.approx(min(history[best_run]), rel=1e-6)
     assert parent["tags.best.run_id"] == best_run and parent["status"] == "FINISHED"
+    assert f"#/experiments/{parent['experiment_id']}/runs/{parent['run_id']})" in out, out[-3000:]  # how to open it
     import distrnn  # the code: a bare `ray job submit` uploads no .git, so no commit: the version
 
     assert (runs["tags.distrnn.version"] == distrnn.__version__).all()
