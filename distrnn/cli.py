@@ -539,11 +539,13 @@ def _print_where(cli: DistrnnCLI) -> None:
 
     logger = cli.trainer.logger
     ckpt = cli.trainer.checkpoint_callback
-    print()
+    lines = []
     if isinstance(logger, MLFlowLogger) and logger.run_id:
-        print(where_run_is(logger._tracking_uri, logger._experiment_name, logger.experiment_id, logger.run_id))
+        lines.append(where_run_is(logger._tracking_uri, logger._experiment_name, logger.experiment_id, logger.run_id))
     if cli.subcommand == "fit" and ckpt is not None and ckpt.last_model_path:
-        print(f"checkpoints: {ckpt.dirpath}  (last: {ckpt.last_model_path})")
+        lines.append(f"checkpoints: {ckpt.dirpath}  (last: {ckpt.last_model_path})")
+    if lines:  # (nothing at all with --trainer.logger false and no checkpoint)
+        print("\n" + "\n".join(lines))
 
 
 if __name__ == "__main__":
