@@ -175,12 +175,16 @@ class MLflowLogger(MLFlowLogger):
                   f" checkpoints are in {self._checkpoint_dir}", file=sys.stderr, flush=True)
 
 
-def ui_hint(tracking_uri: str, experiment_id: str, run_id: str, cwd: Optional[str] = None) -> str:
+def ui_hint(tracking_uri: str, experiment_id: str, run_id: str, cwd: Optional[str] = None) -> Optional[str]:
     """How to open a run in the MLflow UI: its page on a tracking server, else the command that
-    serves the UI over its store (``make mlflow-ui`` where that is the store it serves)."""
+    serves the UI over its store (``make mlflow-ui`` where that is the store it serves); None for
+    a store this cannot tell (Databricks, a plugin's scheme)."""
     page = f"#/experiments/{experiment_id}/runs/{run_id}"
     if tracking_uri.startswith(("http://", "https://")):
         return f"open {tracking_uri.rstrip('/')}/{page}"
+    scheme = tracking_uri.split(":", 1)[0].split("+", 1)[0] if "://" in tracking_uri else "file"
+    if scheme not in ("sqlite", "postgresql", "mysql", "mssql", "file"):
+        return None
     cwd = cwd or os.getcwd()
     default = f"sqlite:///{os.path.join(cwd, 'mlflow.db')}"
     if tracking_uri in (default, "sqlite:///mlflow.db") and _has_mlflow_ui_target(os.path.join(cwd, "Makefile")):
@@ -199,9 +203,9 @@ def _has_mlflow_ui_target(makefile: str) -> bool:
 
 
 def where_run_is(tracking_uri: str, experiment: str, experiment_id: str, run_id: str) -> str:
-    """Two lines for the end of a command: the run, and how to open it."""
-    return (f"MLflow run {run_id} in experiment '{experiment}' at {tracking_uri}\n"
-            f"  look at it with:  {ui_hint(tracking_uri, experiment_id, run_id)}")
+    """The lines that end a command: the run, and how to open it."""
+    hint = ui_hint(tracking_uri, experiment_id, run_id)
+    return f"MLflow run {run_id} in experiment '{experiment}' at {tracking_uri}" + (f"\n  look at it with:  {hint}" if hint else "")
 
 
 def unseeded_run_name() -> str:

@@ -591,8 +591,10 @@ def main(argv: Optional[list[str]] = None) -> Any:
     print(f"distrnn: MLflow parent run {parent} in experiment '{sweep.experiment_name}'; the trials side by side:"
           f" distrnn runs compare --experiment {shlex.quote(sweep.experiment_name)} --sweep {shlex.quote(sweep.name)}"
           f" --sort {shlex.quote(sweep.metric)}{' --descending' if sweep.mode == 'max' else ''}")
-    hint = ui_hint(env["MLFLOW_TRACKING_URI"], client.get_run(parent).info.experiment_id, parent)
-    print(f"  look at it with:  {hint}")
+    experiment = client.get_experiment_by_name(sweep.experiment_name)
+    hint = experiment and ui_hint(env["MLFLOW_TRACKING_URI"], experiment.experiment_id, parent)
+    if hint:
+        print(f"  look at it with:  {hint}")
     return results
 
 

@@ -688,6 +688,8 @@ def test_the_ui_hint_opens_the_run_where_its_store_is_served(tmp_path):
 
     page = "#/experiments/3/runs/abc"
     assert ui_hint("http://10.0.0.5:5000/", "3", "abc") == f"open http://10.0.0.5:5000/{page}"
+    assert ui_hint("databricks://profile", "3", "abc") is None  # its UI is the workspace's: no guess
+    assert ui_hint("postgresql+psycopg2://u@db/mlflow", "3", "abc").startswith("mlflow ui ")
     # a store of one's own: the command that serves it, quoted for the shell
     store = f"sqlite:///{tmp_path}/it's here/mlflow.db"
     hint = ui_hint(store, "3", "abc", cwd=str(tmp_path))
