@@ -9,6 +9,7 @@ arbitrary objects.
 
 from __future__ import annotations
 
+import math
 import os
 import time
 import weakref
@@ -143,7 +144,10 @@ def convert_deepspeed_checkpoint(path: str | os.PathLike, output: str | os.PathL
     """One fp32 file from a (sharded) DeepSpeed checkpoint directory: the full weights in
     ``state_dict`` and Lightning's and distrnn's state beside them, written atomically with a
     checksum and loadable with ``weights_only=True`` (``distrnn generate --checkpoint``, or weights
-    for a run without DeepSpeed). The optimizer state is not carried over."""
+    for a run without DeepSpeed). From ZeRO-1 and ZeRO-2 the optimizer state comes along, joined
+    from the ranks' shards, so a run without DeepSpeed, on any number of devices, resumes from the
+    file (``--ckpt_path FILE --reshard true``); ZeRO-3's and DeepSpeed's bf16 optimizer's are not
+    carried over (their layouts differ): weights only."""
     client = check_deepspeed_checkpoint(path, trusted)
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
@@ -151,6 +155,9 @@ def convert_deepspeed_checkpoint(path: str | os.PathLike, output: str | os.PathL
     out = {k: v for k, v in client.items() if k not in _DEEPSPEED_KEYS}
     out["state_dict"] = {k.removeprefix("_forward_module."): v.float() if v.is_floating_point() else v
                          for k, v in state_dict.items()}
+    optimizer = _zero12_optimizer_state(Path(path) / (Path(path) / "latest").read_text().strip(), client)
+    if optimizer is not None:
+        out["optimizer_states"] = [optimizer]
     import io
 
     buf = io.BytesIO()
@@ -171,6 +178,45 @@ def convert_deepspeed_checkpoint(path: str | os.PathLike, output: str | os.PathL
         raise CheckpointError(f"checkpoint {path}: keys {bad} hold objects a safe load refuses: {str(e).splitlines()[0]}") from None
     AtomicCheckpointIO().save_checkpoint(out, output)
     return Path(output)
+
+
+def _zero12_optimizer_state(d: Path, client: dict[str, Any]) -> Optional[dict[str, Any]]:
+    """A ZeRO-1/2 checkpoint's optimizer state as torch's ``Optimizer.state_dict()`` over the whole
+    parameters: in each parameter group the ranks' shards of every flat per-element state
+    (``exp_avg``, ``exp_avg_sq``, ...) are joined in rank order and cut per parameter at the
+    offsets DeepSpeed's zero_to_fp32 cuts the weights (``param_shapes``, alignment paddings);
+    per-group scalars (``step``) go to each parameter. The parameters are numbered in the group's
+    order, which is the order the module gave the optimizer. None where the layout is another
+    (ZeRO-3, DeepSpeed's bf16 optimizer, no ZeRO)."""
+    shapes = client.get("param_shapes")
+    world = int(client.get("dp_world_size", 1))
+    shards = [d / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(world)]
+    if not shapes or not all(f.is_file() for f in shards):
+        return None
+    parts = [torch.load(f, map_location="cpu", weights_only=False)["optimizer_state_dict"] for f in shards]  # trusted: see caller
+    if int(parts[0].get("zero_stage", 0)) not in (1, 2) or "base_optimizer_state" not in parts[0]:
+        return None
+    bases = [p["base_optimizer_state"] for p in parts]
+    paddings = parts[0].get("param_alignment_paddings")
+    state: dict[int, dict[str, Any]] = {}
+    groups = []
+    index = 0
+    for g, group_shapes in enumerate(shapes):
+        mine = bases[0]["state"].get(g, {})
+        flat = {k: torch.cat([b["state"][g][k] for b in bases]) for k, v in mine.items() if torch.is_tensor(v) and v.dim() == 1}
+        offset, ids = 0, []
+        for j, (name, shape) in enumerate(group_shapes.items()):
+            n = math.prod(shape)
+            if any(offset + n > t.numel() for t in flat.values()):
+                raise CheckpointError(f"checkpoint {d}: optimizer shards hold fewer elements than parameter {name} needs")
+            if mine:  # (no state before the first step)
+                state[index] = {k: (v.clone() if torch.is_tensor(v) else v) for k, v in mine.items() if k not in flat}
+                state[index].update({k: t[offset:offset + n].reshape(tuple(shape)).clone() for k, t in flat.items()})
+            ids.append(index)
+            index += 1
+            offset += n + (int(paddings[g][j]) if paddings else 0)
+        groups.append({**{k: v for k, v in bases[0]["param_groups"][g].items() if k != "params"}, "params": ids})
+    return {"state": state, "param_groups": groups}
 
 
 def convert_main(argv: Optional[list[str]] = None) -> int:

@@ -143,27 +143,41 @@ def test_ray_train_workers_rendezvous_on_loopback_only(two_workers):
     assert not beyond_loopback(seen), f"listening beyond loopback: {beyond_loopback(seen)}"
 
 
-def _assert_zero2_checkpoint_of_2_ranks_equals(ckpt: Path, reference: dict) -> None:
+def _assert_zero2_checkpoint_of_2_ranks_equals(ckpt: Path, two_workers) -> None:
     """A DeepSpeed ZeRO-2 checkpoint directory of 2 ranks at update 12 (both ZeRO shards, both
-    ranks' carried state) whose weights equal ``reference`` (ZeRO-2 updates equal plain ones: 1e-5)."""
+    ranks' carried state) whose weights equal those of the two_workers DDP job's last checkpoint
+    (ZeRO-2 updates equal plain ones: 1e-5); converted to one file, its optimizer state, joined
+    from the two shards, is the DDP job's too (what a resume without DeepSpeed reads)."""
+    from distrnn.checkpoint import convert_deepspeed_checkpoint
+
+    ddp = torch.load(_latest_ray_checkpoint(two_workers[0] / "store", "two"), map_location="cpu", weights_only=True)
     assert ckpt.is_dir() and len(list(ckpt.glob("checkpoint/zero_pp_rank_*_optim_states.pt"))) == 2, sorted(ckpt.rglob("*"))
     # ZeRO-2 without mixed precision keeps the full fp32 module in the model-states file (the test's
     # own file: unpickling it is fine here)
     states = torch.load(ckpt / "checkpoint" / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
     assert states["global_step"] == 12 and states["distrnn"]["world_size"] == 2 and len(states["distrnn"]["ranks"]) == 2
-    for k, ref in reference.items():
+    for k, ref in ddp["state_dict"].items():
         torch.testing.assert_close(states["module"][k], ref, rtol=0, atol=1e-5, msg=k)
+    converted = torch.load(convert_deepspeed_checkpoint(ckpt, ckpt.parent / "converted.pt", trusted=True), weights_only=True)
+    mine, theirs = converted["optimizer_states"][0]["state"], ddp["optimizer_states"][0]["state"]
+    assert sorted(mine) == sorted(theirs) and len(mine) == len(ddp["state_dict"])
+    for i in theirs:
+        for key in ("step", "exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(mine[i][key], theirs[i][key], rtol=1e-4, atol=1e-7, msg=f"{i} {key}")
 
 
-def test_worker_failure_restores_mid_epoch_from_the_latest_checkpoint_deepspeed(cluster, tmp_path, data, two_workers):
+def test_worker_failure_restores_mid_epoch_from_the_latest_checkpoint_deepspeed(cluster, tmp_path, data, two_workers,
+                                                                                single_process):
     """A worker that raises with max_failures=1: Ray restarts the worker group from the latest
     checkpoint, mid-epoch, and the run ends with the uninterrupted run's weights in one MLflow run.
     Run with `--strategy deepspeed_stage_2` (Ray's DeepSpeed strategy, its refusal of a CPU lifted in
     the workers by a test callback, DS_ACCELERATOR=cpu), whose checkpoint is the harder case: a
     directory to which every rank adds its ZeRO shard. Rank 1 fails after update 6; the workers
     restart from update 4's directory; the final weights equal the DDP run's (ZeRO-2 updates equal
-    plain ones). (DDP's file checkpoints are restored through Ray by the resubmitted job of the
-    Ctrl-C test and by the Tune tests, PBT and --resume; a DeepSpeed trial's by the failed-trial test.)"""
+    plain ones). Then the update-8 directory, converted to one file with its optimizer state,
+    resumes without DeepSpeed on 1 process and ends like the single-process run. (DDP's file
+    checkpoints are restored through Ray by the resubmitted job of the Ctrl-C test and by the Tune
+    tests, PBT and --resume; a DeepSpeed trial's by the failed-trial test.)"""
     pytest.importorskip("deepspeed")
     marker = tmp_path / "failed-once"
     callbacks = json.dumps([{"class_path": "ds_lightning_check.AllowDeepSpeedOnCPU"},
@@ -177,8 +191,28 @@ def test_worker_failure_restores_mid_epoch_from_the_latest_checkpoint_deepspeed(
     assert r.returncode == 0 and marker.exists(), out[-5000:]
     assert "resuming from Ray checkpoint" in out and "at step 4 (epoch 0)" in out, out[-5000:]
     final = _latest_ray_checkpoint(tmp_path / "store", "ds")
-    _assert_zero2_checkpoint_of_2_ranks_equals(final, two_workers[1])
+    _assert_zero2_checkpoint_of_2_ranks_equals(final, two_workers)
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    assert len(mlflow.search_runs(experiment_names=["ray"])) == 1
+    # Off DeepSpeed and onto 1 process: the update-8 directory, converted with its optimizer state,
+    # resumed by `distrnn fit` of 1 process x 4 streams (the same global batches, so --reshard moves
+    # both ranks' hidden states exactly) ends at update 12 with the single-process run's weights,
+    # in the job's MLflow run
+    (at8,) = [c for c in sorted((tmp_path / "store" / "ds").glob("checkpoint_*/checkpoint.ckpt"))
+              if torch.load(c / "checkpoint" / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["global_step"] == 8]
+    r = subprocess.run(distrnn_cmd("convert-checkpoint", str(at8), str(tmp_path / "at8.ckpt"), "--trust_deepspeed_checkpoint", "true"),
+                       capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (tmp_path / "resume").mkdir()
+    r = subprocess.run(distrnn_cmd("fit", "--config", str(data / "b4.yaml"), "--ckpt_path", str(tmp_path / "at8.ckpt"),
+                                   "--reshard", "true"), capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}, cwd=tmp_path / "resume")
+    assert r.returncode == 0 and "the same global batches" in r.stderr, r.stderr[-3000:]
+    (last,) = (tmp_path / "resume").rglob("last.ckpt")
+    resumed = torch.load(last, map_location="cpu", weights_only=True)
+    assert resumed["global_step"] == 12
+    for k, ref in single_process.items():
+        torch.testing.assert_close(resumed["state_dict"][k], ref, rtol=0, atol=1e-5, msg=k)
     assert len(mlflow.search_runs(experiment_names=["ray"])) == 1
 
 
@@ -572,7 +606,7 @@ def test_a_failed_deepspeed_trial_of_two_ranks_restarts_from_its_checkpoint_and_
     assert "injected fault: rank 1 at step 8" in out and re.search(r"resuming from Ray checkpoint \S+ at step 6\b", out), out[-4000:]
     (trial_dir,) = [d for d in (tmp_path / "store/retried").iterdir() if (d / "params.json").is_file()]
     last = sorted(trial_dir.glob("checkpoint_*/checkpoint.ckpt"))[-1]
-    _assert_zero2_checkpoint_of_2_ranks_equals(last, two_workers[1])
+    _assert_zero2_checkpoint_of_2_ranks_equals(last, two_workers)
     assert not (tmp_path / "store/retried/train-runs").exists()
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     runs = client.search_runs([client.get_experiment_by_name("sweep-retried").experiment_id])
