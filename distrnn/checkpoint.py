@@ -238,7 +238,11 @@ def convert_main(argv: Optional[list[str]] = None) -> int:
     except CheckpointError as e:
         print(f"distrnn: error: {e}", file=sys.stderr)
         return 2
-    print(f"wrote {out} (fp32 weights of {a.checkpoint_dir})")
+    with_optimizer = "optimizer_states" in torch.load(out, map_location="cpu", weights_only=True, mmap=True)
+    print(f"wrote {out} (fp32 weights of {a.checkpoint_dir}"
+          + (" and its optimizer state: a run without DeepSpeed resumes from it)" if with_optimizer else
+             "; its optimizer state is not converted (ZeRO-3 or DeepSpeed's bf16 optimizer): start a run from it with"
+             " --model.init_weights)"))
     return 0
 
 

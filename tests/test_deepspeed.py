@@ -113,6 +113,7 @@ def test_convert_deepspeed_checkpoint_to_one_fp32_file(ds_checkpoint, tmp_path):
     out = tmp_path / "model.ckpt"
     r = _convert(ds_checkpoint, out, "--trust_deepspeed_checkpoint", "true")
     assert r.returncode == 0, r.stderr[-3000:]
+    assert "and its optimizer state: a run without DeepSpeed resumes from it" in r.stdout, r.stdout
     ckpt = load_checkpoint_file(out)
     assert (tmp_path / "model.ckpt.sha256").is_file()
     expected = torch.load(ds_checkpoint.parent.parent / "zero2.expected.pt", weights_only=True)
@@ -121,6 +122,8 @@ def test_convert_deepspeed_checkpoint_to_one_fp32_file(ds_checkpoint, tmp_path):
         assert ckpt["state_dict"][k].dtype == torch.float32 and torch.equal(ckpt["state_dict"][k], v), k
     assert ckpt["global_step"] == 8 and ckpt["distrnn"]["world_size"] == 1
     assert not {"ds_config", "optimizer", "param_shapes"} & set(ckpt)
+    (adam,) = ckpt["optimizer_states"]  # one state per parameter, shaped like it
+    assert [tuple(s["exp_avg"].shape) for s in adam["state"].values()] == [tuple(v.shape) for v in expected.values()]
     module = load_module(str(out))
     reference = load_module(str(out))
     reference.load_state_dict(expected)
