@@ -144,10 +144,10 @@ def convert_deepspeed_checkpoint(path: str | os.PathLike, output: str | os.PathL
     """One fp32 file from a (sharded) DeepSpeed checkpoint directory: the full weights in
     ``state_dict`` and Lightning's and distrnn's state beside them, written atomically with a
     checksum and loadable with ``weights_only=True`` (``distrnn generate --checkpoint``, or weights
-    for a run without DeepSpeed). From ZeRO-1 and ZeRO-2 the optimizer state comes along, joined
+    for a run without DeepSpeed). From ZeRO-1, 2 and 3 the optimizer state comes along, joined
     from the ranks' shards, so a run without DeepSpeed, on any number of devices, resumes from the
-    file (``--ckpt_path FILE --reshard true``); ZeRO-3's and DeepSpeed's bf16 optimizer's are not
-    carried over (their layouts differ): weights only."""
+    file (``--ckpt_path FILE --reshard true``); DeepSpeed's bf16 optimizer's (its ``bf16_*`` shards)
+    is not carried over (its layout differs): weights only."""
     client = check_deepspeed_checkpoint(path, trusted)
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
@@ -155,7 +155,7 @@ def convert_deepspeed_checkpoint(path: str | os.PathLike, output: str | os.PathL
     out = {k: v for k, v in client.items() if k not in _DEEPSPEED_KEYS}
     out["state_dict"] = {k.removeprefix("_forward_module."): v.float() if v.is_floating_point() else v
                          for k, v in state_dict.items()}
-    optimizer = _zero12_optimizer_state(Path(path) / (Path(path) / "latest").read_text().strip(), client)
+    optimizer = _zero_optimizer_state(Path(path) / (Path(path) / "latest").read_text().strip(), client)
     if optimizer is not None:
         out["optimizer_states"] = [optimizer]
     import io
@@ -180,43 +180,81 @@ def convert_deepspeed_checkpoint(path: str | os.PathLike, output: str | os.PathL
     return Path(output)
 
 
-def _zero12_optimizer_state(d: Path, client: dict[str, Any]) -> Optional[dict[str, Any]]:
-    """A ZeRO-1/2 checkpoint's optimizer state as torch's ``Optimizer.state_dict()`` over the whole
-    parameters: in each parameter group the ranks' shards of every flat per-element state
-    (``exp_avg``, ``exp_avg_sq``, ...) are joined in rank order and cut per parameter at the
-    offsets DeepSpeed's zero_to_fp32 cuts the weights (``param_shapes``, alignment paddings);
-    per-group scalars (``step``) go to each parameter. The parameters are numbered in the group's
-    order, which is the order the module gave the optimizer. None where the layout is another
-    (ZeRO-3, DeepSpeed's bf16 optimizer, no ZeRO)."""
+def _zero_optimizer_state(d: Path, client: dict[str, Any]) -> Optional[dict[str, Any]]:
+    """A ZeRO checkpoint's optimizer state as torch's ``Optimizer.state_dict()`` over the whole
+    parameters, numbered in the order the module gave them to the optimizer (DeepSpeed's
+    ``param_shapes``): every flat per-element state (``exp_avg``, ``exp_avg_sq``, ...) is joined
+    from the ranks' shards and cut per parameter where DeepSpeed's zero_to_fp32 cuts the fp32
+    weights, and per-group scalars (``step``) go to each parameter. ZeRO-1/2 shard each group's
+    flat vector by rank (alignment paddings between parameters); ZeRO-3 shards every parameter
+    (ceil(numel / ranks) elements on each rank, in parameter order). None where the layout is
+    another (DeepSpeed's bf16 optimizer, no ZeRO), or ZeRO-3 with several parameter groups."""
     shapes = client.get("param_shapes")
     world = int(client.get("dp_world_size", 1))
     shards = [d / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(world)]
     if not shapes or not all(f.is_file() for f in shards):
         return None
     parts = [torch.load(f, map_location="cpu", weights_only=False)["optimizer_state_dict"] for f in shards]  # trusted: see caller
-    if int(parts[0].get("zero_stage", 0)) not in (1, 2) or "base_optimizer_state" not in parts[0]:
-        return None
-    bases = [p["base_optimizer_state"] for p in parts]
-    paddings = parts[0].get("param_alignment_paddings")
+    stage = int(parts[0].get("zero_stage", 0))
+    if stage in (1, 2) and "base_optimizer_state" in parts[0]:
+        return _zero12_optimizer_state(d, [p["base_optimizer_state"] for p in parts], shapes, parts[0].get("param_alignment_paddings"))
+    if stage == 3 and "optimizer_state_dict" in parts[0] and len(shapes) == 1:
+        return _zero3_optimizer_state(d, [p["optimizer_state_dict"] for p in parts], shapes[0])
+    return None
+
+
+def _flat_and_scalars(state: dict[str, Any]) -> tuple[list[str], dict[str, Any]]:
+    flat = [k for k, v in state.items() if torch.is_tensor(v) and v.dim() == 1]
+    return flat, {k: v for k, v in state.items() if k not in flat}
+
+
+def _zero12_optimizer_state(d: Path, bases: list[dict[str, Any]], shapes: list[dict[str, Any]],
+                            paddings: Optional[list[list[int]]]) -> dict[str, Any]:
     state: dict[int, dict[str, Any]] = {}
     groups = []
     index = 0
     for g, group_shapes in enumerate(shapes):
-        mine = bases[0]["state"].get(g, {})
-        flat = {k: torch.cat([b["state"][g][k] for b in bases]) for k, v in mine.items() if torch.is_tensor(v) and v.dim() == 1}
+        keys, scalars = _flat_and_scalars(bases[0]["state"].get(g, {}))
+        flat = {k: torch.cat([b["state"][g][k] for b in bases]) for k in keys}
         offset, ids = 0, []
         for j, (name, shape) in enumerate(group_shapes.items()):
             n = math.prod(shape)
             if any(offset + n > t.numel() for t in flat.values()):
                 raise CheckpointError(f"checkpoint {d}: optimizer shards hold fewer elements than parameter {name} needs")
-            if mine:  # (no state before the first step)
-                state[index] = {k: (v.clone() if torch.is_tensor(v) else v) for k, v in mine.items() if k not in flat}
-                state[index].update({k: t[offset:offset + n].reshape(tuple(shape)).clone() for k, t in flat.items()})
+            if keys or scalars:  # (no state before the first step)
+                state[index] = {**{k: _copy(v) for k, v in scalars.items()},
+                                **{k: t[offset:offset + n].reshape(tuple(shape)).clone() for k, t in flat.items()}}
             ids.append(index)
             index += 1
             offset += n + (int(paddings[g][j]) if paddings else 0)
         groups.append({**{k: v for k, v in bases[0]["param_groups"][g].items() if k != "params"}, "params": ids})
     return {"state": state, "param_groups": groups}
+
+
+def _zero3_optimizer_state(d: Path, bases: list[dict[str, Any]], shapes: dict[str, Any]) -> dict[str, Any]:
+    world = len(bases)
+    subgroups = sorted(bases[0]["state"])
+    keys, scalars = _flat_and_scalars(bases[0]["state"][subgroups[0]] if subgroups else {})
+    # each rank's shards of all sub-groups, end to end, as zero_to_fp32 reads its fp32 weights
+    flat = {k: [torch.cat([b["state"][sg][k] for sg in subgroups]) for b in bases] for k in keys}
+    state: dict[int, dict[str, Any]] = {}
+    offset = 0
+    for index, (name, shape) in enumerate(shapes.items()):
+        n = math.prod(shape)
+        part = math.ceil(n / world)
+        if any(offset + part > t[0].numel() for t in flat.values()):
+            raise CheckpointError(f"checkpoint {d}: optimizer shards hold fewer elements than parameter {name} needs")
+        if keys or scalars:
+            state[index] = {**{k: _copy(v) for k, v in scalars.items()},
+                            **{k: torch.cat([r[offset:offset + part] for r in ranks])[:n].reshape(tuple(shape)).clone()
+                               for k, ranks in flat.items()}}
+        offset += part
+    group = {k: v for k, v in bases[0]["param_groups"][0].items() if k != "params"}
+    return {"state": state, "param_groups": [{**group, "params": list(range(len(shapes)))}]}
+
+
+def _copy(v: Any) -> Any:
+    return v.clone() if torch.is_tensor(v) else v
 
 
 def convert_main(argv: Optional[list[str]] = None) -> int:
@@ -241,7 +279,7 @@ def convert_main(argv: Optional[list[str]] = None) -> int:
     with_optimizer = "optimizer_states" in torch.load(out, map_location="cpu", weights_only=True, mmap=True)
     print(f"wrote {out} (fp32 weights of {a.checkpoint_dir}"
           + (" and its optimizer state: a run without DeepSpeed resumes from it)" if with_optimizer else
-             "; its optimizer state is not converted (ZeRO-3 or DeepSpeed's bf16 optimizer): start a run from it with"
+             "; its optimizer state is not converted (DeepSpeed's bf16 optimizer): start a run from it with"
              " --model.init_weights)"))
     return 0
 

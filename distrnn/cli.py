@@ -461,7 +461,7 @@ class DistrnnCLI(LightningCLI):
             return  # the plain exact resume
         if is_deepspeed_checkpoint(ckpt_path):
             raise ValueError("--reshard: a DeepSpeed checkpoint holds optimizer shards of its own world size; convert it"
-                             " (distrnn convert-checkpoint; ZeRO-1/2 keep their optimizer state) and resume from the file"
+                             " (distrnn convert-checkpoint, which keeps ZeRO's optimizer state) and resume from the file"
                              " without DeepSpeed, or start a new run from its weights (--model.init_weights)")
         if not isinstance(io, AtomicCheckpointIO):
             raise ValueError(f"--reshard: needs distrnn's checkpoint IO, not {type(io).__name__}")

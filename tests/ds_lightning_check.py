@@ -225,22 +225,20 @@ def main() -> None:
             "global_step": converted["global_step"],
             "optimizer_converted": "optimizer_states" in converted,
         }
-        if stage == 2:
-            # the update-4 directory converted with its optimizer state (ZeRO-2: joined from the
-            # shards) and resumed without DeepSpeed: the ZeRO-2 run's weights at update 8 (ZeRO-2
-            # updates equal plain ones); the same file without its Adam moments (a new optimizer:
-            # what weights alone give) ends elsewhere
-            half = convert_deepspeed_checkpoint(d / "step=4.ckpt", a.out / "zero2-step4.pt", trusted=True)
-            plain_resumed, _ = fit(a.device, None, 8, ckpt=half)
-            bare = torch.load(half, weights_only=True)
-            for s in bare["optimizer_states"][0]["state"].values():
-                s.update(exp_avg=torch.zeros_like(s["exp_avg"]), exp_avg_sq=torch.zeros_like(s["exp_avg_sq"]))
-            torch.save(bare, a.out / "zero2-step4-bare.pt")
-            bare_resumed, _ = fit(a.device, None, 8, ckpt=a.out / "zero2-step4-bare.pt")
-            result["resume_zero2"].update(
-                plain_weights=max_diff(full.model.parameters(), plain_resumed.model.parameters()),
-                plain_state=max_diff(full._carry.state, plain_resumed._carry.state),
-                without_moments=max_diff(full.model.parameters(), bare_resumed.model.parameters()))
+        # the update-4 directory converted with its optimizer state (joined from the shards) and
+        # resumed without DeepSpeed: the ZeRO run's weights at update 8 (ZeRO updates equal plain
+        # ones); the same file without its Adam moments (what weights alone give) ends elsewhere
+        half = convert_deepspeed_checkpoint(d / "step=4.ckpt", a.out / f"zero{stage}-step4.pt", trusted=True)
+        plain_resumed, _ = fit(a.device, None, 8, ckpt=half)
+        bare = torch.load(half, weights_only=True)
+        for s in bare["optimizer_states"][0]["state"].values():
+            s.update(exp_avg=torch.zeros_like(s["exp_avg"]), exp_avg_sq=torch.zeros_like(s["exp_avg_sq"]))
+        torch.save(bare, a.out / f"zero{stage}-step4-bare.pt")
+        bare_resumed, _ = fit(a.device, None, 8, ckpt=a.out / f"zero{stage}-step4-bare.pt")
+        result[f"resume_zero{stage}"].update(
+            plain_weights=max_diff(full.model.parameters(), plain_resumed.model.parameters()),
+            plain_state=max_diff(full._carry.state, plain_resumed._carry.state),
+            without_moments=max_diff(full.model.parameters(), bare_resumed.model.parameters()))
         if register:
             result[f"resume_zero{stage}"]["registered"] = register.version
             result[f"resume_zero{stage}"]["registered_file"] = max_diff(

@@ -81,8 +81,8 @@ def test_lightning_deepspeed_zero2_zero3_fp32_bf16_and_resume(tmp_path):
         assert bf["dtypes"] == ["torch.bfloat16"] and bf["finite"] and bf["last"] < bf["first"], bf
         # cuDNN's kernels are deterministic for one configuration; allow float noise all the same
         assert rs["weights"] < 1e-6 and rs["state"] < 1e-6 and rs["converted"] < 1e-6 and rs["global_step"] == 8, rs
-        if stage == 2:  # converted with its optimizer state, resumed without DeepSpeed
-            assert rs["optimizer_converted"] and rs["plain_weights"] < 1e-5 and rs["without_moments"] > 1e-3, rs
+        # converted with its optimizer state, resumed without DeepSpeed
+        assert rs["optimizer_converted"] and rs["plain_weights"] < 1e-5 and rs["without_moments"] > 1e-3, rs
     assert "model.optimizer.clip_norm" in res["clip_conflict"]
     assert res["ema_refused"].startswith("trainer.callbacks: weight averaging"), res["ema_refused"]
 

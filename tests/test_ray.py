@@ -143,22 +143,24 @@ def test_ray_train_workers_rendezvous_on_loopback_only(two_workers):
     assert not beyond_loopback(seen), f"listening beyond loopback: {beyond_loopback(seen)}"
 
 
-def _assert_zero2_checkpoint_of_2_ranks_equals(ckpt: Path, two_workers) -> None:
-    """A DeepSpeed ZeRO-2 checkpoint directory of 2 ranks at update 12 (both ZeRO shards, both
-    ranks' carried state) whose weights equal those of the two_workers DDP job's last checkpoint
-    (ZeRO-2 updates equal plain ones: 1e-5); converted to one file, its optimizer state, joined
-    from the two shards, is the DDP job's too (what a resume without DeepSpeed reads)."""
+def _assert_zero_checkpoint_of_2_ranks_equals(ckpt: Path, two_workers, stage: int) -> None:
+    """A DeepSpeed ZeRO-``stage`` checkpoint directory of 2 ranks at update 12 (both ranks' shards,
+    both ranks' carried state) that, converted to one file, holds the weights of the two_workers
+    DDP job's last checkpoint (ZeRO updates equal plain ones: 1e-5) and its optimizer state, joined
+    from the two shards (what a resume without DeepSpeed reads)."""
     from distrnn.checkpoint import convert_deepspeed_checkpoint
 
     ddp = torch.load(_latest_ray_checkpoint(two_workers[0] / "store", "two"), map_location="cpu", weights_only=True)
     assert ckpt.is_dir() and len(list(ckpt.glob("checkpoint/zero_pp_rank_*_optim_states.pt"))) == 2, sorted(ckpt.rglob("*"))
-    # ZeRO-2 without mixed precision keeps the full fp32 module in the model-states file (the test's
-    # own file: unpickling it is fine here)
-    states = torch.load(ckpt / "checkpoint" / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    # ZeRO-3 partitions the module too: a model-states file per rank
+    assert len(list(ckpt.glob("checkpoint/zero_pp_rank_*_model_states.pt"))) == (2 if stage == 3 else 0)
+    # (the test's own files: unpickling them is fine here)
+    states = torch.load(sorted(ckpt.glob("checkpoint/*model_states.pt"))[0], map_location="cpu", weights_only=False)
     assert states["global_step"] == 12 and states["distrnn"]["world_size"] == 2 and len(states["distrnn"]["ranks"]) == 2
-    for k, ref in ddp["state_dict"].items():
-        torch.testing.assert_close(states["module"][k], ref, rtol=0, atol=1e-5, msg=k)
     converted = torch.load(convert_deepspeed_checkpoint(ckpt, ckpt.parent / "converted.pt", trusted=True), weights_only=True)
+    assert sorted(converted["state_dict"]) == sorted(ddp["state_dict"])
+    for k, ref in ddp["state_dict"].items():
+        torch.testing.assert_close(converted["state_dict"][k], ref, rtol=0, atol=1e-5, msg=k)
     mine, theirs = converted["optimizer_states"][0]["state"], ddp["optimizer_states"][0]["state"]
     assert sorted(mine) == sorted(theirs) and len(mine) == len(ddp["state_dict"])
     for i in theirs:
@@ -191,7 +193,7 @@ def test_worker_failure_restores_mid_epoch_from_the_latest_checkpoint_deepspeed(
     assert r.returncode == 0 and marker.exists(), out[-5000:]
     assert "resuming from Ray checkpoint" in out and "at step 4 (epoch 0)" in out, out[-5000:]
     final = _latest_ray_checkpoint(tmp_path / "store", "ds")
-    _assert_zero2_checkpoint_of_2_ranks_equals(final, two_workers)
+    _assert_zero_checkpoint_of_2_ranks_equals(final, two_workers, stage=2)
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
     assert len(mlflow.search_runs(experiment_names=["ray"])) == 1
     # Off DeepSpeed and onto 1 process: the update-8 directory, converted with its optimizer state,
@@ -582,13 +584,14 @@ def test_pbt_sweep_restarts_each_trial_exactly(cluster, tmp_path, data, single_p
 
 def test_a_failed_deepspeed_trial_of_two_ranks_restarts_from_its_checkpoint_and_ends_like_an_uninterrupted_run(
         cluster, tmp_path, data, two_workers):
-    """max_failures 1, workers_per_trial 2, strategy deepspeed_stage_2, through `ray job submit`:
+    """max_failures 1, workers_per_trial 2, strategy deepspeed_stage_3, through `ray job submit`:
     the one trial, a Ray Train run of 2 workers under Ray's DeepSpeed strategy (its refusal of a CPU
     lifted in the workers by a test callback, DS_ACCELERATOR=cpu) with the two_workers job's config,
     loses rank 1 after update 8. Its last report, at update 6, holds a checkpoint directory to which
-    both ranks added their ZeRO shard; Tune restarts the trial, whose new workers start from that
-    directory, in the same MLflow run, and it ends with the weights of the uninterrupted 2-worker
-    DDP job (ZeRO-2 updates equal plain ones: 1e-5)."""
+    both ranks added their ZeRO-3 shards (optimizer and module); Tune restarts the trial, whose new
+    workers start from that directory, in the same MLflow run, and it ends with the weights and
+    Adam moments of the uninterrupted 2-worker DDP job (ZeRO-3 updates equal plain ones: 1e-5).
+    (ZeRO-2 through Ray: the job-level failure test.)"""
     pytest.importorskip("deepspeed")
     callbacks = [{"class_path": "ds_lightning_check.AllowDeepSpeedOnCPU"},
                  {"class_path": "distrnn.faults.FailAt",
@@ -597,7 +600,7 @@ def test_a_failed_deepspeed_trial_of_two_ranks_restarts_from_its_checkpoint_and_
     sweep.write_text(json.dumps({
         "config": [str(data / "b2.yaml")], "overrides": {"trainer.callbacks": callbacks},
         "search_space": {"model.optimizer.lr": {"choice": [0.01]}}, "num_samples": 1, "max_failures": 1,
-        "workers_per_trial": 2, "cpus_per_trial": 2, "strategy": "deepspeed_stage_2", "scheduler": {"name": "fifo"},
+        "workers_per_trial": 2, "cpus_per_trial": 2, "strategy": "deepspeed_stage_3", "scheduler": {"name": "fifo"},
         "name": "retried", "experiment_name": "sweep-retried", "storage_path": str(tmp_path / "store")}))
     r = _submit(cluster, tmp_path, "python", "jobs/tune.py", "--config", str(sweep),
                 env_vars={"PYTHONPATH": str(REPO / "tests"), "DS_ACCELERATOR": "cpu"})
@@ -606,7 +609,7 @@ def test_a_failed_deepspeed_trial_of_two_ranks_restarts_from_its_checkpoint_and_
     assert "injected fault: rank 1 at step 8" in out and re.search(r"resuming from Ray checkpoint \S+ at step 6\b", out), out[-4000:]
     (trial_dir,) = [d for d in (tmp_path / "store/retried").iterdir() if (d / "params.json").is_file()]
     last = sorted(trial_dir.glob("checkpoint_*/checkpoint.ckpt"))[-1]
-    _assert_zero2_checkpoint_of_2_ranks_equals(last, two_workers)
+    _assert_zero_checkpoint_of_2_ranks_equals(last, two_workers, stage=3)
     assert not (tmp_path / "store/retried/train-runs").exists()
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     runs = client.search_runs([client.get_experiment_by_name("sweep-retried").experiment_id])
