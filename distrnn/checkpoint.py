@@ -144,18 +144,29 @@ def convert_deepspeed_checkpoint(path: str | os.PathLike, output: str | os.PathL
     """One fp32 file from a (sharded) DeepSpeed checkpoint directory: the full weights in
     ``state_dict`` and Lightning's and distrnn's state beside them, written atomically with a
     checksum and loadable with ``weights_only=True`` (``distrnn generate --checkpoint``, or weights
-    for a run without DeepSpeed). From ZeRO-1, 2 and 3 the optimizer state comes along, joined
-    from the ranks' shards, so a run without DeepSpeed, on any number of devices, resumes from the
-    file (``--ckpt_path FILE --reshard true``); DeepSpeed's bf16 optimizer's (its ``bf16_*`` shards)
-    is not carried over (its layout differs): weights only."""
+    for a run without DeepSpeed). From ZeRO-1, 2 and 3, fp32 or bf16 (DeepSpeed's bf16 optimizer
+    too), the optimizer state comes along, joined from the ranks' shards, so a run without
+    DeepSpeed, on any number of devices, resumes from the file (``--ckpt_path FILE --reshard true``)."""
     client = check_deepspeed_checkpoint(path, trusted)
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    state_dict = get_fp32_state_dict_from_zero_checkpoint(str(path))
+    d = Path(path) / (Path(path) / "latest").read_text().strip()
+    state_dict, refused = None, ""
+    try:  # (first, alone: the shards it reads are freed before the optimizer's are read below)
+        state_dict = get_fp32_state_dict_from_zero_checkpoint(str(path))
+    except (ValueError, KeyError, RuntimeError) as e:
+        refused = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    parts = _optimizer_shards(d, client)
+    if state_dict is None:
+        # zero_to_fp32 reads ZeRO's shards only; the bf16 optimizer's fp32 master weights are
+        # joined here as its moments are
+        if not (parts and _is_bf16_optimizer(parts[0])):
+            raise CheckpointError(f"checkpoint {path}: DeepSpeed cannot join its weights: {refused}")
+        state_dict = _bf16_optimizer_weights(d, client, parts)
     out = {k: v for k, v in client.items() if k not in _DEEPSPEED_KEYS}
     out["state_dict"] = {k.removeprefix("_forward_module."): v.float() if v.is_floating_point() else v
                          for k, v in state_dict.items()}
-    optimizer = _zero_optimizer_state(Path(path) / (Path(path) / "latest").read_text().strip(), client)
+    optimizer = _zero_optimizer_state(d, client, parts) if parts else None
     if optimizer is not None:
         out["optimizer_states"] = [optimizer]
     import io
@@ -180,26 +191,61 @@ def convert_deepspeed_checkpoint(path: str | os.PathLike, output: str | os.PathL
     return Path(output)
 
 
-def _zero_optimizer_state(d: Path, client: dict[str, Any]) -> Optional[dict[str, Any]]:
+def _optimizer_shards(d: Path, client: dict[str, Any]) -> Optional[list[dict[str, Any]]]:
+    """Every rank's ``optimizer_state_dict`` (DeepSpeed names them ``bf16_zero_pp_rank_*`` in a
+    run with bf16, whatever its optimizer); None without ZeRO shards or parameter shapes."""
+    world = int(client.get("dp_world_size", 1))
+    prefix = "bf16_" if (d / "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt").is_file() else ""
+    shards = [d / f"{prefix}zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(world)]
+    if not client.get("param_shapes") or not all(f.is_file() for f in shards):
+        return None
+    return [torch.load(f, map_location="cpu", weights_only=False)["optimizer_state_dict"] for f in shards]  # trusted: see caller
+
+
+def _is_bf16_optimizer(part: dict[str, Any]) -> bool:
+    """DeepSpeed's bf16 optimizer (ZeRO-1 with bf16 weights and fp32 gradient accumulation) keeps
+    no ``zero_stage``; its fp32 master weights are each rank's share of each group's flat vector."""
+    return int(part.get("zero_stage", 0)) == 0 and "single_partition_of_fp32_groups" in part and "base_optimizer_state" in part
+
+
+def _bf16_optimizer_weights(d: Path, client: dict[str, Any], parts: list[dict[str, Any]]) -> dict[str, Tensor]:
+    """The module's state (buffers, frozen parameters) with every trained parameter replaced by
+    its fp32 master copy, joined from the ranks' shares and cut per parameter in group order
+    (parameters end to end, the padding at each group's end)."""
+    state = dict(client.get("module") or {})
+    for g, group_shapes in enumerate(client["param_shapes"]):
+        flat = torch.cat([p["single_partition_of_fp32_groups"][g] for p in parts])
+        offset = 0
+        for name, shape in group_shapes.items():
+            n = math.prod(shape)
+            if offset + n > flat.numel():
+                raise CheckpointError(f"checkpoint {d}: optimizer shards hold fewer elements than parameter {name} needs")
+            state[name] = flat[offset:offset + n].reshape(tuple(shape)).clone()
+            offset += n
+    for alias, name in (client.get("shared_params") or {}).items():
+        if name in state:
+            state[alias] = state[name]
+    return state
+
+
+def _zero_optimizer_state(d: Path, client: dict[str, Any], parts: list[dict[str, Any]]) -> Optional[dict[str, Any]]:
     """A ZeRO checkpoint's optimizer state as torch's ``Optimizer.state_dict()`` over the whole
     parameters, numbered in the order the module gave them to the optimizer (DeepSpeed's
     ``param_shapes``): every flat per-element state (``exp_avg``, ``exp_avg_sq``, ...) is joined
     from the ranks' shards and cut per parameter where DeepSpeed's zero_to_fp32 cuts the fp32
     weights, and per-group scalars (``step``) go to each parameter. ZeRO-1/2 shard each group's
     flat vector by rank (alignment paddings between parameters); ZeRO-3 shards every parameter
-    (ceil(numel / ranks) elements on each rank, in parameter order). None where the layout is
-    another (DeepSpeed's bf16 optimizer, no ZeRO), or ZeRO-3 with several parameter groups."""
-    shapes = client.get("param_shapes")
-    world = int(client.get("dp_world_size", 1))
-    shards = [d / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(world)]
-    if not shapes or not all(f.is_file() for f in shards):
-        return None
-    parts = [torch.load(f, map_location="cpu", weights_only=False)["optimizer_state_dict"] for f in shards]  # trusted: see caller
+    (ceil(numel / ranks) elements on each rank, in parameter order); DeepSpeed's bf16 optimizer
+    as ZeRO-1 without the paddings between parameters. None where the layout is another, or
+    ZeRO-3 with several parameter groups."""
+    shapes = client["param_shapes"]
     stage = int(parts[0].get("zero_stage", 0))
     if stage in (1, 2) and "base_optimizer_state" in parts[0]:
         return _zero12_optimizer_state(d, [p["base_optimizer_state"] for p in parts], shapes, parts[0].get("param_alignment_paddings"))
     if stage == 3 and "optimizer_state_dict" in parts[0] and len(shapes) == 1:
         return _zero3_optimizer_state(d, [p["optimizer_state_dict"] for p in parts], shapes[0])
+    if _is_bf16_optimizer(parts[0]):  # (padding at each group's end only)
+        return _zero12_optimizer_state(d, [p["base_optimizer_state"] for p in parts], shapes, None)
     return None
 
 
@@ -279,7 +325,7 @@ def convert_main(argv: Optional[list[str]] = None) -> int:
     with_optimizer = "optimizer_states" in torch.load(out, map_location="cpu", weights_only=True, mmap=True)
     print(f"wrote {out} (fp32 weights of {a.checkpoint_dir}"
           + (" and its optimizer state: a run without DeepSpeed resumes from it)" if with_optimizer else
-             "; its optimizer state is not converted (DeepSpeed's bf16 optimizer): start a run from it with"
+             "; its optimizer state is not converted (a layout distrnn does not know): start a run from it with"
              " --model.init_weights)"))
     return 0
 

@@ -10,7 +10,9 @@ Checks:
 - ``equal``: ZeRO-2 and ZeRO-3, fp32: 6 updates with gradient clipping that bites equal the plain
   run's weights, and the reported pre-clip gradient norm equals the plain run's;
 - ``bf16``: ZeRO-2 and ZeRO-3 with bf16: the weights are bf16 in the engine, and the loss falls;
-  with the Diagnostics callback, which measures what ZeRO leaves measurable and says what not;
+  with the Diagnostics callback, which measures what ZeRO leaves measurable and says what not; the
+  checkpoint directory, and one of DeepSpeed's bf16 optimizer (ZeRO-1, fp32 gradient
+  accumulation), converted to one file, against DeepSpeed's universal-checkpoint reading of it;
 - ``resume``: ZeRO-2 and ZeRO-3: 8 updates (cosine schedule with warm-up), checkpoint directory at
   update 4; a new run resumed from it ends with the uninterrupted run's weights and carried state;
   the final directory converts to one fp32 file with the module's weights; (ZeRO-2) with MLflow and
@@ -36,8 +38,9 @@ from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint
 from lightning.pytorch.strategies import DeepSpeedStrategy
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from helpers import ListDataModule  # noqa: E402
+from helpers import ListDataModule, against_deepspeed_universal  # noqa: E402
 
+from distrnn.checkpoint import convert_deepspeed_checkpoint  # noqa: E402
 from distrnn.config import ConfigError, NetworkConfig, OptimizerConfig, TaskSpec, TBPTTConfig  # noqa: E402
 from distrnn.data.loaders import StreamLoader  # noqa: E402
 from distrnn.diagnostics import Diagnostics  # noqa: E402
@@ -202,6 +205,29 @@ def main() -> None:
             "finite": all(x == x for x in rec.losses + rec.norms),
             "diagnostics": [diag.curve, diag.gates, diag.grad_norms],
         }
+        # its checkpoint directory (bf16 weights, fp32 master weights and moments in the shards)
+        # converted, against DeepSpeed's own per-parameter reading of it
+        d = a.out / f"bf16_zero{stage}.ckpt"
+        ds.trainer.save_checkpoint(d)
+        converted = convert_deepspeed_checkpoint(d, a.out / f"bf16_zero{stage}.pt", trusted=True)
+        result[f"bf16_zero{stage}"]["universal"] = against_deepspeed_universal(d, converted)
+
+    # DeepSpeed's bf16 optimizer (what ZeRO-1 with bf16 weights and fp32 gradient accumulation
+    # runs), whose shards are laid out otherwise: the same check
+    ds, rec = fit(a.device, 1, 8, precision="bf16-mixed",
+                  config={"zero_optimization": {"stage": 1}, "data_types": {"grad_accum_dtype": "fp32"},
+                          "train_micro_batch_size_per_gpu": 4})
+    d = a.out / "bf16_optimizer.ckpt"
+    ds.trainer.save_checkpoint(d)
+    result["bf16_optimizer"] = {
+        "optimizer": type(ds.trainer.strategy.deepspeed_engine.optimizer).__name__,
+        "finite": all(x == x for x in rec.losses + rec.norms),
+        "universal": against_deepspeed_universal(d, convert_deepspeed_checkpoint(d, a.out / "bf16_optimizer.pt", trusted=True)),
+    }
+    # and a plain bf16-mixed run takes the file up (weights, moments, schedule) and goes on
+    plain, rec = fit(a.device, None, 12, precision="bf16-mixed", ckpt=a.out / "bf16_optimizer.pt")
+    result["bf16_optimizer"].update(resumed_to=plain.trainer.global_step, resumed_finite=all(x == x for x in rec.losses),
+                                    resumed_batches=len(rec.losses))
 
     for stage in (2, 3):
         d = a.out / f"zero{stage}"
@@ -211,8 +237,6 @@ def main() -> None:
                               checkpoint_dir=str(a.out)) if register else False
         full, _ = fit(a.device, stage, 8, out=d, extra=[register] if register else [], logger=logger)
         resumed, _ = fit(a.device, stage, 8, ckpt=d / "step=4.ckpt")
-        from distrnn.checkpoint import convert_deepspeed_checkpoint
-
         converted = torch.load(convert_deepspeed_checkpoint(d / "step=8.ckpt", a.out / f"zero{stage}.pt", trusted=True),
                                weights_only=True)
         expected = {f"model.{k}": v for k, v in full.model.state_dict().items()}

@@ -52,3 +52,36 @@ def trainer(**kw) -> L.Trainer:
     )
     defaults.update(kw)
     return L.Trainer(**defaults)
+
+
+def against_deepspeed_universal(ds_dir, converted_file) -> dict:
+    """How far ``distrnn convert-checkpoint``'s file (``converted_file``, written from the DeepSpeed
+    directory ``ds_dir``) is from DeepSpeed's own per-parameter view of the same directory: its
+    universal-checkpoint converter (``deepspeed.checkpoint.ds_to_universal``, a separate
+    implementation of the shard joins) writes each parameter's fp32 weights and Adam moments to
+    files of their own. Max absolute differences, and whether the parameter names agree."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    converted = torch.load(converted_file, map_location="cpu", weights_only=True)
+    names = list(converted["state_dict"])
+    state = converted["optimizer_states"][0]["state"]
+    with tempfile.TemporaryDirectory() as out:
+        r = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                            str(Path(ds_dir) / "checkpoint"), "--output_folder", out, "--inject_missing_state",
+                            "--num_extract_workers", "1", "--num_merge_workers", "1"],
+                           capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+        assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+        zero = Path(out) / "zero"
+        diff = {"names": sorted(p.name for p in zero.iterdir() if p.is_dir()) == sorted(names),
+                "weights": 0.0, "exp_avg": 0.0, "exp_avg_sq": 0.0}
+        for i, name in enumerate(names):
+            mine = {"weights": converted["state_dict"][name], **{k: state[i][k] for k in ("exp_avg", "exp_avg_sq")}}
+            for key, file in (("weights", "fp32"), ("exp_avg", "exp_avg"), ("exp_avg_sq", "exp_avg_sq")):
+                theirs = torch.load(zero / name / f"{file}.pt", map_location="cpu", weights_only=False)
+                theirs = theirs["param"] if isinstance(theirs, dict) else theirs  # (DeepSpeed's file format varies)
+                diff[key] = max(diff[key], (mine[key].float() - theirs.float().view_as(mine[key])).abs().max().item())
+    return diff

@@ -64,6 +64,22 @@ def test_lightning_deepspeed_bf16_trains_bf16_weights(lightning_ds, stage):
     # buffers, filled by hooks any backward fires); ZeRO-2 keeps saturation, ZeRO-3 (partitioned
     # parameters) not
     assert r["diagnostics"] == ([False, True, False] if stage == 2 else [False, False, False]), r
+    # its checkpoint directory (DeepSpeed names a bf16 run's shards bf16_zero_pp_rank_*; before,
+    # distrnn took that for the bf16 optimizer and dropped the optimizer state) converts to the
+    # weights and Adam moments DeepSpeed's own universal-checkpoint converter reads from it
+    assert r["universal"] == {"names": True, "weights": 0.0, "exp_avg": 0.0, "exp_avg_sq": 0.0}, r
+
+
+def test_deepspeeds_bf16_optimizer_checkpoint_converts_with_its_optimizer_state(lightning_ds):
+    """ZeRO-1 with bf16 weights and fp32 gradient accumulation runs DeepSpeed's bf16 optimizer,
+    whose shards DeepSpeed's zero_to_fp32 refuses ("not a zero checkpoint": before, a traceback
+    from convert-checkpoint): distrnn joins its fp32 master weights and moments itself, equal to
+    DeepSpeed's universal-checkpoint converter's."""
+    r = lightning_ds[0]["bf16_optimizer"]
+    assert r["optimizer"] == "BF16_Optimizer" and r["finite"], r
+    # a plain run goes on from the file: 2 batches of 2 TBPTT updates each
+    assert r["resumed_to"] == 12 and r["resumed_batches"] == 2 and r["resumed_finite"], r
+    assert r["universal"] == {"names": True, "weights": 0.0, "exp_avg": 0.0, "exp_avg_sq": 0.0}, r
 
 
 @pytest.mark.parametrize("stage", [2, 3])
@@ -132,7 +148,8 @@ def test_convert_deepspeed_checkpoint_to_one_fp32_file(ds_checkpoint, tmp_path):
 def test_deepspeed_checkpoint_needs_the_trust_flag_and_every_shard(ds_checkpoint, tmp_path, capsys):
     """Without --trust_deepspeed_checkpoint neither convert nor fit opens the directory (DeepSpeed
     unpickles); a missing rank shard fails naming the file; exit 2 and nothing written. (The
-    refusals happen before DeepSpeed is imported, so the converter runs in this process.)"""
+    refusals happen before DeepSpeed is imported, so the converter runs in this process.) A
+    shard that no converter reads: one line too."""
     import shutil
 
     from conftest import cli
@@ -163,6 +180,15 @@ def test_deepspeed_checkpoint_needs_the_trust_flag_and_every_shard(ds_checkpoint
     shard.unlink()
     assert convert_main([str(broken), str(out), "--trust_deepspeed_checkpoint", "true"]) == 2
     assert f"checkpoint {shard}: missing" in capsys.readouterr().err
+    assert not out.exists()
+    # a shard of no layout DeepSpeed or distrnn knows: one line (it was zero_to_fp32's traceback)
+    import torch
+
+    torch.save({"optimizer_state_dict": {"something": 1}}, shard)
+    assert convert_main([str(broken), str(out), "--trust_deepspeed_checkpoint", "true"]) == 2
+    err = capsys.readouterr().err  # (after DeepSpeed's own progress bar)
+    assert err.splitlines()[-1].startswith(f"distrnn: error: checkpoint {broken}: DeepSpeed cannot join its weights: ")
+    assert "is not a zero checkpoint" in err and "Traceback" not in err and err.count("error:") == 1, err
     assert not out.exists()
 
 

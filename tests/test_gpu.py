@@ -54,7 +54,8 @@ def test_lightning_deepspeed_zero2_zero3_fp32_bf16_and_resume(tmp_path):
     """Lightning's DeepSpeed strategy, unmodified, on the GPU (the CPU suite runs the same script
     with the strategy's CUDA checks skipped): ZeRO-2/3 fp32 updates equal plain updates (truncated
     and checkpointed BPTT), bf16 trains bf16 weights, resume from the checkpoint directory equals
-    the uninterrupted run, it converts."""
+    the uninterrupted run, it converts (bf16 ones and DeepSpeed's bf16 optimizer's too, as
+    DeepSpeed's universal-checkpoint converter reads them)."""
     import json
     import os
     import subprocess
@@ -79,10 +80,14 @@ def test_lightning_deepspeed_zero2_zero3_fp32_bf16_and_resume(tmp_path):
         ck = res[f"equal_checkpointed_zero{stage}"]  # checkpointed BPTT, ZeRO-3 fully partitioned
         assert ck["clip_bites"] and ck["weights"] < 1e-5 and ck["grad_norm"] < 1e-4, ck
         assert bf["dtypes"] == ["torch.bfloat16"] and bf["finite"] and bf["last"] < bf["first"], bf
+        assert bf["universal"] == {"names": True, "weights": 0.0, "exp_avg": 0.0, "exp_avg_sq": 0.0}, bf
         # cuDNN's kernels are deterministic for one configuration; allow float noise all the same
         assert rs["weights"] < 1e-6 and rs["state"] < 1e-6 and rs["converted"] < 1e-6 and rs["global_step"] == 8, rs
         # converted with its optimizer state, resumed without DeepSpeed
         assert rs["optimizer_converted"] and rs["plain_weights"] < 1e-5 and rs["without_moments"] > 1e-3, rs
+    bo = res["bf16_optimizer"]
+    assert bo["optimizer"] == "BF16_Optimizer" and bo["finite"] and bo["resumed_to"] == 12 and bo["resumed_finite"], bo
+    assert bo["universal"] == {"names": True, "weights": 0.0, "exp_avg": 0.0, "exp_avg_sq": 0.0}, bo
     assert "model.optimizer.clip_norm" in res["clip_conflict"]
     assert res["ema_refused"].startswith("trainer.callbacks: weight averaging"), res["ema_refused"]
 
