@@ -125,11 +125,11 @@ def check_deepspeed_checkpoint(path: str | os.PathLike, trusted: bool) -> dict[s
     except Exception as e:
         raise CheckpointError(f"checkpoint {models[0]}: cannot be loaded: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
     world = int(client.get("dp_world_size", 1))
-    prefix = "bf16_" if (d / "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt").exists() else ""
+    optim = _optimizer_shard_name(d)
     stage = int(((client.get("ds_config") or {}).get("zero_optimization") or {}).get("stage", 0))
     expected = []
-    if stage > 0 or prefix:
-        expected.append(f"{prefix}zero_pp_rank_{{rank}}_mp_rank_00_optim_states.pt")
+    if stage > 0 or optim.startswith("bf16_"):
+        expected.append(optim)
     if stage == 3:
         expected.append("zero_pp_rank_{rank}_mp_rank_00_model_states.pt")
     for rank in range(world):
@@ -191,12 +191,16 @@ def convert_deepspeed_checkpoint(path: str | os.PathLike, output: str | os.PathL
     return Path(output)
 
 
+def _optimizer_shard_name(d: Path) -> str:
+    """The name pattern (``{rank}``) of a tag folder's optimizer shards: DeepSpeed prefixes
+    ``bf16_`` in every run with bf16, whatever its optimizer."""
+    return ("bf16_" if (d / "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt").is_file() else "") + "zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"
+
+
 def _optimizer_shards(d: Path, client: dict[str, Any]) -> Optional[list[dict[str, Any]]]:
-    """Every rank's ``optimizer_state_dict`` (DeepSpeed names them ``bf16_zero_pp_rank_*`` in a
-    run with bf16, whatever its optimizer); None without ZeRO shards or parameter shapes."""
+    """Every rank's ``optimizer_state_dict``; None without such shards or parameter shapes."""
     world = int(client.get("dp_world_size", 1))
-    prefix = "bf16_" if (d / "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt").is_file() else ""
-    shards = [d / f"{prefix}zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(world)]
+    shards = [d / _optimizer_shard_name(d).format(rank=r) for r in range(world)]
     if not client.get("param_shapes") or not all(f.is_file() for f in shards):
         return None
     return [torch.load(f, map_location="cpu", weights_only=False)["optimizer_state_dict"] for f in shards]  # trusted: see caller
