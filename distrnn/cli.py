@@ -35,7 +35,9 @@ from distrnn.checkpoint import (
     is_deepspeed_checkpoint,
     load_checkpoint_file,
 )
+from distrnn.commands import OWN_COMMANDS, fail, run_own_command
 from distrnn.config import ConfigError
+from distrnn.data import import_all as import_data_modules
 from distrnn.data.base import RecurrentDataModule
 from distrnn.data.download import DownloadError
 from distrnn.data.loaders import layout_change
@@ -77,6 +79,9 @@ logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(lambda reco
 # distrnn's loaders are not torch DataLoaders; the prediction writer does not use batch indices.
 warnings.filterwarnings("ignore", message=".*Couldn't infer the batch indices.*")
 
+
+# `--data ByteCorpusDataModule` and `--data.help`: jsonargparse offers the subclasses imported
+import_data_modules()
 
 _KEY_LINE = re.compile(r"((?:model|data|trainer|checkpoint)\.[\w.]+: .*)")
 
@@ -148,20 +153,6 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-def fail(message: str) -> NoReturn:
-    print(f"distrnn: error: {message}", file=sys.stderr)
-    sys.exit(2)
-
-
-# distrnn's own commands beside Lightning's fit/validate/test/predict: name -> (module, function
-# taking the remaining arguments, what it does); dispatched by main(), named in --help
-OWN_COMMANDS = {
-    "generate": ("distrnn.generate", "main", "sample text from a checkpoint or a registered model"),
-    "download": ("distrnn.data.download", "main", "a public corpus"),
-    "tokenize": ("distrnn.data.tokenizer", "main", "text files to token ids with a tokenizer.json"),
-    "convert-checkpoint": ("distrnn.checkpoint", "convert_main", "a DeepSpeed directory to one file"),
-    "runs": ("distrnn.runs", "main", "compare: an experiment's MLflow runs side by side"),
-}
 DESCRIPTION = (
     "Train recurrent networks on long sequences (truncated BPTT on Lightning, tracked in MLflow):"
     " fit, validate, test, predict below. distrnn's own commands, each with --help: "
@@ -510,11 +501,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv:
         fail(f"a command is needed: fit, validate, test, predict, {', '.join(OWN_COMMANDS)} (distrnn --help)")
-    if argv[0] in OWN_COMMANDS:
-        import importlib
-
-        module, function, _ = OWN_COMMANDS[argv[0]]
-        sys.exit(getattr(importlib.import_module(module), function)(argv[1:]))
+    if argv[0] in OWN_COMMANDS:  # (`python -m distrnn.cli generate ...`)
+        run_own_command(argv)
     try:
         with field_docs_in_help(argv):
             cli = DistrnnCLI(args=argv if argv != sys.argv[1:] else None)

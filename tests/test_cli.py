@@ -117,6 +117,20 @@ def test_help_names_every_command_and_each_answers_its_own_help(capsys):
     assert code == 2 and all(name in err for name in own + ["fit"]) and len(err.strip().splitlines()) == 1, err
 
 
+def test_own_commands_start_without_lightning(tmp_path):
+    """The installed `distrnn` script runs download, tokenize and runs without importing Lightning
+    (their --help took ~5.5 s, ~3 s of it Lightning's CLI and the data modules; now 1.4-2.9 s);
+    fit still gets LightningCLI."""
+    script = Path(sys.executable).parent / "distrnn"
+    assert script.is_file(), "the distrnn console script is not installed beside this Python"
+    env = {**os.environ, "PYTHONPROFILEIMPORTTIME": "1"}  # every import, on stderr
+    for name in ("download", "tokenize", "runs", "fit"):
+        r = subprocess.run([str(script), name, "--help"], capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
+        assert r.returncode == 0 and r.stdout.startswith("usage: distrnn"), (name, r.stdout[:300], r.stderr[-1000:])
+        imported = {line.rsplit("|", 1)[-1].strip() for line in r.stderr.splitlines() if line.startswith("import time:")}
+        assert ("lightning" in imported) == (name == "fit"), (name, sorted(m for m in imported if "lightning" in m)[:5])
+
+
 def test_more_gpus_than_the_machine_has_name_trainer_devices(monkeypatch, capsys):
     """On a GPU machine (stood in for: CUDA visible, 2 devices) more GPUs than exist are refused
     naming trainer.devices (Lightning's message named neither key nor count asked); as many as
