@@ -51,3 +51,12 @@ def test_gpu_tests_and_scripts_load_without_what_the_device_image_lacks(tmp_path
     r = subprocess.run([sys.executable, "-S", "-c", "import ds_lightning_check, bench_recurrences, bench_tbptt, learn"],
                        capture_output=True, text=True, timeout=120, env=env, cwd=REPO)
     assert r.returncode == 0, (r.stdout + r.stderr)[-2000:]
+    # with what benchmarks/gpu_wheels.sh carries added back (DeepSpeed, psutil): the DeepSpeed check
+    # runs DeepSpeed's universal-checkpoint converter as a module of its own
+    site = Path(env["PYTHONPATH"].split(os.pathsep)[0])
+    for entry in Path(torch.__file__).parents[1].iterdir():
+        if re.match(r"(deepspeed|psutil)", entry.name, re.I):
+            (site / entry.name).symlink_to(entry)
+    r = subprocess.run([sys.executable, "-S", "-c", "import deepspeed.checkpoint.ds_to_universal"],
+                       capture_output=True, text=True, timeout=120, env={**env, "DS_ACCELERATOR": "cpu"}, cwd=tmp_path)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-2000:]
