@@ -82,6 +82,25 @@ def test_deepspeeds_bf16_optimizer_checkpoint_converts_with_its_optimizer_state(
     assert r["universal"] == {"names": True, "weights": 0.0, "exp_avg": 0.0, "exp_avg_sq": 0.0}, r
 
 
+def test_a_two_rank_bf16_optimizer_checkpoint_joins_like_deepspeeds_own_converter(tmp_path):
+    """Two ranks of DeepSpeed's bf16 optimizer (DeepSpeed alone: Lightning's strategy refuses a
+    CPU), 3 updates, 1,154 parameters (the flat group padded at its end): the converted file's
+    fp32 master weights and Adam moments, joined from the 2 shards, are those DeepSpeed's
+    universal-checkpoint converter reads from them."""
+    pytest.importorskip("deepspeed")
+    from helpers import against_deepspeed_universal
+
+    from distrnn.checkpoint import convert_deepspeed_checkpoint
+
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO)}
+    r = subprocess.run([sys.executable, str(REPO / "tests" / "ds_bf16_two_ranks.py"), str(tmp_path / "ds"), str(free_port())],
+                       capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert len(list((tmp_path / "ds" / "checkpoint").glob("bf16_zero_pp_rank_*_optim_states.pt"))) == 2
+    converted = convert_deepspeed_checkpoint(tmp_path / "ds", tmp_path / "ds.pt", trusted=True)
+    assert against_deepspeed_universal(tmp_path / "ds", converted) == {"names": True, "weights": 0.0, "exp_avg": 0.0, "exp_avg_sq": 0.0}
+
+
 @pytest.mark.parametrize("stage", [2, 3])
 def test_lightning_deepspeed_resume_equals_uninterrupted_run(lightning_ds, stage):
     """Resumed from the strategy's checkpoint directory at update 4 of 8 (cosine schedule): the same
