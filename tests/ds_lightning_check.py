@@ -13,6 +13,7 @@ Checks:
   with the Diagnostics callback, which measures what ZeRO leaves measurable and says what not; the
   checkpoint directory, and one of DeepSpeed's bf16 optimizer (ZeRO-1, fp32 gradient
   accumulation), converted to one file, against DeepSpeed's universal-checkpoint reading of it;
+  resumed at update 4 of 8, the uninterrupted bf16 run's weights and carried state;
 - ``resume``: ZeRO-2 and ZeRO-3: 8 updates (cosine schedule with warm-up), checkpoint directory at
   update 4; a new run resumed from it ends with the uninterrupted run's weights and carried state;
   the final directory converts to one fp32 file with the module's weights; (ZeRO-2) with MLflow and
@@ -45,6 +46,7 @@ from distrnn.config import ConfigError, NetworkConfig, OptimizerConfig, TaskSpec
 from distrnn.data.loaders import StreamLoader  # noqa: E402
 from distrnn.diagnostics import Diagnostics  # noqa: E402
 from distrnn.rendezvous import host_rendezvous_on_loopback  # noqa: E402
+from distrnn.state import state_tensors  # noqa: E402
 
 try:  # the GPU image has no MLflow: there the registration check is left to the CPU suite
     from distrnn.registry import RegisterModel
@@ -211,6 +213,18 @@ def main() -> None:
         ds.trainer.save_checkpoint(d)
         converted = convert_deepspeed_checkpoint(d, a.out / f"bf16_zero{stage}.pt", trusted=True)
         result[f"bf16_zero{stage}"]["universal"] = against_deepspeed_universal(d, converted)
+
+    # bf16 resumed from the update-4 directory (bf16 weights, fp32 master weights and moments,
+    # the carried state) ends with the uninterrupted bf16 run's weights and state
+    for stage in (2, 3):
+        d = a.out / f"bf16_resume_zero{stage}"
+        full, _ = fit(a.device, stage, 8, precision="bf16-mixed", out=d)
+        resumed, _ = fit(a.device, stage, 8, precision="bf16-mixed", ckpt=d / "step=4.ckpt")
+        result[f"bf16_zero{stage}"]["resume"] = {
+            "weights": max_diff(gathered(full.model.parameters()), gathered(resumed.model.parameters())),
+            "state": max_diff(full._carry.state, resumed._carry.state),
+            "state_dtypes": sorted({str(t.dtype) for t in state_tensors(resumed._carry.state)}),
+        }
 
     # DeepSpeed's bf16 optimizer (what ZeRO-1 with bf16 weights and fp32 gradient accumulation
     # runs), whose shards are laid out otherwise: the same check

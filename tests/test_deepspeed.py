@@ -68,6 +68,8 @@ def test_lightning_deepspeed_bf16_trains_bf16_weights(lightning_ds, stage):
     # distrnn took that for the bf16 optimizer and dropped the optimizer state) converts to the
     # weights and Adam moments DeepSpeed's own universal-checkpoint converter reads from it
     assert r["universal"] == {"names": True, "weights": 0.0, "exp_avg": 0.0, "exp_avg_sq": 0.0}, r
+    # resumed from its update-4 directory: the uninterrupted bf16 run's weights and (bf16) carried state
+    assert r["resume"] == {"weights": 0.0, "state": 0.0, "state_dtypes": ["torch.bfloat16"]}, r
 
 
 def test_deepspeeds_bf16_optimizer_checkpoint_converts_with_its_optimizer_state(lightning_ds):
