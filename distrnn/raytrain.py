@@ -458,6 +458,12 @@ def storage_location(path: str) -> str:
     return path if "://" in path else str(Path(path).expanduser().resolve())
 
 
+# Ray Train (2.60) turns a worker's print into a log record and, since Ray's worker replaces
+# sys.stdout, prints it as well: every line a worker prints reached the driver twice. Off, a
+# print goes to the worker's stdout, which Ray forwards once.
+WORKER_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+
+
 def ray_trainer(loop_config: dict[str, Any], *, workers: int, resources_per_worker: dict[str, float], name: str,
                 storage: str, env: dict[str, str], **run_options: Any) -> Any:
     """The Ray Train run of :func:`train_loop_per_worker` that a job (:func:`main`) and a Tune trial
@@ -475,7 +481,8 @@ def ray_trainer(loop_config: dict[str, Any], *, workers: int, resources_per_work
         torch_config=LoopbackTorchConfig(),
         scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=loop_config["use_gpu"],
                                                resources_per_worker=resources_per_worker),
-        run_config=ray.train.RunConfig(name=name, storage_path=storage, worker_runtime_env={"env_vars": env}, **run_options),
+        run_config=ray.train.RunConfig(name=name, storage_path=storage, worker_runtime_env={"env_vars": {**env, **WORKER_ENV}},
+                                       **run_options),
     )
 
 
