@@ -161,11 +161,16 @@ class Carry:
         tensors = state_tensors(self.state)
         return tensors[0].shape[1] if tensors else None
 
-    def to(self, device: torch.device) -> "Carry":
+    def to(self, device: torch.device, dtype: Optional[torch.dtype] = None) -> "Carry":
+        """On ``device``; with ``dtype``, the floating state and history too (a state saved by a
+        run of another precision: an LSTM outside autocast refuses one of another dtype)."""
+        def move(t: Tensor) -> Tensor:
+            return t.to(device, dtype) if dtype is not None and t.is_floating_point() else t.to(device)
+
         history = self.history
         if history is not None:  # the reset mask stays on the host
-            history = {k: v if k == "reset" else v.to(device) for k, v in history.items()}
-        return Carry(map_state(lambda s: s.to(device), self.state), history)
+            history = {k: v if k == "reset" else move(v) for k, v in history.items()}
+        return Carry(map_state(move, self.state), history)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -250,6 +255,7 @@ class TBPTTModule(L.LightningModule):
             self._load_weights(str(init_weights))
         self.automatic_optimization = False
         self._carry = Carry()
+        self._carry_restored = False
         self._val_state: Optional[State] = None
         self._pending_rng: Optional[dict[str, Any]] = None
         self._grad_norm: Optional[Tensor] = None
@@ -485,7 +491,9 @@ class TBPTTModule(L.LightningModule):
         B, T = x.shape[0], x.shape[1]
         if self._carry.batch_size() not in (None, B):
             self._carry = Carry()  # a smaller last batch: its rows all start new sequences
-        self._carry = self._carry.to(self.device)
+        # a restored state takes this run's dtype (under autocast either is cast the same way)
+        self._carry = self._carry.to(self.device, self.dtype if self._carry_restored else None)
+        self._carry_restored = False
         cfg = self.tbptt_cfg
         if cfg.mode == "tbptt":
             bounds = chunk_bounds(T, cfg.k1, cfg.randomize, self.seed, batch["epoch"], batch["index"])
@@ -632,6 +640,7 @@ class TBPTTModule(L.LightningModule):
         check_carried_state(checkpoint, world)
         mine = d["ranks"][rank]
         self._carry = Carry.from_dict(mine["carry"])
+        self._carry_restored = True
         # Applied at the first training step, after Lightning's own start-up (sanity validation),
         # so the resumed run continues with the generator the original had after its last step.
         self._pending_rng = mine["rng"]

@@ -23,7 +23,7 @@ class Crash(L.Callback):
             raise RuntimeError("simulated crash")
 
 
-def _run(tmp_path, corpus, ckpt_dir, ckpt_path=None, crash_at=None, max_epochs=2, extra=()):
+def _run(tmp_path, corpus, ckpt_dir, ckpt_path=None, crash_at=None, max_epochs=2, extra=(), **trainer_kw):
     L.seed_everything(0)
     dm = ByteCorpusDataModule(path=str(corpus), batch_size=4, seq_len=24, val_fraction=0.1)
     module = make_module(dm.task, recurrence="lstm", layers=2, dropout=0.3, k1=8, k2=12, name="adamw", lr=3e-3, clip=0.5)
@@ -34,10 +34,32 @@ def _run(tmp_path, corpus, ckpt_dir, ckpt_path=None, crash_at=None, max_epochs=2
     trainer = L.Trainer(
         accelerator="cpu", max_epochs=max_epochs, logger=False, enable_progress_bar=False, enable_model_summary=False,
         callbacks=callbacks, plugins=[AtomicCheckpointIO()], limit_val_batches=2, num_sanity_val_steps=1,
-        default_root_dir=tmp_path,
+        default_root_dir=tmp_path, **trainer_kw,
     )
     trainer.fit(module, dm, ckpt_path=ckpt_path)
     return module, trainer
+
+
+def test_a_state_saved_in_bf16_resumes_in_another_precision(tmp_path):
+    """A bf16-mixed run carries its LSTM state in bf16 (so do DeepSpeed bf16 runs, converted or
+    not); resumed with precision 32-true, the LSTM refused it ("could not create a primitive
+    descriptor for the LSTM forward propagation primitive"). The restored state takes the run's
+    dtype: the resumed run ends with the weights of one resumed from the same file with the state
+    cast to float32 by hand."""
+    from distrnn.state import map_state, state_tensors
+
+    corpus = write_corpus(tmp_path / "c.txt", 4000)
+    _run(tmp_path, corpus, tmp_path / "a", max_epochs=1, max_steps=6, precision="bf16-mixed")
+    saved = load_checkpoint_file(tmp_path / "a" / "step=6.ckpt")
+    carry = saved["distrnn"]["ranks"][0]["carry"]
+    assert {t.dtype for t in state_tensors(carry["state"])} == {torch.bfloat16}
+    carry["state"] = map_state(lambda t: t.float(), carry["state"])
+    AtomicCheckpointIO().save_checkpoint(saved, tmp_path / "by_hand.ckpt")
+    resumed, trainer = _run(tmp_path, corpus, tmp_path / "b", ckpt_path=str(tmp_path / "a" / "step=6.ckpt"), max_epochs=1, max_steps=12)
+    by_hand, _ = _run(tmp_path, corpus, tmp_path / "c", ckpt_path=str(tmp_path / "by_hand.ckpt"), max_epochs=1, max_steps=12)
+    assert trainer.global_step == 12
+    for (k, a), (_, b) in zip(by_hand.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), k
 
 
 def test_resume_mid_epoch_equals_uninterrupted(tmp_path):
