@@ -199,8 +199,8 @@ def _optimizer_shard_name(d: Path) -> str:
 
 def _optimizer_shards(d: Path, client: dict[str, Any]) -> Optional[list[dict[str, Any]]]:
     """Every rank's ``optimizer_state_dict``; None without such shards or parameter shapes."""
-    world = int(client.get("dp_world_size", 1))
-    shards = [d / _optimizer_shard_name(d).format(rank=r) for r in range(world)]
+    world, name = int(client.get("dp_world_size", 1)), _optimizer_shard_name(d)
+    shards = [d / name.format(rank=r) for r in range(world)]
     if not client.get("param_shapes") or not all(f.is_file() for f in shards):
         return None
     return [torch.load(f, map_location="cpu", weights_only=False)["optimizer_state_dict"] for f in shards]  # trusted: see caller
@@ -219,13 +219,8 @@ def _bf16_optimizer_weights(d: Path, client: dict[str, Any], parts: list[dict[st
     state = dict(client.get("module") or {})
     for g, group_shapes in enumerate(client["param_shapes"]):
         flat = torch.cat([p["single_partition_of_fp32_groups"][g] for p in parts])
-        offset = 0
-        for name, shape in group_shapes.items():
-            n = math.prod(shape)
-            if offset + n > flat.numel():
-                raise CheckpointError(f"checkpoint {d}: optimizer shards hold fewer elements than parameter {name} needs")
-            state[name] = flat[offset:offset + n].reshape(tuple(shape)).clone()
-            offset += n
+        for name, shape, offset, n in _param_slices(d, group_shapes, None, flat.numel()):
+            state[name] = flat[offset:offset + n].reshape(shape).clone()
     for alias, name in (client.get("shared_params") or {}).items():
         if name in state:
             state[alias] = state[name]
@@ -253,6 +248,20 @@ def _zero_optimizer_state(d: Path, client: dict[str, Any], parts: list[dict[str,
     return None
 
 
+def _param_slices(d: Path, group_shapes: dict[str, Any], paddings: Optional[list[int]],
+                  numel: float) -> list[tuple[str, tuple[int, ...], int, int]]:
+    """(name, shape, offset, numel) of each parameter in a group's flat vector joined from the
+    ranks' shares: parameters end to end, each followed by its alignment padding (ZeRO-1/2)."""
+    slices, offset = [], 0
+    for j, (name, shape) in enumerate(group_shapes.items()):
+        n = math.prod(shape)
+        if offset + n > numel:
+            raise CheckpointError(f"checkpoint {d}: optimizer shards hold fewer elements than parameter {name} needs")
+        slices.append((name, tuple(shape), offset, n))
+        offset += n + (int(paddings[j]) if paddings else 0)
+    return slices
+
+
 def _flat_and_scalars(state: dict[str, Any]) -> tuple[list[str], dict[str, Any]]:
     flat = [k for k, v in state.items() if torch.is_tensor(v) and v.dim() == 1]
     return flat, {k: v for k, v in state.items() if k not in flat}
@@ -266,17 +275,14 @@ def _zero12_optimizer_state(d: Path, bases: list[dict[str, Any]], shapes: list[d
     for g, group_shapes in enumerate(shapes):
         keys, scalars = _flat_and_scalars(bases[0]["state"].get(g, {}))
         flat = {k: torch.cat([b["state"][g][k] for b in bases]) for k in keys}
-        offset, ids = 0, []
-        for j, (name, shape) in enumerate(group_shapes.items()):
-            n = math.prod(shape)
-            if any(offset + n > t.numel() for t in flat.values()):
-                raise CheckpointError(f"checkpoint {d}: optimizer shards hold fewer elements than parameter {name} needs")
+        ids = []
+        numel = min((t.numel() for t in flat.values()), default=math.inf)
+        for _, shape, offset, n in _param_slices(d, group_shapes, paddings[g] if paddings else None, numel):
             if keys or scalars:  # (no state before the first step)
                 state[index] = {**{k: _copy(v) for k, v in scalars.items()},
-                                **{k: t[offset:offset + n].reshape(tuple(shape)).clone() for k, t in flat.items()}}
+                                **{k: t[offset:offset + n].reshape(shape).clone() for k, t in flat.items()}}
             ids.append(index)
             index += 1
-            offset += n + (int(paddings[g][j]) if paddings else 0)
         groups.append({**{k: v for k, v in bases[0]["param_groups"][g].items() if k != "params"}, "params": ids})
     return {"state": state, "param_groups": groups}
 

@@ -491,11 +491,13 @@ class TBPTTModule(L.LightningModule):
         B, T = x.shape[0], x.shape[1]
         if self._carry.batch_size() not in (None, B):
             self._carry = Carry()  # a smaller last batch: its rows all start new sequences
-        # a restored state takes this run's weights' dtype (under autocast either is cast the same
-        # way; DeepSpeed casts the weights itself, so Lightning's self.dtype may not say it)
-        dtype = next((p.dtype for p in self.model.parameters() if p.is_floating_point()), None)
-        self._carry = self._carry.to(self.device, dtype if self._carry_restored else None)
-        self._carry_restored = False
+        dtype = None
+        if self._carry_restored:
+            # a restored state takes this run's weights' dtype (under autocast either is cast the
+            # same way; DeepSpeed casts the weights itself, so Lightning's self.dtype may not say it)
+            dtype = next((p.dtype for p in self.model.parameters() if p.is_floating_point()), None)
+            self._carry_restored = False
+        self._carry = self._carry.to(self.device, dtype)
         cfg = self.tbptt_cfg
         if cfg.mode == "tbptt":
             bounds = chunk_bounds(T, cfg.k1, cfg.randomize, self.seed, batch["epoch"], batch["index"])
