@@ -24,14 +24,11 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.plugins.io import CheckpointIO
 
-from distrnn.checkpoint import (
-    AtomicCheckpointIO,
-    Checkpoint,
-    CheckpointError,
+from distrnn.checkpoint import AtomicCheckpointIO, Checkpoint, CheckpointOnSigterm, deepspeed_strategy
+from distrnn.checkpoint_files import (
     TRUST_FLAG,
-    CheckpointOnSigterm,
+    CheckpointError,
     check_deepspeed_checkpoint,
-    deepspeed_strategy,
     is_deepspeed_checkpoint,
     load_checkpoint_file,
 )

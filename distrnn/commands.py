@@ -14,7 +14,7 @@ OWN_COMMANDS = {
     "generate": ("distrnn.generate", "main", "sample text from a checkpoint or a registered model"),
     "download": ("distrnn.data.download", "main", "a public corpus"),
     "tokenize": ("distrnn.data.tokenizer", "main", "text files to token ids with a tokenizer.json"),
-    "convert-checkpoint": ("distrnn.checkpoint", "convert_main", "a DeepSpeed directory to one file"),
+    "convert-checkpoint": ("distrnn.checkpoint_files", "convert_main", "a DeepSpeed directory to one file"),
     "runs": ("distrnn.runs", "main", "compare: an experiment's MLflow runs side by side"),
 }
 

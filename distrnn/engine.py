@@ -21,7 +21,8 @@ import torch
 from torch import Tensor
 
 from distrnn.bptt import LN2, chunk_bounds, loss_sum, run_window
-from distrnn.checkpoint import CheckpointError, deepspeed_strategy, load_checkpoint_file
+from distrnn.checkpoint import deepspeed_strategy
+from distrnn.checkpoint_files import CheckpointError, load_checkpoint_file
 from distrnn.config import (
     ConfigError,
     NetworkConfig,

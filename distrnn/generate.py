@@ -9,24 +9,35 @@ from typing import Any, Optional
 
 import torch
 
-from distrnn.checkpoint import CheckpointError, load_checkpoint_file
-from distrnn.engine import TBPTTModule
+from distrnn.checkpoint_files import CheckpointError, load_checkpoint_file
+from distrnn.config import ConfigError, NetworkConfig, TaskSpec, coerce
+from distrnn.model import RecurrentModel
 
 
-def module_from_checkpoint(ckpt: dict, path: str) -> TBPTTModule:
+def model_from_checkpoint(ckpt: dict, path: str) -> RecurrentModel:
+    """The trained network of a distrnn checkpoint, built from its hyperparameters without the
+    training module (and without Lightning)."""
     hp = ckpt.get("hyper_parameters")
-    if not isinstance(hp, dict):
-        raise CheckpointError(f"checkpoint {path}: no hyper_parameters")
-    module = TBPTTModule(**hp)
-    module.load_state_dict(ckpt["state_dict"])
-    return module.eval()
+    if not isinstance(hp, dict) or not isinstance(hp.get("network"), dict) or not isinstance(hp.get("task"), dict):
+        raise CheckpointError(f"checkpoint {path}: no hyper_parameters with a network and a task: not a distrnn checkpoint")
+    try:
+        model = RecurrentModel(coerce(NetworkConfig, hp["network"]), coerce(TaskSpec, hp["task"]))
+    except ConfigError as e:
+        raise CheckpointError(f"checkpoint {path}: its hyperparameters do not build a network: {e}") from None
+    weights = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as e:
+        raise CheckpointError(f"checkpoint {path}: its weights do not fit its network: {str(e).strip().splitlines()[0]}") from None
+    return model.eval()
 
 
-def load_module(path: str) -> TBPTTModule:
-    return module_from_checkpoint(load_checkpoint_file(path), path)
+def load_model(path: str) -> RecurrentModel:
+    """The network of the distrnn checkpoint file at ``path`` (or one ``distrnn convert-checkpoint`` wrote)."""
+    return model_from_checkpoint(load_checkpoint_file(path), path)
 
 
-def load_registered(uri: str) -> torch.nn.Module:
+def load_registered(uri: str) -> RecurrentModel:
     """The RecurrentModel of a model in the MLflow registry (``models:/NAME/VERSION``)."""
     import mlflow
 
@@ -42,7 +53,7 @@ def sample(module: Any, prompt_ids: list[int], length: int, temperature: float =
            seed: int = 0) -> list[int]:
     """``length`` ids sampled after ``prompt_ids`` (at least one), which stream through the model
     one step at a time, the way text would arrive."""
-    model = getattr(module, "model", module)  # a TBPTTModule or a RecurrentModel from the registry
+    model = getattr(module, "model", module)  # a RecurrentModel, or a training module around one
     g = torch.Generator().manual_seed(seed)
     state = None
     logits = None
@@ -85,11 +96,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     if a.length < 0:
         p.error("--length must be >= 0")
     try:
-        module = load_module(a.checkpoint) if a.checkpoint else load_registered(a.model)
+        model = load_model(a.checkpoint) if a.checkpoint else load_registered(a.model)
     except CheckpointError as e:
         print(f"distrnn: error: {e}", file=sys.stderr)
         return 2
-    task = module.task
+    task = model.task
     source = a.checkpoint or a.model
     if task.kind != "language_model":
         return _error(f"{source}: a {task.kind} model, not a language model: generate writes text")
@@ -100,7 +111,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         if a.tokenizer or a.eot is not None:
             flag = "--tokenizer" if a.tokenizer else "--eot"
             return _error(f"{flag}: {source} is a byte-level model; it reads and writes bytes, without a tokenizer")
-        text = generate(module, a.prompt.encode(), a.length, a.temperature, a.top_k, a.seed)
+        text = generate(model, a.prompt.encode(), a.length, a.temperature, a.top_k, a.seed)
         sys.stdout.write(a.prompt + text.decode("utf-8", errors="replace") + "\n")
         return 0
     if not a.tokenizer:
@@ -119,7 +130,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     prompt_ids = ([] if eot is None else [eot]) + tokenizer.encode(a.prompt, add_special_tokens=False).ids
     if not prompt_ids:
         return _error("--prompt: empty, and the tokenizer has no end-of-text token to start from (--eot)")
-    ids = sample(module, prompt_ids, a.length, a.temperature, a.top_k, a.seed)
+    ids = sample(model, prompt_ids, a.length, a.temperature, a.top_k, a.seed)
     sys.stdout.write(a.prompt + tokenizer.decode(ids, skip_special_tokens=False) + "\n")
     return 0
 

@@ -243,7 +243,7 @@ def fit_from_ray_checkpoint(cli: Any, checkpoint: Any, same_run: bool = True) ->
     """``trainer.fit`` from a Ray checkpoint when there is one (restart, restore), else from scratch.
     ``same_run``: log into the MLflow run recorded in the checkpoint (a restarted job); False when
     the checkpoint may be another trial's (PBT), whose run is not this one's."""
-    from distrnn.checkpoint import check_deepspeed_checkpoint, is_deepspeed_checkpoint, load_checkpoint_file
+    from distrnn.checkpoint_files import check_deepspeed_checkpoint, is_deepspeed_checkpoint, load_checkpoint_file
     from distrnn.tracking import continue_run
 
     if checkpoint is None:

@@ -20,7 +20,9 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_only
 
-from distrnn.checkpoint import convert_deepspeed_checkpoint, deepspeed_strategy, is_deepspeed_checkpoint, load_checkpoint_file
+from distrnn.checkpoint import deepspeed_strategy
+from distrnn.checkpoint_files import convert_deepspeed_checkpoint, is_deepspeed_checkpoint
+from distrnn.generate import load_model
 
 
 def example_input(task: Any, T: int = 16) -> torch.Tensor:
@@ -41,8 +43,9 @@ class Predictor(torch.nn.Module):
         return self.model(x)[0]
 
 
-def log_and_register(module: LightningModule, run_id: str, name: str) -> Any:
-    """Log ``module.model`` (eval mode, on CPU) to ``run_id`` as ``model`` and register it as ``name``."""
+def log_and_register(model: torch.nn.Module, run_id: str, name: str) -> Any:
+    """Log the RecurrentModel ``model`` (a copy in eval mode, on CPU) to ``run_id`` as ``model``
+    and register it as ``name``."""
     import copy
 
     import mlflow
@@ -51,8 +54,8 @@ def log_and_register(module: LightningModule, run_id: str, name: str) -> Any:
 
     import distrnn
 
-    predictor = Predictor(copy.deepcopy(module.model).cpu().eval())
-    x = example_input(module.task)
+    predictor = Predictor(copy.deepcopy(model).cpu().eval())
+    x = example_input(model.task)
     with torch.no_grad():
         y = predictor(x)
     # any batch and any length (an inferred signature would fix the example's length)
@@ -86,8 +89,6 @@ class RegisterModel(Callback):
         logger = trainer.logger
         if not isinstance(logger, MLFlowLogger) or not logger.run_id:
             return
-        from distrnn.generate import module_from_checkpoint
-
         best = getattr(trainer.checkpoint_callback, "best_model_path", "") if trainer.checkpoint_callback else ""
         if best and is_deepspeed_checkpoint(best):
             # this run's own DeepSpeed directory (shards, no loadable module): its weights as one
@@ -99,8 +100,8 @@ class RegisterModel(Callback):
                   " partitioned across ranks; keep checkpoints (checkpoint.every_n_train_steps) to register the best",
                   flush=True)
             return
-        module = module_from_checkpoint(load_checkpoint_file(best), best) if best else pl_module
-        info = log_and_register(module, logger.run_id, self.name)
+        model = load_model(best) if best else pl_module.model
+        info = log_and_register(model, logger.run_id, self.name)
         self.version = str(info.registered_model_version)
         print(f"distrnn: registered {'the best checkpoint ' + best if best else 'the final weights'} as "
               f"models:/{self.name}/{self.version}")

@@ -41,7 +41,7 @@ from lightning.pytorch.strategies import DeepSpeedStrategy
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from helpers import ListDataModule, against_deepspeed_universal  # noqa: E402
 
-from distrnn.checkpoint import convert_deepspeed_checkpoint  # noqa: E402
+from distrnn.checkpoint_files import convert_deepspeed_checkpoint  # noqa: E402
 from distrnn.config import ConfigError, NetworkConfig, OptimizerConfig, TaskSpec, TBPTTConfig  # noqa: E402
 from distrnn.data.loaders import StreamLoader  # noqa: E402
 from distrnn.diagnostics import Diagnostics  # noqa: E402

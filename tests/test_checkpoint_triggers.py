@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from conftest import cli, write_corpus
-from distrnn.checkpoint import AtomicCheckpointIO, Checkpoint, CheckpointOnSigterm, load_checkpoint_file
+from distrnn.checkpoint import AtomicCheckpointIO, Checkpoint, CheckpointOnSigterm
+from distrnn.checkpoint_files import load_checkpoint_file
 
 # 2 updates per batch (k1 16, sequences of 32); validation after every 10th batch (update 20)
 CONFIG = """

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import mlflow
 import numpy as np
@@ -117,17 +118,22 @@ def test_help_names_every_command_and_each_answers_its_own_help(capsys):
     assert code == 2 and all(name in err for name in own + ["fit"]) and len(err.strip().splitlines()) == 1, err
 
 
-def test_own_commands_start_without_lightning(tmp_path):
-    """The installed `distrnn` script runs download, tokenize and runs without importing Lightning
-    (their --help took ~5.5 s, ~3 s of it Lightning's CLI and the data modules; now 1.4-2.9 s);
-    fit still gets LightningCLI."""
+def run_installed(*args: str, cwd: Optional[Path] = None) -> tuple[subprocess.CompletedProcess, set[str]]:
+    """The installed `distrnn` script run with ``args``, and the modules it imported."""
     script = Path(sys.executable).parent / "distrnn"
     assert script.is_file(), "the distrnn console script is not installed beside this Python"
     env = {**os.environ, "PYTHONPROFILEIMPORTTIME": "1"}  # every import, on stderr
-    for name in ("download", "tokenize", "runs", "fit"):
-        r = subprocess.run([str(script), name, "--help"], capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
+    r = subprocess.run([str(script), *args], capture_output=True, text=True, timeout=120, env=env, cwd=cwd)
+    return r, {line.rsplit("|", 1)[-1].strip() for line in r.stderr.splitlines() if line.startswith("import time:")}
+
+
+def test_own_commands_start_without_lightning(tmp_path):
+    """The installed `distrnn` script runs its own commands without importing Lightning (their
+    --help took ~4-5.5 s, ~3 s of it Lightning's CLI and the data modules; now ~1.4-2.9 s); fit
+    still gets LightningCLI. (`generate` on a checkpoint: test_fit_logs_one_run_to_mlflow_and_generates.)"""
+    for name in ("download", "tokenize", "runs", "generate", "convert-checkpoint", "fit"):
+        r, imported = run_installed(name, "--help", cwd=tmp_path)
         assert r.returncode == 0 and r.stdout.startswith("usage: distrnn"), (name, r.stdout[:300], r.stderr[-1000:])
-        imported = {line.rsplit("|", 1)[-1].strip() for line in r.stderr.splitlines() if line.startswith("import time:")}
         assert ("lightning" in imported) == (name == "fit"), (name, sorted(m for m in imported if "lightning" in m)[:5])
 
 
@@ -223,6 +229,10 @@ def test_fit_logs_one_run_to_mlflow_and_generates(job, capsys):
     code, out, err = cli(capsys, "generate", "--checkpoint", str(ckpt), "--prompt", "the cat", "--length", "40")
     assert code == 0, err
     assert out.startswith("the cat") and len(out.encode()) >= 40
+    # the installed command samples the same text, without importing Lightning or the training module
+    r, imported = run_installed("generate", "--checkpoint", str(ckpt), "--prompt", "the cat", "--length", "40")
+    assert r.returncode == 0 and r.stdout == out, r.stderr[-2000:]
+    assert not {"lightning", "distrnn.engine"} & imported, sorted(m for m in imported if "lightning" in m)[:5]
     code, _, err = cli(capsys, "generate", "--checkpoint", "nope.ckpt")
     assert code == 2 and "nope.ckpt" in err
     for flag, value in (("--tokenizer", "tok.json"), ("--eot", "none")):  # token-model options, one line
@@ -372,7 +382,7 @@ def test_ckpt_path_last_and_best_find_the_newest_checkpoint_of_the_experiment(jo
     """Each run checkpoints into its own folder, so Lightning's own `last` (the new run's empty
     folder) found nothing and quietly started a new run. distrnn looks through the experiment's
     runs: the first job starts afresh, the second continues its run and checkpoint."""
-    from distrnn.checkpoint import load_checkpoint_file
+    from distrnn.checkpoint_files import load_checkpoint_file
 
     code, _, err = cli(capsys, "fit", "--config", str(job), "--trainer.max_steps", "10", "--ckpt_path", "last")
     assert code == 0, err[-3000:]
@@ -398,7 +408,7 @@ def test_ckpt_path_last_and_best_find_the_newest_checkpoint_of_the_experiment(jo
 
 
 def test_init_weights_starts_a_new_run_from_a_checkpoints_weights(job, capsys):
-    from distrnn.checkpoint import load_checkpoint_file
+    from distrnn.checkpoint_files import load_checkpoint_file
     from distrnn.engine import TBPTTModule
 
     code, _, err = cli(capsys, "fit", "--config", str(job), "--trainer.max_steps", "10")
@@ -503,7 +513,7 @@ def test_predict_writes_forecasts_in_the_tables_units(tmp_path, capsys):
     hand on that window, standardized and back with numpy's float64 statistics of the training rows."""
     import numpy as np
 
-    from distrnn.generate import load_module
+    from distrnn.generate import load_model
 
     table, args = _forecasting_job(capsys)
     code, out, err = cli(capsys, "predict", *args, "--ckpt_path", "ck/last.ckpt")
@@ -512,7 +522,7 @@ def test_predict_writes_forecasts_in_the_tables_units(tmp_path, capsys):
     written = torch.load("predictions.pt", weights_only=True)
     assert written["task"] == "regression" and written["world_size"] == 1
 
-    module = load_module("ck/last.ckpt")
+    model = load_model("ck/last.ckpt")
     x, y = table[["a", "b"]].to_numpy(), table[["b"]].to_numpy()
     split = int(600 * 0.8)
     zx = (x - x[:split].mean(0)) / x[:split].std(0, ddof=1)
@@ -523,7 +533,7 @@ def test_predict_writes_forecasts_in_the_tables_units(tmp_path, capsys):
     with torch.no_grad():
         for i, s0 in enumerate(starts):
             window = torch.tensor(zx[s0:s0 + 16][None], dtype=torch.float32)
-            z, _ = module.model(window)
+            z, _ = model(window)
             expected = z[0, :, 0].double().numpy() * y[:split].std(ddof=1) + y[:split].mean()
             np.testing.assert_allclose(got[i, :, 0].numpy(), expected, rtol=0, atol=1e-4)
             np.testing.assert_allclose(targets[i, :, 0].numpy(), y[s0 + 2:s0 + 18, 0], rtol=0, atol=1e-4)
@@ -566,7 +576,7 @@ def test_two_ranks_evaluate_and_predict_every_window_like_one_process(tmp_path, 
 def test_predict_carries_the_state_along_each_stream(job, capsys):
     """For a byte corpus, predictions come chunk by chunk with the state carried: they equal one
     pass of the model over each whole validation stream."""
-    from distrnn.generate import load_module
+    from distrnn.generate import load_model
 
     code, _, err = cli(capsys, "fit", "--config", str(job), "--trainer.max_steps", "6", "--trainer.logger", "false")
     assert code == 0, err[-3000:]
@@ -579,7 +589,7 @@ def test_predict_carries_the_state_along_each_stream(job, capsys):
     mask = torch.cat([b["mask"] for b in batches], dim=1)
     targets = torch.cat([b["target"] for b in batches], dim=1)
     probability = torch.cat([b["probability"] for b in batches], dim=1)
-    module = load_module(str(ckpt))
+    model = load_model(str(ckpt))
     text = torch.tensor(list(Path("corpus.txt").read_bytes()))
     val = text[len(text) - max(2, int(len(text) * 0.05)):]  # ByteCorpusDataModule's default split
     rows = predicted.shape[0]
@@ -590,7 +600,7 @@ def test_predict_carries_the_state_along_each_stream(job, capsys):
         for r, length in enumerate(lengths):
             stream = val[start:start + length + 1]
             start += length
-            logits, _ = module.model(stream[None, :-1])
+            logits, _ = model(stream[None, :-1])
             p, k = torch.softmax(logits[0], -1).max(-1)
             assert int(mask[r].sum()) == length
             assert torch.equal(targets[r, :length], stream[1:])

@@ -98,7 +98,7 @@ def test_ddp_resume_restores_every_ranks_state_and_reshards_exactly(tmp_path, lo
     stream's hidden state and TBPTT history moves to the rank that reads it next. Resharded for
     another global batch instead, the run goes on at the same fraction of the epoch from a zero
     state."""
-    from distrnn.checkpoint import load_checkpoint_file
+    from distrnn.checkpoint_files import load_checkpoint_file
     from distrnn.engine import reshard_checkpoint
 
     ref = _fit_ckpt(tmp_path, loopback_rendezvous, 16)

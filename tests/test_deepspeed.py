@@ -92,7 +92,7 @@ def test_a_two_rank_bf16_optimizer_checkpoint_joins_like_deepspeeds_own_converte
     pytest.importorskip("deepspeed")
     from helpers import against_deepspeed_universal
 
-    from distrnn.checkpoint import convert_deepspeed_checkpoint
+    from distrnn.checkpoint_files import convert_deepspeed_checkpoint
 
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO)}
     r = subprocess.run([sys.executable, str(REPO / "tests" / "ds_bf16_two_ranks.py"), str(tmp_path / "ds"), str(free_port())],
@@ -142,8 +142,8 @@ def test_convert_deepspeed_checkpoint_to_one_fp32_file(ds_checkpoint, tmp_path):
     sidecar included), that generates with the module's logits."""
     import torch
 
-    from distrnn.checkpoint import load_checkpoint_file
-    from distrnn.generate import load_module
+    from distrnn.checkpoint_files import load_checkpoint_file
+    from distrnn.generate import load_model
 
     out = tmp_path / "model.ckpt"
     r = _convert(ds_checkpoint, out, "--trust_deepspeed_checkpoint", "true")
@@ -159,11 +159,11 @@ def test_convert_deepspeed_checkpoint_to_one_fp32_file(ds_checkpoint, tmp_path):
     assert not {"ds_config", "optimizer", "param_shapes"} & set(ckpt)
     (adam,) = ckpt["optimizer_states"]  # one state per parameter, shaped like it
     assert [tuple(s["exp_avg"].shape) for s in adam["state"].values()] == [tuple(v.shape) for v in expected.values()]
-    module = load_module(str(out))
-    reference = load_module(str(out))
-    reference.load_state_dict(expected)
+    model = load_model(str(out))
+    reference = load_model(str(out))
+    reference.load_state_dict({k.removeprefix("model."): v for k, v in expected.items()})
     x = torch.randint(0, 50, (2, 16))
-    assert torch.equal(module.model(x)[0], reference.model(x)[0])
+    assert torch.equal(model(x)[0], reference(x)[0])
 
 
 def test_deepspeed_checkpoint_needs_the_trust_flag_and_every_shard(ds_checkpoint, tmp_path, capsys):
@@ -174,7 +174,7 @@ def test_deepspeed_checkpoint_needs_the_trust_flag_and_every_shard(ds_checkpoint
     import shutil
 
     from conftest import cli
-    from distrnn.checkpoint import convert_main
+    from distrnn.checkpoint_files import convert_main
 
     out = tmp_path / "model.ckpt"
     assert convert_main([str(ds_checkpoint), str(out)]) == 2

@@ -148,7 +148,7 @@ def _assert_zero_checkpoint_of_2_ranks_equals(ckpt: Path, two_workers, stage: in
     both ranks' carried state) that, converted to one file, holds the weights of the two_workers
     DDP job's last checkpoint (ZeRO updates equal plain ones: 1e-5) and its optimizer state, joined
     from the two shards (what a resume without DeepSpeed reads)."""
-    from distrnn.checkpoint import convert_deepspeed_checkpoint
+    from distrnn.checkpoint_files import convert_deepspeed_checkpoint
 
     ddp = torch.load(_latest_ray_checkpoint(two_workers[0] / "store", "two"), map_location="cpu", weights_only=True)
     assert ckpt.is_dir() and len(list(ckpt.glob("checkpoint/zero_pp_rank_*_optim_states.pt"))) == 2, sorted(ckpt.rglob("*"))

@@ -6,7 +6,8 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint
 
-from distrnn.checkpoint import AtomicCheckpointIO, CheckpointError, load_checkpoint_file
+from distrnn.checkpoint import AtomicCheckpointIO
+from distrnn.checkpoint_files import CheckpointError, load_checkpoint_file
 from distrnn.data import ByteCorpusDataModule
 from distrnn.engine import TBPTTModule, Carry
 
@@ -188,7 +189,7 @@ def test_mapped_loads_equal_read_ones_and_stay_safe(tmp_path):
     """What distrnn reads of a checkpoint before Lightning loads it (the MLflow run, carried state,
     best path) is loaded mapped, not read twice: the same contents; a file in torch's legacy
     format (which cannot be mapped) still loads; a pickle that runs code is still refused."""
-    from distrnn.checkpoint import load_checkpoint_file
+    from distrnn.checkpoint_files import load_checkpoint_file
 
     ckpt = {"state_dict": {"w": torch.randn(1000), "b": torch.arange(3)}, "global_step": 7, "distrnn": {"ranks": [1]}}
     AtomicCheckpointIO().save_checkpoint(ckpt, tmp_path / "z.ckpt")

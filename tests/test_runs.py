@@ -85,13 +85,13 @@ def test_registered_model_round_trips(two_runs, capsys, monkeypatch):
     """Loaded from the registry, the model gives the outputs and final state of the checkpoint it
     came from, MLflow's pyfunc flavor (what `mlflow models serve` answers) predicts those outputs,
     and `distrnn generate --model` samples exactly what `--checkpoint` samples."""
-    from distrnn.generate import load_module
+    from distrnn.generate import load_model
 
     two_runs, store = two_runs
     mlflow.set_tracking_uri(store)
     run = mlflow.search_runs(experiment_names=["cmp"], filter_string="tags.mlflow.runName = 'small'").iloc[0]
     best = next(p for p in (two_runs / "checkpoints").rglob("best-*.ckpt") if run["run_id"] in str(p))
-    reference = load_module(str(best)).model
+    reference = load_model(str(best))
     loaded = mlflow.pytorch.load_model("models:/tiny-byte/1", map_location="cpu").model.eval()
     x = torch.randint(0, 256, (3, 40))
     with torch.no_grad():

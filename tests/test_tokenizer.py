@@ -115,7 +115,7 @@ def test_a_tokenized_corpus_trains_and_generates_text_through_its_tokenizer(tmp_
     model without a tokenizer are refused in one line."""
     import torch
 
-    from distrnn.generate import load_module, sample
+    from distrnn.generate import load_model, sample
 
     text = write_corpus(tmp_path / "c.txt", 30_000).read_text()
     tok = _train_tokenizer(tmp_path / "tok.json", text)
@@ -143,7 +143,7 @@ model:
     assert code == 0, err
     prompt = [eot] + tok.encode("the cat", add_special_tokens=False).ids
     torch.manual_seed(123)  # sampling uses its own generator, not the global one
-    by_hand = sample(load_module(str(ckpt)), prompt, 12, temperature=0.8, seed=3)
+    by_hand = sample(load_model(str(ckpt)), prompt, 12, temperature=0.8, seed=3)
     assert out == "the cat" + tok.decode(by_hand, skip_special_tokens=False) + "\n"
     assert cli(capsys, *args)[1] == out
 
