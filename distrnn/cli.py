@@ -130,6 +130,19 @@ def _check_devices(trainer_cfg: dict[str, Any]) -> None:
             fail(f"trainer.devices: {n} GPUs asked for, this machine has {count}")
 
 
+def _check_strategy(trainer_cfg: dict[str, Any]) -> None:
+    """A strategy name Lightning does not know, refused naming the key and the names that train a
+    distrnn module (Lightning's message named neither)."""
+    strategy = trainer_cfg.get("strategy")
+    if not isinstance(strategy, str) or strategy == "auto":
+        return
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    if strategy not in StrategyRegistry.available_strategies():
+        fail(f"trainer.strategy: unknown strategy {strategy!r}; use auto, ddp, deepspeed_stage_1, deepspeed_stage_2,"
+             " deepspeed_stage_3, deepspeed_stage_3_offload or another name in Lightning's StrategyRegistry")
+
+
 def _check_manual_optimization(trainer_cfg: dict[str, Any]) -> None:
     """Trainer options that Lightning refuses for a manually optimized module (the TBPTT engine),
     with a traceback from inside fit: refused here, with what to set instead."""
@@ -251,6 +264,7 @@ class DistrnnCLI(LightningCLI):
         for key, value in extra.items():
             trainer_cfg[key] = value
         _check_devices(trainer_cfg)
+        _check_strategy(trainer_cfg)
         _check_manual_optimization(trainer_cfg)
         if trainer_cfg.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
             callbacks.append(EpochProgressBar())

@@ -60,7 +60,7 @@ def job(tmp_path):
         (["--model.network.recurrence", "nope"], "model.network.recurrence"),
         (["--model.optimizer.lr", "-1"], "model.optimizer.lr"),
         (["--trainer.accelerator", "cpu", "--trainer.devices", "64"], "trainer.devices"),
-        (["--trainer.strategy", "bogus"], "strategy"),
+        (["--trainer.strategy", "bogus"], "trainer.strategy: unknown strategy 'bogus'; use auto, ddp, deepspeed_stage_1"),
         (["--trainer.gradient_clip_val", "1.0"], "trainer.gradient_clip_val: distrnn clips in its own update; set model.optimizer.clip_norm"),
         (["--trainer.accumulate_grad_batches", "2"], "trainer.accumulate_grad_batches: not supported"),
         # another library's class refusing its arguments: the class and its own error, not
