@@ -102,7 +102,23 @@ def _key_line(message: str) -> str:
     if cause:
         classes = list(dict.fromkeys(re.findall(r"class_path='([\w.]+)'", message)))  # the refused one among them
         return f"{classes[0] if len(classes) == 1 else 'one of ' + ', '.join(classes)}: {cause}" if classes else cause
-    return message.strip().splitlines()[0] if message.strip() else "invalid configuration"
+    first = message.strip().splitlines()[0] if message.strip() else "invalid configuration"
+    # Lightning's Trainer names its own argument (`max_steps` must be ..., invalid value -1 for
+    # limit_val_batches, `Timer(duration='x')` ...): the key a user sets is trainer.<argument>
+    m = _TRAINER_ARGUMENT.search(first)
+    name = m and ("max_time" if m.group(3) else m.group(1) or m.group(2))
+    return f"trainer.{name}: {first}" if name in _trainer_arguments() else first
+
+
+# `max_steps` must be ..., invalid value -1 for limit_val_batches, ..., `Timer(duration='x')` (max_time)
+_TRAINER_ARGUMENT = re.compile(r"^`(\w+)` must be|invalid value \S+ for (\w+),|^`(Timer)\(duration=")
+
+
+@functools.lru_cache(maxsize=1)
+def _trainer_arguments() -> frozenset[str]:
+    import inspect
+
+    return frozenset(inspect.signature(Trainer.__init__).parameters)
 
 
 def _check_devices(trainer_cfg: dict[str, Any]) -> None:
@@ -128,6 +144,16 @@ def _check_devices(trainer_cfg: dict[str, Any]) -> None:
         count = torch.cuda.device_count()
         if n > count:
             fail(f"trainer.devices: {n} GPUs asked for, this machine has {count}")
+
+
+def _check_validation_schedule(trainer_cfg: dict[str, Any]) -> None:
+    """Values Lightning accepts and then divides by, deep inside fit (ZeroDivisionError)."""
+    interval, every = trainer_cfg.get("val_check_interval"), trainer_cfg.get("check_val_every_n_epoch")
+    if isinstance(interval, int) and not isinstance(interval, bool) and interval <= 0:
+        fail(f"trainer.val_check_interval: {interval} batches; validate every N >= 1 training batches, or give a"
+             " fraction of an epoch (0.25), or set trainer.limit_val_batches: 0 to skip validation")
+    if every is not None and every < 1:
+        fail(f"trainer.check_val_every_n_epoch: must be >= 1 or null (count val_check_interval across epochs), got {every}")
 
 
 def _check_strategy(trainer_cfg: dict[str, Any]) -> None:
@@ -265,6 +291,7 @@ class DistrnnCLI(LightningCLI):
             trainer_cfg[key] = value
         _check_devices(trainer_cfg)
         _check_strategy(trainer_cfg)
+        _check_validation_schedule(trainer_cfg)
         _check_manual_optimization(trainer_cfg)
         if trainer_cfg.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
             callbacks.append(EpochProgressBar())

@@ -61,6 +61,12 @@ def job(tmp_path):
         (["--model.optimizer.lr", "-1"], "model.optimizer.lr"),
         (["--trainer.accelerator", "cpu", "--trainer.devices", "64"], "trainer.devices"),
         (["--trainer.strategy", "bogus"], "trainer.strategy: unknown strategy 'bogus'; use auto, ddp, deepspeed_stage_1"),
+        # Lightning divided by these inside fit (ZeroDivisionError); its own refusals name the key too
+        (["--trainer.val_check_interval", "0"], "trainer.val_check_interval: 0 batches; validate every N >= 1"),
+        (["--trainer.check_val_every_n_epoch", "0"], "trainer.check_val_every_n_epoch: must be >= 1 or null"),
+        (["--trainer.max_steps", "-5"], "trainer.max_steps: `max_steps` must be a non-negative integer or -1"),
+        (["--trainer.limit_val_batches", "-1"], "trainer.limit_val_batches: You have passed invalid value -1.0"),
+        (["--trainer.max_time", "xyz"], "trainer.max_time: `Timer(duration='xyz')` is not a valid duration"),
         (["--trainer.gradient_clip_val", "1.0"], "trainer.gradient_clip_val: distrnn clips in its own update; set model.optimizer.clip_norm"),
         (["--trainer.accumulate_grad_batches", "2"], "trainer.accumulate_grad_batches: not supported"),
         # another library's class refusing its arguments: the class and its own error, not
