@@ -196,12 +196,19 @@ DESCRIPTION = (
 )
 
 
+# (`--optimizer X`, or an optimizer: key in a config file)
+_LIGHTNING_OPTIMIZER_KEY = re.compile(r"(unrecognized arguments:.*--|does not accept option ')(optimizer|lr_scheduler)\b")
+
+
 class _Parser(LightningArgumentParser):
     """Bad input: one line naming the key, exit code 2 (not argparse's usage block)."""
 
     def error(self, message: str, ex: Optional[Exception] = None) -> NoReturn:
         if not getattr(self, "exit_on_error", True):  # jsonargparse tries alternatives internally
             super().error(message, ex)
+        if _LIGHTNING_OPTIMIZER_KEY.search(str(message)):
+            fail("optimizer, lr_scheduler: LightningCLI's keys are off in distrnn; the optimizer and its schedule are"
+                 " model.optimizer (name: adamw|adam|sgd, lr, weight_decay, schedule: constant|cosine, warmup_updates)")
         lines = [ln.strip() for ln in str(message).splitlines() if ln.strip()]
         keys = [ln for ln in lines if ln.startswith("Parser key") or "not accepted" in ln or "Expected" in ln]
         fail(" ".join(keys[:3]) if keys else " ".join(lines[:2]))
@@ -260,6 +267,10 @@ class DistrnnCLI(LightningCLI):
             save_config_callback=LogConfigToMLflow,
             save_config_kwargs={"save_to_log_dir": False},
             parser_kwargs={"default_env": False, "description": DESCRIPTION},
+            # the optimizer and schedule are model.optimizer, applied in the TBPTT module's own
+            # update: LightningCLI's top-level optimizer/lr_scheduler keys replaced the module's
+            # configure_optimizers (an SGD without the schedule crashed; a scheduler was ignored)
+            auto_configure_optimizers=False,
             args=args,
             **kwargs,
         )

@@ -67,6 +67,9 @@ def job(tmp_path):
         (["--trainer.max_steps", "-5"], "trainer.max_steps: `max_steps` must be a non-negative integer or -1"),
         (["--trainer.limit_val_batches", "-1"], "trainer.limit_val_batches: You have passed invalid value -1.0"),
         (["--trainer.max_time", "xyz"], "trainer.max_time: `Timer(duration='xyz')` is not a valid duration"),
+        # LightningCLI's own optimizer keys replaced the module's update (SGD: AttributeError inside fit)
+        (["--optimizer", "torch.optim.SGD", "--optimizer.lr", "0.1"], "optimizer, lr_scheduler: LightningCLI's keys are off"),
+        (["--lr_scheduler", "torch.optim.lr_scheduler.StepLR"], "the optimizer and its schedule are model.optimizer"),
         (["--trainer.gradient_clip_val", "1.0"], "trainer.gradient_clip_val: distrnn clips in its own update; set model.optimizer.clip_norm"),
         (["--trainer.accumulate_grad_batches", "2"], "trainer.accumulate_grad_batches: not supported"),
         # another library's class refusing its arguments: the class and its own error, not
