@@ -59,6 +59,10 @@ def load_checkpoint_file(path: str | os.PathLike, map_location: Any = "cpu", tra
     if not p.is_file():
         raise CheckpointError(f"checkpoint {p}: no such file")
     verify_checksum(p)
+    if p.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint {p}: empty file")
+    if not _looks_like_torch_save(p):
+        raise CheckpointError(f"checkpoint {p}: not a PyTorch checkpoint file (neither torch.save's zip format nor a pickle)")
     try:
         try:
             ckpt = torch.load(p, map_location=map_location, weights_only=True, mmap=mmap)
@@ -67,8 +71,7 @@ def load_checkpoint_file(path: str | os.PathLike, map_location: Any = "cpu", tra
                 raise
             ckpt = torch.load(p, map_location=map_location, weights_only=True)  # torch's legacy format
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"checkpoint {p}: cannot be loaded safely: {first}") from None
+        raise CheckpointError(f"checkpoint {p}: cannot be loaded safely: {_load_error(e)}") from None
     if training and (not isinstance(ckpt, dict) or "state_dict" not in ckpt):
         raise CheckpointError(f"checkpoint {p}: not a distrnn/Lightning checkpoint (no state_dict)")
     return ckpt
@@ -101,6 +104,29 @@ def save_checkpoint_file(checkpoint: dict[str, Any], path: str | os.PathLike) ->
 def remove_checkpoint_file(path: str | os.PathLike) -> None:
     """The sidecar of a checkpoint that was removed."""
     _sidecar(Path(path)).unlink(missing_ok=True)
+
+
+def _looks_like_torch_save(p: Path) -> bool:
+    """torch.save writes a zip archive (or, in its legacy format, a pickle: protocol >= 2 opens
+    with 0x80). Only the opening bytes: a torn file still starts like one, and torch.load's error
+    says what is wrong with it."""
+    with open(p, "rb") as f:
+        head = f.read(4)
+    return head.startswith(b"\x80") or head == b"PK\x03\x04"
+
+
+def _load_error(e: Exception) -> str:
+    """What torch.load refused, in a line (its weights_only message is a paragraph on PyTorch
+    2.6's default and how to override it, the same for every refusal, around the one fact)."""
+    text = str(e)
+    if "Weights only load failed" not in text:
+        return text.strip().splitlines()[0] if text.strip() else type(e).__name__
+    said = ""
+    if "WeightsUnpickler error:" in text:
+        said = text.split("WeightsUnpickler error:", 1)[1].strip().splitlines()[0].split(" Please use")[0].strip()
+    elif "Trying to load unsupported" in text:
+        said = "Trying to load unsupported" + text.split("Trying to load unsupported", 1)[1].splitlines()[0]
+    return "torch.load(weights_only=True) refuses it" + (f": {said}" if said else " (it names objects to construct)")
 
 
 # What DeepSpeed adds to the client state Lightning gives it; not part of a distrnn checkpoint.

@@ -469,8 +469,16 @@ class DistrnnCLI(LightningCLI):
         # with X's lr, silently. A resumed fit takes the values given (those changed are tagged
         # resumed.* on its run; a model whose weights no longer fit is refused in check_resume);
         # validate, test and predict build the model the checkpoint holds, as Lightning does.
-        if self.config.get("subcommand") != "fit":
-            super()._parse_ckpt_path()
+        subcommand = self.config.get("subcommand")
+        if subcommand in (None, "fit"):
+            return
+        ckpt_path = self.config[subcommand].get("ckpt_path")
+        if ckpt_path and os.path.isfile(ckpt_path):
+            try:  # Lightning's own read of a file that is not a checkpoint was a traceback
+                load_checkpoint_file(ckpt_path, training=False, mmap=True)
+            except CheckpointError as e:
+                fail(str(e))
+        super()._parse_ckpt_path()
 
     def check_resume(self, ckpt_path: str, checkpoint: dict[str, Any]) -> Optional[str]:
         """Whether this run can resume ``checkpoint``, before any run opens (``distrnn fit``, a Ray

@@ -103,6 +103,16 @@ def test_bad_input_is_one_line_exit_2_and_no_run(job, args, key, capsys):
     assert not Path("checkpoints").exists()
 
 
+def test_a_file_that_is_no_checkpoint_is_one_line_for_every_command(job, capsys):
+    """validate/test/predict read --ckpt_path through Lightning first (a torch.load traceback for
+    a file that is no checkpoint); fit read it through distrnn: one line naming the file, each."""
+    for command in ("fit", "validate", "test", "predict"):
+        code, _, err = cli(capsys, command, "--config", str(job), "--ckpt_path", "corpus.txt")
+        assert code == 2 and "Traceback" not in err, (command, err[-2000:])
+        assert err.strip().splitlines()[-1] == ("distrnn: error: checkpoint corpus.txt: not a PyTorch checkpoint file"
+                                                " (neither torch.save's zip format nor a pickle)"), (command, err[-500:])
+
+
 def test_help_names_every_command_and_each_answers_its_own_help(capsys):
     """`distrnn --help` listed only Lightning's four subcommands (and called itself "Lightning
     Trainer command line tool"): distrnn's own commands are named there, and each has a --help."""

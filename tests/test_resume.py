@@ -201,9 +201,14 @@ def test_mapped_loads_equal_read_ones_and_stay_safe(tmp_path):
             assert torch.equal(mapped["state_dict"][k], v), (name, k)
     marker = tmp_path / "pwned"
     _write_code_running_pickle(tmp_path / "evil.ckpt", marker)
-    with pytest.raises(CheckpointError, match="evil.ckpt: cannot be loaded safely"):
+    with pytest.raises(CheckpointError, match=r"evil.ckpt: cannot be loaded safely: torch.load\(weights_only=True\) refuses"
+                                               r" it: Unsupported global: GLOBAL (io|builtins).open"):
         load_checkpoint_file(tmp_path / "evil.ckpt", mmap=True)
     assert not marker.exists()
+    # a file that is no checkpoint at all (a corpus passed as --ckpt_path)
+    (tmp_path / "corpus.txt").write_text("the cat sat on the mat\n")
+    with pytest.raises(CheckpointError, match=r"corpus.txt: not a PyTorch checkpoint file \(neither torch.save's zip"):
+        load_checkpoint_file(tmp_path / "corpus.txt")
 
 
 def test_nan_loss_stops_at_its_step_and_writes_no_later_checkpoint(tmp_path):
