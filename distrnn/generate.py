@@ -41,6 +41,9 @@ def load_registered(uri: str) -> RecurrentModel:
     """The RecurrentModel of a model in the MLflow registry (``models:/NAME/VERSION``)."""
     import mlflow
 
+    from distrnn.runs import check_store_exists
+
+    check_store_exists()
     try:
         return mlflow.pytorch.load_model(uri, map_location="cpu").model.eval()
     except Exception as e:

@@ -11,20 +11,35 @@ config), not a row: its trials are the rows (``--sweep NAME``: only the trials o
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Any, Optional
 
 import mlflow
 
+from distrnn.commands import fail
+
 SWEEP_TAG = "distrnn.sweep"  # on a sweep's parent run (distrnn.tune), its name
 STOPPED_EARLY_TAG = "distrnn.stopped_early"  # on a trial the sweep's scheduler stopped
 
 
+def check_store_exists() -> None:
+    """A command that reads runs refuses a SQLite store that is not there: MLflow would create an
+    empty one (in the working directory, by default) and then report that nothing is in it."""
+    uri = mlflow.get_tracking_uri()
+    if uri.startswith("sqlite:///"):
+        path = os.path.abspath(uri.removeprefix("sqlite:///").split("?")[0])
+        if not os.path.isfile(path):
+            fail(f"no MLflow store at {uri}: {path} does not exist; run from the folder you trained in, or set"
+                 " MLFLOW_TRACKING_URI")
+
+
 def _runs(experiment: str, max_runs: int) -> list[Any]:
+    check_store_exists()
     client = mlflow.MlflowClient()
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
-        raise SystemExit(f"distrnn: error: --experiment: no experiment named '{experiment}' at {mlflow.get_tracking_uri()}")
+        fail(f"--experiment: no experiment named '{experiment}' at {mlflow.get_tracking_uri()}")
     return client.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"], max_results=max_runs)
 
 
@@ -144,14 +159,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     if a.sweep is not None:
         parents = [r for r in parents if r.data.tags[SWEEP_TAG] == a.sweep][-1:]  # runs come oldest first
         if not parents:
-            raise SystemExit(f"distrnn: error: --sweep: no sweep named '{a.sweep}' in experiment '{a.experiment}'")
+            fail(f"--sweep: no sweep named '{a.sweep}' in experiment '{a.experiment}'")
         runs = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id or r in parents]
     for parent in parents:
         print(sweep_line(parent, runs))
     runs = [r for r in runs if SWEEP_TAG not in r.data.tags]
     if a.sort:
         if not any(a.sort in r.data.metrics for r in runs):
-            raise SystemExit(f"distrnn: error: --sort: no run logged a metric '{a.sort}'")
+            fail(f"--sort: no run logged a metric '{a.sort}'")
         # runs without the metric last, in either order
         runs = sorted(runs, key=lambda r: (a.sort not in r.data.metrics,
                                            (-1 if a.descending else 1) * r.data.metrics.get(a.sort, 0.0)))

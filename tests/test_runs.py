@@ -62,7 +62,7 @@ def test_compare_table_shows_the_differing_params_and_final_metrics(two_runs, tm
         assert row[col] == f"{run['metrics.val/loss']:.4g}"
     assert (tmp_path / "val.png").stat().st_size > 5000 and "2 runs plotted" in out
     code, _, err = cli(capsys, "runs", "compare", "--experiment", "nope")
-    assert code != 0 and "nope" in err
+    assert code == 2 and err.strip().startswith("distrnn: error: --experiment: no experiment named 'nope'"), err
     # both runs trained with the same code: no column for it; one with other code gets one
     assert "code" not in head
     other = runs.iloc[0]["run_id"]
@@ -79,6 +79,17 @@ def test_compare_table_shows_the_differing_params_and_final_metrics(two_runs, tm
     finally:
         for k in ("mlflow.source.git.commit", "distrnn.git.dirty"):
             client.set_tag(other, k, before[k]) if k in before else client.delete_tag(other, k)
+    # in a folder without the store, the commands that read it say so and do not create an empty one
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db")
+    mlflow.set_tracking_uri("sqlite:///mlflow.db")
+    for args in (["runs", "compare", "--experiment", "cmp"], ["generate", "--model", "models:/tiny-byte/1"]):
+        code, _, err = cli(capsys, *args)
+        assert code == 2 and err.strip() == (f"distrnn: error: no MLflow store at sqlite:///mlflow.db: {elsewhere}/mlflow.db"
+                                             " does not exist; run from the folder you trained in, or set MLFLOW_TRACKING_URI"), err
+    assert not list(elsewhere.iterdir())
 
 
 def test_registered_model_round_trips(two_runs, capsys, monkeypatch):
