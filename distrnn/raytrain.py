@@ -499,6 +499,9 @@ def main(argv: Optional[list[str]] = None, on_result: Optional[Callable[[Any], N
         _fail(f"max_failures: must be >= 0, got {args.max_failures}")
     if args.report_every < 1:
         _fail(f"report_every: must be >= 1, got {args.report_every}")
+    if args.cpus_per_worker < 0 or (args.cpus_per_worker == 0 and not args.use_gpu):
+        # (Ray's own refusal: "Bundles cannot be an empty dictionary", after the cluster started)
+        _fail(f"cpus_per_worker: must be > 0 (or 0 with use_gpu: each worker then reserves a GPU only), got {args.cpus_per_worker}")
     check_config(distrnn_args, args.num_workers)
     if args.check_only:
         print("distrnn: config OK")

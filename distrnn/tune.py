@@ -481,6 +481,10 @@ def main(argv: Optional[list[str]] = None) -> Any:
         _fail(f"workers_per_trial: must be >= 1, got {sweep.workers_per_trial}")
     if sweep.max_failures < 0:
         _fail(f"max_failures: must be >= 0, got {sweep.max_failures}")
+    if sweep.gpus_per_trial < 0:
+        _fail(f"gpus_per_trial: must be >= 0, got {sweep.gpus_per_trial}")
+    if sweep.cpus_per_trial < 0 or (sweep.cpus_per_trial == 0 and not sweep.gpus_per_trial):
+        _fail(f"cpus_per_trial: must be > 0 (or 0 with gpus_per_trial), got {sweep.cpus_per_trial}")
     if sweep.keep_checkpoints is not None and sweep.keep_checkpoints < (3 if sweep.scheduler.name == "pbt" else 1):
         pbt = " with PBT (a trial may copy another's checkpoint after that one's next reports)" if sweep.scheduler.name == "pbt" else ""
         _fail(f"keep_checkpoints: must be >= {3 if pbt else 1}{pbt} or null (keep all), got {sweep.keep_checkpoints}")

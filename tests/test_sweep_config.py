@@ -60,6 +60,11 @@ def test_a_ray_train_job_checks_its_data_for_its_number_of_workers(tmp_path, cap
         err = capsys.readouterr().err.strip().splitlines()
         assert e.value.code == 2 and err == ["distrnn: error: data.batch_size: corpus of 2850 tokens is too short for 4000"
                                              " streams (batch_size 2000 x world size 2)"], err
+    # Ray refused a worker without resources only after the cluster had started
+    with pytest.raises(SystemExit) as e:
+        train_main(["--num-workers", "1", "--cpus-per-worker", "0", *args])
+    assert e.value.code == 2 and capsys.readouterr().err.strip() == (
+        "distrnn: error: cpus_per_worker: must be > 0 (or 0 with use_gpu: each worker then reserves a GPU only), got 0.0")
 
 
 @pytest.mark.parametrize(
@@ -71,6 +76,8 @@ def test_a_ray_train_job_checks_its_data_for_its_number_of_workers(tmp_path, cap
         (["--workers_per_trial", "2", "--gpus_per_trial", "1"], "gpus_per_trial: 1.0 GPUs cannot be split evenly"),
         (["--scheduler", '{"name": "pbt", "resample_probability": 1.5}'], "scheduler.resample_probability: must be within [0, 1]"),
         (["--max_failures", "-1"], "max_failures: must be >= 0, got -1"),
+        (["--cpus_per_trial", "0"], "cpus_per_trial: must be > 0 (or 0 with gpus_per_trial), got 0.0"),
+        (["--gpus_per_trial", "-1"], "gpus_per_trial: must be >= 0, got -1.0"),
         (["--keep_checkpoints", "0"], "keep_checkpoints: must be >= 1 or null (keep all), got 0"),
         (["--keep_checkpoints", "2", "--scheduler", '{"name": "pbt"}'], "keep_checkpoints: must be >= 3 with PBT"),
         (["--search", "optuna", "--search_space", '{"model.optimizer.lr": {"grid": [0.01, 0.02]}}'],
