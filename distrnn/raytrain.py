@@ -452,6 +452,28 @@ def init_ray(env: dict[str, str]) -> None:
                  ignore_reinit_error=True)
 
 
+def check_room_for_workers(workers: int, per_worker: dict[str, float]) -> None:
+    """Ray Train waits, silently and without end, for a worker group the cluster has no room for
+    (Ctrl-C then needs pressing three times). A Ray this driver started itself never grows: refused
+    in one line. A cluster may (an autoscaler): a warning, and the wait."""
+    import ray
+
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    for key, need in per_worker.items():
+        total = sum(n.get(key, 0.0) for n in nodes)
+        largest = max((n.get(key, 0.0) for n in nodes), default=0.0)
+        if need * workers <= total + 1e-9 and need <= largest + 1e-9:
+            continue
+        what = (f"{workers} workers x {need:g} {key} need {need * workers:g} {key} (each worker's on one node); this Ray"
+                f" cluster has {total:g} {key}" + (f", at most {largest:g} on one node" if len(nodes) > 1 else ""))
+        if not os.environ.get("RAY_ADDRESS") and not os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):
+            _fail(f"num_workers: {what}: lower --num-workers or --cpus-per-worker, or start a cluster (make cluster-up)"
+                  " and set RAY_ADDRESS")
+        print(f"distrnn: warning: {what} now: Ray Train waits until the cluster has room for them (nodes an autoscaler"
+              " adds); meanwhile Ctrl-C three times stops this driver", file=sys.stderr, flush=True)
+        return
+
+
 def storage_location(path: str) -> str:
     """Ray storage as given for a URI (``s3://``, ``gs://``), else the folder expanded and made
     absolute: Ray's workers and trials run in other folders."""
@@ -512,12 +534,13 @@ def main(argv: Optional[list[str]] = None, on_result: Optional[Callable[[Any], N
     storage = storage_location(args.storage_path)
     env = tracking_env()
     init_ray(env)
+    resources = {"CPU": args.cpus_per_worker, **({"GPU": 1} if args.use_gpu else {})}
+    check_room_for_workers(args.num_workers, resources)
     job = uuid.uuid4().hex
     trainer = ray_trainer(
         {"args": distrnn_args, "strategy": args.strategy, "report_every": args.report_every, "use_gpu": args.use_gpu,
          "cwd": os.getcwd(), "job": job},
-        workers=args.num_workers, resources_per_worker={"CPU": args.cpus_per_worker, **({"GPU": 1} if args.use_gpu else {})},
-        name=args.name, storage=storage, env=env,
+        workers=args.num_workers, resources_per_worker=resources, name=args.name, storage=storage, env=env,
         failure_config=FailureConfig(max_failures=args.max_failures), checkpoint_config=CheckpointConfig(num_to_keep=2),
     )
     # `ray job stop` sends SIGTERM: end like Ctrl-C (the driver's exit takes the workers with it)

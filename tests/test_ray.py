@@ -393,6 +393,12 @@ for p in [me, *me.children(recursive=True)]:
     except psutil.Error:
         pass
 print("LISTENING " + json.dumps(found), flush=True)
+# a worker group this Ray has no room for: Ray Train would wait for it without end
+from distrnn.raytrain import main
+try:
+    main(["--num-workers", str(int(ray.cluster_resources()["CPU"]) + 1), "--config", sys.argv[1]])
+except SystemExit as e:
+    print("EXIT", e.code, flush=True)
 ray.shutdown()
 """
 
@@ -400,10 +406,14 @@ ray.shutdown()
 def test_a_driver_without_a_cluster_starts_ray_on_loopback_only(tmp_path):
     """`python jobs/train.py` without RAY_ADDRESS starts a Ray of its own: every server of it
     (GCS, raylet, dashboard, agents, the worker) listens on 127.0.0.1. With Ray's defaults on Linux
-    most would listen on the machine's outward address or every interface, without authentication."""
+    most would listen on the machine's outward address or every interface, without authentication.
+    A job asking it for more workers than it has CPUs is refused in one line (Ray Train waited for
+    them without end)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env.update(MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path}/mlflow.db", RAY_USAGE_STATS_ENABLED="0")
-    r = subprocess.run([PY, "-c", LOCAL_DRIVER], capture_output=True, text=True, timeout=180, env=env, cwd=tmp_path)
+    write_corpus(tmp_path / "corpus.txt", 8000)
+    r = subprocess.run([PY, "-c", LOCAL_DRIVER, str(REPO / "jobs/configs/tiny.yaml")], capture_output=True, text=True,
+                       timeout=180, env=env, cwd=tmp_path)
     line = next((ln for ln in r.stdout.splitlines() if ln.startswith("LISTENING ")), None)
     assert r.returncode == 0 and line, (r.stdout + r.stderr)[-3000:]
     listening = json.loads(line.removeprefix("LISTENING "))
@@ -411,6 +421,10 @@ def test_a_driver_without_a_cluster_starts_ray_on_loopback_only(tmp_path):
     exposed = beyond_loopback({(a.rsplit(":", 1)[0].removeprefix("::ffff:"), int(a.rsplit(":", 1)[1])): n
                                for a, n in listening.items()})
     assert not exposed, f"listening beyond loopback: {exposed}"
+    m = re.search(r"distrnn: error: num_workers: (\d+) workers x 1 CPU need \1 CPU \(each worker's on one node\); this Ray"
+                  r" cluster has (\d+) CPU: lower --num-workers", r.stderr)
+    assert "EXIT 2" in r.stdout and m and int(m[1]) == int(m[2]) + 1, r.stderr[-2000:]
+    assert mlflow.search_runs(search_all_experiments=True).empty
 
 
 def test_requests_without_the_token_are_refused(cluster, tmp_path):
