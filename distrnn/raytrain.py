@@ -452,23 +452,25 @@ def init_ray(env: dict[str, str]) -> None:
                  ignore_reinit_error=True)
 
 
-def check_room_for_workers(workers: int, per_worker: dict[str, float]) -> None:
-    """Ray Train waits, silently and without end, for a worker group the cluster has no room for
-    (Ctrl-C then needs pressing three times). A Ray this driver started itself never grows: refused
-    in one line. A cluster may (an autoscaler): a warning, and the wait."""
+def check_room_for_workers(workers: int, per_worker: dict[str, float],
+                           key: Callable[[str], str] = lambda resource: "num_workers",
+                           lower: str = "--num-workers or --cpus-per-worker") -> None:
+    """Ray Train (and Tune) wait, silently and without end, for workers the cluster has no room
+    for (Ctrl-C then needs pressing three times). A Ray this driver started itself never grows:
+    refused in one line naming the setting (``key`` of the resource short) and what to ``lower``.
+    A cluster may (an autoscaler): a warning, and the wait."""
     import ray
 
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-    for key, need in per_worker.items():
-        total = sum(n.get(key, 0.0) for n in nodes)
-        largest = max((n.get(key, 0.0) for n in nodes), default=0.0)
+    for resource, need in per_worker.items():
+        total = sum(n.get(resource, 0.0) for n in nodes)
+        largest = max((n.get(resource, 0.0) for n in nodes), default=0.0)
         if need * workers <= total + 1e-9 and need <= largest + 1e-9:
             continue
-        what = (f"{workers} workers x {need:g} {key} need {need * workers:g} {key} (each worker's on one node); this Ray"
-                f" cluster has {total:g} {key}" + (f", at most {largest:g} on one node" if len(nodes) > 1 else ""))
+        what = (f"{workers} workers x {need:g} {resource} need {need * workers:g} {resource} (each worker's on one node);"
+                f" this Ray cluster has {total:g} {resource}" + (f", at most {largest:g} on one node" if len(nodes) > 1 else ""))
         if not os.environ.get("RAY_ADDRESS") and not os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):
-            _fail(f"num_workers: {what}: lower --num-workers or --cpus-per-worker, or start a cluster (make cluster-up)"
-                  " and set RAY_ADDRESS")
+            _fail(f"{key(resource)}: {what}: lower {lower}, or start a cluster (make cluster-up) and set RAY_ADDRESS")
         print(f"distrnn: warning: {what} now: Ray Train waits until the cluster has room for them (nodes an autoscaler"
               " adds); meanwhile Ctrl-C three times stops this driver", file=sys.stderr, flush=True)
         return

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-from distrnn.raytrain import (CKPT_NAME, ReportToRay, check_config, fit_from_ray_checkpoint, init_ray,
+from distrnn.raytrain import (CKPT_NAME, ReportToRay, check_config, check_room_for_workers, fit_from_ray_checkpoint, init_ray,
                               keep_a_local_ray_on_loopback, metric_name, ray_trainer, storage_location, strategy_error,
                               tracking_env)
 from distrnn.runs import STOPPED_EARLY_TAG
@@ -510,8 +510,12 @@ def main(argv: Optional[list[str]] = None) -> Any:
     env = tracking_env()
     os.environ.update(env)
     mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
-    parent = _parent_run(sweep, resume)
     init_ray(env)
+    workers, gpus = sweep.workers_per_trial, sweep.gpus_per_trial
+    check_room_for_workers(workers, {"CPU": sweep.cpus_per_trial / workers, **({"GPU": gpus / workers} if gpus else {})},
+                           key=lambda resource: "workers_per_trial" if workers > 1 else resource.lower() + "s_per_trial",
+                           lower="workers_per_trial, cpus_per_trial or gpus_per_trial")
+    parent = _parent_run(sweep, resume)
     storage = storage_location(sweep.storage_path)
     grouped = sweep.workers_per_trial > 1 or sweep.strategy != "ddp"
     shared = {"args": args, "cwd": os.getcwd(), "parent_run_id": parent, "experiment_name": sweep.experiment_name}

@@ -395,10 +395,17 @@ for p in [me, *me.children(recursive=True)]:
 print("LISTENING " + json.dumps(found), flush=True)
 # a worker group this Ray has no room for: Ray Train would wait for it without end
 from distrnn.raytrain import main
+from distrnn.tune import main as tune_main
+cpus = int(ray.cluster_resources()["CPU"])
 try:
-    main(["--num-workers", str(int(ray.cluster_resources()["CPU"]) + 1), "--config", sys.argv[1]])
+    main(["--num-workers", str(cpus + 1), "--config", sys.argv[1]])
 except SystemExit as e:
     print("EXIT", e.code, flush=True)
+for workers in (1, 2):  # a trial of one process, and a group of ranks through Ray Train
+    try:
+        tune_main(["--config", sys.argv[2], "--workers_per_trial", str(workers), "--cpus_per_trial", str(cpus + 2)])
+    except SystemExit as e:
+        print("EXIT", e.code, flush=True)
 ray.shutdown()
 """
 
@@ -412,8 +419,10 @@ def test_a_driver_without_a_cluster_starts_ray_on_loopback_only(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env.update(MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path}/mlflow.db", RAY_USAGE_STATS_ENABLED="0")
     write_corpus(tmp_path / "corpus.txt", 8000)
-    r = subprocess.run([PY, "-c", LOCAL_DRIVER, str(REPO / "jobs/configs/tiny.yaml")], capture_output=True, text=True,
-                       timeout=180, env=env, cwd=tmp_path)
+    (tmp_path / "sweep.yaml").write_text(f"config: [{REPO / 'jobs/configs/tiny.yaml'}]\n"
+                                         "search_space: {model.optimizer.lr: {choice: [0.01]}}\n")
+    r = subprocess.run([PY, "-c", LOCAL_DRIVER, str(REPO / "jobs/configs/tiny.yaml"), str(tmp_path / "sweep.yaml")],
+                       capture_output=True, text=True, timeout=180, env=env, cwd=tmp_path)
     line = next((ln for ln in r.stdout.splitlines() if ln.startswith("LISTENING ")), None)
     assert r.returncode == 0 and line, (r.stdout + r.stderr)[-3000:]
     listening = json.loads(line.removeprefix("LISTENING "))
@@ -424,7 +433,12 @@ def test_a_driver_without_a_cluster_starts_ray_on_loopback_only(tmp_path):
     m = re.search(r"distrnn: error: num_workers: (\d+) workers x 1 CPU need \1 CPU \(each worker's on one node\); this Ray"
                   r" cluster has (\d+) CPU: lower --num-workers", r.stderr)
     assert "EXIT 2" in r.stdout and m and int(m[1]) == int(m[2]) + 1, r.stderr[-2000:]
-    assert mlflow.search_runs(search_all_experiments=True).empty
+    cpus = int(m[2])
+    assert r.stdout.count("EXIT 2") == 3 and (
+        f"distrnn: error: cpus_per_trial: 1 workers x {cpus + 2} CPU need {cpus + 2} CPU (each worker's on one node); this"
+        f" Ray cluster has {cpus} CPU: lower workers_per_trial, cpus_per_trial or gpus_per_trial") in r.stderr, r.stderr[-2000:]
+    assert f"distrnn: error: workers_per_trial: 2 workers x {(cpus + 2) / 2:g} CPU need {cpus + 2} CPU" in r.stderr
+    assert mlflow.search_runs(search_all_experiments=True).empty  # no sweep run either
 
 
 def test_requests_without_the_token_are_refused(cluster, tmp_path):
