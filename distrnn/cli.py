@@ -319,6 +319,13 @@ class DistrnnCLI(LightningCLI):
             fail(str(e))
         return trainer
 
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Any]) -> Trainer:
+        if config.get("enable_checkpointing") is False:
+            # the `checkpoint:` key's callback is always built; Lightning refused the run ("found
+            # ModelCheckpoint in callbacks") where the user asked for no checkpoints at all
+            callbacks = [c for c in callbacks if not isinstance(c, Checkpoint)]
+        return super()._instantiate_trainer(config, callbacks)
+
     def check_data(self, stage: str, world_size: Optional[int] = None) -> None:
         """The data module reads and checks its input for ``stage``, with the trainer's rank and
         world size (or rank 0 of ``world_size`` ranks that do not exist yet: a Ray driver checking

@@ -103,6 +103,17 @@ def test_bad_input_is_one_line_exit_2_and_no_run(job, args, key, capsys):
     assert not Path("checkpoints").exists()
 
 
+def test_enable_checkpointing_false_trains_without_writing_checkpoints(job, capsys):
+    """distrnn always builds the `checkpoint:` key's callback; Lightning then refused
+    `--trainer.enable_checkpointing false` ("found ModelCheckpoint in callbacks"). Now the run
+    trains, is logged, and writes no checkpoint file."""
+    code, _, err = cli(capsys, "fit", "--config", str(job), "--trainer.enable_checkpointing", "false")
+    assert code == 0, err[-3000:]
+    runs = _runs(os.environ["MLFLOW_TRACKING_URI"])
+    assert len(runs) == 1 and runs.iloc[0]["status"] == "FINISHED" and runs.iloc[0]["metrics.val/loss"] > 0, runs.T
+    assert not [p for p in Path.cwd().rglob("*.ckpt")], list(Path.cwd().rglob("*.ckpt"))
+
+
 def test_a_file_that_is_no_checkpoint_is_one_line_for_every_command(job, capsys):
     """validate/test/predict read --ckpt_path through Lightning first (a torch.load traceback for
     a file that is no checkpoint); fit read it through distrnn: one line naming the file, each."""
