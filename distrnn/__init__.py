@@ -2,30 +2,34 @@
 
 from typing import Any
 
-from distrnn.config import NetworkConfig, OptimizerConfig, TaskSpec, TBPTTConfig
-from distrnn.layers import RECURRENCES, Recurrence, register_recurrence
-from distrnn.model import RecurrentModel
-
 __version__ = "0.1.0"
+
+# Each name is imported when first asked for: `distrnn download`, `tokenize` and `runs` start
+# without torch (~0.8 s), and the layers, the scan and the kernels (`import distrnn.kernels.min_scan`,
+# subprocesses, notebooks) without the engine's Lightning (~4 s).
+_WHERE = {
+    "NetworkConfig": "distrnn.config",
+    "OptimizerConfig": "distrnn.config",
+    "TaskSpec": "distrnn.config",
+    "TBPTTConfig": "distrnn.config",
+    "RECURRENCES": "distrnn.layers",
+    "Recurrence": "distrnn.layers",
+    "register_recurrence": "distrnn.layers",
+    "RecurrentModel": "distrnn.model",
+    "TBPTTModule": "distrnn.engine",
+}
 
 
 def __getattr__(name: str) -> Any:
-    # The engine imports Lightning (~4 s): only when asked for, so the layers, the scan and the
-    # kernels (`import distrnn.kernels.min_scan`, subprocesses, notebooks) start without it.
-    if name == "TBPTTModule":
-        from distrnn.engine import TBPTTModule
+    if name in _WHERE:
+        import importlib
 
-        return TBPTTModule
+        return getattr(importlib.import_module(_WHERE[name]), name)
     raise AttributeError(f"module 'distrnn' has no attribute {name!r}")
 
-__all__ = [
-    "NetworkConfig",
-    "OptimizerConfig",
-    "RECURRENCES",
-    "Recurrence",
-    "RecurrentModel",
-    "TBPTTConfig",
-    "TBPTTModule",
-    "TaskSpec",
-    "register_recurrence",
-]
+
+__all__ = sorted(_WHERE)
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_WHERE])

@@ -28,6 +28,8 @@ def register_recurrence(name: str) -> Callable[[type["Recurrence"]], type["Recur
 
 
 def build_recurrence(name: str, **kwargs) -> "Recurrence":
+    import distrnn.scan  # noqa: F401  (registers mingru and minlstm: it imports this module, so not above)
+
     if name not in RECURRENCES:
         raise ValueError(f"model.network.recurrence: unknown recurrence {name!r}; registered: {sorted(RECURRENCES)}")
     try:
