@@ -471,8 +471,8 @@ def check_room_for_workers(workers: int, per_worker: dict[str, float],
                 f" this Ray cluster has {total:g} {resource}" + (f", at most {largest:g} on one node" if len(nodes) > 1 else ""))
         if not os.environ.get("RAY_ADDRESS") and not os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):
             _fail(f"{key(resource)}: {what}: lower {lower}, or start a cluster (make cluster-up) and set RAY_ADDRESS")
-        print(f"distrnn: warning: {what} now: Ray Train waits until the cluster has room for them (nodes an autoscaler"
-              " adds); meanwhile Ctrl-C three times stops this driver", file=sys.stderr, flush=True)
+        print(f"distrnn: warning: {what} now: Ray waits until the cluster has room for them (nodes an autoscaler adds);"
+              " meanwhile Ctrl-C three times stops this driver", file=sys.stderr, flush=True)
         return
 
 
