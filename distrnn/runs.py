@@ -21,6 +21,10 @@ from distrnn.commands import fail
 
 SWEEP_TAG = "distrnn.sweep"  # on a sweep's parent run (distrnn.tune), its name
 STOPPED_EARLY_TAG = "distrnn.stopped_early"  # on a trial the sweep's scheduler stopped
+# The tags distrnn.tracking puts on runs, here where `distrnn runs` reads them without Lightning
+STAGE_TAG = "distrnn.stage"  # on a validate/test/predict run: which
+GIT_COMMIT_TAG, GIT_BRANCH_TAG = "mlflow.source.git.commit", "mlflow.source.git.branch"  # the MLflow UI shows these
+GIT_DIRTY_TAG, VERSION_TAG = "distrnn.git.dirty", "distrnn.version"
 
 
 def check_store_exists() -> None:
@@ -76,8 +80,6 @@ def sweep_line(parent: Any, runs: list[Any]) -> str:
 def code(run: Any) -> str:
     """The code a run trained with (distrnn.tracking.code_version's tags): the commit's first 8
     characters, ``+`` when it ran with uncommitted changes (its ``code.diff``), else the version."""
-    from distrnn.tracking import GIT_COMMIT_TAG, GIT_DIRTY_TAG, VERSION_TAG
-
     tags = run.data.tags
     commit = tags.get(GIT_COMMIT_TAG)
     if commit:
@@ -149,8 +151,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     if len(runs) > a.max_runs:
         runs = runs[:a.max_runs]
         print(f"(only the first {a.max_runs} runs of the experiment: --max_runs)", file=sys.stderr)
-    from distrnn.tracking import STAGE_TAG
-
     evaluations = [r for r in runs if STAGE_TAG in r.data.tags]
     if evaluations and not a.evaluations:
         runs = [r for r in runs if STAGE_TAG not in r.data.tags]

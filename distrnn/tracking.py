@@ -19,6 +19,8 @@ from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from distrnn.runs import GIT_BRANCH_TAG, GIT_COMMIT_TAG, GIT_DIRTY_TAG, STAGE_TAG, VERSION_TAG
+
 # Set on a stopped Ray Train job's run, or an interrupted sweep's parent run, until it is resumed.
 INTERRUPTED_TAG = "distrnn.interrupted"
 
@@ -454,8 +456,6 @@ def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-GIT_COMMIT_TAG, GIT_BRANCH_TAG = "mlflow.source.git.commit", "mlflow.source.git.branch"  # the MLflow UI shows these
-GIT_DIRTY_TAG, VERSION_TAG = "distrnn.git.dirty", "distrnn.version"
 # The tags of the checkout a Ray job was submitted from (`make submit-train`): Ray uploads the
 # working tree without its .git, so the job's own distrnn cannot tell its commit
 CODE_TAGS_ENV = "DISTRNN_CODE_TAGS"
@@ -607,7 +607,6 @@ class SystemMetricsOfEveryNode(Callback):
             sampler.close()
 
 
-STAGE_TAG = "distrnn.stage"
 
 
 def evaluation_run(logger: Any, stage: str, checkpoint: Optional[dict[str, Any]], ckpt_path: Optional[str]) -> Optional[str]:

@@ -1,6 +1,7 @@
 import ipaddress
 import os
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -182,6 +183,15 @@ def write_corpus(path: Path, n: int = 20_000, seed: int = 0) -> Path:
     text = "".join(words[i] for i in idx)[:n]
     path.write_text(text)
     return path
+
+
+def run_installed(*args: str, cwd: Optional[Path] = None) -> tuple[subprocess.CompletedProcess, set[str]]:
+    """The installed `distrnn` script run with ``args``, and the modules it imported."""
+    script = Path(sys.executable).parent / "distrnn"
+    assert script.is_file(), "the distrnn console script is not installed beside this Python"
+    env = {**os.environ, "PYTHONPROFILEIMPORTTIME": "1"}  # every import, on stderr
+    r = subprocess.run([str(script), *args], capture_output=True, text=True, timeout=120, env=env, cwd=cwd)
+    return r, {line.rsplit("|", 1)[-1].strip() for line in r.stderr.splitlines() if line.startswith("import time:")}
 
 
 def distrnn_cmd(*args: str) -> list[str]:

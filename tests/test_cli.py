@@ -8,7 +8,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Optional
 
 import mlflow
 import numpy as np
@@ -17,7 +16,7 @@ import torch
 
 import distrnn
 
-from conftest import REPO, cli, distrnn_cmd, free_port, write_corpus
+from conftest import REPO, cli, distrnn_cmd, free_port, run_installed, write_corpus
 
 CONFIG = """
 seed_everything: 0
@@ -146,15 +145,6 @@ def test_help_names_every_command_and_each_answers_its_own_help(capsys):
     assert "--tbptt.k1" in later.format_help() and "Steps between updates" not in later.format_help()
     code, _, err = cli(capsys)  # no command at all: the commands named, not only Lightning's four
     assert code == 2 and all(name in err for name in own + ["fit"]) and len(err.strip().splitlines()) == 1, err
-
-
-def run_installed(*args: str, cwd: Optional[Path] = None) -> tuple[subprocess.CompletedProcess, set[str]]:
-    """The installed `distrnn` script run with ``args``, and the modules it imported."""
-    script = Path(sys.executable).parent / "distrnn"
-    assert script.is_file(), "the distrnn console script is not installed beside this Python"
-    env = {**os.environ, "PYTHONPROFILEIMPORTTIME": "1"}  # every import, on stderr
-    r = subprocess.run([str(script), *args], capture_output=True, text=True, timeout=120, env=env, cwd=cwd)
-    return r, {line.rsplit("|", 1)[-1].strip() for line in r.stderr.splitlines() if line.startswith("import time:")}
 
 
 def test_own_commands_start_without_lightning(tmp_path):

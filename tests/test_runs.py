@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, cli, distrnn_cmd, write_corpus
+from conftest import REPO, cli, distrnn_cmd, run_installed, write_corpus
 
 pytestmark = pytest.mark.slow
 
@@ -61,6 +61,10 @@ def test_compare_table_shows_the_differing_params_and_final_metrics(two_runs, tm
         assert row[head.index("model.network.hidden_size")] == run["params.model.network.hidden_size"]
         assert row[col] == f"{run['metrics.val/loss']:.4g}"
     assert (tmp_path / "val.png").stat().st_size > 5000 and "2 runs plotted" in out
+    # the installed command prints the same table without importing Lightning (distrnn.tracking: ~4 s)
+    r, imported = run_installed("runs", "compare", "--experiment", "cmp", cwd=two_runs)
+    assert r.returncode == 0 and r.stdout.splitlines()[0].split() == head, r.stderr[-2000:]
+    assert "lightning" not in imported and "distrnn.tracking" not in imported, sorted(m for m in imported if "lightning" in m)[:5]
     code, _, err = cli(capsys, "runs", "compare", "--experiment", "nope")
     assert code == 2 and err.strip().startswith("distrnn: error: --experiment: no experiment named 'nope'"), err
     # both runs trained with the same code: no column for it; one with other code gets one
