@@ -17,7 +17,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from distrnn.checkpoint_files import load_checkpoint_file, remove_checkpoint_file, save_checkpoint_file
+from distrnn.checkpoint_files import load_checkpoint_file, remove_sidecar, save_checkpoint_file
 
 
 def deepspeed_strategy(trainer: Trainer) -> Optional[Any]:
@@ -60,7 +60,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def remove_checkpoint(self, path: Any) -> None:
         super().remove_checkpoint(path)
         if "://" not in str(path):
-            remove_checkpoint_file(path)
+            remove_sidecar(path)
 
     def load_checkpoint(self, path: Any, map_location: Optional[Any] = None, weights_only: Optional[bool] = None) -> dict[str, Any]:
         # Lightning also moves plain state dicts through here (ddp_spawn returns rank 0's weights so).

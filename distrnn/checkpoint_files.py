@@ -101,8 +101,8 @@ def save_checkpoint_file(checkpoint: dict[str, Any], path: str | os.PathLike) ->
             tmp.unlink()
 
 
-def remove_checkpoint_file(path: str | os.PathLike) -> None:
-    """The sidecar of a checkpoint that was removed."""
+def remove_sidecar(path: str | os.PathLike) -> None:
+    """Remove the checksum sidecar of the checkpoint file at ``path`` (when the file is removed)."""
     _sidecar(Path(path)).unlink(missing_ok=True)
 
 
