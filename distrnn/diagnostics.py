@@ -101,8 +101,9 @@ class Diagnostics(Callback):
     """Every ``every_n_steps`` updates, on rank 0 (the weights are the same on every rank), logs:
 
     - ``diag/grad_norm/{encoder,l0,l1,...,head}``: gradient norms per layer before clipping (after
-      the DDP all-reduce) of the update made after N updates, logged at step N (as Lightning logs
-      that update's ``train/grad_norm``);
+      the DDP all-reduce) of the update made after N updates, logged at step N (where
+      ``train/grad_norm`` is logged when that update is the last of a batch:
+      :func:`distrnn.engine.log_against_updates`);
     - after the batch that passed a multiple of ``every_n_steps`` updates (a TBPTT batch makes
       several), the gradient-through-time curve on the first ``window`` steps of that batch,
       with the updated weights: ``diag/grad_h_t{t}`` at five t, ``diag/grad_ratio`` (first / last
@@ -158,7 +159,7 @@ class Diagnostics(Callback):
 
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
         # Callbacks run before the module's hook, which clips: these are the raw gradients. Logged
-        # at the count of earlier updates, the step Lightning gives this update's train/* metrics.
+        # at the count of earlier updates, the step of a batch's train/* metrics when it is the last.
         step = trainer.global_step
         if not self.grad_norms or step % self.every_n_steps or not trainer.is_global_zero:
             return

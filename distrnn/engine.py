@@ -204,6 +204,31 @@ def restore_rng(s: dict[str, Any]) -> None:
     np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
 
 
+def log_against_updates(trainer: L.Trainer) -> None:
+    """Has ``trainer`` log metrics at the index of the last update made, not of the batch.
+
+    Lightning gives the metrics it logs the number of batches trained before (with one update a
+    batch, the index of the batch's update). A TBPTT batch makes ``seq_len / k1`` updates, and
+    everything else that counts steps counts updates: ``max_steps``, ``every_n_train_steps``,
+    checkpoint names, Ray's reports, :class:`distrnn.diagnostics.Diagnostics`. Batch-indexed
+    curves would end at half of ``max_steps`` with k1 = seq_len / 2 and put runs of another k1 on
+    other axes. Metrics logged with an explicit step, or a ``step`` metric, keep theirs."""
+    connector = getattr(trainer, "_logger_connector", None)
+    if connector is None or getattr(connector, "_distrnn_update_steps", False):
+        return
+    log_metrics = connector.log_metrics
+
+    def log_at_last_update(metrics: dict[str, Any], step: Optional[int] = None) -> None:
+        if step is None and "step" not in metrics:
+            # Lightning adds the epoch only where it picks the step itself
+            metrics = {"epoch": trainer.current_epoch, **metrics}
+            step = max(trainer.global_step - 1, 0)
+        log_metrics(metrics, step)
+
+    connector.log_metrics = log_at_last_update
+    connector._distrnn_update_steps = True
+
+
 class TBPTTModule(L.LightningModule):
     """Trains a :class:`RecurrentModel` by truncated, full or checkpointed BPTT.
 
@@ -289,6 +314,7 @@ class TBPTTModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             release_process_group_at_exit()
+        log_against_updates(self.trainer)
         ds = self._deepspeed()
         if ds is None or stage != "fit":
             return

@@ -168,3 +168,5 @@ def test_curve_follows_batches_that_make_several_updates(tmp_path):
     client = mlflow.MlflowClient()
     assert sorted(m.step for m in client.get_metric_history(logger.run_id, "diag/grad_ratio")) == [8, 12]
     assert sorted(m.step for m in client.get_metric_history(logger.run_id, "diag/grad_norm/l0")) == [0, 6]
+    # the engine's metrics of each batch at the index of its last update (Lightning's: the batch's)
+    assert sorted(m.step for m in client.get_metric_history(logger.run_id, "train/grad_norm")) == [3, 7, 11]
