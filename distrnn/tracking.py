@@ -505,7 +505,8 @@ def code_version(source: Optional[Path] = None) -> tuple[dict[str, str], Optiona
 
 
 class LogConfigToMLflow(SaveConfigCallback):
-    """Logs the resolved config to the job's MLflow run: every key as a param, the YAML as
+    """Logs the resolved config to the job's MLflow run: every key as a param (and the network's
+    parameter count as ``model.num_params``), the YAML as
     ``config.yaml``, and the code that trains (:func:`code_version`: version, git commit, branch,
     uncommitted changes as tags and ``code.diff``). Runs after instantiation, so a bad config
     never creates a run."""
@@ -520,6 +521,8 @@ class LogConfigToMLflow(SaveConfigCallback):
 
         params = {k: ("null" if v is None else str(v))[:6000] for k, v in flatten(yaml.safe_load(text)).items()}
         params.pop("config", None)
+        # the size of the network, for comparing runs (a sweep over hidden_size, layers, recurrence)
+        params["model.num_params"] = str(sum(p.numel() for p in pl_module.parameters()))
         # A resumed job continues its run; MLflow params are immutable, so values changed for the
         # resume (max_steps, ckpt_path) are recorded as tags instead.
         run = logger.experiment.get_run(logger.run_id)

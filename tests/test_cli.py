@@ -248,6 +248,8 @@ def test_fit_logs_one_run_to_mlflow_and_generates(job, capsys):
     ckpt_dirs = [n for n in names if n.startswith("best") or n.startswith("last")]
     assert ckpt_dirs, names
     ckpt = next(Path("checkpoints").rglob("last.ckpt"))
+    weights = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+    assert run["params.model.num_params"] == str(sum(t.numel() for t in weights.values()))
     code, out, err = cli(capsys, "generate", "--checkpoint", str(ckpt), "--prompt", "the cat", "--length", "40")
     assert code == 0, err
     assert out.startswith("the cat") and len(out.encode()) >= 40
