@@ -385,15 +385,30 @@ class DistrnnCLI(LightningCLI):
                 f" or convert it into one file: distrnn convert-checkpoint {ckpt_path} model.ckpt {TRUST_FLAG}")
         return check_deepspeed_checkpoint(ckpt_path, trusted)
 
+    def check_layers(self) -> None:
+        """Layers that cannot run on this trainer's device (a Triton backend on a CPU), refused
+        before a run opens; a Ray driver, which checks a config on its CPU, does not ask."""
+        device = self.trainer.strategy.root_device.type
+        for layer in self.model.modules():
+            check = getattr(layer, "check_device", None)
+            if callable(check):
+                try:
+                    check(device)
+                except ValueError as e:
+                    fail(_key_line(str(e)))
+
     def before_validate(self) -> None:
+        self.check_layers()
         self.check_data("validate")
         self._evaluation_run("validate")
 
     def before_test(self) -> None:
+        self.check_layers()
         self.check_data("test")
         self._evaluation_run("test")
 
     def before_predict(self) -> None:
+        self.check_layers()
         self.check_data("predict")
         self._evaluation_run("predict")
         if self.config_init["predict"].get("return_predictions") is None:
@@ -448,6 +463,7 @@ class DistrnnCLI(LightningCLI):
         return path
 
     def before_fit(self) -> None:
+        self.check_layers()
         self.check_data("fit")
         if self.config_init["fit"].get("ckpt_path") in ("last", "best"):
             self.config_init["fit"]["ckpt_path"] = self._resolve_alias("fit")

@@ -25,7 +25,8 @@ class NetworkConfig:
     """The recurrent network: input encoder, recurrent stack, task head."""
 
     recurrence: str = "lstm"
-    """Registered recurrence name: elman, lstm, gru (and any layer added with ``register_recurrence``)."""
+    """Registered recurrence name: elman, lstm, gru (cuDNN), mingru, minlstm (parallel scan), or any layer
+    added with ``register_recurrence``."""
     hidden_size: int = 128
     """Hidden units per layer (H)."""
     num_layers: int = 1

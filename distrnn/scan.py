@@ -251,14 +251,25 @@ class _MinRecurrence(Recurrence):
             # the references and float64 tests: the kernel computes in float32
             return "loop" if self.backend == "loop" else "eager"
         if self.backend == "triton":
-            if not (z_BTG.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
-                raise RuntimeError("model.network.options.backend: triton needs a CUDA device")
+            self.check_device(z_BTG.device.type)
             return "triton"
         if self.backend is not None:
             return self.backend
         if not z_BTG.is_cuda:
             return "loop"
         return "triton" if _triton_available() else "compile"
+
+    def check_device(self, device_type: str) -> None:
+        """ValueError naming the option when the layer cannot run on ``device_type`` (the CLI asks
+        before a run opens; a forward would fail inside training)."""
+        if self.backend != "triton":
+            return
+        if device_type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError(f"model.network.options.backend: triton needs a CUDA device, and this run is on {device_type}"
+                             " (trainer.accelerator); leave backend unset to have the layer choose")
+        if not _triton_available():
+            raise ValueError("model.network.options.backend: triton is not installed (pip install triton);"
+                             " leave backend unset for torch.compile of the scan")
 
     def _piece(self, z_BTG: Tensor, h0_BH: Tensor) -> Tensor:
         return scan_log(*self.log_coefficients(z_BTG), h0_BH)

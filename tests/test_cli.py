@@ -84,6 +84,9 @@ def job(tmp_path):
                      marks=pytest.mark.skipif(importlib.util.find_spec("deepspeed") is not None, reason="deepspeed installed")),
         pytest.param(["--trainer.accelerator", "gpu"], "trainer.accelerator: gpu, but no CUDA device is visible",
                      marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")),
+        # the layer's forward failed inside fit (a RuntimeError traceback, the run open)
+        (["--trainer.accelerator", "cpu", "--model.network.recurrence", "mingru", "--model.network.options",
+          "{backend: triton}"], "model.network.options.backend: triton needs a CUDA device, and this run is on cpu"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_no_run(job, args, key, capsys):
