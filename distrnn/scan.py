@@ -148,6 +148,9 @@ class _MinRecurrence(Recurrence):
         chrono: Optional[float] = None,
     ) -> None:
         super().__init__(input_size, hidden_size, num_layers, dropout)
+        if isinstance(scan_chunk, bool) or not isinstance(scan_chunk, int) or scan_chunk < 1:
+            # (only the GPU paths cut the scan: a CPU run would not find it out)
+            raise ValueError(f"model.network.options.scan_chunk: must be an integer >= 1 (steps), got {scan_chunk!r}")
         self.residual, self.scan_chunk, self.parallel = residual, scan_chunk, parallel
         if backend is None and compile is not None:  # the older spelling of the option
             backend = "compile" if compile else "eager"
@@ -165,8 +168,8 @@ class _MinRecurrence(Recurrence):
                                    for i in range(num_layers))
         self.drop = nn.Dropout(dropout)
         if chrono is not None:
-            if not chrono > 2:
-                raise ValueError(f"model.network.options.chrono: {chrono} must be > 2 (the longest memory span in steps)")
+            if isinstance(chrono, bool) or not isinstance(chrono, (int, float)) or not chrono > 2:
+                raise ValueError(f"model.network.options.chrono: {chrono} must be a number > 2 (the longest memory span in steps)")
             with torch.no_grad():
                 for p in self.proj:
                     log_u_H = torch.empty(hidden_size).uniform_(1, chrono - 1).log_()

@@ -87,6 +87,11 @@ def job(tmp_path):
         # the layer's forward failed inside fit (a RuntimeError traceback, the run open)
         (["--trainer.accelerator", "cpu", "--model.network.recurrence", "mingru", "--model.network.options",
           "{backend: triton}"], "model.network.options.backend: triton needs a CUDA device, and this run is on cpu"),
+        # only a GPU path cuts the scan into pieces: a CPU run trained, a GPU one failed inside fit
+        (["--model.network.recurrence", "mingru", "--model.network.options", "{scan_chunk: 0}"],
+         "model.network.options.scan_chunk: must be an integer >= 1 (steps), got 0"),
+        (["--model.network.recurrence", "minlstm", "--model.network.options", "{chrono: abc}"],
+         "model.network.options.chrono: abc must be a number > 2"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_no_run(job, args, key, capsys):
