@@ -314,7 +314,8 @@ class TBPTTModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             release_process_group_at_exit()
-        log_against_updates(self.trainer)
+        if self._trainer is not None:
+            log_against_updates(self._trainer)
         ds = self._deepspeed()
         if ds is None or stage != "fit":
             return
