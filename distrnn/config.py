@@ -121,6 +121,9 @@ class OptimizerConfig:
         if self.clip_norm is not None:
             _check(self.clip_norm > 0, "model.optimizer.clip_norm", f"must be > 0 or null, got {self.clip_norm}")
         _check(self.warmup_updates >= 0, "model.optimizer.warmup_updates", "must be >= 0")
+        # (torch refuses these too, but only when the optimizer is built: inside fit, the run open)
+        _check(all(0 <= b < 1 for b in self.betas), "model.optimizer.betas", f"each must be in [0, 1), got {list(self.betas)}")
+        _check(self.momentum >= 0, "model.optimizer.momentum", f"must be >= 0, got {self.momentum}")
         _check(0 <= self.min_lr_ratio <= 1, "model.optimizer.min_lr_ratio", "must be in [0, 1]")
 
 

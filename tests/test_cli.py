@@ -58,6 +58,9 @@ def job(tmp_path):
         (["--data.init_args.path", "missing.txt"], "missing.txt"),
         (["--model.network.recurrence", "nope"], "model.network.recurrence"),
         (["--model.optimizer.lr", "-1"], "model.optimizer.lr"),
+        # torch.optim refused these when fit built the optimizer (a traceback, the run open)
+        (["--model.optimizer.betas", "[1.5, 0.999]"], "model.optimizer.betas: each must be in [0, 1), got [1.5, 0.999]"),
+        (["--model.optimizer.name", "sgd", "--model.optimizer.momentum", "-1"], "model.optimizer.momentum: must be >= 0"),
         (["--trainer.accelerator", "cpu", "--trainer.devices", "64"], "trainer.devices"),
         (["--trainer.strategy", "bogus"], "trainer.strategy: unknown strategy 'bogus'; use auto, ddp, deepspeed_stage_1"),
         # Lightning divided by these inside fit (ZeroDivisionError); its own refusals name the key too
