@@ -6,6 +6,8 @@ write, verify, convert DeepSpeed directories) are :mod:`distrnn.checkpoint_files
 from __future__ import annotations
 
 import os
+import re
+import string
 import time
 import weakref
 from typing import Any, Callable, Optional
@@ -15,7 +17,7 @@ from torch import Tensor
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
-from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
 from distrnn.checkpoint_files import load_checkpoint_file, remove_sidecar, save_checkpoint_file
 
@@ -265,7 +267,18 @@ class Checkpoint(ModelCheckpoint):
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+        try:
+            super().__init__(*args, **kwargs)
+        except MisconfigurationException as e:
+            # Lightning's words name its argument, not the config key ("Invalid value for
+            # save_top_k=-2", "`mode` can be min, max")
+            m = re.search(r"for (\w+)=|^`(\w+)`", str(e))
+            raise ValueError(f"checkpoint.{m.group(1) or m.group(2)}: {e}" if m else f"checkpoint: {e}") from None
+        if self.filename:
+            try:  # Lightning formats it at the first save, after training up to it
+                list(string.Formatter().parse(self.filename))
+            except ValueError as e:
+                raise ValueError(f"checkpoint.filename: {self.filename!r} is not a format string ({e})") from None
         self._due_at_validation = False
         self._time_requested = False
         self._passed = PassedMultiple(self._every_n_train_steps)

@@ -23,6 +23,30 @@ class CheckpointError(RuntimeError):
     """A checkpoint file is missing, torn or not one of ours; the message names the file."""
 
 
+def unwritable_folder(folder: str) -> Optional[str]:
+    """Why checkpoints could not be written under ``folder`` (missing folders included), or None.
+    Creates nothing that stays: a file is made and removed in the deepest folder that exists
+    (ranks starting together each make their own). A URL (``s3://``) is the store's to judge."""
+    if "://" in str(folder):
+        return None
+    import tempfile
+
+    at = Path(folder).expanduser().absolute()
+    while not at.exists() and at.parent != at:
+        at = at.parent
+    cwd = Path.cwd()
+    shown = at.relative_to(cwd) if at != cwd and at.is_relative_to(cwd) else at
+    if not at.is_dir():
+        return f"{shown} is not a folder"
+    try:
+        fd, probe = tempfile.mkstemp(dir=at, prefix=".distrnn-write-check-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        return f"cannot write into {shown} ({e.strerror or e})"
+    return None
+
+
 def _sha256(path: Path) -> str:
     import hashlib
 

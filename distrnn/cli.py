@@ -31,6 +31,7 @@ from distrnn.checkpoint_files import (
     check_deepspeed_checkpoint,
     is_deepspeed_checkpoint,
     load_checkpoint_file,
+    unwritable_folder,
 )
 from distrnn.commands import OWN_COMMANDS, fail, run_own_command
 from distrnn.config import ConfigError
@@ -462,9 +463,28 @@ class DistrnnCLI(LightningCLI):
             print(f"distrnn: --ckpt_path {alias}: {'resuming' if stage == 'fit' else stage + ':'} {path}", file=sys.stderr, flush=True)
         return path
 
+    def check_checkpoint_folder(self) -> None:
+        """A checkpoint folder that cannot be written, refused before training (Lightning found
+        out at the first save, after training up to it, with a traceback)."""
+        from lightning.pytorch.loggers import MLFlowLogger
+
+        ckpt, logger = self.trainer.checkpoint_callback, self.trainer.logger
+        if not isinstance(ckpt, Checkpoint):
+            return  # trainer.enable_checkpointing: false
+        if ckpt.dirpath:
+            key, folder = "checkpoint.dirpath", ckpt.dirpath
+        elif isinstance(logger, MLFlowLogger) and logger.save_dir:
+            key, folder = "trainer.logger.init_args.checkpoint_dir", logger.save_dir
+        else:
+            key, folder = "trainer.default_root_dir", self.trainer.default_root_dir
+        why = unwritable_folder(folder)
+        if why:
+            fail(f"{key}: {why} (checkpoints would go to {folder})")
+
     def before_fit(self) -> None:
         self.check_layers()
         self.check_data("fit")
+        self.check_checkpoint_folder()
         if self.config_init["fit"].get("ckpt_path") in ("last", "best"):
             self.config_init["fit"]["ckpt_path"] = self._resolve_alias("fit")
         ckpt_path = self.config_init["fit"].get("ckpt_path")

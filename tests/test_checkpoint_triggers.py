@@ -280,3 +280,16 @@ def test_report_folders_of_killed_workers_are_swept_and_live_ones_kept(tmp_path)
     worker.wait()
     assert sweep_report_dirs(str(tmp_path)) == [killed]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([Path(alive).name, other_host.name, unrelated.name])
+
+
+def test_an_unwritable_checkpoint_folder_is_found_before_training_and_nothing_is_created(tmp_path, monkeypatch):
+    from distrnn.checkpoint_files import unwritable_folder
+
+    monkeypatch.chdir(tmp_path)
+    before = sorted(tmp_path.iterdir())  # (the suite's MLflow store)
+    assert unwritable_folder("a/b/c") is None and sorted(tmp_path.iterdir()) == before  # probed in tmp_path, removed
+    (tmp_path / "f").write_text("x")
+    assert unwritable_folder("f/x") == "f is not a folder"
+    if Path("/proc/self").is_dir():  # a folder where no file can be made, even by root
+        assert unwritable_folder("/proc/distrnn/x").startswith("cannot write into /proc ("), unwritable_folder("/proc/x")
+    assert unwritable_folder("s3://bucket/run") is None  # the store's to judge

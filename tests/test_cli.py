@@ -82,6 +82,12 @@ def job(tmp_path):
         (["--data.init_args.batch_size", "9000"], "data.batch_size"),
         (["--data.init_args.batch_size", "2000"], "trainer.val_check_interval: 10 batches, but an epoch of this data has 1"),
         (["--model.init_weights", "missing.ckpt"], "model.init_weights: checkpoint missing.ckpt: no such file"),
+        # Lightning found these out at the first save, after training up to it (a traceback)
+        (["--checkpoint.dirpath", "corpus.txt/ck"], "checkpoint.dirpath: corpus.txt is not a folder (checkpoints would go to"),
+        (["--trainer.logger.init_args.checkpoint_dir", "corpus.txt/ck"],
+         "trainer.logger.init_args.checkpoint_dir: corpus.txt is not a folder (checkpoints would go to corpus.txt/ck)"),
+        (["--checkpoint.filename", "{step"], "checkpoint.filename: '{step' is not a format string"),
+        (["--checkpoint.save_top_k", "-2"], "checkpoint.save_top_k: Invalid value for save_top_k=-2"),
         (["--model.init_weights", "h8.ckpt"], "model.init_weights: checkpoint h8.ckpt does not fit model.network"),
         pytest.param(["--trainer.strategy", "deepspeed_stage_2"], "DeepSpeed",
                      marks=pytest.mark.skipif(importlib.util.find_spec("deepspeed") is not None, reason="deepspeed installed")),
