@@ -48,6 +48,7 @@ from distrnn.tracking import (
     SystemMetricsOfEveryNode,
     continue_run,
     evaluation_run,
+    store_unreachable,
     where_run_is,
 )
 
@@ -373,6 +374,7 @@ class DistrnnCLI(LightningCLI):
                     checkpoint = load_checkpoint_file(ckpt_path, mmap=True)
             except CheckpointError as e:
                 fail(str(e))
+        self.check_store()
         evaluation_run(self.trainer.logger, stage, checkpoint, ckpt_path)
 
     def _open_deepspeed_checkpoint(self, stage: str, ckpt_path: str) -> dict[str, Any]:
@@ -481,10 +483,16 @@ class DistrnnCLI(LightningCLI):
         if why:
             fail(f"{key}: {why} (checkpoints would go to {folder})")
 
+    def check_store(self) -> None:
+        why = store_unreachable(self.trainer.logger)
+        if why:
+            fail(why)
+
     def before_fit(self) -> None:
         self.check_layers()
         self.check_data("fit")
         self.check_checkpoint_folder()
+        self.check_store()
         if self.config_init["fit"].get("ckpt_path") in ("last", "best"):
             self.config_init["fit"]["ckpt_path"] = self._resolve_alias("fit")
         ckpt_path = self.config_init["fit"].get("ckpt_path")

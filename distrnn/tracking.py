@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shlex
 import subprocess
 import sys
@@ -71,6 +72,8 @@ class MLflowLogger(MLFlowLogger):
                            ("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")):
             os.environ.setdefault(key, value)
         uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or mlflow.get_tracking_uri()
+        # the setting a user changes to point elsewhere, for messages about the store
+        self.uri_key = "trainer.logger.init_args.tracking_uri" if tracking_uri else "MLFLOW_TRACKING_URI"
         self._default_name = None
         if run_name is None:
             run_name = self._default_name = unseeded_run_name()
@@ -610,6 +613,23 @@ class SystemMetricsOfEveryNode(Callback):
             sampler.close()
 
 
+
+
+def store_unreachable(logger: Any) -> Optional[str]:
+    """Why the MLflow store of ``logger`` (one of distrnn's) cannot be used, naming the setting
+    that points at it, or None. Lightning asks the store first inside fit (a traceback, after a
+    request's retries); this read creates nothing."""
+    if not isinstance(logger, MLflowLogger):
+        return None
+    try:
+        logger._mlflow_client.search_experiments(max_results=1)
+    except Exception as e:
+        text = str(e).strip()
+        reason = re.search(r"\[Errno -?\d+\] ([^'\")\]]+)", text)
+        status = re.search(r"\b(401|403|404|5\d\d)\b[^.\n]*", text)
+        why = reason.group(1).strip() if reason else status.group(0).strip() if status else (text.splitlines() or [type(e).__name__])[0][:300]
+        return f"{logger.uri_key}: the MLflow store {logger._tracking_uri} cannot be used: {why}"
+    return None
 
 
 def evaluation_run(logger: Any, stage: str, checkpoint: Optional[dict[str, Any]], ckpt_path: Optional[str]) -> Optional[str]:

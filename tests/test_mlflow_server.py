@@ -130,7 +130,22 @@ def _hardened(auth_server, tmp_path, capsys):
         os.environ.pop("MLFLOW_TRACKING_USERNAME"), os.environ.pop("MLFLOW_TRACKING_PASSWORD")
     # without credentials, in this process (a new one would spend ~10 s importing)
     code, _, err = cli(capsys, "fit", "--config", str(cfg), "--trainer.max_steps", "2")
-    assert code != 0 and ("401" in err or "Unauthorized" in err or "credentials" in err), err[-2000:]
+    last = err.strip().splitlines()[-1]
+    assert code == 2 and last.startswith(f"distrnn: error: MLFLOW_TRACKING_URI: the MLflow store {auth_server} cannot be used: 401"), err[-2000:]
+
+
+def test_a_tracking_server_that_does_not_answer_is_one_line_before_training(tmp_path, capsys, monkeypatch):
+    """Lightning asked the store first inside fit: a traceback of MLflow's retries."""
+    write_corpus(tmp_path / "corpus.txt", 2000)
+    monkeypatch.chdir(tmp_path)
+    uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    for command in ("fit", "validate"):
+        code, _, err = cli(capsys, command, "--config", str(REPO / "jobs/configs/tiny.yaml"))
+        assert code == 2 and "Traceback" not in err, err[-2000:]
+        assert err.strip().splitlines()[-1] == f"distrnn: error: MLFLOW_TRACKING_URI: the MLflow store {uri} cannot be used: Connection refused"
+    assert not (tmp_path / "checkpoints").exists()
 
 
 def test_training_goes_on_when_the_tracking_server_dies(tmp_path):
