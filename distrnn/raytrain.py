@@ -409,6 +409,19 @@ def _fail(message: str) -> None:
     sys.exit(2)
 
 
+def check_store(env: dict[str, str]) -> None:
+    """The job's MLflow store, asked on the driver before Ray starts: a tracking server that does
+    not answer would fail every worker group (and each of its restarts) inside training."""
+    import mlflow
+
+    from distrnn.tracking import unusable_store
+
+    uri = env["MLFLOW_TRACKING_URI"]
+    why = unusable_store(mlflow.MlflowClient(uri), uri)
+    if why:
+        _fail(why)
+
+
 def tracking_env() -> dict[str, str]:
     """Workers log where the driver would: the tracking URI resolved here, a relative SQLite path
     made absolute (workers run in other folders), and the code's git tags as resolved here (a
@@ -535,6 +548,7 @@ def main(argv: Optional[list[str]] = None, on_result: Optional[Callable[[Any], N
 
     storage = storage_location(args.storage_path)
     env = tracking_env()
+    check_store(env)
     init_ray(env)
     resources = {"CPU": args.cpus_per_worker, **({"GPU": 1} if args.use_gpu else {})}
     check_room_for_workers(args.num_workers, resources)

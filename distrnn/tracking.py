@@ -618,17 +618,23 @@ class SystemMetricsOfEveryNode(Callback):
 def store_unreachable(logger: Any) -> Optional[str]:
     """Why the MLflow store of ``logger`` (one of distrnn's) cannot be used, naming the setting
     that points at it, or None. Lightning asks the store first inside fit (a traceback, after a
-    request's retries); this read creates nothing."""
+    request's retries)."""
     if not isinstance(logger, MLflowLogger):
         return None
+    return unusable_store(logger._mlflow_client, logger._tracking_uri, logger.uri_key)
+
+
+def unusable_store(client: Any, uri: str, key: str = "MLFLOW_TRACKING_URI") -> Optional[str]:
+    """Why ``client`` cannot use its store ``uri`` (a server that does not answer, refuses the
+    credentials), as one line naming ``key``, or None. A read: it creates nothing on a server."""
     try:
-        logger._mlflow_client.search_experiments(max_results=1)
+        client.search_experiments(max_results=1)
     except Exception as e:
         text = str(e).strip()
         reason = re.search(r"\[Errno -?\d+\] ([^'\")\]]+)", text)
         status = re.search(r"\b(401|403|404|5\d\d)\b[^.\n]*", text)
         why = reason.group(1).strip() if reason else status.group(0).strip() if status else (text.splitlines() or [type(e).__name__])[0][:300]
-        return f"{logger.uri_key}: the MLflow store {logger._tracking_uri} cannot be used: {why}"
+        return f"{key}: the MLflow store {uri} cannot be used: {why}"
     return None
 
 

@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-from distrnn.raytrain import (CKPT_NAME, ReportToRay, check_config, check_room_for_workers, fit_from_ray_checkpoint, init_ray,
-                              keep_a_local_ray_on_loopback, metric_name, ray_trainer, storage_location, strategy_error,
-                              tracking_env)
+from distrnn.raytrain import (CKPT_NAME, ReportToRay, check_config, check_room_for_workers, check_store,
+                              fit_from_ray_checkpoint, init_ray, keep_a_local_ray_on_loopback, metric_name, ray_trainer,
+                              storage_location, strategy_error, tracking_env)
 from distrnn.runs import STOPPED_EARLY_TAG
 from distrnn.runs import SWEEP_TAG as PARENT_TAG
 
@@ -508,6 +508,7 @@ def main(argv: Optional[list[str]] = None) -> Any:
     from distrnn.tracking import INTERRUPTED_TAG, ui_hint
 
     env = tracking_env()
+    check_store(env)
     os.environ.update(env)
     mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
     init_ray(env)

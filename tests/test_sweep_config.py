@@ -264,3 +264,31 @@ def test_search_optuna_without_optuna_installed_is_one_line(monkeypatch):
     assert search_error(sweep) is None
     monkeypatch.setitem(sys.modules, "optuna", None)  # an import of it fails as when it is not installed
     assert search_error(sweep) == "search: optuna needs Optuna (pip install 'distrnn[ray]')"
+
+
+def test_a_tracking_server_that_does_not_answer_stops_a_job_and_a_sweep_before_ray_starts(tmp_path, capsys, monkeypatch):
+    """Every worker group (and each restart) or trial would have failed inside training."""
+    import distrnn.raytrain
+    import distrnn.tune
+    from conftest import free_port
+    from distrnn.raytrain import main as train_main
+
+    def no_ray(*_: object) -> None:
+        raise AssertionError("Ray was started")
+
+    monkeypatch.setattr(distrnn.raytrain, "init_ray", no_ray)
+    monkeypatch.setattr(distrnn.tune, "init_ray", no_ray)
+    monkeypatch.chdir(tmp_path)
+    write_corpus(tmp_path / "corpus.txt", 3000)
+    uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    (tmp_path / "sweep.yaml").write_text(SWEEP.format(config=REPO / "jobs/configs/tiny.yaml",
+                                                      space="{model.optimizer.lr: {loguniform: [0.001, 0.01]}}"))
+    for run in (lambda: train_main(["--num-workers", "1", "--config", str(REPO / "jobs/configs/tiny.yaml")]),
+                lambda: tune_main(["--config", str(tmp_path / "sweep.yaml"), "--storage_path", str(tmp_path / "store")])):
+        with pytest.raises(SystemExit) as e:
+            run()
+        assert e.value.code == 2
+        assert capsys.readouterr().err.strip().splitlines()[-1] == (
+            f"distrnn: error: MLFLOW_TRACKING_URI: the MLflow store {uri} cannot be used: Connection refused")
