@@ -92,12 +92,17 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--eot", default=None,
                    help="with --tokenizer: the end-of-text token that starts the text, as between documents in"
                         " training (default: the tokenizer's own; none: start from the prompt alone)")
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top_k", type=int, default=None)
+    p.add_argument("--temperature", type=float, default=0.8,
+                   help="divides the logits: lower is more conservative; 0 always takes the most probable")
+    p.add_argument("--top_k", type=int, default=None, help="sample among the k most probable only (0 or unset: among all)")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     if a.length < 0:
         p.error("--length must be >= 0")
+    if not a.temperature >= 0:  # (NaN too) a negative one would favour the least probable
+        p.error(f"--temperature must be >= 0, got {a.temperature}")
+    if a.top_k is not None and a.top_k < 0:
+        p.error(f"--top_k must be >= 0 (0: no cut), got {a.top_k}")
     try:
         model = load_model(a.checkpoint) if a.checkpoint else load_registered(a.model)
     except CheckpointError as e:

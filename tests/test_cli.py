@@ -280,6 +280,14 @@ def test_fit_logs_one_run_to_mlflow_and_generates(job, capsys):
         code, _, err = cli(capsys, "generate", "--checkpoint", str(ckpt), flag, value)
         assert code == 2 and err.strip().endswith(f"{flag}: {ckpt} is a byte-level model; it reads and writes bytes,"
                                                   " without a tokenizer") and err.count("\n") == 1, err
+    # (a negative temperature favoured the least probable bytes; a negative top_k: torch.topk's traceback)
+    for flag, value, message in (("--temperature", "-1", "--temperature must be >= 0, got -1.0"),
+                                 ("--top_k", "-3", "--top_k must be >= 0 (0: no cut), got -3")):
+        code, _, err = cli(capsys, "generate", "--checkpoint", str(ckpt), flag, value)
+        assert code == 2 and err.strip().endswith(message), err
+    code, greedy, _ = cli(capsys, "generate", "--checkpoint", str(ckpt), "--temperature", "0", "--length", "20", "--seed", "1")
+    assert code == 0 and greedy == cli(capsys, "generate", "--checkpoint", str(ckpt), "--temperature", "0", "--length", "20",
+                                       "--seed", "2")[1]  # the most probable byte each time, whatever the seed
 
     # an evaluation of the checkpoint is its own run, nested under the run that trained it
     code, out, err = cli(capsys, "validate", "--config", str(job), "--ckpt_path", str(ckpt))
