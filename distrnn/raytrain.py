@@ -491,8 +491,17 @@ def check_room_for_workers(workers: int, per_worker: dict[str, float],
 
 def storage_location(path: str) -> str:
     """Ray storage as given for a URI (``s3://``, ``gs://``), else the folder expanded and made
-    absolute: Ray's workers and trials run in other folders."""
-    return path if "://" in path else str(Path(path).expanduser().resolve())
+    absolute: Ray's workers and trials run in other folders. A folder that cannot be written is
+    refused here, before Ray starts (Ray Train found out as it started the run, with a traceback)."""
+    if "://" in path:
+        return path
+    from distrnn.checkpoint_files import unwritable_folder
+
+    folder = str(Path(path).expanduser().resolve())
+    why = unwritable_folder(folder)
+    if why:
+        _fail(f"storage_path: {why} (Ray's storage would be {folder})")
+    return folder
 
 
 # Ray Train (2.60) turns a worker's print into a log record and, since Ray's worker replaces

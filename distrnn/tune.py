@@ -509,6 +509,7 @@ def main(argv: Optional[list[str]] = None) -> Any:
 
     env = tracking_env()
     check_store(env)
+    storage = storage_location(sweep.storage_path)
     os.environ.update(env)
     mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
     init_ray(env)
@@ -517,7 +518,6 @@ def main(argv: Optional[list[str]] = None) -> Any:
                            key=lambda resource: "workers_per_trial" if workers > 1 else resource.lower() + "s_per_trial",
                            lower="workers_per_trial, cpus_per_trial or gpus_per_trial")
     parent = _parent_run(sweep, resume)
-    storage = storage_location(sweep.storage_path)
     grouped = sweep.workers_per_trial > 1 or sweep.strategy != "ddp"
     shared = {"args": args, "cwd": os.getcwd(), "parent_run_id": parent, "experiment_name": sweep.experiment_name}
     if grouped:

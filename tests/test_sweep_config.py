@@ -266,11 +266,14 @@ def test_search_optuna_without_optuna_installed_is_one_line(monkeypatch):
     assert search_error(sweep) == "search: optuna needs Optuna (pip install 'distrnn[ray]')"
 
 
-def test_a_tracking_server_that_does_not_answer_stops_a_job_and_a_sweep_before_ray_starts(tmp_path, capsys, monkeypatch):
-    """Every worker group (and each restart) or trial would have failed inside training."""
+
+@pytest.fixture
+def drivers_before_ray(tmp_path, capsys, monkeypatch):
+    """``check(train_args, tune_args, message)``: jobs/train.py and jobs/tune.py in this process
+    (a 1-worker job of tiny.yaml, a sweep of it) each exit 2 with ``message`` as the last line, and
+    Ray is never started."""
     import distrnn.raytrain
     import distrnn.tune
-    from conftest import free_port
     from distrnn.raytrain import main as train_main
 
     def no_ray(*_: object) -> None:
@@ -280,15 +283,33 @@ def test_a_tracking_server_that_does_not_answer_stops_a_job_and_a_sweep_before_r
     monkeypatch.setattr(distrnn.tune, "init_ray", no_ray)
     monkeypatch.chdir(tmp_path)
     write_corpus(tmp_path / "corpus.txt", 3000)
+    (tmp_path / "sweep.yaml").write_text(SWEEP.format(config=REPO / "jobs/configs/tiny.yaml",
+                                                      space="{model.optimizer.lr: {loguniform: [0.001, 0.01]}}"))
+
+    def check(train_args: list[str], tune_args: list[str], message: str) -> None:
+        for run in (lambda: train_main(["--num-workers", "1", *train_args, "--config", str(REPO / "jobs/configs/tiny.yaml")]),
+                    lambda: tune_main(["--config", str(tmp_path / "sweep.yaml"), *tune_args])):
+            with pytest.raises(SystemExit) as e:
+                run()
+            assert e.value.code == 2
+            assert capsys.readouterr().err.strip().splitlines()[-1] == f"distrnn: error: {message}"
+
+    return check
+
+
+def test_a_tracking_server_that_does_not_answer_stops_a_job_and_a_sweep_before_ray_starts(drivers_before_ray, monkeypatch):
+    """Every worker group (and each restart) or trial would have failed inside training."""
+    from conftest import free_port
+
     uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    (tmp_path / "sweep.yaml").write_text(SWEEP.format(config=REPO / "jobs/configs/tiny.yaml",
-                                                      space="{model.optimizer.lr: {loguniform: [0.001, 0.01]}}"))
-    for run in (lambda: train_main(["--num-workers", "1", "--config", str(REPO / "jobs/configs/tiny.yaml")]),
-                lambda: tune_main(["--config", str(tmp_path / "sweep.yaml"), "--storage_path", str(tmp_path / "store")])):
-        with pytest.raises(SystemExit) as e:
-            run()
-        assert e.value.code == 2
-        assert capsys.readouterr().err.strip().splitlines()[-1] == (
-            f"distrnn: error: MLFLOW_TRACKING_URI: the MLflow store {uri} cannot be used: Connection refused")
+    drivers_before_ray([], [], f"MLFLOW_TRACKING_URI: the MLflow store {uri} cannot be used: Connection refused")
+
+
+def test_a_storage_path_that_cannot_be_written_stops_a_job_and_a_sweep_before_ray_starts(drivers_before_ray, tmp_path):
+    """Ray Train found out as it started the run, after Ray had started (a traceback)."""
+    where = (tmp_path / "corpus.txt/ray").resolve()
+    drivers_before_ray(["--storage-path", "corpus.txt/ray"], ["--storage_path", "corpus.txt/ray"],
+                       f"storage_path: corpus.txt is not a folder (Ray's storage would be {where})")
+    assert len(mlflow.search_runs(search_all_experiments=True)) == 0  # not even the sweep's parent run
