@@ -412,12 +412,9 @@ def _fail(message: str) -> None:
 def check_store(env: dict[str, str]) -> None:
     """The job's MLflow store, asked on the driver before Ray starts: a tracking server that does
     not answer would fail every worker group (and each of its restarts) inside training."""
-    import mlflow
-
     from distrnn.tracking import unusable_store
 
-    uri = env["MLFLOW_TRACKING_URI"]
-    why = unusable_store(mlflow.MlflowClient(uri), uri)
+    why = unusable_store(env["MLFLOW_TRACKING_URI"])
     if why:
         _fail(why)
 

@@ -621,19 +621,24 @@ def store_unreachable(logger: Any) -> Optional[str]:
     request's retries)."""
     if not isinstance(logger, MLflowLogger):
         return None
-    return unusable_store(logger._mlflow_client, logger._tracking_uri, logger.uri_key)
+    return unusable_store(logger._tracking_uri, logger.uri_key, logger._mlflow_client)
 
 
-def unusable_store(client: Any, uri: str, key: str = "MLFLOW_TRACKING_URI") -> Optional[str]:
-    """Why ``client`` cannot use its store ``uri`` (a server that does not answer, refuses the
-    credentials), as one line naming ``key``, or None. A read: it creates nothing on a server."""
+def unusable_store(uri: str, key: str = "MLFLOW_TRACKING_URI", client: Any = None) -> Optional[str]:
+    """Why the MLflow store ``uri`` cannot be used through ``client`` (default: a new one) (a
+    server that does not answer or refuses the credentials, a SQLite file in a missing folder), as
+    one line naming ``key``, or None. A read: it creates nothing on a server."""
     try:
-        client.search_experiments(max_results=1)
+        (client or mlflow.MlflowClient(uri)).search_experiments(max_results=1)
     except Exception as e:
         text = str(e).strip()
-        reason = re.search(r"\[Errno -?\d+\] ([^'\")\]]+)", text)
+        # an OS error (connection refused, a missing folder: with its path), else an HTTP status
+        reason = re.search(r"\[Errno -?\d+\] ([^'\")\]:]+)(?:: '([^']*)')?", text)
         status = re.search(r"\b(401|403|404|5\d\d)\b[^.\n]*", text)
-        why = reason.group(1).strip() if reason else status.group(0).strip() if status else (text.splitlines() or [type(e).__name__])[0][:300]
+        if reason:
+            why = reason.group(1).strip() + (f": {reason.group(2)}" if reason.group(2) else "")
+        else:
+            why = status.group(0).strip() if status else (text.splitlines() or [type(e).__name__])[0][:300]
         return f"{key}: the MLflow store {uri} cannot be used: {why}"
     return None
 

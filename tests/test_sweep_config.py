@@ -297,14 +297,21 @@ def drivers_before_ray(tmp_path, capsys, monkeypatch):
     return check
 
 
-def test_a_tracking_server_that_does_not_answer_stops_a_job_and_a_sweep_before_ray_starts(drivers_before_ray, monkeypatch):
-    """Every worker group (and each restart) or trial would have failed inside training."""
+@pytest.mark.parametrize("store", ["server", "sqlite"])
+def test_an_mlflow_store_that_cannot_be_used_stops_a_job_and_a_sweep_before_ray_starts(drivers_before_ray, monkeypatch,
+                                                                                         tmp_path, store):
+    """Every worker group (and each restart) or trial would have failed inside training; the
+    SQLite one, in a folder that cannot exist, failed on the driver with a traceback."""
     from conftest import free_port
 
-    uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    if store == "server":
+        uri, why = f"http://127.0.0.1:{free_port()}", "Connection refused"  # nothing listens there
+    else:
+        folder = tmp_path.resolve() / "corpus.txt" / "x"  # under a file
+        uri, why = f"sqlite:///{folder}/mlflow.db", f"Not a directory: {folder}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    drivers_before_ray([], [], f"MLFLOW_TRACKING_URI: the MLflow store {uri} cannot be used: Connection refused")
+    drivers_before_ray([], [], f"MLFLOW_TRACKING_URI: the MLflow store {uri} cannot be used: {why}")
 
 
 def test_a_storage_path_that_cannot_be_written_stops_a_job_and_a_sweep_before_ray_starts(drivers_before_ray, tmp_path):
