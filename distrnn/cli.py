@@ -82,7 +82,7 @@ warnings.filterwarnings("ignore", message=".*Couldn't infer the batch indices.*"
 # `--data ByteCorpusDataModule` and `--data.help`: jsonargparse offers the subclasses imported
 import_data_modules()
 
-_KEY_LINE = re.compile(r"((?:model|data|trainer|checkpoint)\.[\w.]+: .*)")
+_KEY_LINE = re.compile(r"((?:model|data|trainer|checkpoint)\.[\w.]+: .*|MLFLOW_TRACKING_URI: .*)")
 
 
 _UNION_ITEM = re.compile(r"^  - (.*)$")  # one subtype's error in jsonargparse's union message

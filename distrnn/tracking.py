@@ -79,17 +79,20 @@ class MLflowLogger(MLFlowLogger):
             run_name = self._default_name = unseeded_run_name()
         # Every rank builds a client, and a client creates a new SQLite store's tables: ranks (or
         # Tune trials) starting together on a fresh file would race ("table already exists").
-        with _store_lock(uri):
-            super().__init__(
-                experiment_name=experiment_name,
-                run_name=run_name,
-                tracking_uri=uri,
-                tags=tags,
-                save_dir=checkpoint_dir,
-                log_model=log_model,
-                synchronous=True,  # each send waits for its answer; the waiting is in _Sender's thread
-                artifact_location=artifact_location(uri),
-            )
+        try:
+            with _store_lock(uri):
+                super().__init__(
+                    experiment_name=experiment_name,
+                    run_name=run_name,
+                    tracking_uri=uri,
+                    tags=tags,
+                    save_dir=checkpoint_dir,
+                    log_model=log_model,
+                    synchronous=True,  # each send waits for its answer; the waiting is in _Sender's thread
+                    artifact_location=artifact_location(uri),
+                )
+        except OSError as e:  # a SQLite file whose folder cannot be made
+            raise ValueError(f"{self.uri_key}: the MLflow store {uri} cannot be used: {_store_error(e)}") from None
         self._checkpoint_dir = checkpoint_dir
         self._async, self._retry_s, self._log_plots = not synchronous, retry_s, log_plots
         if system_metrics_s < 0:
@@ -631,16 +634,19 @@ def unusable_store(uri: str, key: str = "MLFLOW_TRACKING_URI", client: Any = Non
     try:
         (client or mlflow.MlflowClient(uri)).search_experiments(max_results=1)
     except Exception as e:
-        text = str(e).strip()
-        # an OS error (connection refused, a missing folder: with its path), else an HTTP status
-        reason = re.search(r"\[Errno -?\d+\] ([^'\")\]:]+)(?:: '([^']*)')?", text)
-        status = re.search(r"\b(401|403|404|5\d\d)\b[^.\n]*", text)
-        if reason:
-            why = reason.group(1).strip() + (f": {reason.group(2)}" if reason.group(2) else "")
-        else:
-            why = status.group(0).strip() if status else (text.splitlines() or [type(e).__name__])[0][:300]
-        return f"{key}: the MLflow store {uri} cannot be used: {why}"
+        return f"{key}: the MLflow store {uri} cannot be used: {_store_error(e)}"
     return None
+
+
+def _store_error(e: Exception) -> str:
+    """An OS error (connection refused, a missing folder: with its path), else an HTTP status,
+    else the first line: MLflow's messages run to a paragraph."""
+    text = str(e).strip()
+    reason = re.search(r"\[Errno -?\d+\] ([^'\")\]:]+)(?:: '([^']*)')?", text)
+    if reason:
+        return reason.group(1).strip() + (f": {reason.group(2)}" if reason.group(2) else "")
+    status = re.search(r"\b(401|403|404|5\d\d)\b[^.\n]*", text)
+    return status.group(0).strip() if status else (text.splitlines() or [type(e).__name__])[0][:300]
 
 
 def evaluation_run(logger: Any, stage: str, checkpoint: Optional[dict[str, Any]], ckpt_path: Optional[str]) -> Optional[str]:

@@ -87,6 +87,8 @@ def job(tmp_path):
         (["--trainer.logger.init_args.checkpoint_dir", "corpus.txt/ck"],
          "trainer.logger.init_args.checkpoint_dir: corpus.txt is not a folder (checkpoints would go to corpus.txt/ck)"),
         (["--checkpoint.filename", "{step"], "checkpoint.filename: '{step' is not a format string"),
+        (["--trainer.logger.init_args.tracking_uri", "sqlite:///corpus.txt/x/m.db"],  # was: the logger class and errno
+         "trainer.logger.init_args.tracking_uri: the MLflow store sqlite:///corpus.txt/x/m.db cannot be used: Not a directory: "),
         (["--checkpoint.save_top_k", "-2"], "checkpoint.save_top_k: Invalid value for save_top_k=-2"),
         (["--model.init_weights", "h8.ckpt"], "model.init_weights: checkpoint h8.ckpt does not fit model.network"),
         pytest.param(["--trainer.strategy", "deepspeed_stage_2"], "DeepSpeed",
