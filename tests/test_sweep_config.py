@@ -266,7 +266,6 @@ def test_search_optuna_without_optuna_installed_is_one_line(monkeypatch):
     assert search_error(sweep) == "search: optuna needs Optuna (pip install 'distrnn[ray]')"
 
 
-
 @pytest.fixture
 def drivers_before_ray(tmp_path, capsys, monkeypatch):
     """``check(train_args, tune_args, message)``: jobs/train.py and jobs/tune.py in this process
