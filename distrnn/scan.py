@@ -26,6 +26,7 @@ which is stable because every h stays positive: the candidate goes through
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Literal, Optional
 
@@ -53,7 +54,9 @@ def _compiled(fn):
     return _COMPILED[key].__get__(fn.__self__) if hasattr(fn, "__self__") else _COMPILED[key]
 
 
+@functools.lru_cache(maxsize=None)
 def _triton_available() -> bool:
+    # asked at every forward on CUDA (which backend, and check_device): looked up once
     import importlib.util
 
     return importlib.util.find_spec("triton") is not None
