@@ -297,6 +297,12 @@ def sweep_gpu(show, a) -> None:
         show(run("memory", 120, mode="checkpointed", B=16, T=16384, H=512, k=1024, label="memory checkpointed k=1024 T=16384"))
         show(run("checkpointing", 90, B=16, T=16384, H=512, k=256, rounds=3, label="checkpointed vs full, side by side, T=16384"))
         show(run("split", 60, B=16, T=256, H=512, label="lstm segment split T=256"))
+        # the scan benchmark's size, where the backward weighs more against the forward (on an
+        # H200: recompute bound 1.38x against 1.52x at B=16, H=512)
+        show(run("split", 60, B=64, T=256, H=1024, label="lstm segment split B=64 H=1024 T=256"))
+        for k in (256, 1024):
+            show(run("checkpointing", 100, B=64, T=16384, H=1024, k=k, rounds=3,
+                     label=f"checkpointed vs full, side by side, B=64 H=1024 T=16384 k={k}"))
         return
     # cuDNN LSTM bf16 at T=4096: distrnn's layer in pieces of 2048 steps, then in one call
     show(run("throughput", 120, rec="lstm", B=B, T=2048, H=H, bf16=True, iters=3, label="lstm bf16 T=2048 one call"))
