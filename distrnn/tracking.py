@@ -446,7 +446,31 @@ def _store_lock(uri: str) -> Any:
 
     path = Path(uri[len("sqlite:///"):]).resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
+    # FileLock takes a lock file it cannot create for one held by another process and waits its
+    # whole timeout (a folder that cannot be written: 120 s, then an error), so probe first
+    unwritable = _sqlite_folder_unwritable(uri)
+    if unwritable:
+        raise unwritable
     return FileLock(str(path) + ".lock", timeout=120)
+
+
+def _sqlite_folder_unwritable(uri: str) -> Optional[OSError]:
+    """Why the folder of a ``sqlite:///`` store (the deepest part of it that exists) cannot take
+    the store's files, or None; creates nothing that stays."""
+    import tempfile
+
+    at = Path(uri[len("sqlite:///"):]).resolve().parent
+    while not at.exists() and at.parent != at:
+        at = at.parent
+    if not at.is_dir():
+        return None  # a file where a folder must be: making the folder says so, at once
+    try:
+        fd, probe = tempfile.mkstemp(dir=at, prefix=".distrnn-write-check-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        return OSError(e.errno, f"cannot write into the folder, {(e.strerror or str(e)).lower()}", str(at))
+    return None
 
 
 def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
@@ -629,8 +653,12 @@ def store_unreachable(logger: Any) -> Optional[str]:
 
 def unusable_store(uri: str, key: str = "MLFLOW_TRACKING_URI", client: Any = None) -> Optional[str]:
     """Why the MLflow store ``uri`` cannot be used through ``client`` (default: a new one) (a
-    server that does not answer or refuses the credentials, a SQLite file in a missing folder), as
-    one line naming ``key``, or None. A read: it creates nothing on a server."""
+    server that does not answer or refuses the credentials, a SQLite file in a folder that cannot be
+    made or written), as one line naming ``key``, or None. A read: it creates nothing on a server."""
+    # MLflow's SQLite store retries a file it cannot open for minutes before it gives up
+    unwritable = _sqlite_folder_unwritable(uri) if uri.startswith("sqlite:///") else None
+    if unwritable:
+        return f"{key}: the MLflow store {uri} cannot be used: {_store_error(unwritable)}"
     try:
         (client or mlflow.MlflowClient(uri)).search_experiments(max_results=1)
     except Exception as e:

@@ -89,6 +89,9 @@ def job(tmp_path):
         (["--checkpoint.filename", "{step"], "checkpoint.filename: '{step' is not a format string"),
         (["--trainer.logger.init_args.tracking_uri", "sqlite:///corpus.txt/x/m.db"],  # was: the logger class and errno
          "trainer.logger.init_args.tracking_uri: the MLflow store sqlite:///corpus.txt/x/m.db cannot be used: Not a directory: "),
+        # the store's file lock waited its 120 s in a folder that cannot be written, then failed
+        (["--trainer.logger.init_args.tracking_uri", "sqlite:////proc/m.db"],
+         "trainer.logger.init_args.tracking_uri: the MLflow store sqlite:////proc/m.db cannot be used: cannot write into the folder, "),
         (["--checkpoint.save_top_k", "-2"], "checkpoint.save_top_k: Invalid value for save_top_k=-2"),
         (["--model.init_weights", "h8.ckpt"], "model.init_weights: checkpoint h8.ckpt does not fit model.network"),
         pytest.param(["--trainer.strategy", "deepspeed_stage_2"], "DeepSpeed",

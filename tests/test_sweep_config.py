@@ -296,15 +296,20 @@ def drivers_before_ray(tmp_path, capsys, monkeypatch):
     return check
 
 
-@pytest.mark.parametrize("store", ["server", "sqlite"])
+@pytest.mark.parametrize("store", ["server", "sqlite", "sqlite_unwritable"])
 def test_an_mlflow_store_that_cannot_be_used_stops_a_job_and_a_sweep_before_ray_starts(drivers_before_ray, monkeypatch,
                                                                                          tmp_path, store):
     """Every worker group (and each restart) or trial would have failed inside training; the
-    SQLite one, in a folder that cannot exist, failed on the driver with a traceback."""
+    SQLite one, in a folder that cannot exist, failed on the driver with a traceback; in a folder
+    that cannot be written, MLflow retried opening the file for minutes."""
     from conftest import free_port
 
     if store == "server":
         uri, why = f"http://127.0.0.1:{free_port()}", "Connection refused"  # nothing listens there
+    elif store == "sqlite_unwritable":
+        with pytest.raises(OSError) as e:  # what the kernel says to a new file there (root too)
+            open("/proc/distrnn-test", "w")
+        uri, why = "sqlite:////proc/mlflow.db", f"cannot write into the folder, {e.value.strerror.lower()}: /proc"
     else:
         folder = tmp_path.resolve() / "corpus.txt" / "x"  # under a file
         uri, why = f"sqlite:///{folder}/mlflow.db", f"Not a directory: {folder}"
