@@ -413,6 +413,7 @@ class DistrnnCLI(LightningCLI):
     def before_predict(self) -> None:
         self.check_layers()
         self.check_data("predict")
+        self.check_prediction_files()
         self._evaluation_run("predict")
         if self.config_init["predict"].get("return_predictions") is None:
             self.config_init["predict"]["return_predictions"] = False  # the writer has them; not kept twice
@@ -482,6 +483,22 @@ class DistrnnCLI(LightningCLI):
         why = unwritable_folder(folder)
         if why:
             fail(f"{key}: {why} (checkpoints would go to {folder})")
+
+    def check_prediction_files(self) -> None:
+        """A prediction file that cannot be written, refused before predicting (its folder failed
+        with a traceback when prediction started; a path that is a folder, after predicting
+        everything, when the finished file was moved there)."""
+        from pathlib import Path
+
+        for cb in self.trainer.callbacks:
+            if not isinstance(cb, WritePredictions):
+                continue
+            path = Path(cb.path).expanduser()
+            if path.is_dir():
+                fail(f"trainer.callbacks.path: {cb.path} is a folder: name the file to write, e.g. {path / 'predictions.pt'}")
+            why = unwritable_folder(str(path.parent))
+            if why:
+                fail(f"trainer.callbacks.path: {why} (predictions would go to {cb.path})")
 
     def check_store(self) -> None:
         why = store_unreachable(self.trainer.logger)

@@ -41,7 +41,7 @@ class WritePredictions(BasePredictionWriter):
         self._count = 0
 
     def _target(self, trainer: Trainer) -> Path:
-        path = Path(self.path)
+        path = Path(self.path).expanduser()  # a quoted "~/p.pt" made a folder named "~"
         if trainer.world_size > 1:
             path = path.with_name(f"{path.stem}.rank{trainer.global_rank}{path.suffix}")
         return path

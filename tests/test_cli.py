@@ -579,6 +579,19 @@ def test_predict_writes_forecasts_in_the_tables_units(tmp_path, capsys):
     written = torch.load("predictions.pt", weights_only=True)
     assert written["task"] == "regression" and written["world_size"] == 1
 
+    # a file that cannot be written: one line before predicting (was: a traceback as prediction
+    # started; a folder, after predicting everything), no run opened, the file above kept
+    before, runs = Path("predictions.pt").read_bytes(), len(_runs(os.environ["MLFLOW_TRACKING_URI"]))
+    Path("a_folder").mkdir()
+    for path, line in (("a_folder", "a_folder is a folder: name the file to write, e.g. a_folder/predictions.pt"),
+                       ("predictions.pt/p.pt", "predictions.pt is not a folder (predictions would go to predictions.pt/p.pt)")):
+        code, _, err = cli(capsys, "predict", *args, "--ckpt_path", "ck/last.ckpt",
+                           "--trainer.callbacks+=distrnn.predict.WritePredictions", "--trainer.callbacks.path", path)
+        assert code == 2 and "Traceback" not in err, err[-3000:]
+        assert err.strip().splitlines()[-1] == f"distrnn: error: trainer.callbacks.path: {line}"
+    assert Path("predictions.pt").read_bytes() == before and list(Path("a_folder").iterdir()) == []
+    assert len(_runs(os.environ["MLFLOW_TRACKING_URI"])) == runs
+
     model = load_model("ck/last.ckpt")
     x, y = table[["a", "b"]].to_numpy(), table[["b"]].to_numpy()
     split = int(600 * 0.8)
