@@ -388,15 +388,16 @@ class DistrnnCLI(LightningCLI):
                 f" or convert it into one file: distrnn convert-checkpoint {ckpt_path} model.ckpt {TRUST_FLAG}")
         return check_deepspeed_checkpoint(ckpt_path, trusted)
 
-    def check_layers(self) -> None:
+    def check_layers(self, device_setting: str = "trainer.accelerator") -> None:
         """Layers that cannot run on this trainer's device (a Triton backend on a CPU), refused
-        before a run opens; a Ray driver, which checks a config on its CPU, does not ask."""
+        before a run opens; a Ray driver asks it for workers on CPUs (it checks a config on its CPU),
+        naming its own ``device_setting``."""
         device = self.trainer.strategy.root_device.type
         for layer in self.model.modules():
             check = getattr(layer, "check_device", None)
             if callable(check):
                 try:
-                    check(device)
+                    check(device, device_setting)
                 except ValueError as e:
                     fail(_key_line(str(e)))
 

@@ -332,15 +332,20 @@ def strategy_error(name: str) -> Optional[str]:
     return None
 
 
-def check_config(args: list[str], world_size: int = 1) -> None:
+def check_config(args: list[str], world_size: int = 1, use_gpu: bool = False, device_setting: str = "use_gpu") -> None:
     """Build the model, data and trainer once on the driver and read the data, so that a bad config
-    or file fails here with exit code 2 (one line naming the key) before any worker, trial or MLflow run exists."""
+    or file fails here with exit code 2 (one line naming the key) before any worker, trial or MLflow
+    run exists. Workers on CPUs (``use_gpu`` false) run the layers as this check does, so layers
+    that cannot run there (a Triton backend) are refused too, naming ``device_setting``; GPU
+    workers' are theirs to judge."""
     from distrnn.cli import DistrnnCLI
 
     # The logger is parsed (and so checked) with the config, then replaced: a check creates no store.
     cli = DistrnnCLI(args=[*args, "--trainer.logger=false"], run=False,
                      trainer_extra={"accelerator": "cpu", "devices": 1, "strategy": "auto"})
     cli.check_data("fit", world_size)  # the data too, as the workers will read it: not in every worker
+    if not use_gpu:
+        cli.check_layers(device_setting)  # each worker group (and each restart) failed inside training
 
 
 def help_of(cls: type) -> dict[str, str]:
@@ -545,7 +550,7 @@ def main(argv: Optional[list[str]] = None, on_result: Optional[Callable[[Any], N
     if args.cpus_per_worker < 0 or (args.cpus_per_worker == 0 and not args.use_gpu):
         # (Ray's own refusal: "Bundles cannot be an empty dictionary", after the cluster started)
         _fail(f"cpus_per_worker: must be > 0 (or 0 with use_gpu: each worker then reserves a GPU only), got {args.cpus_per_worker}")
-    check_config(distrnn_args, args.num_workers)
+    check_config(distrnn_args, args.num_workers, args.use_gpu)
     if args.check_only:
         print("distrnn: config OK")
         return None

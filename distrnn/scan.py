@@ -265,14 +265,14 @@ class _MinRecurrence(Recurrence):
             return "loop"
         return "triton" if _triton_available() else "compile"
 
-    def check_device(self, device_type: str) -> None:
-        """ValueError naming the option when the layer cannot run on ``device_type`` (the CLI asks
-        before a run opens; a forward would fail inside training)."""
+    def check_device(self, device_type: str, device_setting: str = "trainer.accelerator") -> None:
+        """ValueError naming the option when the layer cannot run on ``device_type``, chosen by
+        ``device_setting`` (the CLI asks before a run opens; a forward would fail inside training)."""
         if self.backend != "triton":
             return
         if device_type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
             raise ValueError(f"model.network.options.backend: triton needs a CUDA device, and this run is on {device_type}"
-                             " (trainer.accelerator); leave backend unset to have the layer choose")
+                             f" ({device_setting}); leave backend unset to have the layer choose")
         if not _triton_available():
             raise ValueError("model.network.options.backend: triton is not installed (pip install triton);"
                              " leave backend unset for torch.compile of the scan")

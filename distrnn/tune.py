@@ -497,7 +497,8 @@ def main(argv: Optional[list[str]] = None) -> Any:
               f" {sweep.workers_per_trial} workers (workers_per_trial); give 0 or a multiple of it")
     args = base_args(sweep)
     for sample in samples:  # an unknown key or an impossible value fails here, before any trial
-        check_config(args + as_args(sample), sweep.workers_per_trial)
+        check_config(args + as_args(sample), sweep.workers_per_trial, use_gpu=sweep.gpus_per_trial > 0,
+                     device_setting="gpus_per_trial")
     if check_only:
         print("distrnn: sweep OK")
         return None

@@ -269,8 +269,8 @@ def test_search_optuna_without_optuna_installed_is_one_line(monkeypatch):
 @pytest.fixture
 def drivers_before_ray(tmp_path, capsys, monkeypatch):
     """``check(train_args, tune_args, message)``: jobs/train.py and jobs/tune.py in this process
-    (a 1-worker job of tiny.yaml, a sweep of it) each exit 2 with ``message`` as the last line, and
-    Ray is never started."""
+    (a 1-worker job of tiny.yaml, a sweep of it) each exit 2 with ``message`` (or the job's and the
+    sweep's, a pair) as the last line, and Ray is never started."""
     import distrnn.raytrain
     import distrnn.tune
     from distrnn.raytrain import main as train_main
@@ -285,13 +285,14 @@ def drivers_before_ray(tmp_path, capsys, monkeypatch):
     (tmp_path / "sweep.yaml").write_text(SWEEP.format(config=REPO / "jobs/configs/tiny.yaml",
                                                       space="{model.optimizer.lr: {loguniform: [0.001, 0.01]}}"))
 
-    def check(train_args: list[str], tune_args: list[str], message: str) -> None:
-        for run in (lambda: train_main(["--num-workers", "1", *train_args, "--config", str(REPO / "jobs/configs/tiny.yaml")]),
-                    lambda: tune_main(["--config", str(tmp_path / "sweep.yaml"), *tune_args])):
+    def check(train_args: list[str], tune_args: list[str], message: "str | tuple[str, str]") -> None:
+        messages = (message, message) if isinstance(message, str) else message
+        for run, expected in zip((lambda: train_main(["--num-workers", "1", "--config", str(REPO / "jobs/configs/tiny.yaml"), *train_args]),
+                                  lambda: tune_main(["--config", str(tmp_path / "sweep.yaml"), *tune_args])), messages):
             with pytest.raises(SystemExit) as e:
                 run()
             assert e.value.code == 2
-            assert capsys.readouterr().err.strip().splitlines()[-1] == f"distrnn: error: {message}"
+            assert capsys.readouterr().err.strip().splitlines()[-1] == f"distrnn: error: {expected}"
 
     return check
 
@@ -316,6 +317,16 @@ def test_an_mlflow_store_that_cannot_be_used_stops_a_job_and_a_sweep_before_ray_
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     drivers_before_ray([], [], f"MLFLOW_TRACKING_URI: the MLflow store {uri} cannot be used: {why}")
+
+
+def test_layers_that_cannot_run_on_cpu_workers_stop_a_job_and_a_sweep_before_ray_starts(drivers_before_ray):
+    """A Triton scan on workers without GPUs: every worker group (and each restart) or trial failed
+    inside training with a traceback; the driver checks the config on a CPU, as those workers run."""
+    layer = ["--model.network.recurrence", "mingru", "--model.network.options", "{backend: triton}"]
+    drivers_before_ray(layer, ["--overrides", "{data.init_args.path: corpus.txt, model.network.recurrence: mingru,"
+                                              " model.network.options: {backend: triton}}"],
+                       tuple(f"model.network.options.backend: triton needs a CUDA device, and this run is on cpu ({key});"
+                             " leave backend unset to have the layer choose" for key in ("use_gpu", "gpus_per_trial")))
 
 
 def test_a_storage_path_that_cannot_be_written_stops_a_job_and_a_sweep_before_ray_starts(drivers_before_ray, tmp_path):
