@@ -24,7 +24,8 @@ class CheckpointError(RuntimeError):
 
 
 def unwritable_folder(folder: str) -> Optional[str]:
-    """Why checkpoints could not be written under ``folder`` (missing folders included), or None.
+    """Why files (checkpoints, predictions, a SQLite store) could not be written under ``folder``
+    (missing folders included), or None.
     Creates nothing that stays: a file is made and removed in the deepest folder that exists
     (ranks starting together each make their own). A URL (``s3://``) is the store's to judge."""
     if "://" in str(folder):

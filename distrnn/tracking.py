@@ -77,6 +77,9 @@ class MLflowLogger(MLFlowLogger):
         self._default_name = None
         if run_name is None:
             run_name = self._default_name = unseeded_run_name()
+        unwritable = _sqlite_folder_unwritable(uri)
+        if unwritable:
+            raise ValueError(f"{self.uri_key}: the MLflow store {uri} cannot be used: {unwritable}")
         # Every rank builds a client, and a client creates a new SQLite store's tables: ranks (or
         # Tune trials) starting together on a fresh file would race ("table already exists").
         try:
@@ -91,7 +94,7 @@ class MLflowLogger(MLFlowLogger):
                     synchronous=True,  # each send waits for its answer; the waiting is in _Sender's thread
                     artifact_location=artifact_location(uri),
                 )
-        except OSError as e:  # a SQLite file whose folder cannot be made
+        except OSError as e:  # a SQLite file whose folder cannot be made (after the check above: a race)
             raise ValueError(f"{self.uri_key}: the MLflow store {uri} cannot be used: {_store_error(e)}") from None
         self._checkpoint_dir = checkpoint_dir
         self._async, self._retry_s, self._log_plots = not synchronous, retry_s, log_plots
@@ -446,31 +449,19 @@ def _store_lock(uri: str) -> Any:
 
     path = Path(uri[len("sqlite:///"):]).resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
-    # FileLock takes a lock file it cannot create for one held by another process and waits its
-    # whole timeout (a folder that cannot be written: 120 s, then an error), so probe first
-    unwritable = _sqlite_folder_unwritable(uri)
-    if unwritable:
-        raise unwritable
     return FileLock(str(path) + ".lock", timeout=120)
 
 
-def _sqlite_folder_unwritable(uri: str) -> Optional[OSError]:
-    """Why the folder of a ``sqlite:///`` store (the deepest part of it that exists) cannot take
-    the store's files, or None; creates nothing that stays."""
-    import tempfile
+def _sqlite_folder_unwritable(uri: str) -> Optional[str]:
+    """Why the folder of a ``sqlite:///`` store cannot take the store's files (a file where a
+    folder must be, a folder that cannot be written), or None. The store's file lock took a lock
+    file it could not create for one another process held and waited its 120 s; MLflow's SQLite
+    store retries a file it cannot open for minutes."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    from distrnn.checkpoint_files import unwritable_folder
 
-    at = Path(uri[len("sqlite:///"):]).resolve().parent
-    while not at.exists() and at.parent != at:
-        at = at.parent
-    if not at.is_dir():
-        return None  # a file where a folder must be: making the folder says so, at once
-    try:
-        fd, probe = tempfile.mkstemp(dir=at, prefix=".distrnn-write-check-")
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
-        return OSError(e.errno, f"cannot write into the folder, {(e.strerror or str(e)).lower()}", str(at))
-    return None
+    return unwritable_folder(str(Path(uri[len("sqlite:///"):]).parent))
 
 
 def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
@@ -655,10 +646,9 @@ def unusable_store(uri: str, key: str = "MLFLOW_TRACKING_URI", client: Any = Non
     """Why the MLflow store ``uri`` cannot be used through ``client`` (default: a new one) (a
     server that does not answer or refuses the credentials, a SQLite file in a folder that cannot be
     made or written), as one line naming ``key``, or None. A read: it creates nothing on a server."""
-    # MLflow's SQLite store retries a file it cannot open for minutes before it gives up
-    unwritable = _sqlite_folder_unwritable(uri) if uri.startswith("sqlite:///") else None
+    unwritable = _sqlite_folder_unwritable(uri)
     if unwritable:
-        return f"{key}: the MLflow store {uri} cannot be used: {_store_error(unwritable)}"
+        return f"{key}: the MLflow store {uri} cannot be used: {unwritable}"
     try:
         (client or mlflow.MlflowClient(uri)).search_experiments(max_results=1)
     except Exception as e:

@@ -88,10 +88,10 @@ def job(tmp_path):
          "trainer.logger.init_args.checkpoint_dir: corpus.txt is not a folder (checkpoints would go to corpus.txt/ck)"),
         (["--checkpoint.filename", "{step"], "checkpoint.filename: '{step' is not a format string"),
         (["--trainer.logger.init_args.tracking_uri", "sqlite:///corpus.txt/x/m.db"],  # was: the logger class and errno
-         "trainer.logger.init_args.tracking_uri: the MLflow store sqlite:///corpus.txt/x/m.db cannot be used: Not a directory: "),
+         "trainer.logger.init_args.tracking_uri: the MLflow store sqlite:///corpus.txt/x/m.db cannot be used: corpus.txt is not a folder"),
         # the store's file lock waited its 120 s in a folder that cannot be written, then failed
         (["--trainer.logger.init_args.tracking_uri", "sqlite:////proc/m.db"],
-         "trainer.logger.init_args.tracking_uri: the MLflow store sqlite:////proc/m.db cannot be used: cannot write into the folder, "),
+         "trainer.logger.init_args.tracking_uri: the MLflow store sqlite:////proc/m.db cannot be used: cannot write into /proc ("),
         (["--checkpoint.save_top_k", "-2"], "checkpoint.save_top_k: Invalid value for save_top_k=-2"),
         (["--model.init_weights", "h8.ckpt"], "model.init_weights: checkpoint h8.ckpt does not fit model.network"),
         pytest.param(["--trainer.strategy", "deepspeed_stage_2"], "DeepSpeed",

@@ -310,10 +310,10 @@ def test_an_mlflow_store_that_cannot_be_used_stops_a_job_and_a_sweep_before_ray_
     elif store == "sqlite_unwritable":
         with pytest.raises(OSError) as e:  # what the kernel says to a new file there (root too)
             open("/proc/distrnn-test", "w")
-        uri, why = "sqlite:////proc/mlflow.db", f"cannot write into the folder, {e.value.strerror.lower()}: /proc"
+        uri, why = "sqlite:////proc/mlflow.db", f"cannot write into /proc ({e.value.strerror})"
     else:
         folder = tmp_path.resolve() / "corpus.txt" / "x"  # under a file
-        uri, why = f"sqlite:///{folder}/mlflow.db", f"Not a directory: {folder}"
+        uri, why = f"sqlite:///{folder}/mlflow.db", "corpus.txt is not a folder"  # shown from the working folder
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     drivers_before_ray([], [], f"MLFLOW_TRACKING_URI: the MLflow store {uri} cannot be used: {why}")
