@@ -87,7 +87,7 @@ def _case(kind: str, args: dict, q) -> None:
             out["scan_configs"] = tuned_configs()
         q.put(out)
     elif kind == "memory":
-        task, model, x, y, mask = _loss_at_the_end(B, T, H, dev)
+        task, model, x, y, mask = _loss_at_the_end(B, T, H, dev, args.get("rec", "lstm"))
         k = args["k"]
         mode = args["mode"]
 
@@ -121,7 +121,7 @@ def _case(kind: str, args: dict, q) -> None:
 
         from distrnn.bptt import _piece
 
-        task, model, x, y, mask = _loss_at_the_end(B, T, H, dev)
+        task, model, x, y, mask = _loss_at_the_end(B, T, H, dev, args.get("rec", "lstm"))
         k = args["k"]
 
         def torch_checkpoint():
@@ -180,15 +180,15 @@ def _case(kind: str, args: dict, q) -> None:
                "no_grad_first_pass_bound": (t_infer + t_both) / t_both})
 
 
-def _loss_at_the_end(B: int, T: int, H: int, dev):
-    """The memory cases' task: an LSTM over 64 input features, a loss at the last step only."""
+def _loss_at_the_end(B: int, T: int, H: int, dev, rec: str = "lstm"):
+    """The memory cases' task: an LSTM (or ``rec``) over 64 input features, a loss at the last step only."""
     import torch
 
     from distrnn.config import NetworkConfig, TaskSpec
     from distrnn.model import RecurrentModel
 
     task = TaskSpec(kind="regression", output_dim=1, input_dim=64)
-    model = RecurrentModel(NetworkConfig(recurrence="lstm", hidden_size=H), task).to(dev)
+    model = RecurrentModel(NetworkConfig(recurrence=rec, hidden_size=H), task).to(dev)
     x = torch.randn(B, T, 64, device=dev)
     y = torch.randn(B, T, 1, device=dev)
     mask = torch.zeros(B, T, dtype=torch.bool, device=dev)
@@ -303,6 +303,13 @@ def sweep_gpu(show, a) -> None:
         for k in (256, 1024):
             show(run("checkpointing", 100, B=64, T=16384, H=1024, k=k, rounds=3,
                      label=f"checkpointed vs full, side by side, B=64 H=1024 T=16384 k={k}"))
+        # the goal names no layer: minGRU's forward (one GEMM and the scan) is about a third of
+        # its step (an H200 profile at T=512), so one more forward may cost under 1.35x
+        for mode in ("full", "checkpointed"):
+            show(run("memory", 60, rec="mingru", mode=mode, B=64, T=16384, H=1024, k=1024,
+                     label=f"memory mingru {mode} B=64 H=1024 T=16384 k=1024"))
+        show(run("checkpointing", 100, rec="mingru", B=64, T=16384, H=1024, k=1024, rounds=3,
+                 label="mingru checkpointed vs full, side by side, B=64 H=1024 T=16384 k=1024"))
         return
     # cuDNN LSTM bf16 at T=4096: distrnn's layer in pieces of 2048 steps, then in one call
     show(run("throughput", 120, rec="lstm", B=B, T=2048, H=H, bf16=True, iters=3, label="lstm bf16 T=2048 one call"))

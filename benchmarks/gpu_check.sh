@@ -25,7 +25,7 @@ if [ "${1:-}" != "bench-only" ]; then
     | grep -E '^\{"equal|passed|failed|skipped|Error|assert|^(FAILED|ERROR)' | tail -40 | tee "$OUT/gpu_tests.txt"
 fi
 timeout 220 $PY benchmarks/bench_recurrences.py --device cuda --scan 2>&1 | tee "$OUT/bench_scan.txt"
-timeout 200 $PY benchmarks/bench_recurrences.py --device cuda --memory_only 2>&1 | tee "$OUT/bench_memory.txt"
+timeout 240 $PY benchmarks/bench_recurrences.py --device cuda --memory_only 2>&1 | tee "$OUT/bench_memory.txt"
 timeout 90 $PY benchmarks/bench_tbptt.py --device cuda --hidden 1024 --embed 256 --batch 64 --k 256 --steps 60 --warmup 5 --repeats 2 --log_every 50 --no_mlflow 2>&1 | grep -v "^\s*$" | tail -4 | tee "$OUT/bench_tbptt_fp32.txt"
 if [ "${GPU_LEARN:-0}" = "1" ]; then  # selective copy (~7 min more; better a device call of its own): benchmarks/learn_gpu.sh
   bash benchmarks/learn_gpu.sh
