@@ -594,6 +594,10 @@ class DistrnnCLI(LightningCLI):
             # the checkpoint holds the weights: resuming a fine-tuning run does not need the file
             # it started from (the logged config keeps it)
             cfg["model.init_weights"] = None
+        if cfg.get("trainer.fast_dev_run") and cfg.get("trainer.logger"):
+            # Lightning suppresses logging under fast_dev_run once the logger exists, and building
+            # it made the MLflow store (a new mlflow.db) for a run that never comes
+            cfg["trainer.logger"] = False
         try:
             super().instantiate_classes()
         except (ValueError, TypeError, FileNotFoundError, CheckpointError, MisconfigurationException, ImportError) as e:

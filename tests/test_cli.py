@@ -124,6 +124,16 @@ def test_bad_input_is_one_line_exit_2_and_no_run(job, args, key, capsys):
     assert not Path("checkpoints").exists()
 
 
+@pytest.mark.fresh_store
+def test_fast_dev_run_creates_no_mlflow_store(job, capsys):
+    """Lightning suppresses logging under fast_dev_run, but the logger had been built first and
+    made the store: a new mlflow.db (and its lock file) for a run that never came."""
+    code, _, err = cli(capsys, "fit", "--config", str(job), "--trainer.fast_dev_run", "true")
+    assert code == 0, err[-2000:]
+    assert not Path("mlflow.db").exists() and not Path("mlflow.db.lock").exists()
+    assert not Path("checkpoints").exists()
+
+
 def test_enable_checkpointing_false_trains_without_writing_checkpoints(job, capsys):
     """distrnn always builds the `checkpoint:` key's callback; Lightning then refused
     `--trainer.enable_checkpointing false` ("found ModelCheckpoint in callbacks"). Now the run
