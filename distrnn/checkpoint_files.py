@@ -48,6 +48,16 @@ def unwritable_folder(folder: str) -> Optional[str]:
     return None
 
 
+def unwritable_file(path: str, what: str, example: str) -> Optional[str]:
+    """Why ``what`` could not be written to the file ``path`` (a folder is there; the folder above
+    cannot be made or written), or None; asked before the work that makes it, not after."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        return f"{path} is a folder: name the file to write, e.g. {p / example}"
+    why = unwritable_folder(str(p.parent))
+    return f"{why} ({what} would go to {path})" if why else None
+
+
 def _sha256(path: Path) -> str:
     import hashlib
 
@@ -393,6 +403,10 @@ def convert_main(argv: Optional[list[str]] = None) -> int:
     a = p.parse_args(argv)
     if not is_deepspeed_checkpoint(a.checkpoint_dir):
         print(f"distrnn: error: checkpoint {a.checkpoint_dir}: not a DeepSpeed checkpoint directory (no 'latest' file)", file=sys.stderr)
+        return 2
+    why = unwritable_file(a.output, "the converted checkpoint", "model.ckpt")
+    if why:  # found when the file was written, after reading and joining every rank's shards
+        print(f"distrnn: error: output: {why}", file=sys.stderr)
         return 2
     try:
         out = convert_deepspeed_checkpoint(a.checkpoint_dir, a.output, a.trust_deepspeed_checkpoint)

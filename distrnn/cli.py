@@ -31,6 +31,7 @@ from distrnn.checkpoint_files import (
     check_deepspeed_checkpoint,
     is_deepspeed_checkpoint,
     load_checkpoint_file,
+    unwritable_file,
     unwritable_folder,
 )
 from distrnn.commands import OWN_COMMANDS, fail, run_own_command
@@ -489,17 +490,10 @@ class DistrnnCLI(LightningCLI):
         """A prediction file that cannot be written, refused before predicting (its folder failed
         with a traceback when prediction started; a path that is a folder, after predicting
         everything, when the finished file was moved there)."""
-        from pathlib import Path
-
         for cb in self.trainer.callbacks:
-            if not isinstance(cb, WritePredictions):
-                continue
-            path = Path(cb.path).expanduser()
-            if path.is_dir():
-                fail(f"trainer.callbacks.path: {cb.path} is a folder: name the file to write, e.g. {path / 'predictions.pt'}")
-            why = unwritable_folder(str(path.parent))
+            why = unwritable_file(cb.path, "predictions", "predictions.pt") if isinstance(cb, WritePredictions) else None
             if why:
-                fail(f"trainer.callbacks.path: {why} (predictions would go to {cb.path})")
+                fail(f"trainer.callbacks.path: {why}")
 
     def check_store(self) -> None:
         why = store_unreachable(self.trainer.logger)

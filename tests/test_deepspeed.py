@@ -181,6 +181,14 @@ def test_deepspeed_checkpoint_needs_the_trust_flag_and_every_shard(ds_checkpoint
     err = capsys.readouterr().err
     assert "--trust_deepspeed_checkpoint" in err and str(ds_checkpoint) in err
     assert not out.exists()
+    # an output that cannot be written: found before every rank's shards are read and joined
+    (tmp_path / "a_folder").mkdir()
+    (tmp_path / "a_file").write_text("")
+    for output, line in ((tmp_path / "a_folder", f"{tmp_path / 'a_folder'} is a folder: name the file to write, e.g. {tmp_path / 'a_folder' / 'model.ckpt'}"),
+                         (tmp_path / "a_file" / "m.ckpt", f"a_file is not a folder (the converted checkpoint would go to {tmp_path / 'a_file' / 'm.ckpt'})")):
+        assert convert_main([str(ds_checkpoint), str(output), "--trust_deepspeed_checkpoint", "true"]) == 2
+        assert capsys.readouterr().err.strip() == f"distrnn: error: output: {line}"
+    assert list((tmp_path / "a_folder").iterdir()) == []
     write_corpus(tmp_path / "corpus.txt", 2000)
     tiny = ["--config", str(REPO / "jobs/configs/tiny.yaml"), "--ckpt_path", str(ds_checkpoint)]
     for stage in ("fit", "test", "predict"):  # evaluation stages handed it to Lightning unchecked
