@@ -31,8 +31,6 @@ from distrnn.checkpoint_files import (
     check_deepspeed_checkpoint,
     is_deepspeed_checkpoint,
     load_checkpoint_file,
-    unwritable_file,
-    unwritable_folder,
 )
 from distrnn.commands import OWN_COMMANDS, fail, run_own_command
 from distrnn.config import ConfigError
@@ -41,6 +39,7 @@ from distrnn.data.base import RecurrentDataModule
 from distrnn.data.download import DownloadError
 from distrnn.data.loaders import layout_change
 from distrnn.engine import TBPTTModule, check_carried_state, needs_reshard, reshard_checkpoint
+from distrnn.paths import unwritable_file, unwritable_folder
 from distrnn.predict import WritePredictions
 from distrnn.rendezvous import host_rendezvous_on_loopback
 from distrnn.tracking import (

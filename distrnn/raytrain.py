@@ -497,7 +497,7 @@ def storage_location(path: str) -> str:
     refused here, before Ray starts (Ray Train found out as it started the run, with a traceback)."""
     if "://" in path:
         return path
-    from distrnn.checkpoint_files import unwritable_folder
+    from distrnn.paths import unwritable_folder
 
     folder = str(Path(path).expanduser().resolve())
     why = unwritable_folder(folder)

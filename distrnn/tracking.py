@@ -459,7 +459,7 @@ def _sqlite_folder_unwritable(uri: str) -> Optional[str]:
     store retries a file it cannot open for minutes."""
     if not uri.startswith("sqlite:///"):
         return None
-    from distrnn.checkpoint_files import unwritable_folder
+    from distrnn.paths import unwritable_folder
 
     return unwritable_folder(str(Path(uri[len("sqlite:///"):]).parent))
 

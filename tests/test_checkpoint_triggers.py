@@ -283,7 +283,7 @@ def test_report_folders_of_killed_workers_are_swept_and_live_ones_kept(tmp_path)
 
 
 def test_an_unwritable_checkpoint_folder_is_found_before_training_and_nothing_is_created(tmp_path, monkeypatch):
-    from distrnn.checkpoint_files import unwritable_folder
+    from distrnn.paths import unwritable_folder
 
     monkeypatch.chdir(tmp_path)
     before = sorted(tmp_path.iterdir())  # (the suite's MLflow store)

@@ -73,6 +73,11 @@ def test_tokenize_writes_each_document_then_end_of_text_and_refuses_bad_input(tm
     bad = [
         (["docs", "--tokenizer", "tok.json", "--output", "data/train.bin"], "--output: data/train.bin exists (--overwrite replaces it)"),
         (["docs", "--tokenizer", "tok.json", "--output", "data/train.bin", "--overwrite"], "bad.txt: not UTF-8 text (byte 5)"),
+        # before reading the inputs (a folder: found after tokenizing them all, a traceback)
+        (["docs", "--tokenizer", "tok.json", "--output", "data", "--overwrite"],
+         "--output: data is a folder: name the file to write, e.g. data/tokens.bin"),
+        (["docs", "--tokenizer", "tok.json", "--output", "data/train.bin/x.bin"],
+         "--output: data/train.bin is not a folder (the token ids would go to data/train.bin/x.bin)"),
         (["docs", "--tokenizer", "nope.json", "--output", "x.bin"], "--tokenizer: nope.json is not a file"),
         (["docs", "--tokenizer", "c.txt", "--output", "x.bin"], "--tokenizer: c.txt is not a tokenizer.json"),
         (["docs", "--tokenizer", "tok.json", "--output", "x.bin", "--eot", "<nope>"], "--eot: '<nope>' is not a token"),

@@ -11,6 +11,8 @@ from typing import Any, Iterator, Optional
 
 import numpy as np
 
+from distrnn.paths import unwritable_file
+
 # what tokenizers commonly call their end-of-text token, tried in this order
 END_OF_TEXT = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "[SEP]")
 
@@ -184,6 +186,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         tokenizer = load_tokenizer(a.tokenizer)
         eot = end_of_text(tokenizer, a.eot)
         files = _documents(a.inputs)
+        why = unwritable_file(a.output, "the token ids", "tokens.bin")
+        if why:  # a folder failed when the finished file was moved there, after tokenizing everything
+            raise TokenizerError(f"--output: {why}")
         if out.exists() and not a.overwrite:
             raise TokenizerError(f"--output: {out} exists (--overwrite replaces it)")
         if out.resolve() in {f.resolve() for f in files}:
