@@ -18,7 +18,7 @@ WORKERS ?= 2
 SWEEP ?= jobs/configs/sweep_tiny.yaml
 TRAIN_ARGS ?=
 
-.PHONY: venv train train-multigpu test test-fast bench gpu-check gpu-bench mlflow-ui clean \
+.PHONY: venv train train-multigpu test test-fast bench gpu-check gpu-bench gpu-goals mlflow-ui clean \
 	cluster-up cluster-down submit-train submit-tune
 
 $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
@@ -59,6 +59,10 @@ gpu-check:
 
 gpu-bench:
 	bash benchmarks/gpu_check.sh bench-only
+
+## Issue 3's open GPU goals and the selective-copy run, in one device call (benchmarks/gpu_goals.sh).
+gpu-goals:
+	bash benchmarks/gpu_goals.sh
 
 ## The MLflow UI on 127.0.0.1 over the default store (mlflow.db in this folder).
 mlflow-ui: venv

@@ -2,15 +2,20 @@
 validation metric after every validation: the learning results of benchmarks/RESULTS.md.
 
     python benchmarks/learn.py jobs/configs/selective_copy_mingru.yaml --seconds 200 --json out.json
+    python benchmarks/learn.py CONFIG --seconds 500 --save out/sc                  # then, later:
+    python benchmarks/learn.py CONFIG --seconds 500 --save out/sc2 --resume out/sc/last.ckpt
 
-It builds the same objects as ``distrnn fit --config`` from the YAML's model/data/trainer keys but
-needs neither jsonargparse nor MLflow (the GPU image has neither); use ``distrnn fit`` anywhere else.
+It builds the same objects as ``distrnn fit --config`` from the YAML's model/data/checkpoint/trainer
+keys but needs neither jsonargparse nor MLflow (the GPU image has neither); use ``distrnn fit``
+anywhere else. With ``--save`` the config's checkpoints (best and last, distrnn's ``Checkpoint``)
+go to that folder, ``last.ckpt`` written when the time or update limit stops the call; ``--resume``
+goes on from such a file exactly as ``distrnn fit --ckpt_path`` does (weights, optimizer, schedule,
+data position, RNG), so one schedule longer than a device call runs over several calls.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import importlib
 import json
 import time
@@ -19,8 +24,27 @@ import lightning as L
 import torch
 import yaml
 
+from distrnn.checkpoint import CHECKPOINT_DEFAULTS, AtomicCheckpointIO, Checkpoint
 from distrnn.config import NetworkConfig, OptimizerConfig, TBPTTConfig
 from distrnn.engine import TBPTTModule
+
+
+class StopAfter(L.Callback):
+    """Stops training after this process's seconds or updates. Not Lightning's ``max_time``: its
+    timer is saved in the checkpoint, so a resumed call would count the earlier calls' time."""
+
+    def __init__(self, seconds: float, updates: int | None) -> None:
+        self.seconds, self.updates = seconds, updates
+        self.t0 = time.perf_counter()
+        self.first = 0
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.first = trainer.global_step  # restored by now when the call resumes
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        out_of_time = time.perf_counter() - self.t0 >= self.seconds
+        if out_of_time or (self.updates is not None and trainer.global_step - self.first >= self.updates):
+            trainer.should_stop = True
 
 
 class Report(L.Callback):
@@ -41,7 +65,10 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("config")
     ap.add_argument("--seconds", type=float, default=300)
+    ap.add_argument("--updates", type=int, default=None, help="stop after this many updates of this call")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--save", default=None, help="folder for the config's checkpoints (best and last.ckpt)")
+    ap.add_argument("--resume", default=None, help="a last.ckpt of an earlier call to go on from")
     a = ap.parse_args()
     cfg = yaml.safe_load(open(a.config))
     torch.set_float32_matmul_precision("high")
@@ -54,15 +81,18 @@ def main() -> None:
                         OptimizerConfig(**m.get("optimizer", {})), data.task)
     t = {k: v for k, v in cfg.get("trainer", {}).items() if k not in ("logger", "callbacks")}
     rep = Report()
-    trainer = L.Trainer(**t, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        max_time=datetime.timedelta(seconds=a.seconds), callbacks=[rep])
-    trainer.fit(model, data)
+    callbacks: list[L.Callback] = [rep, StopAfter(a.seconds, a.updates)]
+    if a.save:
+        callbacks.append(Checkpoint(dirpath=a.save, **{**CHECKPOINT_DEFAULTS, **(cfg.get("checkpoint") or {})}))
+    trainer = L.Trainer(**t, logger=False, enable_checkpointing=bool(a.save), enable_progress_bar=False,
+                        callbacks=callbacks, plugins=[AtomicCheckpointIO()])
+    trainer.fit(model, data, ckpt_path=a.resume)
     key = "val/accuracy" if data.task.kind == "classification" else "val/loss"
     vals = [r[key] for r in rep.rows if key in r]
     best = (max if key == "val/accuracy" else min)(vals) if vals else None
     out = {"config": a.config, "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
            "updates": trainer.global_step, "seconds": round(time.perf_counter() - rep.t0, 1), "metric": key,
-           "best": best, "last": vals[-1] if vals else None, "curve": rep.rows}
+           "best": best, "last": vals[-1] if vals else None, "resumed_from": a.resume, "curve": rep.rows}
     print("RESULT", json.dumps({k: v for k, v in out.items() if k != "curve"}), flush=True)
     if a.json:
         json.dump(out, open(a.json, "w"), indent=1)

@@ -22,6 +22,20 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException, SI
 from distrnn.checkpoint_files import load_checkpoint_file, remove_sidecar, save_checkpoint_file
 
 
+# The `checkpoint:` key's defaults (distrnn fit, benchmarks/learn.py): the best file by validation
+# loss and last.ckpt.
+CHECKPOINT_DEFAULTS: dict[str, Any] = {
+    "monitor": "val/loss",
+    "mode": "min",
+    "save_top_k": 1,
+    "save_last": True,
+    "filename": "best-{step}",
+    "auto_insert_metric_name": False,
+    # a job resumed into its own folder continues last.ckpt, not last-v1.ckpt
+    "enable_version_counter": False,
+}
+
+
 def deepspeed_strategy(trainer: Trainer) -> Optional[Any]:
     """The trainer's DeepSpeed strategy (Lightning's, or Ray's subclass), or None."""
     from lightning.pytorch.strategies import DeepSpeedStrategy

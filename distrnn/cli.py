@@ -24,7 +24,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.plugins.io import CheckpointIO
 
-from distrnn.checkpoint import AtomicCheckpointIO, Checkpoint, CheckpointOnSigterm, deepspeed_strategy
+from distrnn.checkpoint import CHECKPOINT_DEFAULTS, AtomicCheckpointIO, Checkpoint, CheckpointOnSigterm, deepspeed_strategy
 from distrnn.checkpoint_files import (
     TRUST_FLAG,
     CheckpointError,
@@ -51,18 +51,6 @@ from distrnn.tracking import (
     store_unreachable,
     where_run_is,
 )
-
-CHECKPOINT_DEFAULTS: dict[str, Any] = {
-    "monitor": "val/loss",
-    "mode": "min",
-    "save_top_k": 1,
-    "save_last": True,
-    "filename": "best-{step}",
-    "auto_insert_metric_name": False,
-    # a job resumed into its own folder continues last.ckpt, not last-v1.ckpt
-    "enable_version_counter": False,
-}
-
 
 # distrnn pulls its batches in training_step (dataloader_iter) on purpose: no prefetch, so the
 # saved read position is exact. Lightning warns about that flavour on every run.

@@ -60,3 +60,13 @@ def test_gpu_tests_and_scripts_load_without_what_the_device_image_lacks(tmp_path
     r = subprocess.run([sys.executable, "-S", "-c", "import deepspeed.checkpoint.ds_to_universal"],
                        capture_output=True, text=True, timeout=120, env={**env, "DS_ACCELERATOR": "cpu"}, cwd=tmp_path)
     assert r.returncode == 0, (r.stdout + r.stderr)[-2000:]
+
+
+def test_device_scripts_parse_and_name_only_shipped_files():
+    """Every script a device call runs parses, and every repo file it names exists (a typo there
+    is found only after the machine has started)."""
+    for script in sorted((REPO / "benchmarks").glob("*.sh")):
+        r = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+        assert r.returncode == 0, (script.name, r.stderr)
+        for name in re.findall(r"\b((?:benchmarks|tests|jobs/configs)/[\w./-]+\.(?:py|sh|yaml))", script.read_text()):
+            assert (REPO / name).exists(), (script.name, name)

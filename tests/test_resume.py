@@ -465,3 +465,54 @@ def test_reshard_resumes_with_other_data_settings_in_the_same_run(tmp_path, caps
     fit_from_ray_checkpoint(worker, RayCheckpoint())
     assert worker.trainer.global_step == 24
     assert "epoch 0 goes on at batch 32 of 60 per rank (was 8 of 15)" in capsys.readouterr().err
+
+
+LEARN_CONFIG = """
+seed_everything: 0
+trainer: {max_steps: 12, val_check_interval: 4, check_val_every_n_epoch: null, accelerator: cpu}
+checkpoint: {monitor: val/accuracy, mode: max}
+model:
+  network: {recurrence: mingru, hidden_size: 16, embedding_dim: 8, num_layers: 2, options: {norm: true, residual: true, chrono: 64}}
+  tbptt: {mode: full, k1: 64}
+  optimizer: {name: adamw, lr: 0.003, clip_norm: 1.0, schedule: cosine, warmup_updates: 2}
+data:
+  class_path: distrnn.data.SyntheticDataModule
+  init_args: {name: selective_copy, seq_len: 64, num_tokens: 4, alphabet: 4, batch_size: 8, train_batches: 5, val_batches: 2}
+"""
+
+
+@pytest.mark.slow
+def test_learning_script_runs_one_schedule_over_several_calls_exactly(tmp_path):
+    """benchmarks/learn.py (the GPU learning runs, a device call at most 10 minutes) stopped after
+    5 of 12 updates and resumed from its last.ckpt in a second process ends with the weights and
+    optimizer state of one uninterrupted call, past an epoch boundary and a validation."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "c.yaml").write_text(LEARN_CONFIG)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+
+    def learn(*args):
+        r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "learn.py"), "c.yaml", *args], cwd=tmp_path,
+                           env=env, capture_output=True, text=True, timeout=180)
+        assert r.returncode == 0, r.stderr[-3000:]
+        return json.loads((tmp_path / args[args.index("--json") + 1]).read_text())
+
+    whole = learn("--save", "whole", "--json", "whole.json")
+    first = learn("--save", "one", "--updates", "5", "--json", "one.json")
+    second = learn("--save", "two", "--resume", "one/last.ckpt", "--json", "two.json")
+    assert (whole["updates"], first["updates"], second["updates"]) == (12, 5, 12)
+    assert [r["step"] for r in second["curve"]] == [r["step"] for r in whole["curve"] if r["step"] > 5]
+    assert [r["val/loss"] for r in second["curve"]] == [r["val/loss"] for r in whole["curve"] if r["step"] > 5]
+    a = load_checkpoint_file(tmp_path / "whole" / "last.ckpt")
+    b = load_checkpoint_file(tmp_path / "two" / "last.ckpt")
+    early = load_checkpoint_file(tmp_path / "one" / "last.ckpt")
+    assert early["global_step"] == 5 and b["global_step"] == a["global_step"] == 12
+    for k, v in a["state_dict"].items():
+        assert torch.equal(v, b["state_dict"][k]), k
+        assert not torch.equal(v, early["state_dict"][k]), k  # the second call trained
+    for sa, sb in zip(a["optimizer_states"][0]["state"].values(), b["optimizer_states"][0]["state"].values()):
+        assert torch.equal(sa["exp_avg_sq"], sb["exp_avg_sq"])
+    assert a["lr_schedulers"] == b["lr_schedulers"]

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# One device call for what issue 3 still asks of a GPU (~9.5 minutes; run with timeout_s 590 and
+# carry benchmarks/state when it holds the selective-copy run's last.ckpt): the open goals'
+# benchmarks (`bench_recurrences.py --goals`, ~2 min: minGRU vs its own loop at T=512 in fp32 and
+# bf16, minGRU checkpointed vs full BPTT at T=16384, a profile of the selective-copy stack), then
+# the selective-copy run (benchmarks/learn_gpu.sh) for the rest of the call, going on from the
+# carried checkpoint. Needs no wheels. Files: $OUT/goals.txt, $OUT/learn.txt, $OUT/sc/*.ckpt.
+# A second call right after it (the machine still warm): SKIP_GOALS=1 CALL_SECONDS=... for the
+# selective-copy run alone, after copying the first call's $OUT/sc/last.ckpt to benchmarks/state.
+set -uo pipefail
+OUT=${OUT:-out}
+mkdir -p "$OUT"
+export PYTHONPATH="$(pwd)${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+PY=${PY:-python3}
+CALL_SECONDS=${CALL_SECONDS:-570}
+{ date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; $PY -c "import torch, lightning, triton; print('torch', torch.__version__, 'lightning', lightning.__version__, 'triton', triton.__version__)"; } | tee "$OUT/goals.txt"
+if [ "${SKIP_GOALS:-0}" != "1" ]; then
+  timeout 150 $PY benchmarks/bench_recurrences.py --device cuda --goals 2>&1 | tee -a "$OUT/goals.txt"
+fi
+left=$(( CALL_SECONDS - SECONDS - 25 ))  # learn.py's start (imports, the data) and its final saves
+[ "$left" -gt 30 ] && SC_SECONDS=$left bash benchmarks/learn_gpu.sh
