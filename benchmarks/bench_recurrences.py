@@ -294,7 +294,9 @@ def _goals(show, B: int, H: int) -> None:
         p = "bf16" if bf16 else "fp32"
         show(run("throughput", 90, rec="mingru", B=B, T=512, H=H, iters=1, parallel=False, bf16=bf16,
                  label=f"mingru sequential {p} T=512"))
-        show(run("throughput", 90, rec="mingru", B=B, T=512, H=H, iters=10, bf16=bf16, label=f"mingru triton {p} T=512"))
+        # profiled after the timing: device time against s_per_step says what the host costs
+        show(run("throughput", 90, rec="mingru", B=B, T=512, H=H, iters=10, bf16=bf16, profile=True,
+                 label=f"mingru triton {p} T=512"))
     _mingru_checkpointed(show)
     # where the selective-copy run's ~19 ms per update go (52 updates/s for 262k tokens of a
     # 3-layer H=128 stack, against 12.5 ms for the same tokens through one H=1024 layer)
