@@ -311,6 +311,10 @@ def _goals(show, B: int, H: int) -> None:
     show(run("throughput", 90, rec="mingru", B=B, T=4096, H=128, layers=3, iters=5, profile=True, vocab=18,
              embedding_dim=64, options={"norm": True, "residual": True, "chrono": 4096},
              label="the selective-copy model (3-layer minGRU H=128, norm+residual) T=4096"))
+    # twice as wide learns it in about half the updates (T=256 on CPU): what that costs per update here
+    show(run("throughput", 90, rec="mingru", B=B, T=4096, H=256, layers=3, iters=5, vocab=18, embedding_dim=64,
+             options={"norm": True, "residual": True, "chrono": 4096},
+             label="the selective-copy model at H=256 T=4096"))
 
 
 def sweep_gpu(show, a) -> None:
