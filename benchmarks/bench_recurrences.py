@@ -156,16 +156,21 @@ def _case(kind: str, args: dict, q) -> None:
                 if rnd:  # the first round warms up
                     times[name].append(time.perf_counter() - t0)
         med = {name: sorted(v)[len(v) // 2] for name, v in times.items()}
-        q.put({**{f"{n}_s": round(v, 4) for n, v in med.items()},
+        out = {**{f"{n}_s": round(v, 4) for n, v in med.items()},
                "distrnn_checkpointed_over_full": round(med["distrnn_checkpointed"] / med["full"], 3),
-               "torch_checkpoint_over_full": round(med["torch_checkpoint"] / med["full"], 3)})
+               "torch_checkpoint_over_full": round(med["torch_checkpoint"] / med["full"], 3)}
+        if args.get("profile"):
+            # device time against the step's wall time: whether cutting T into segments leaves the
+            # GPU waiting on the host (each segment's calls, twice) or adds device work
+            for name in ("full", "distrnn_checkpointed"):
+                out[f"profile_{name}"] = _profile(cases[name], cuda, steps=1, top=8)
+        q.put(out)
     elif kind == "split":
         # Where checkpointed BPTT's extra time goes: the first pass of a checkpointed segment is a
         # forward in grad mode (torch.utils.checkpoint, non-reentrant: cuDNN's training forward,
         # reserve space written), the recomputation another; a no-grad first pass would be cuDNN's
         # inference forward. Times of one segment: forward no-grad, forward with grad, backward.
-        model = RecurrentModel(NetworkConfig(recurrence="lstm", hidden_size=H), TaskSpec(kind="regression", output_dim=1, input_dim=64)).to(dev)
-        x = torch.randn(B, T, 64, device=dev)
+        _, model, x, _, _ = _loss_at_the_end(B, T, H, dev, args.get("rec", "lstm"))
         n = args.get("iters", 20)
 
         def timed(fn):
@@ -222,7 +227,11 @@ def _profile(step, cuda: bool, steps: int = 2, top: int = 12) -> list:
         return (getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)) if cuda else e.self_cpu_time_total
 
     events = sorted(prof.key_averages(), key=own, reverse=True)
-    total = sum(own(e) for e in events) or 1.0
+    # On a GPU a kernel's time is listed twice, under the kernel and under the operator that
+    # launched it (the H200 rows of 2026-12-04 summed both: twice the device time): the total is
+    # the kernels' alone.
+    kernels = [e for e in events if cuda and str(getattr(e, "device_type", "")).endswith("CUDA")]
+    total = sum(own(e) for e in (kernels or events)) or 1.0
     rows = [["total", round(total / steps / 1e3, 3), 1.0]]
     rows += [[e.key[:60], round(own(e) / steps / 1e3, 3), round(own(e) / total, 3)] for e in events[:top] if own(e) > 0]
     return rows
@@ -289,8 +298,11 @@ def _mingru_checkpointed(show) -> None:
     for mode in ("full", "checkpointed"):
         show(run("memory", 60, rec="mingru", mode=mode, B=64, T=16384, H=1024, k=1024,
                  label=f"memory mingru {mode} B=64 H=1024 T=16384 k=1024"))
-    show(run("checkpointing", 100, rec="mingru", B=64, T=16384, H=1024, k=1024, rounds=3,
+    show(run("checkpointing", 100, rec="mingru", B=64, T=16384, H=1024, k=1024, rounds=3, profile=True,
              label="mingru checkpointed vs full, side by side, B=64 H=1024 T=16384 k=1024"))
+    # its bound: one segment's no-grad forward, forward with autograd and backward (2.0x measured
+    # on the H200 on 2026-12-04, against ~1.4x expected from the traffic of a forward)
+    show(run("split", 60, rec="mingru", B=64, T=1024, H=1024, label="mingru segment split B=64 H=1024 T=1024"))
 
 
 def _goals(show, B: int, H: int) -> None:

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# One device call for what issue 3 still asks of a GPU (~9.5 minutes; run with timeout_s 590 and
-# carry benchmarks/state when it holds the selective-copy run's last.ckpt): the open goals'
-# benchmarks (`bench_recurrences.py --goals`, ~2 min: minGRU vs its own loop at T=512 in fp32 and
-# bf16, minGRU checkpointed vs full BPTT at T=16384, a profile of the selective-copy stack), then
-# the selective-copy run (benchmarks/learn_gpu.sh) for the rest of the call, going on from the
-# carried checkpoint. Needs no wheels. Files: $OUT/goals.txt, $OUT/learn.txt, $OUT/sc/*.ckpt.
+# One device call for what issue 3 still asks of a GPU (~9.5 minutes; run with timeout_s 590): the
+# open goals' benchmarks (`bench_recurrences.py --goals`, ~2 min: minGRU vs its own loop at T=512
+# in fp32 and bf16, minGRU checkpointed vs full BPTT at T=16384, a profile of the selective-copy
+# stack), then the selective-copy run (benchmarks/learn_gpu.sh) for the rest of the call, going on
+# from benchmarks/state/selective_copy/last.ckpt. Needs no wheels. Files: $OUT/goals.txt,
+# $OUT/learn.txt, $OUT/sc/*.ckpt.
 # A second call right after it (the machine still warm): SKIP_GOALS=1 CALL_SECONDS=... for the
-# selective-copy run alone, after copying the first call's $OUT/sc/last.ckpt to benchmarks/state.
+# selective-copy run alone, after copying the first call's $OUT/sc/last.ckpt* over
+# benchmarks/state/selective_copy/ (tracked in git: the run's state between sessions).
 set -uo pipefail
 OUT=${OUT:-out}
 mkdir -p "$OUT"

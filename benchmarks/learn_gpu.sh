@@ -2,8 +2,9 @@
 # The selective-copy demo of issue 3 on a GPU (~52 updates/s on an H200):
 # `jobs/configs/selective_copy_mingru.yaml` for SC_SECONDS (default 540), its checkpoints (best and
 # last.ckpt at the stop) written to $OUT/sc. Its schedule is longer than one device call: when
-# benchmarks/state/selective_copy/last.ckpt exists (the last call's $OUT/sc/last.ckpt, copied there
-# and named in the call's `carry`), the run goes on from it exactly (benchmarks/learn.py --resume).
+# benchmarks/state/selective_copy/last.ckpt exists (the last call's $OUT/sc/last.ckpt with its
+# .sha256, copied there and committed, so that the next session, on a fresh checkout, has it), the
+# run goes on from it exactly (benchmarks/learn.py --resume).
 # ADD_SECONDS=110 adds the adding problem at T=1000 (2-layer minGRU; learned on CPU already,
 # benchmarks/RESULTS.md). Everything goes to one file, $OUT/learn.txt: the card, then one JSON row
 # per validation of each run, then each run's summary.
