@@ -6,6 +6,7 @@ described in :mod:`distrnn.state`. ``step`` runs one time step, for streaming ge
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, Literal, Optional
 
 import torch
@@ -66,6 +67,25 @@ class Recurrence(nn.Module):
         raise NotImplementedError(f"{type(self).__name__} has no probe")
 
 
+@functools.lru_cache(maxsize=None)
+def _cpu_autocast_runs(rnn: type, dtype: torch.dtype) -> bool:
+    """Whether this CPU runs ``rnn`` under autocast to ``dtype``: tried once on a tiny layer
+    (whose initialization leaves the random stream as it was: a resumed run draws what an
+    uninterrupted one does)."""
+    try:
+        with torch.random.fork_rng(devices=[]), torch.no_grad(), torch.autocast("cpu", dtype=dtype):
+            rnn(2, 2, batch_first=True, dtype=torch.float32)(torch.zeros(1, 1, 2, dtype=torch.float32))
+        return True
+    except RuntimeError:
+        return False
+
+
+def _float_state(state: Optional[State]) -> Optional[State]:
+    if state is None:
+        return None
+    return state.float() if isinstance(state, Tensor) else tuple(s.float() for s in state)
+
+
 class _CudnnRecurrence(Recurrence):
     """Shared body of the layers that run on ``nn.RNN``/``nn.LSTM``/``nn.GRU`` (cuDNN on a GPU).
 
@@ -79,6 +99,13 @@ class _CudnnRecurrence(Recurrence):
 
     def forward(self, x_BTD: Tensor, state: Optional[State] = None) -> tuple[Tensor, State]:
         T = x_BTD.shape[1]
+        if not x_BTD.is_cuda and torch.is_autocast_enabled("cpu") and not _cpu_autocast_runs(type(self.rnn), torch.get_autocast_dtype("cpu")):
+            # CPU autocast sends nn.LSTM to oneDNN's bf16/fp16 kernel, which CPUs without AVX-512
+            # (AMD before Zen 4, most laptops) lack: "could not create a primitive descriptor for
+            # the LSTM forward propagation primitive". The layer runs in float32 there, as nn.GRU
+            # does under CPU autocast anyway.
+            with torch.autocast("cpu", enabled=False):
+                return self.rnn(x_BTD.float(), _float_state(state))
         if not x_BTD.is_cuda or T <= self.cuda_max_steps:
             return self.rnn(x_BTD, state)
         ys = []

@@ -142,3 +142,36 @@ def test_cuda_long_inputs_run_in_pieces_equal_one_pass(name, monkeypatch):
     torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
     for a, b in zip(s if isinstance(s, tuple) else (s,), s_ref if isinstance(s_ref, tuple) else (s_ref,)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["lstm", "gru", "elman"])
+def test_cpu_autocast_runs_on_any_cpu_and_falls_back_to_float32_exactly(name, monkeypatch):
+    """Under CPU autocast (bf16-mixed on a CPU) every cuDNN-family layer runs, forward and
+    backward, within bf16 of its float32 result, also on CPUs without AVX-512, where oneDNN has no
+    low-precision LSTM and nn.LSTM fails. Where the layer falls back, it computes exactly its
+    float32 result; finding out whether to fall back draws nothing from the random stream."""
+    import distrnn.layers as layers
+
+    torch.manual_seed(0)
+    m = build_recurrence(name, input_size=5, hidden_size=12, num_layers=2).float()
+    x = torch.randn(3, 9, 5, dtype=torch.float32)
+    y32, _ = m(x)
+
+    def run():
+        xg = x.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y, s = m(xg, None)
+            y2, _ = m(xg, s)  # a carried state, as the next TBPTT window passes it
+        y2.float().sum().backward()
+        return y.float(), xg.grad
+
+    y, g = run()
+    torch.testing.assert_close(y, y32, atol=3e-2, rtol=3e-2)
+    assert torch.isfinite(g).all() and g.abs().sum() > 0
+    probe = layers._cpu_autocast_runs
+    monkeypatch.setattr(layers, "_cpu_autocast_runs", lambda rnn, dtype: False)
+    y_fallback, _ = run()
+    assert torch.equal(y_fallback, y32)
+    rng = torch.get_rng_state()
+    probe.__wrapped__(torch.nn.LSTM, torch.bfloat16)
+    assert torch.equal(torch.get_rng_state(), rng)
