@@ -367,6 +367,9 @@ def sweep_gpu(show, a) -> None:
     if a.goals:
         _goals(show, B, H)
         return
+    if a.mingru_checkpointed:
+        _mingru_checkpointed(show)
+        return
     # cuDNN LSTM bf16 at T=4096: distrnn's layer in pieces of 2048 steps, then in one call
     show(run("throughput", 120, rec="lstm", B=B, T=2048, H=H, bf16=True, iters=3, label="lstm bf16 T=2048 one call"))
     show(run("throughput", 120, rec="lstm", B=B, T=4096, H=H, bf16=True, iters=3, label="lstm bf16 T=4096 in pieces"))
@@ -389,6 +392,8 @@ def main() -> None:
     ap.add_argument("--scan", action="store_true", help="minGRU/minLSTM against cuDNN LSTM")
     ap.add_argument("--goals", action="store_true", help="issue 3's open goals: minGRU vs its loop at T=512 (fp32, bf16),"
                     " minGRU checkpointed vs full BPTT, and a profile of the selective-copy stack")
+    ap.add_argument("--mingru_checkpointed", action="store_true",
+                    help="of the goals, minGRU checkpointed vs full BPTT alone (~1 min), profiled, with its segment split")
     a = ap.parse_args()
     results = []
 

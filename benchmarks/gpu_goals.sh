@@ -8,6 +8,7 @@
 # A second call right after it (the machine still warm): SKIP_GOALS=1 CALL_SECONDS=... for the
 # selective-copy run alone, after copying the first call's $OUT/sc/last.ckpt* over
 # benchmarks/state/selective_copy/ (tracked in git: the run's state between sessions).
+# GOALS=--mingru_checkpointed runs that part of the goals alone (~1 min).
 set -uo pipefail
 OUT=${OUT:-out}
 mkdir -p "$OUT"
@@ -16,7 +17,7 @@ PY=${PY:-python3}
 CALL_SECONDS=${CALL_SECONDS:-570}
 { date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; $PY -c "import torch, lightning, triton; print('torch', torch.__version__, 'lightning', lightning.__version__, 'triton', triton.__version__)"; } | tee "$OUT/goals.txt"
 if [ "${SKIP_GOALS:-0}" != "1" ]; then
-  timeout 200 $PY benchmarks/bench_recurrences.py --device cuda --goals 2>&1 | tee -a "$OUT/goals.txt"
+  timeout 200 $PY benchmarks/bench_recurrences.py --device cuda ${GOALS:---goals} 2>&1 | tee -a "$OUT/goals.txt"
 fi
 left=$(( CALL_SECONDS - SECONDS - 25 ))  # learn.py's start (imports, the data) and its final saves
 [ "$left" -gt 30 ] && SC_SECONDS=$left bash benchmarks/learn_gpu.sh

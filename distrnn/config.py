@@ -106,8 +106,9 @@ class OptimizerConfig:
     min_lr_ratio: float = 0.1
     """cosine: final learning rate as a fraction of lr."""
     stop_on_nonfinite: bool = True
-    """Stop with an error naming the step and rank when a loss is NaN or infinite, before that update
-    is applied (costs one host sync per update on a GPU)."""
+    """Stop with an error naming the step and rank when a loss or the gradients are NaN or infinite,
+    before that update is applied; under DDP every rank stops at the same update (costs one host
+    sync per update on a GPU, after the backward pass)."""
     min_loss_scale: float = 1.0
     """fp16 (``trainer.precision: 16-mixed``): an update whose gradients overflow is skipped and the
     loss scale halved; if the scale falls below this, the gradients overflow whatever the scale

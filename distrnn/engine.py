@@ -285,6 +285,7 @@ class TBPTTModule(L.LightningModule):
         self._val_state: Optional[State] = None
         self._pending_rng: Optional[dict[str, Any]] = None
         self._grad_norm: Optional[Tensor] = None
+        self._unchecked_loss: Optional[Tensor] = None  # stop_on_nonfinite: checked before the step
         self._lr_scale = 1.0
         self._t_last: Optional[float] = None
         self._tokens_since_log = 0
@@ -404,6 +405,31 @@ class TBPTTModule(L.LightningModule):
         self._grad_norm = torch.nn.utils.clip_grad_norm_(
             self.model.parameters(), clip if clip is not None else float("inf"), foreach=True
         )
+        if self._unchecked_loss is not None:
+            loss, self._unchecked_loss = self._unchecked_loss, None
+            self._stop_if_nonfinite(loss, self._grad_norm)
+
+    def _stop_if_nonfinite(self, loss: Tensor, grad_norm: Optional[Tensor] = None) -> None:
+        """FloatingPointError before the update is applied when the loss, or the gradients (DDP:
+        after their all-reduce), are not finite; one host sync for both.
+
+        Checked after the backward pass, not before it: a sync right after the forward would leave
+        the GPU idle while the host queues the backward pass, kernel by kernel. Under DDP a NaN
+        loss on one rank reaches every rank's gradients through the all-reduce, so every rank
+        stops at the same update (a rank that stopped before its backward would leave the others
+        waiting in the all-reduce). With fp16 loss scaling the gradients may overflow by design
+        (the scaler skips that update): the loss alone is checked."""
+        checks = [torch.isfinite(loss)]
+        if grad_norm is not None and self._loss_scaler() is None:
+            checks.append(torch.isfinite(grad_norm.to(loss.device)))
+        finite = torch.stack(checks).tolist()
+        if all(finite):
+            return
+        what = f"loss ({loss.item()})" if not finite[0] else f"gradients (norm {grad_norm.item()}; the loss is finite on this rank)"
+        raise FloatingPointError(
+            f"non-finite {what} at step {self.global_step} on rank {self.global_rank}:"
+            " the update was not applied; the last checkpoint is from before it"
+        )
 
     def _update(self, x: Tensor, y: Tensor, mask: Tensor, reset: Tensor, n_loss: int, lr_scale: float) -> Optional[Tensor]:
         """One optimizer update over the window that ends with this chunk; returns the mean loss."""
@@ -434,11 +460,13 @@ class TBPTTModule(L.LightningModule):
         res = run_window(self.model, self.task, x, y, mask, reset, carry.state, capture_at, segment,
                          partitioned=ds is not None and ds.zero_stage_3)
         loss = res.loss_sum / n_loss
-        if self.optim_cfg.stop_on_nonfinite and not torch.isfinite(loss.detach()).item():
-            raise FloatingPointError(
-                f"non-finite loss ({loss.item()}) at step {self.global_step} on rank {self.global_rank}:"
-                " the update was not applied; the last checkpoint is from before it"
-            )
+        if self.optim_cfg.stop_on_nonfinite:
+            if ds is None:
+                self._unchecked_loss = loss.detach()  # on_before_optimizer_step checks it
+            else:
+                # DeepSpeed's engine clips inside its step: no gradient norm before the step
+                # for the ranks to agree on, so the loss is checked before the backward pass
+                self._stop_if_nonfinite(loss.detach())
         opt.zero_grad(set_to_none=True)
         self.manual_backward(loss)
         scheduled = [g["lr"] for g in opt.param_groups]

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from conftest import ListeningSockets, distrnn_cmd, seed_store, write_corpus
+from distrnn.engine import TBPTTModule
 
 pytestmark = pytest.mark.slow
 
@@ -347,6 +348,63 @@ def test_an_exploding_batch_is_clipped_equally_on_every_rank(tmp_path, loopback_
         assert a["update_norm"] <= 1 + 1e-6 and b["update_norm"] <= 1 + 1e-6
         assert a["finite"] and b["finite"]
         assert a["after"] == pytest.approx(b["after"], abs=1e-6)
+
+
+class _RecordsItsFailure(TBPTTModule):
+    """A training step that, if it raises FloatingPointError, writes the message, the weights as
+    they were left and _RecordUpdates' rows, then waits at a barrier for the other rank to do the
+    same (the first rank to exit has the launcher terminate the rest)."""
+
+    out: Path
+
+    def training_step(self, dataloader_iter):
+        try:
+            return super().training_step(dataloader_iter)
+        except FloatingPointError as e:
+            weights = torch.cat([p.detach().flatten() for p in self.parameters()])
+            rows = next(c.rows for c in self.trainer.callbacks if isinstance(c, _RecordUpdates))
+            (self.out / f"error{self.global_rank}.json").write_text(
+                json.dumps({"error": str(e), "weights": weights.tolist(), "rows": rows}))
+            torch.distributed.barrier()
+            raise
+
+
+def test_a_nan_loss_on_one_rank_stops_every_rank_at_that_update_unapplied(tmp_path, loopback_rendezvous):
+    """A NaN in rank 1's batch 2: rank 1's loss is NaN, rank 0's is finite but its gradients are
+    not once DDP has averaged them. Both ranks stop at step 2 with the weights of step 1 (nothing
+    of the NaN update applied), naming what was not finite. (Checked before the backward pass,
+    rank 1 would stop alone and rank 0 wait in the all-reduce: here until gloo's 60 s timeout.)"""
+    from datetime import timedelta
+
+    from lightning.pytorch.strategies import DDPStrategy
+
+    from distrnn.config import TaskSpec
+
+    from helpers import make_module
+
+    task = TaskSpec(kind="regression", output_dim=1, input_dim=3, seq_len=8)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(48, 8, 3, generator=g), torch.randn(48, 8, 1, generator=g)
+    x[21, 3, 0] = float("nan")  # global batch 2 = samples 16-23; rank 1 reads 20-23
+
+    module = make_module(task, recurrence="gru", hidden=16, mode="full", k1=8, name="adamw", lr=1e-2, clip=1.0)
+    module.__class__, module.out = _RecordsItsFailure, tmp_path
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy=DDPStrategy(start_method="spawn", timeout=timedelta(seconds=60)),
+                        max_steps=5, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[_RecordUpdates(tmp_path)])
+    loopback_rendezvous(trainer)
+    t0 = time.monotonic()
+    with pytest.raises(Exception, match="non-finite"):
+        trainer.fit(module, _ShardedTensors(x, y))
+    assert time.monotonic() - t0 < 50  # no rank waited for the other
+    e0, e1 = (json.loads((tmp_path / f"error{r}.json").read_text()) for r in (0, 1))
+    assert e0["error"] == ("non-finite gradients (norm nan; the loss is finite on this rank) at step 2 on rank 0:"
+                           " the update was not applied; the last checkpoint is from before it")
+    assert e1["error"].startswith("non-finite loss (nan) at step 2 on rank 1: the update was not applied")
+    for e in (e0, e1):
+        assert len(e["rows"]) == 2 and all(row["finite"] for row in e["rows"])
+        assert e["weights"] == e["rows"][-1]["after"]  # exactly the weights after step 1
+    assert e0["weights"] == pytest.approx(e1["weights"], abs=1e-6)
 
 
 class _Snapshots(L.Callback):
