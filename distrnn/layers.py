@@ -80,10 +80,10 @@ def _cpu_autocast_runs(rnn: type, dtype: torch.dtype) -> bool:
         return False
 
 
-def _float_state(state: Optional[State]) -> Optional[State]:
+def _cast_state(state: Optional[State], dtype: torch.dtype) -> Optional[State]:
     if state is None:
         return None
-    return state.float() if isinstance(state, Tensor) else tuple(s.float() for s in state)
+    return state.to(dtype) if isinstance(state, Tensor) else tuple(s.to(dtype) for s in state)
 
 
 class _CudnnRecurrence(Recurrence):
@@ -102,10 +102,11 @@ class _CudnnRecurrence(Recurrence):
         if not x_BTD.is_cuda and torch.is_autocast_enabled("cpu") and not _cpu_autocast_runs(type(self.rnn), torch.get_autocast_dtype("cpu")):
             # CPU autocast sends nn.LSTM to oneDNN's bf16/fp16 kernel, which CPUs without AVX-512
             # (AMD before Zen 4, most laptops) lack: "could not create a primitive descriptor for
-            # the LSTM forward propagation primitive". The layer runs in float32 there, as nn.GRU
-            # does under CPU autocast anyway.
+            # the LSTM forward propagation primitive". The layer runs in its weights' dtype there
+            # (float32 under bf16-mixed), as nn.GRU does under CPU autocast anyway.
+            dtype = self.rnn.weight_ih_l0.dtype
             with torch.autocast("cpu", enabled=False):
-                return self.rnn(x_BTD.float(), _float_state(state))
+                return self.rnn(x_BTD.to(dtype), _cast_state(state, dtype))
         if not x_BTD.is_cuda or T <= self.cuda_max_steps:
             return self.rnn(x_BTD, state)
         ys = []

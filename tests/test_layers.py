@@ -172,6 +172,10 @@ def test_cpu_autocast_runs_on_any_cpu_and_falls_back_to_float32_exactly(name, mo
     monkeypatch.setattr(layers, "_cpu_autocast_runs", lambda rnn, dtype: False)
     y_fallback, _ = run()
     assert torch.equal(y_fallback, y32)
+    m.double()  # the fallback runs in the weights' dtype: a float64 model stays float64
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y64, _ = m(x.double())
+    assert y64.dtype == torch.float64 and torch.allclose(y64.float(), y32, atol=1e-5)
     rng = torch.get_rng_state()
     probe.__wrapped__(torch.nn.LSTM, torch.bfloat16)
     assert torch.equal(torch.get_rng_state(), rng)
