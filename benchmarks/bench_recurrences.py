@@ -293,15 +293,14 @@ def sweep_cpu(show) -> None:
 
 
 def _mingru_checkpointed(show) -> None:
-    # the goal names no layer: minGRU's forward (one GEMM and the scan) is about a third of its
-    # step (an H200 profile at T=512), so one more forward may cost under 1.35x
+    # the goal names no layer: minGRU's forward (one GEMM and the scan) was expected to cost one
+    # more forward, ~1.4x; the H200 measured 2.0x (2026-12-04), hence the profile and the split
     for mode in ("full", "checkpointed"):
         show(run("memory", 60, rec="mingru", mode=mode, B=64, T=16384, H=1024, k=1024,
                  label=f"memory mingru {mode} B=64 H=1024 T=16384 k=1024"))
     show(run("checkpointing", 100, rec="mingru", B=64, T=16384, H=1024, k=1024, rounds=3, profile=True,
              label="mingru checkpointed vs full, side by side, B=64 H=1024 T=16384 k=1024"))
-    # its bound: one segment's no-grad forward, forward with autograd and backward (2.0x measured
-    # on the H200 on 2026-12-04, against ~1.4x expected from the traffic of a forward)
+    # its bound: one segment's no-grad forward, forward with autograd and backward
     show(run("split", 60, rec="mingru", B=64, T=1024, H=1024, label="mingru segment split B=64 H=1024 T=1024"))
 
 
