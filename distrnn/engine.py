@@ -32,6 +32,7 @@ from distrnn.config import (
     coerce,
     to_plain,
 )
+from distrnn.data.loaders import pinned
 from distrnn.model import RecurrentModel
 from distrnn.rendezvous import release_process_group_at_exit
 from distrnn.state import State, detach_state, map_state, state_tensors
@@ -520,12 +521,8 @@ class TBPTTModule(L.LightningModule):
         cuda = self.device.type == "cuda"
 
         def to_device(t: Tensor) -> Tensor:
-            # from pageable memory the driver may wait for the stream before copying (CUDA's
-            # "API synchronization behavior"): pinned first, so the GPU's queue is not drained
-            if cuda and t.device.type == "cpu" and not t.is_pinned():
-                # (not t.pin_memory(): for a view that pins the whole span of its storage)
-                t = torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t)
-            return t.to(self.device, non_blocking=True)
+            # distrnn's loaders pin in their prefetch thread when the run is on CUDA; others' here
+            return (pinned(t) if cuda else t).to(self.device, non_blocking=True)
 
         x = to_device(batch["x"])
         if x.is_floating_point():

@@ -3,6 +3,8 @@
 import gzip
 import hashlib
 import struct
+import threading
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -196,6 +198,102 @@ def test_loader_resumes_at_the_saved_position():
     for x, y in zip(rest, resumed):
         assert torch.equal(x["x"], y["x"]) and x["index"] == y["index"]
     assert list(b)[0]["index"] == 0  # the next epoch starts at the beginning
+
+
+def _made_by_thread(loader):
+    """Wrap ``loader.make_batch`` to record (index, thread name) of each batch made."""
+    made, make = [], loader.make_batch
+
+    def recording(epoch, index):
+        made.append((index, threading.current_thread().name))
+        return make(epoch, index)
+
+    loader.make_batch = recording
+    return made
+
+
+def _loaders():
+    tokens = torch.arange(3000) % 200
+    synth = SyntheticDataModule("selective_copy", seq_len=64, batch_size=4, train_batches=9)
+    series = {"x": torch.randn(50, 2), "label": torch.arange(50)}
+    return [
+        StreamLoader(tokens, 3, 20),
+        synth.train_dataloader(),
+        TensorLoader(series, 8, shuffle=True, seed=3, transform=lambda b: {"x": b["x"].unsqueeze(1), "y": b["label"]}),
+    ]
+
+
+def _same(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]) if isinstance(a[k], torch.Tensor) else a[k] == b[k], k
+
+
+def test_the_next_batch_is_made_in_a_thread_ahead_and_the_batches_and_position_are_as_without():
+    for loader in _loaders():
+        assert not loader.prefetch  # on a CPU run; the data module turns it on for CUDA runs
+        plain = [list(loader), list(loader)]  # two epochs
+        loader.prefetch, loader._own_epoch = True, -1
+        made = _made_by_thread(loader)
+        it = iter(loader)
+        first = next(it)
+        _same(first, plain[0][0])
+        # batch 1 is being made (or made) while batch 0 is consumed, in another thread
+        deadline = time.monotonic() + 10
+        while len(made) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert [i for i, _ in made] == [0, 1]
+        assert all(name.startswith("distrnn-prefetch") for _, name in made)
+        assert threading.current_thread().name not in {name for _, name in made}
+        # the saved position counts what was consumed, not what was made ahead
+        assert loader.state_dict()["next_index"] == 1
+        for got, want in zip([first, *it], plain[0]):
+            _same(got, want)
+        for got, want in zip(loader, plain[1]):
+            _same(got, want)
+        assert len(plain[0]) == len(loader)
+
+
+def test_a_prefetched_loader_resumes_where_it_was_saved_and_drops_the_batch_made_ahead():
+    tokens = torch.arange(3000) % 200
+    a = StreamLoader(tokens, 3, 20)
+    a.prefetch = True
+    made = _made_by_thread(a)
+    it = iter(a)
+    for _ in range(7):
+        next(it)
+    state = a.state_dict()
+    assert state["next_index"] == 7 and max(i for i, _ in made) >= 7 - 1
+    it.close()  # a run stopped mid-epoch: the thread ends, the batch made ahead is gone
+    assert not [t for t in threading.enumerate() if t.name.startswith("distrnn-prefetch")]
+    b = StreamLoader(tokens, 3, 20)
+    b.prefetch = True
+    b.load_state_dict(state)
+    c = StreamLoader(tokens, 3, 20)
+    want = list(c)[7:]
+    got = list(b)
+    assert [x["index"] for x in got] == list(range(7, 50))
+    for x, y in zip(got, want):
+        _same(x, y)
+
+
+def test_an_error_making_a_batch_ahead_reaches_the_consumer_at_that_batch():
+    loader = StreamLoader(torch.arange(3000) % 200, 3, 20)
+    loader.prefetch = True
+    make = loader.make_batch
+
+    def failing(epoch, index):
+        if index == 3:
+            raise ConfigError("data.path: batch 3 is unreadable")
+        return make(epoch, index)
+
+    loader.make_batch = failing
+    it = iter(loader)
+    assert [next(it)["index"] for _ in range(3)] == [0, 1, 2]  # batch 3 has been tried by now
+    assert loader.state_dict()["next_index"] == 3
+    with pytest.raises(ConfigError, match="batch 3 is unreadable"):
+        next(it)
+    assert loader.state_dict()["next_index"] == 3
 
 
 def test_tensor_loader_shuffles_per_epoch_and_shards():

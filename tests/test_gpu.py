@@ -144,3 +144,23 @@ def test_batches_reach_the_gpu_without_draining_it():
     torch.cuda.synchronize()
     assert torch.equal(x.cpu(), batch["x"]) and torch.equal(y.cpu(), batch["y"]) and bool(mask.all())
     assert x.is_cuda and reset.device.type == "cpu" and mask_cpu.device.type == "cpu"
+
+
+def test_a_gpu_run_gets_its_batches_pinned_by_the_loaders_prefetch_thread():
+    """On CUDA the data module tells its loaders to pin: each batch reaches the engine already in
+    page-locked memory, made in the prefetch thread, so the main thread copies nothing itself."""
+    from distrnn.data import SyntheticDataModule
+
+    dm = SyntheticDataModule("selective_copy", seq_len=64, num_tokens=4, alphabet=4, batch_size=8, train_batches=6,
+                             val_batches=2)
+    module = make_module(dm.task, recurrence="mingru", hidden=16, mode="full", k1=64, name="adamw")
+    seen, unpack = [], module._unpack
+
+    def recording(batch):
+        seen.append([batch[k].is_pinned() for k in ("x", "y", "mask", "reset")])
+        return unpack(batch)
+
+    module._unpack = recording
+    L.Trainer(accelerator="gpu", devices=1, max_steps=6, val_check_interval=3, logger=False, enable_checkpointing=False,
+              enable_progress_bar=False, num_sanity_val_steps=0).fit(module, dm)
+    assert len(seen) >= 6 and all(all(s) for s in seen), seen  # training and validation batches

@@ -68,7 +68,19 @@ def test_a_state_saved_in_bf16_resumes_in_another_precision(tmp_path):
         assert torch.equal(a, b), k
 
 
-def test_resume_mid_epoch_equals_uninterrupted(tmp_path):
+@pytest.mark.parametrize("prefetch", [False, True], ids=["cpu_default", "prefetched_as_on_cuda"])
+def test_resume_mid_epoch_equals_uninterrupted(tmp_path, monkeypatch, prefetch):
+    if prefetch:  # the loaders make batches ahead in a thread, as a CUDA run's do (unpinned here)
+        from distrnn.data.base import RecurrentDataModule
+
+        bind = RecurrentDataModule._bind
+
+        def prefetching(self, loader):
+            loader = bind(self, loader)
+            loader.prefetch = True
+            return loader
+
+        monkeypatch.setattr(RecurrentDataModule, "_bind", prefetching)
     corpus = write_corpus(tmp_path / "c.txt", 4000)
     ref, ref_trainer = _run(tmp_path, corpus, tmp_path / "ref")
     steps_per_epoch = ref_trainer.global_step // 2

@@ -58,7 +58,15 @@ class RecurrentDataModule(L.LightningDataModule):
         if self.trainer is not None:
             trainer = self.trainer
             loader.bind_epoch(lambda: trainer.current_epoch)
+            loader.prefetch = loader.pin_memory = _on_cuda(trainer)
         return loader
+
+
+def _on_cuda(trainer: L.Trainer) -> bool:
+    try:
+        return trainer.strategy.root_device.type == "cuda"
+    except (AttributeError, RuntimeError):  # a strategy not set up yet (a config check)
+        return False
 
 
 @dataclass
