@@ -107,8 +107,9 @@ class OptimizerConfig:
     """cosine: final learning rate as a fraction of lr."""
     stop_on_nonfinite: bool = True
     """Stop with an error naming the step and rank when a loss or the gradients are NaN or infinite,
-    before that update is applied; under DDP every rank stops at the same update (costs one host
-    sync per update on a GPU, after the backward pass)."""
+    with nothing of that update applied; under DDP every rank stops at the same update. The fused
+    optimizer skips the update on the device and the host finds out one update later (no host
+    sync per update; DeepSpeed and fp16 loss scaling: one, each update)."""
     min_loss_scale: float = 1.0
     """fp16 (``trainer.precision: 16-mixed``): an update whose gradients overflow is skipped and the
     loss scale halved; if the scale falls below this, the gradients overflow whatever the scale

@@ -230,6 +230,46 @@ def log_against_updates(trainer: L.Trainer) -> None:
     connector._distrnn_update_steps = True
 
 
+def _nonfinite_error(loss: Tensor, grad_norm: Optional[Tensor], step: int, rank: int) -> FloatingPointError:
+    loss_v = loss.item()
+    what = (f"loss ({loss_v})" if not math.isfinite(loss_v)
+            else f"gradients (norm {grad_norm.item()}; the loss is finite on this rank)")
+    return FloatingPointError(
+        f"non-finite {what} at step {step} on rank {rank}: the update was not applied; the last checkpoint is from before it"
+    )
+
+
+class _PendingCheck:
+    """Whether an update was finite, copied to the host behind that update's gradients on the GPU;
+    read (waiting for that copy alone) by the next update or before a checkpoint is written. One
+    pinned buffer and one event serve every update: each check is read before the next is made."""
+
+    def __init__(self) -> None:
+        self.host: Optional[Tensor] = None
+        self.event: Optional[Any] = None
+        self.flag: Optional[Tensor] = None
+
+    def put(self, step: int, rank: int, loss: Tensor, grad_norm: Tensor, flag: Tensor) -> None:
+        self.step, self.rank, self.loss, self.grad_norm = step, rank, loss, grad_norm
+        if flag.device.type == "cuda":
+            if self.host is None:
+                self.host = torch.empty((), dtype=flag.dtype, pin_memory=True)
+                self.event = torch.cuda.Event()
+            self.flag = self.host.copy_(flag, non_blocking=True)
+            self.event.record()
+        else:
+            self.flag = flag  # on the host already: computed when it was queued
+
+    def raise_if_nonfinite(self) -> None:
+        flag, self.flag = self.flag, None
+        if flag is None:
+            return
+        if flag is self.host:
+            self.event.synchronize()
+        if flag.item():
+            raise _nonfinite_error(self.loss, self.grad_norm, self.step, self.rank)
+
+
 class TBPTTModule(L.LightningModule):
     """Trains a :class:`RecurrentModel` by truncated, full or checkpointed BPTT.
 
@@ -286,7 +326,9 @@ class TBPTTModule(L.LightningModule):
         self._val_state: Optional[State] = None
         self._pending_rng: Optional[dict[str, Any]] = None
         self._grad_norm: Optional[Tensor] = None
-        self._unchecked_loss: Optional[Tensor] = None  # stop_on_nonfinite: checked before the step
+        self._unchecked_loss: Optional[Tensor] = None  # stop_on_nonfinite: checked after the backward pass
+        self._skip: Optional[Tensor] = None  # 1.0 on the device once an update was not finite
+        self._pending = _PendingCheck()  # the last update's finiteness, on its way to the host
         self._lr_scale = 1.0
         self._t_last: Optional[float] = None
         self._tokens_since_log = 0
@@ -362,12 +404,15 @@ class TBPTTModule(L.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         c = self.optim_cfg
         params = self.model.parameters()
+        # fused: one kernel for all parameters, and it skips an update on the device when told to
+        # (found_inf), which lets stop_on_nonfinite run without a host sync per update
+        fused = {"fused": True} if self._skips_on_device() else {}
         if c.name == "sgd":
-            opt: torch.optim.Optimizer = torch.optim.SGD(params, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
+            opt: torch.optim.Optimizer = torch.optim.SGD(params, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay, **fused)
         elif c.name == "adam":
-            opt = torch.optim.Adam(params, lr=c.lr, betas=c.betas, weight_decay=c.weight_decay)
+            opt = torch.optim.Adam(params, lr=c.lr, betas=c.betas, weight_decay=c.weight_decay, **fused)
         else:
-            opt = torch.optim.AdamW(params, lr=c.lr, betas=c.betas, weight_decay=c.weight_decay)
+            opt = torch.optim.AdamW(params, lr=c.lr, betas=c.betas, weight_decay=c.weight_decay, **fused)
         total: list[int] = []
 
         def factor(update: int) -> float:
@@ -408,11 +453,44 @@ class TBPTTModule(L.LightningModule):
         )
         if self._unchecked_loss is not None:
             loss, self._unchecked_loss = self._unchecked_loss, None
-            self._stop_if_nonfinite(loss, self._grad_norm)
+            if optimizer.defaults.get("fused") and self._loss_scaler() is None:
+                self._skip_if_nonfinite(optimizer, loss, self._grad_norm)
+            else:
+                self._stop_if_nonfinite(loss, self._grad_norm)
+
+    def _skips_on_device(self) -> bool:
+        """Whether stop_on_nonfinite can skip a non-finite update on the device and find out one
+        update later (:meth:`_skip_if_nonfinite`): a fused optimizer on CUDA or a CPU, not under
+        DeepSpeed (its engine steps) or fp16 loss scaling (the scaler decides on skipping)."""
+        return (self.optim_cfg.stop_on_nonfinite and self.device.type in ("cuda", "cpu") and self._deepspeed() is None
+                and self._loss_scaler() is None)
+
+    def _skip_if_nonfinite(self, optimizer: torch.optim.Optimizer, loss: Tensor, grad_norm: Tensor) -> None:
+        """stop_on_nonfinite without a host sync per update. Whether this update's loss and
+        gradients are finite is computed on the device and handed to the fused optimizer, which
+        skips the update there if not (as GradScaler has it skip an overflowing fp16 update); the
+        flag stays set, so every later update is skipped too. The host reads the flag one update
+        later, here (waiting only for that update's gradients, not for the work queued since), or
+        before a checkpoint is written, validation or the end of training, and raises naming the
+        step. So the GPU is never left idle while the host reads a result, nothing of a
+        non-finite update is applied and no checkpoint is written after it. Under DDP the
+        gradients, and so the flags, are the same on every rank: every rank stops at the same
+        update."""
+        self._check_finite()
+        bad = ~(torch.isfinite(loss) & torch.isfinite(grad_norm.to(loss.device)))
+        flag = bad.to(torch.float32) if self._skip is None else torch.maximum(self._skip, bad.to(torch.float32))
+        self._skip = optimizer.found_inf = flag
+        self._pending.put(self.global_step, self.global_rank, loss, grad_norm, flag)
+
+    def _check_finite(self) -> None:
+        """Raise for the last update if it was not finite (see :meth:`_skip_if_nonfinite`)."""
+        self._pending.raise_if_nonfinite()
 
     def _stop_if_nonfinite(self, loss: Tensor, grad_norm: Optional[Tensor] = None) -> None:
         """FloatingPointError before the update is applied when the loss, or the gradients (DDP:
-        after their all-reduce), are not finite; one host sync for both.
+        after their all-reduce), are not finite; one host sync for both. Where the update cannot
+        be skipped on the device (:meth:`_skips_on_device`): DeepSpeed (the loss, before its
+        backward), fp16 loss scaling, devices other than CUDA and CPUs.
 
         Checked after the backward pass, not before it: a sync right after the forward would leave
         the GPU idle while the host queues the backward pass, kernel by kernel. Under DDP a NaN
@@ -423,14 +501,8 @@ class TBPTTModule(L.LightningModule):
         checks = [torch.isfinite(loss)]
         if grad_norm is not None and self._loss_scaler() is None:
             checks.append(torch.isfinite(grad_norm.to(loss.device)))
-        finite = torch.stack(checks).tolist()
-        if all(finite):
-            return
-        what = f"loss ({loss.item()})" if not finite[0] else f"gradients (norm {grad_norm.item()}; the loss is finite on this rank)"
-        raise FloatingPointError(
-            f"non-finite {what} at step {self.global_step} on rank {self.global_rank}:"
-            " the update was not applied; the last checkpoint is from before it"
-        )
+        if not all(torch.stack(checks).tolist()):
+            raise _nonfinite_error(loss, grad_norm, self.global_step, self.global_rank)
 
     def _update(self, x: Tensor, y: Tensor, mask: Tensor, reset: Tensor, n_loss: int, lr_scale: float) -> Optional[Tensor]:
         """One optimizer update over the window that ends with this chunk; returns the mean loss."""
@@ -596,6 +668,7 @@ class TBPTTModule(L.LightningModule):
             fit_loop._combined_loader._load_state_dicts(fit_loop._combined_loader_states_to_load)
             fit_loop._combined_loader_states_to_load = []
         self._apply_configured_optimizer()
+        self._skip, self._pending = None, _PendingCheck()
 
     def _apply_configured_optimizer(self) -> None:
         """A resumed run restores the optimizer's and the schedule's state with the settings of the
@@ -616,11 +689,29 @@ class TBPTTModule(L.LightningModule):
                     group["betas"] = c.betas
                 if "momentum" in group:
                     group["momentum"] = c.momentum
+        if self._deepspeed() is not None:
+            return
+        for opt in self.trainer.optimizers:
+            if "fused" not in getattr(opt, "defaults", {}):
+                continue
+            fused = opt.defaults["fused"]
+            for group in opt.param_groups:
+                # a checkpoint from before the fused optimizer, or from an fp16 run: this run's choice
+                group["fused"] = fused
+                for p in group["params"]:
+                    st = opt.state.get(p)
+                    if st and isinstance(st.get("step"), Tensor):
+                        # fused optimizers count steps on the parameter's device, the others on the host
+                        st["step"] = st["step"].to(device=p.device if fused else "cpu", dtype=torch.float32)
+
+    def on_train_end(self) -> None:
+        self._check_finite()  # the last update's
 
     def on_train_epoch_start(self) -> None:
         self._t_last, self._tokens_since_log = None, 0
 
     def on_validation_epoch_start(self) -> None:
+        self._check_finite()  # validation and the checkpoints it triggers see only finite updates
         self._val_state = None
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
@@ -674,6 +765,7 @@ class TBPTTModule(L.LightningModule):
     # ---------------------------------------------------------------- checkpoint
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._check_finite()  # before anything is written: no checkpoint holds a skipped update's step
         # Lightning writes the file from rank 0 only, but every rank carries its own hidden state
         # and RNG: gather them (every rank runs this hook) so the checkpoint holds all of them.
         mine = {"carry": self._carry.to_dict(), "rng": capture_rng()}

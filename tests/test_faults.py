@@ -4,6 +4,7 @@ middle of a checkpoint write, an exploding batch. Each run is compared with an u
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -371,9 +372,10 @@ class _RecordsItsFailure(TBPTTModule):
 
 def test_a_nan_loss_on_one_rank_stops_every_rank_at_that_update_unapplied(tmp_path, loopback_rendezvous):
     """A NaN in rank 1's batch 2: rank 1's loss is NaN, rank 0's is finite but its gradients are
-    not once DDP has averaged them. Both ranks stop at step 2 with the weights of step 1 (nothing
-    of the NaN update applied), naming what was not finite. (Checked before the backward pass,
-    rank 1 would stop alone and rank 0 wait in the all-reduce: here until gloo's 60 s timeout.)"""
+    not once DDP has averaged them. Both ranks skip update 2 on the device (the fused optimizer
+    told so, no host sync), find out at the next update and stop there, naming step 2 and what was
+    not finite, with the weights of step 1. (Checked before the backward pass, rank 1 would stop
+    alone and rank 0 wait in the all-reduce: here until gloo's 60 s timeout.)"""
     from datetime import timedelta
 
     from lightning.pytorch.strategies import DDPStrategy
@@ -402,8 +404,9 @@ def test_a_nan_loss_on_one_rank_stops_every_rank_at_that_update_unapplied(tmp_pa
                            " the update was not applied; the last checkpoint is from before it")
     assert e1["error"].startswith("non-finite loss (nan) at step 2 on rank 1: the update was not applied")
     for e in (e0, e1):
-        assert len(e["rows"]) == 2 and all(row["finite"] for row in e["rows"])
-        assert e["weights"] == e["rows"][-1]["after"]  # exactly the weights after step 1
+        assert len(e["rows"]) == 3 and all(row["finite"] for row in e["rows"])
+        assert math.isnan(e["rows"][2]["grad_norm"]) and e["rows"][2]["update_norm"] == 0.0  # skipped
+        assert e["weights"] == e["rows"][1]["after"]  # exactly the weights after step 1
     assert e0["weights"] == pytest.approx(e1["weights"], abs=1e-6)
 
 

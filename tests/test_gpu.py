@@ -164,3 +164,26 @@ def test_a_gpu_run_gets_its_batches_pinned_by_the_loaders_prefetch_thread():
     L.Trainer(accelerator="gpu", devices=1, max_steps=6, val_check_interval=3, logger=False, enable_checkpointing=False,
               enable_progress_bar=False, num_sanity_val_steps=0).fit(module, dm)
     assert len(seen) >= 6 and all(all(s) for s in seen), seen  # training and validation batches
+
+
+def test_an_update_returns_to_the_host_while_the_gpu_still_works_on_it():
+    """stop_on_nonfinite (the default) reads no result of an update on the host before queueing the
+    next: two seconds of GPU work queued before batch 3 are still running when batch 3's update
+    (forward, backward, clipping, the finiteness check, AdamW's step) has been queued and its
+    training step has returned. (Update 2's finiteness is read in update 3, update 3's in update 4.)"""
+    module = make_module(LM, recurrence="gru", hidden=16, mode="full", k1=64, name="adamw", clip=1.0)
+    busy = {}
+
+    class Sleep(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if batch_idx == 3:
+                torch.cuda._sleep(4_000_000_000)  # ~2 s
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if batch_idx == 3:
+                busy["at the end of batch 3"] = not torch.cuda.current_stream().query()
+
+    L.Trainer(accelerator="gpu", devices=1, max_steps=6, logger=False, log_every_n_steps=1000, enable_checkpointing=False,
+              enable_progress_bar=False, enable_model_summary=False, callbacks=[Sleep()]).fit(module, ListDataModule(_loader()))
+    assert busy == {"at the end of batch 3": True}
+    assert module.trainer.optimizers[0].defaults["fused"] is True

@@ -257,6 +257,116 @@ def test_nan_loss_stops_at_its_step_and_writes_no_later_checkpoint(tmp_path):
         assert torch.equal(v, w_before[k])  # the NaN update was never applied
 
 
+def _nan_in_update_5(**kw):
+    """A GRU regression, batch size 4, 10 batches; sample 22 (batch 5, update 5 from 0) holds a NaN."""
+    from distrnn.config import TaskSpec
+    from distrnn.data.loaders import TensorLoader
+
+    from helpers import ListDataModule
+
+    task = TaskSpec(kind="regression", output_dim=1, input_dim=2, seq_len=10)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(40, 10, 2, generator=g), torch.randn(40, 10, 1, generator=g)
+    x[22, 3, 0] = float("nan")
+    module = make_module(task, recurrence="gru", mode="full", k1=10, name="adamw", lr=1e-2, clip=1.0, **kw)
+    return module, ListDataModule(TensorLoader({"x": x, "y": y}, 4))
+
+
+class _AfterEachUpdate(L.Callback):
+    """Weights and AdamW's state after every batch, and the step at which each batch started."""
+
+    def __init__(self):
+        self.after, self.started = [], []
+
+    def on_train_batch_start(self, trainer, pl_module, *a):
+        self.started.append(trainer.global_step)
+
+    def on_train_batch_end(self, trainer, pl_module, *a):
+        opt = trainer.optimizers[0]
+        self.after.append({
+            **{k: v.clone() for k, v in pl_module.state_dict().items()},
+            **{f"opt.{i}.{k}": v.clone() for i, p in enumerate(opt.param_groups[0]["params"]) for k, v in opt.state[p].items()},
+        })
+
+
+def test_a_nonfinite_update_is_skipped_on_the_device_and_reported_at_the_next_update():
+    """No host sync per update: update 5's NaN is found on the device, the fused AdamW skips the
+    update there (weights, moments and step count as after update 4), and the host learns it while
+    running update 6, before that update's step, and stops naming step 5."""
+    module, dm = _nan_in_update_5()
+    rec = _AfterEachUpdate()
+    trainer = L.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_progress_bar=False, enable_checkpointing=False,
+                        enable_model_summary=False, callbacks=[rec])
+    with pytest.raises(FloatingPointError, match=r"^non-finite loss \(nan\) at step 5 on rank 0: the update was not applied"):
+        trainer.fit(module, dm)
+    assert trainer.optimizers[0].defaults["fused"] is True
+    assert rec.started == [0, 1, 2, 3, 4, 5, 6] and len(rec.after) == 6  # raised inside update 6
+    assert all(not torch.equal(rec.after[3][k], v) for k, v in rec.after[4].items())  # update 4 moved everything
+    for k, v in rec.after[4].items():
+        assert torch.equal(rec.after[5][k], v), k  # nothing of update 5 applied, the step count included
+    assert float(rec.after[5]["opt.0.step"]) == 5.0
+    for k, v in module.state_dict().items():
+        assert torch.equal(v, rec.after[4][k]), k  # nor of update 6
+
+
+@pytest.mark.parametrize("where", ["last_update", "before_validation"])
+def test_a_nonfinite_last_update_or_one_before_validation_is_reported_there(where):
+    """Update 5 is the last (max_steps 6), or a validation follows it: the run stops there, naming
+    step 5, with no validation run on it."""
+    module, dm = _nan_in_update_5()
+    validated = []
+
+    class Val(L.Callback):
+        def on_validation_start(self, trainer, pl_module):
+            validated.append(trainer.global_step)
+
+    kw = dict(max_steps=6, limit_val_batches=0) if where == "last_update" else dict(val_check_interval=6, limit_val_batches=1)
+    dm.val_dataloader = dm.train_dataloader
+    trainer = L.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_progress_bar=False, enable_checkpointing=False,
+                        enable_model_summary=False, num_sanity_val_steps=0, callbacks=[Val()], **kw)
+    with pytest.raises(FloatingPointError, match=r"at step 5 on rank 0: the update was not applied"):
+        trainer.fit(module, dm)
+    assert trainer.global_step == 6 and (validated == [6]) == (where == "before_validation")
+
+
+def test_a_run_resumes_from_a_checkpoint_of_an_unfused_optimizer_and_back(tmp_path):
+    """Checkpoints written before the fused optimizer (or by an fp16 run, whose scaler keeps the
+    plain one) resume into a run that skips on the device, and the other way round: each run
+    uses the optimizer it configured, its step counts where that one keeps them, and the two
+    continuations agree to float32 rounding."""
+    def fit(stop_on_nonfinite, ckpt=None, max_steps=12, save=None):
+        from distrnn.config import TaskSpec
+        from distrnn.data.loaders import TensorLoader
+
+        from helpers import ListDataModule
+
+        task = TaskSpec(kind="regression", output_dim=1, input_dim=2, seq_len=10)
+        g = torch.Generator().manual_seed(0)
+        loader = TensorLoader({"x": torch.randn(80, 10, 2, generator=g), "y": torch.randn(80, 10, 1, generator=g)}, 4)
+        module = make_module(task, recurrence="gru", mode="full", k1=10, name="adamw", lr=1e-2, clip=1.0)
+        module.optim_cfg.stop_on_nonfinite = stop_on_nonfinite
+        cbs = [ModelCheckpoint(dirpath=save, every_n_train_steps=6, save_top_k=-1, filename="{step}")] if save else []
+        trainer = L.Trainer(accelerator="cpu", max_steps=max_steps, logger=False, enable_progress_bar=False,
+                            enable_model_summary=False, enable_checkpointing=bool(save), callbacks=cbs)
+        trainer.fit(module, ListDataModule(loader), ckpt_path=ckpt)
+        opt = trainer.optimizers[0]
+        return module, opt
+
+    for saved_by, resumed_by in ((False, True), (True, False)):
+        _, opt = fit(saved_by, max_steps=6, save=tmp_path / str(saved_by))
+        assert bool(opt.defaults["fused"]) == saved_by
+        ckpt = str(tmp_path / str(saved_by) / "step=6.ckpt")
+        ends = {}
+        for by in (resumed_by, saved_by):
+            module, opt = fit(by, ckpt=ckpt)
+            assert all(bool(g["fused"]) == by for g in opt.param_groups)
+            steps = [opt.state[p]["step"] for p in opt.param_groups[0]["params"]]
+            assert all(float(s) == 12.0 and s.dtype == torch.float32 for s in steps)
+            ends[by] = module.state_dict()
+        for k, v in ends[True].items():
+            torch.testing.assert_close(v, ends[False][k], rtol=1e-5, atol=1e-6, msg=k)
+
+
 def test_a_checkpoint_missing_a_ranks_state_is_refused_naming_the_file(tmp_path, capsys):
     """A checkpoint whose gathered per-rank state lacks a rank (or was written by another world
     size) fails before training and before any MLflow run: exit 2, the file and the count named."""
