@@ -58,15 +58,17 @@ class RecurrentDataModule(L.LightningDataModule):
         if self.trainer is not None:
             trainer = self.trainer
             loader.bind_epoch(lambda: trainer.current_epoch)
-            loader.prefetch = loader.pin_memory = _on_cuda(trainer)
+            loader.pin_device = _cuda_device(trainer)
+            loader.prefetch = loader.pin_device is not None
         return loader
 
 
-def _on_cuda(trainer: L.Trainer) -> bool:
+def _cuda_device(trainer: L.Trainer) -> Optional[torch.device]:
     try:
-        return trainer.strategy.root_device.type == "cuda"
+        device = trainer.strategy.root_device
     except (AttributeError, RuntimeError):  # a strategy not set up yet (a config check)
-        return False
+        return None
+    return device if device.type == "cuda" else None
 
 
 @dataclass

@@ -9,7 +9,7 @@ so the saved position is exactly the number of batches consumed.
 
 A batch is a function of (epoch, index) alone, so when the run is on a GPU a loader makes the
 next one in a background thread while the current one trains (``prefetch``), in pinned memory
-(``pin_memory``): the host's data work (a selective-copy batch of 64 x 4096 costs ~2.5 ms on a
+(``pin_device``): the host's data work (a selective-copy batch of 64 x 4096 costs ~2.5 ms on a
 2-core VM; a memory-mapped corpus may wait on the disk) no longer stands between two updates while
 the GPU idles. On a CPU the thread would take cores and the GIL from the training itself (a
 selective-copy run on the 2-core VM: 2-4% slower with it), so it is off there. A batch made ahead
@@ -45,10 +45,10 @@ class ResumableLoader:
     """Batches indexed by (epoch, index); iteration starts at the saved position after a resume.
 
     ``make_batch`` must depend on (epoch, index) and the loader's settings only (no global RNG):
-    with ``prefetch`` it runs in a background thread one batch ahead. ``pin_memory`` puts the
-    batch's tensors in page-locked memory there, so the copy to the GPU neither waits for the
-    GPU's queue nor copies again on the main thread. The data module sets both when the run is
-    on CUDA."""
+    with ``prefetch`` it runs in a background thread one batch ahead. ``pin_device`` (a CUDA
+    device) puts the batch's tensors in page-locked memory there, so the copy to that GPU neither
+    waits for the GPU's queue nor copies again on the main thread. The data module sets both when
+    the run is on CUDA."""
 
     def __init__(self) -> None:
         self._epoch_source: Optional[Callable[[], int]] = None
@@ -57,7 +57,7 @@ class ResumableLoader:
         self.position = 0
         self._resume: Optional[tuple[int, int]] = None
         self.prefetch = False
-        self.pin_memory = False
+        self.pin_device: Optional[torch.device] = None
 
     def bind_epoch(self, source: Callable[[], int]) -> None:
         """Take the epoch number from the trainer, which restores it on resume."""
@@ -98,7 +98,7 @@ class ResumableLoader:
             return
         # One thread per iteration, one batch ahead; an exception in make_batch reaches the
         # consumer at the batch it belongs to (Future.result re-raises it).
-        pool = ThreadPoolExecutor(1, thread_name_prefix="distrnn-prefetch")
+        pool = ThreadPoolExecutor(1, thread_name_prefix="distrnn-prefetch", initializer=self._thread_device)
         ahead: Optional[Future] = pool.submit(self._made, epoch, start)
         try:
             for index in range(start, n):
@@ -111,9 +111,15 @@ class ResumableLoader:
             # being made is waited for, not leaked into the next epoch's iteration
             pool.shutdown(wait=True, cancel_futures=True)
 
+    def _thread_device(self) -> None:
+        # pinned memory is allocated in the current device's context: a new thread's is GPU 0,
+        # where rank 1 of a node would otherwise open a context of its own (as DataLoader's pin thread does)
+        if self.pin_device is not None and self.pin_device.type == "cuda":
+            torch.cuda.set_device(self.pin_device)
+
     def _made(self, epoch: int, index: int) -> Batch:
         batch = self.make_batch(epoch, index)
-        if self.pin_memory:
+        if self.pin_device is not None:
             batch = {k: pinned(v) if isinstance(v, Tensor) else v for k, v in batch.items()}
         return batch
 
