@@ -37,11 +37,36 @@ def loss_sum(y_hat: Tensor, y: Tensor, mask_BT: Tensor, task: TaskSpec) -> Tenso
     return (per_step * m).sum()
 
 
+Span = Optional[tuple[int, int]]
+
+
 def _piece(
-    model: RecurrentModel, x: Tensor, y: Tensor, mask: Tensor, reset: Optional[Tensor], state: Optional[State], task: TaskSpec
+    model: RecurrentModel, x: Tensor, y: Tensor, mask: Tensor, reset: Optional[Tensor], state: Optional[State], task: TaskSpec,
+    span: Span = (0, -1),
 ) -> tuple[Tensor, State]:
-    y_hat, state = model(x, state, reset)
-    return loss_sum(y_hat, y, mask, task), state
+    """The piece's summed loss and final state. ``span`` ``(a, b)``: the steps that carry a loss lie
+    in ``[a, b)`` (b = -1: to the end), so the head and the loss run there only; None: no step
+    does, the piece only moves the state on (a loss of 0)."""
+    if span is None:
+        _, state = model.hidden(x, state, reset)
+        return x.new_zeros((), dtype=torch.float64 if x.dtype == torch.float64 else torch.float32), state
+    a, b = span
+    if (a, b) == (0, -1):
+        y_hat, state = model(x, state, reset)
+        return loss_sum(y_hat, y, mask, task), state
+    h, state = model.hidden(x, state, reset)
+    return loss_sum(model.head(h[:, a:b]), y[:, a:b], mask[:, a:b], task), state
+
+
+def loss_span(mask_host_BT: Optional[Tensor]) -> Span:
+    """Where the steps with a loss lie in a piece, from its mask on the host (see :func:`_piece`)."""
+    if mask_host_BT is None:
+        return (0, -1)
+    steps = torch.nonzero(mask_host_BT.any(dim=0)).flatten()
+    if steps.numel() == 0:
+        return None
+    a, b = int(steps[0]), int(steps[-1]) + 1
+    return (0, -1) if (a, b) == (0, mask_host_BT.shape[1]) else (a, b)
 
 
 class _Replay:
@@ -105,15 +130,15 @@ class _RecomputedSegment(torch.autograd.Function):
 
 def _checkpointed_piece(
     model: RecurrentModel, x: Tensor, y: Tensor, mask: Tensor, reset: Optional[Tensor], state: Optional[State], task: TaskSpec,
-    params: Optional[list[Tensor]],
+    params: Optional[list[Tensor]], span: Span,
 ) -> tuple[Tensor, State]:
     if params is None:  # partitioned parameters: the gradients' shapes would not match theirs
-        return checkpoint(_piece, model, x, y, mask, reset, state, task, use_reentrant=False)
+        return checkpoint(_piece, model, x, y, mask, reset, state, task, span, use_reentrant=False)
     was_tensor = isinstance(state, Tensor)
 
     def run(states: tuple[Tensor, ...]) -> tuple[Tensor, State]:
         s = None if not states else states[0] if was_tensor else states
-        return _piece(model, x, y, mask, reset, s, task)
+        return _piece(model, x, y, mask, reset, s, task, span)
 
     box: list = []
     part, *out = _RecomputedSegment.apply(run, box, len(state_tensors(state)), *state_tensors(state), *params)
@@ -138,6 +163,7 @@ def run_window(
     capture_at: Optional[int] = None,
     segment: Optional[int] = None,
     partitioned: bool = False,
+    mask_host: Optional[Tensor] = None,
 ) -> WindowResult:
     """Run ``x`` from ``state``; return the summed loss, the final state, and the state after
     ``capture_at`` steps (where the next truncation window starts).
@@ -152,7 +178,11 @@ def run_window(
     ``partitioned`` (ZeRO-3: a parameter is gathered only during its module's forward and is an
     empty tensor outside it) the segments go through ``torch.utils.checkpoint`` instead, whose
     first pass is a training forward.
-    ``reset`` stays on the host: its boundaries are read without a device sync.
+    ``reset`` stays on the host: its boundaries are read without a device sync. So may a copy of
+    ``mask`` (``mask_host``): then the head and the loss run only over the steps of each piece
+    that carry a loss, and not at all in a piece without one (a label at the end of a long
+    sequence: the segments before it only carry the state; the head's and the loss's calls are
+    about half of such a segment's, on the host as on the device).
     """
     T = x.shape[1]
     cuts = {0, T}
@@ -167,11 +197,13 @@ def run_window(
     params = [p for p in model.parameters() if p.requires_grad] if recompute and not partitioned else None
     for a, b in zip(bounds[:-1], bounds[1:]):
         r = None if reset is None else reset[:, a:b]
+        span = loss_span(None if mask_host is None else mask_host[:, a:b])
         if recompute and b < T:  # the last segment keeps its activations: its backward comes first
-            part, state = _checkpointed_piece(model, x[:, a:b], y[:, a:b], mask[:, a:b], r, state, task, params)
+            part, state = _checkpointed_piece(model, x[:, a:b], y[:, a:b], mask[:, a:b], r, state, task, params, span)
         else:
-            part, state = _piece(model, x[:, a:b], y[:, a:b], mask[:, a:b], r, state, task)
-        total = total + part
+            part, state = _piece(model, x[:, a:b], y[:, a:b], mask[:, a:b], r, state, task, span)
+        if span is not None:
+            total = total + part
         if b == capture_at:
             captured = state
     return WindowResult(total, state, captured)

@@ -504,8 +504,10 @@ class TBPTTModule(L.LightningModule):
         if not all(torch.stack(checks).tolist()):
             raise _nonfinite_error(loss, grad_norm, self.global_step, self.global_rank)
 
-    def _update(self, x: Tensor, y: Tensor, mask: Tensor, reset: Tensor, n_loss: int, lr_scale: float) -> Optional[Tensor]:
-        """One optimizer update over the window that ends with this chunk; returns the mean loss."""
+    def _update(self, x: Tensor, y: Tensor, mask: Tensor, reset: Tensor, mask_cpu: Tensor, n_loss: int,
+                lr_scale: float) -> Optional[Tensor]:
+        """One optimizer update over the window that ends with this chunk; returns the mean loss.
+        ``mask_cpu``: the chunk's loss mask on the host (where the head needs to run)."""
         cfg = self.tbptt_cfg
         carry = self._carry
         if carry.history is not None:
@@ -514,6 +516,7 @@ class TBPTTModule(L.LightningModule):
             y = torch.cat([h["y"], y], dim=1)
             no_loss = torch.zeros(x.shape[0], h["x"].shape[1], dtype=torch.bool, device=mask.device)
             mask = torch.cat([no_loss, mask], dim=1)
+            mask_cpu = torch.cat([torch.zeros(no_loss.shape, dtype=torch.bool), mask_cpu], dim=1)
             reset = torch.cat([h["reset"], reset], dim=1)
         T_win = x.shape[1]
         keep = min(cfg.window - cfg.k1, T_win) if cfg.mode == "tbptt" else 0
@@ -523,7 +526,7 @@ class TBPTTModule(L.LightningModule):
         if n_loss == 0:
             # No loss in this chunk (e.g. a label at the end of a long sequence): move the state on.
             with torch.no_grad():
-                res = run_window(self.model, self.task, x, y, mask, reset, carry.state, capture_at)
+                res = run_window(self.model, self.task, x, y, mask, reset, carry.state, capture_at, mask_host=mask_cpu)
             self._advance_carry(res, x, y, reset, keep)
             return None
 
@@ -531,7 +534,7 @@ class TBPTTModule(L.LightningModule):
         sched = self.lr_schedulers()
         ds = self._deepspeed()
         res = run_window(self.model, self.task, x, y, mask, reset, carry.state, capture_at, segment,
-                         partitioned=ds is not None and ds.zero_stage_3)
+                         partitioned=ds is not None and ds.zero_stage_3, mask_host=mask_cpu)
         loss = res.loss_sum / n_loss
         if self.optim_cfg.stop_on_nonfinite:
             if ds is None:
@@ -632,7 +635,7 @@ class TBPTTModule(L.LightningModule):
         losses, weights = [], []
         for (a, b), n in zip(bounds, counts):
             scale = (b - a) / cfg.k1 if cfg.randomize else 1.0
-            loss = self._update(x[:, a:b], y[:, a:b], mask[:, a:b], reset[:, a:b], n, scale)
+            loss = self._update(x[:, a:b], y[:, a:b], mask[:, a:b], reset[:, a:b], mask_cpu[:, a:b], n, scale)
             if loss is not None:
                 losses.append(loss * n)
                 weights.append(n)

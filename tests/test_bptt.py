@@ -54,6 +54,38 @@ def test_checkpointed_bptt_gives_full_bptt_gradients(name):
 
 
 
+@pytest.mark.parametrize("name", ["lstm", "mingru"])
+@pytest.mark.parametrize("segment", [None, 8])
+def test_with_the_mask_on_the_host_the_head_runs_only_where_the_loss_is_with_the_same_gradients(name, segment):
+    """Losses at steps 30-35 of 40 only (a label at the end of a sequence): given the mask on the
+    host, the head and the loss run over those steps alone, not at all in the pieces before them
+    (checkpointed: segments 0-23 carry only the state), and the loss and every gradient equal one
+    long forward pass's with the head everywhere (float64, 1e-12), from a given initial state."""
+    torch.manual_seed(2)
+    model = RecurrentModel(NetworkConfig(recurrence=name, hidden_size=6, num_layers=2), LM).double()
+    B, T = 3, 40
+    x, y = torch.randint(0, 11, (B, T)), torch.randint(0, 11, (B, T))
+    mask = torch.zeros(B, T, dtype=torch.bool)
+    mask[:, 30:36] = torch.rand(B, 6) < 0.8
+    mask[0, 30] = mask[2, 35] = True
+    reset = torch.zeros(B, T, dtype=torch.bool)
+    reset[:, 0] = True
+    ref_loss, ref = _full_reference(model, LM, x, y, mask, reset)
+    head_steps = []
+    hook = model.head.register_forward_hook(lambda mod, inp, out: head_steps.append(inp[0].shape[1]))
+    try:
+        model.zero_grad()
+        res = run_window(model, LM, x, y, mask, reset, None, segment=segment, mask_host=mask.clone())
+        (res.loss_sum / mask.sum()).backward()
+    finally:
+        hook.remove()
+    torch.testing.assert_close(res.loss_sum / mask.sum(), ref_loss, rtol=0, atol=1e-12)
+    for n, g in _grads(model).items():
+        torch.testing.assert_close(g, ref[n], rtol=0, atol=1e-12, msg=n)
+    # one pass: steps 30-35; segments of 8: steps 30-31 of [24, 32) (again when recomputed), 32-35 of [32, 40)
+    assert head_steps == ([6] if segment is None else [2, 4, 2])
+
+
 def _segmented_reference(model, x, y, mask, state, segment):
     """The same segments run one after another under plain autograd, nothing recomputed."""
     total = 0.0
