@@ -296,6 +296,32 @@ def test_an_error_making_a_batch_ahead_reaches_the_consumer_at_that_batch():
     assert loader.state_dict()["next_index"] == 3
 
 
+def test_pinned_copies_a_view_alone_and_leaves_pinned_or_device_tensors(monkeypatch):
+    """On CUDA runs batches go to page-locked memory (``pinned``): a view is copied alone, not the
+    storage it lives in. This machine has no CUDA, so page-locked memory is stood in for by plain
+    memory that reports itself pinned."""
+    from distrnn.data import loaders
+
+    empty = torch.empty
+    made = []
+
+    def fake_empty(*shape, pin_memory=False, **kw):
+        t = empty(*shape, **kw)
+        made.append((pin_memory, t))
+        return t
+
+    monkeypatch.setattr(loaders.torch, "empty", fake_empty)
+    corpus = torch.arange(1000).view(10, 100)
+    view = corpus[:, 10:20]
+    out = loaders.pinned(view)
+    assert made and made[0][0] is True and made[0][1] is out
+    assert torch.equal(out, view) and out.is_contiguous() and out.untyped_storage().nbytes() == view.numel() * 8
+    already, meta = torch.zeros(3), torch.zeros(3, device="meta")
+    made.clear()
+    monkeypatch.setattr(torch.Tensor, "is_pinned", lambda self: self is already)
+    assert loaders.pinned(already) is already and loaders.pinned(meta) is meta and not made
+
+
 def test_tensor_loader_shuffles_per_epoch_and_shards():
     x = torch.arange(40)[:, None].repeat(1, 3)
     loaders = [TensorLoader({"x": x, "y": x}, 4, shuffle=True, seed=1, rank=r, world_size=2) for r in range(2)]

@@ -345,7 +345,7 @@ def pinned(t: Tensor) -> Tensor:
     """``t`` in page-locked host memory (a copy unless it is there or not on the host): from
     pageable memory the driver may wait for the GPU's queue before copying (CUDA's "API
     synchronization behavior")."""
-    if t.device.type != "cpu" or t.ispinned():
+    if t.device.type != "cpu" or t.is_pinned():
         return t
     # (not t.pin_memory(): for a view that pins the whole span of its storage)
     return torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t)
