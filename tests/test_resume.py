@@ -311,14 +311,20 @@ def test_a_nonfinite_update_is_skipped_on_the_device_and_reported_at_the_next_up
 
 @pytest.mark.parametrize("where", ["last_update", "before_validation"])
 def test_a_nonfinite_last_update_or_one_before_validation_is_reported_there(where):
-    """Update 5 is the last (max_steps 6), or a validation follows it: the run stops there, naming
-    step 5, with no validation run on it."""
+    """Update 5 is the last (max_steps 6), or a validation follows it: the run stops there (at the
+    end of training, or as validation starts, before any validation step), naming step 5."""
     module, dm = _nan_in_update_5()
-    validated = []
+    validated, started, val_steps = [], [], []
 
     class Val(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, *a):
+            started.append(trainer.global_step)
+
         def on_validation_start(self, trainer, pl_module):
             validated.append(trainer.global_step)
+
+        def on_validation_batch_start(self, *a):
+            val_steps.append(1)
 
     kw = dict(max_steps=6, limit_val_batches=0) if where == "last_update" else dict(val_check_interval=6, limit_val_batches=1)
     dm.val_dataloader = dm.train_dataloader
@@ -326,7 +332,8 @@ def test_a_nonfinite_last_update_or_one_before_validation_is_reported_there(wher
                         enable_model_summary=False, num_sanity_val_steps=0, callbacks=[Val()], **kw)
     with pytest.raises(FloatingPointError, match=r"at step 5 on rank 0: the update was not applied"):
         trainer.fit(module, dm)
-    assert trainer.global_step == 6 and (validated == [6]) == (where == "before_validation")
+    assert trainer.global_step == 6 and started == [0, 1, 2, 3, 4, 5] and not val_steps
+    assert (validated == [6]) == (where == "before_validation")
 
 
 def test_a_run_resumes_from_a_checkpoint_of_an_unfused_optimizer_and_back(tmp_path):
