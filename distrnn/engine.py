@@ -327,7 +327,6 @@ class TBPTTModule(L.LightningModule):
         self._pending_rng: Optional[dict[str, Any]] = None
         self._grad_norm: Optional[Tensor] = None
         self._unchecked_loss: Optional[Tensor] = None  # stop_on_nonfinite: checked after the backward pass
-        self._skip: Optional[Tensor] = None  # 1.0 on the device once an update was not finite
         self._pending = _PendingCheck()  # the last update's finiteness, on its way to the host
         self._lr_scale = 1.0
         self._t_last: Optional[float] = None
@@ -468,18 +467,17 @@ class TBPTTModule(L.LightningModule):
     def _skip_if_nonfinite(self, optimizer: torch.optim.Optimizer, loss: Tensor, grad_norm: Tensor) -> None:
         """stop_on_nonfinite without a host sync per update. Whether this update's loss and
         gradients are finite is computed on the device and handed to the fused optimizer, which
-        skips the update there if not (as GradScaler has it skip an overflowing fp16 update); the
-        flag stays set, so every later update is skipped too. The host reads the flag one update
-        later, here (waiting only for that update's gradients, not for the work queued since), or
-        before a checkpoint is written, validation or the end of training, and raises naming the
-        step. So the GPU is never left idle while the host reads a result, nothing of a
+        skips the update there if not (as GradScaler has it skip an overflowing fp16 update). The
+        host reads the flag one update later, here, before that update's step (waiting only for the
+        last update's gradients, not for the work queued since), or before a checkpoint is
+        written, validation or the end of training, and raises naming the step: no update runs
+        after a non-finite one. So the GPU is never left idle while the host reads a result, nothing of a
         non-finite update is applied and no checkpoint is written after it. Under DDP the
         gradients, and so the flags, are the same on every rank: every rank stops at the same
         update."""
         self._check_finite()
-        bad = ~(torch.isfinite(loss) & torch.isfinite(grad_norm.to(loss.device)))
-        flag = bad.to(torch.float32) if self._skip is None else torch.maximum(self._skip, bad.to(torch.float32))
-        self._skip = optimizer.found_inf = flag
+        flag = self._nonfinite(loss, grad_norm).to(torch.float32)
+        optimizer.found_inf = flag
         self._pending.put(self.global_step, self.global_rank, loss, grad_norm, flag)
 
     def _check_finite(self) -> None:
@@ -498,11 +496,16 @@ class TBPTTModule(L.LightningModule):
         stops at the same update (a rank that stopped before its backward would leave the others
         waiting in the all-reduce). With fp16 loss scaling the gradients may overflow by design
         (the scaler skips that update): the loss alone is checked."""
-        checks = [torch.isfinite(loss)]
-        if grad_norm is not None and self._loss_scaler() is None:
-            checks.append(torch.isfinite(grad_norm.to(loss.device)))
-        if not all(torch.stack(checks).tolist()):
+        if self._nonfinite(loss, grad_norm).item():
             raise _nonfinite_error(loss, grad_norm, self.global_step, self.global_rank)
+
+    def _nonfinite(self, loss: Tensor, grad_norm: Optional[Tensor]) -> Tensor:
+        """True, on the device, when the loss or the gradients' norm is NaN or infinite (the
+        norm is left out under fp16 loss scaling, whose overflows the scaler skips by design)."""
+        bad = ~torch.isfinite(loss)
+        if grad_norm is not None and self._loss_scaler() is None:
+            bad = bad | ~torch.isfinite(grad_norm.to(loss.device))
+        return bad
 
     def _update(self, x: Tensor, y: Tensor, mask: Tensor, reset: Tensor, mask_cpu: Tensor, n_loss: int,
                 lr_scale: float) -> Optional[Tensor]:
@@ -671,7 +674,7 @@ class TBPTTModule(L.LightningModule):
             fit_loop._combined_loader._load_state_dicts(fit_loop._combined_loader_states_to_load)
             fit_loop._combined_loader_states_to_load = []
         self._apply_configured_optimizer()
-        self._skip, self._pending = None, _PendingCheck()
+        self._pending = _PendingCheck()
 
     def _apply_configured_optimizer(self) -> None:
         """A resumed run restores the optimizer's and the schedule's state with the settings of the
