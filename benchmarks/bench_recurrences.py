@@ -178,6 +178,40 @@ def _case(kind: str, args: dict, q) -> None:
             for name in ("full", "distrnn_checkpointed"):
                 out[f"profile_{name}"] = _profile(cases[name], cuda, steps=1, top=8)
         q.put(out)
+    elif kind == "micro_batches":
+        # the engine's full BPTT over B rows at once or in groups of `micro` rows
+        # (model.tbptt.micro_batch_size): peak memory above the model and time per update
+        import lightning as L
+
+        from distrnn.config import OptimizerConfig, TBPTTConfig
+        from distrnn.data.loaders import TensorLoader
+        from distrnn.engine import TBPTTModule
+
+        rec, updates = args.get("rec", "lstm"), args.get("iters", 3)
+        task = TaskSpec(kind="regression", output_dim=1, input_dim=64, seq_len=T)
+        module = TBPTTModule(NetworkConfig(recurrence=rec, hidden_size=H), TBPTTConfig(mode="full", k1=T, micro_batch_size=args.get("micro")),
+                             OptimizerConfig(name="adamw", lr=1e-4), task)
+        g = torch.Generator().manual_seed(0)
+        loader = TensorLoader({"x": torch.randn(B, T, 64, generator=g), "y": torch.randn(B, T, 1, generator=g)}, B)
+
+        class Data(L.LightningDataModule):
+            def train_dataloader(self):
+                return loader
+
+        marks = []
+
+        class Marks(L.Callback):
+            def on_train_batch_end(self, *a):
+                sync()
+                marks.append(time.perf_counter())
+
+        trainer = L.Trainer(accelerator="gpu" if cuda else "cpu", devices=1, max_steps=1 + updates, logger=False,
+                            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                            callbacks=[Marks()], max_epochs=-1)
+        base = reset_peak()
+        trainer.fit(module, Data())
+        per_update = (marks[-1] - marks[0]) / updates  # the first update warms up
+        q.put({"s_per_update": round(per_update, 4), "peak_gib": peak_gib(base)})
     elif kind == "split":
         # Where checkpointed BPTT's extra time goes: the first pass of a checkpointed segment is a
         # forward in grad mode (torch.utils.checkpoint, non-reentrant: cuDNN's training forward,
@@ -303,6 +337,15 @@ def sweep_cpu(show) -> None:
         for mode in ("tbptt", "full", "checkpointed"):
             show(run("memory", 120, device="cpu", mode=mode, B=8, T=T, H=128, k=256, label=f"memory {mode} T={T}"))
     show(run("checkpointing", 300, device="cpu", B=16, T=4096, H=512, k=256, label="checkpointed vs full, side by side, T=4096"))
+    _micro_batches(show, "cpu", B=16, T=2048, H=256)
+
+
+def _micro_batches(show, device: str, B: int, T: int, H: int) -> None:
+    """Full BPTT through the engine with the batch at once and in groups of B/4 and B/16 rows
+    (model.tbptt.micro_batch_size): the same update at a fraction of the activations' memory."""
+    for micro in (None, B // 4, B // 16):
+        show(run("micro_batches", 300, device=device, B=B, T=T, H=H, micro=micro,
+                 label=f"engine full BPTT B={B} T={T} H={H}, micro_batch_size {micro}"))
 
 
 def _mingru_checkpointed(show) -> None:
@@ -383,6 +426,9 @@ def sweep_gpu(show, a) -> None:
     if a.goals:
         _goals(show, B, H)
         return
+    if a.micro_batches:
+        _micro_batches(show, "cuda", B=B, T=4096, H=H)
+        return
     if a.mingru_checkpointed:
         _mingru_checkpointed(show)
         return
@@ -410,6 +456,8 @@ def main() -> None:
                     " minGRU checkpointed vs full BPTT, and a profile of the selective-copy stack")
     ap.add_argument("--mingru_checkpointed", action="store_true",
                     help="of the goals, minGRU checkpointed vs full BPTT alone (~1 min), profiled, with its segment split")
+    ap.add_argument("--micro_batches", action="store_true",
+                    help="the engine's full BPTT with the batch at once and in groups of rows (model.tbptt.micro_batch_size)")
     a = ap.parse_args()
     results = []
 

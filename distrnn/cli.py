@@ -166,7 +166,8 @@ def _check_manual_optimization(trainer_cfg: dict[str, Any]) -> None:
         fail("trainer.gradient_clip_val: distrnn clips in its own update; set model.optimizer.clip_norm instead")
     if (trainer_cfg.get("accumulate_grad_batches") or 1) != 1:
         fail("trainer.accumulate_grad_batches: not supported: each batch continues the streams of the one before"
-             " (one update per TBPTT chunk); for more sequences per update raise data.batch_size or add ranks")
+             " (one update per TBPTT chunk); for more sequences per update raise data.batch_size or add ranks, and"
+             " set model.tbptt.micro_batch_size to pass them through in groups that fit in memory")
 
 
 def _as_list(v: Any) -> list[Any]:

@@ -70,9 +70,16 @@ class TBPTTConfig:
     randomize: bool = False
     """awd-lstm-lm variable chunk length: k1 (k1/2 with probability 0.05), then N(that, 5), at least 5;
     the learning rate is scaled by length/k1."""
+    micro_batch_size: Optional[int] = None
+    """Rows (streams) per forward and backward pass: each update's batch goes through in groups of
+    this many rows, their gradients summed (under DDP all-reduced once, after the last group)
+    before the one optimizer step. The update equals the whole batch's (dropout aside, whose draws
+    differ) at the activation memory of one group. None: the whole batch at once. Not with DeepSpeed."""
 
     def __post_init__(self) -> None:
         _check(self.k1 > 0, "model.tbptt.k1", f"must be > 0, got {self.k1}")
+        if self.micro_batch_size is not None:
+            _check(self.micro_batch_size > 0, "model.tbptt.micro_batch_size", f"must be > 0 or null, got {self.micro_batch_size}")
         if self.k2 is not None:
             _check(self.k2 >= self.k1, "model.tbptt.k2", f"must be >= k1 ({self.k1}), got {self.k2}")
             _check(self.mode == "tbptt", "model.tbptt.k2", f"only applies to mode 'tbptt', not {self.mode!r}")

@@ -11,16 +11,18 @@ from __future__ import annotations
 import math
 import random
 import time
+from contextlib import nullcontext
 from typing import Any, Iterator, Optional
 
 import lightning as L
 from lightning.pytorch.callbacks import WeightAveraging
+from lightning.pytorch.strategies import ParallelStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 import numpy as np
 import torch
 from torch import Tensor
 
-from distrnn.bptt import LN2, chunk_bounds, loss_sum, run_window
+from distrnn.bptt import LN2, WindowResult, chunk_bounds, loss_sum, run_window
 from distrnn.checkpoint import deepspeed_strategy
 from distrnn.checkpoint_files import CheckpointError, load_checkpoint_file
 from distrnn.config import (
@@ -35,7 +37,7 @@ from distrnn.config import (
 from distrnn.data.loaders import pinned
 from distrnn.model import RecurrentModel
 from distrnn.rendezvous import release_process_group_at_exit
-from distrnn.state import State, detach_state, map_state, state_tensors
+from distrnn.state import State, cat_states, detach_state, map_state, slice_state, state_tensors
 
 CHECKPOINT_KEY = "distrnn"
 CHECKPOINT_FORMAT = 2
@@ -362,6 +364,11 @@ class TBPTTModule(L.LightningModule):
         ds = self._deepspeed()
         if ds is None or stage != "fit":
             return
+        if self.tbptt_cfg.micro_batch_size is not None:
+            # DeepSpeed's engine counts its own accumulation steps (a fixed number per update) and
+            # reduces ZeRO's gradient partitions at each backward
+            raise ConfigError("model.tbptt.micro_batch_size: not supported with a DeepSpeed strategy; leave it null"
+                              " (ZeRO-3 or checkpointed BPTT save memory there) or use ddp")
         if any(isinstance(c, WeightAveraging) for c in self.trainer.callbacks):
             # DeepSpeed writes the engine's weights and drops the checkpoint's state_dict, where
             # WeightAveraging puts the average: best files would hold the trained weights, and a
@@ -536,18 +543,26 @@ class TBPTTModule(L.LightningModule):
         opt = self.optimizers()
         sched = self.lr_schedulers()
         ds = self._deepspeed()
-        res = run_window(self.model, self.task, x, y, mask, reset, carry.state, capture_at, segment,
-                         partitioned=ds is not None and ds.zero_stage_3, mask_host=mask_cpu)
-        loss = res.loss_sum / n_loss
-        if self.optim_cfg.stop_on_nonfinite:
-            if ds is None:
-                self._unchecked_loss = loss.detach()  # on_before_optimizer_step checks it
-            else:
-                # DeepSpeed's engine clips inside its step: no gradient norm before the step
-                # for the ranks to agree on, so the loss is checked before the backward pass
-                self._stop_if_nonfinite(loss.detach())
-        opt.zero_grad(set_to_none=True)
-        self.manual_backward(loss)
+        groups = self._row_groups(x.shape[0])
+        if len(groups) == 1:
+            res = run_window(self.model, self.task, x, y, mask, reset, carry.state, capture_at, segment,
+                             partitioned=ds is not None and ds.zero_stage_3, mask_host=mask_cpu)
+            loss = res.loss_sum / n_loss
+            if self.optim_cfg.stop_on_nonfinite:
+                if ds is None:
+                    self._unchecked_loss = loss.detach()  # on_before_optimizer_step checks it
+                else:
+                    # DeepSpeed's engine clips inside its step: no gradient norm before the step
+                    # for the ranks to agree on, so the loss is checked before the backward pass
+                    self._stop_if_nonfinite(loss.detach())
+            opt.zero_grad(set_to_none=True)
+            self.manual_backward(loss)
+        else:
+            opt.zero_grad(set_to_none=True)
+            res = self._backward_in_groups(groups, x, y, mask, reset, mask_cpu, carry.state, capture_at, segment, n_loss)
+            loss = res.loss_sum / n_loss
+            if self.optim_cfg.stop_on_nonfinite:
+                self._unchecked_loss = loss
         scheduled = [g["lr"] for g in opt.param_groups]
         for g in opt.param_groups:  # randomized chunk lengths: lr * length / k1 for this update only
             g["lr"] *= lr_scale
@@ -562,6 +577,45 @@ class TBPTTModule(L.LightningModule):
         sched.step()
         self._advance_carry(res, x, y, reset, keep)
         return loss.detach()
+
+    def _row_groups(self, B: int) -> list[slice]:
+        """The batch's rows in groups of ``model.tbptt.micro_batch_size`` (one group: the whole batch)."""
+        m = self.tbptt_cfg.micro_batch_size
+        if m is None or m >= B:
+            return [slice(None)]
+        return [slice(a, min(a + m, B)) for a in range(0, B, m)]
+
+    def _backward_in_groups(self, groups: list[slice], x: Tensor, y: Tensor, mask: Tensor, reset: Tensor,
+                            mask_cpu: Tensor, state: Optional[State], capture_at: Optional[int],
+                            segment: Optional[int], n_loss: int) -> WindowResult:
+        """The window's forward and backward passes, one group of rows at a time; the gradients
+        sum up in ``.grad`` to the whole batch's (the loss is normalized by the whole window's
+        ``n_loss``). Rows are independent sequences, so each group runs from its rows of the
+        carried state; a group without a loss step in the window only moves its state on, without
+        autograd. DDP all-reduces once, in the last backward: the others run under the strategy's
+        ``block_backward_sync`` (DDP's ``no_sync``), where the gradients only accumulate. Returns
+        the detached loss sum and states of the whole batch."""
+        strategy = self.trainer.strategy
+        with_loss = [bool(mask_cpu[rows].any()) for rows in groups]
+        sync_at = max(i for i, has in enumerate(with_loss) if has)  # the window has a loss: one group does
+        parts = []
+        for i, rows in enumerate(groups):
+            args = (self.model, self.task, x[rows], y[rows], mask[rows], reset[rows], slice_state(state, rows), capture_at)
+            if not with_loss[i]:  # these rows only move their state on, as a window without a loss does
+                with torch.no_grad():
+                    res = run_window(*args, mask_host=mask_cpu[rows])
+            else:
+                block = strategy.block_backward_sync() if i != sync_at and isinstance(strategy, ParallelStrategy) else nullcontext()
+                with block:
+                    res = run_window(*args, segment, mask_host=mask_cpu[rows])
+                    self.manual_backward(res.loss_sum / n_loss)
+            # nothing of the group's graph outlives its backward
+            parts.append(WindowResult(res.loss_sum.detach(), detach_state(res.state), detach_state(res.captured)))
+        return WindowResult(
+            torch.stack([p.loss_sum for p in parts]).sum(),
+            cat_states([p.state for p in parts]),
+            None if parts[0].captured is None else cat_states([p.captured for p in parts]),
+        )
 
     def _loss_scaler(self) -> Optional[torch.amp.GradScaler]:
         scaler = getattr(self.trainer.precision_plugin, "scaler", None) if self._trainer is not None else None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Callable, Optional, Union
 
+import torch
 from torch import Tensor
 
 State = Union[Tensor, tuple[Tensor, ...]]
@@ -41,3 +42,10 @@ def state_tensors(state: Optional[State]) -> tuple[Tensor, ...]:
 
 def slice_state(state: Optional[State], rows: slice) -> Optional[State]:
     return map_state(lambda s: s[:, rows], state)
+
+
+def cat_states(states: list[State]) -> State:
+    """The states of groups of rows joined into one, in order (the inverse of :func:`slice_state`)."""
+    if isinstance(states[0], Tensor):
+        return torch.cat(states, dim=1)
+    return tuple(torch.cat(parts, dim=1) for parts in zip(*states))

@@ -21,7 +21,7 @@ Checks:
   (where MLflow is installed: not on the GPU image);
 - ``clip_conflict``: a DeepSpeed config whose gradient_clipping differs from clip_norm is refused;
 - ``ema_refused``: weight averaging (EMAWeightAveraging), whose average DeepSpeed's checkpoints drop,
-  is refused.
+  is refused; so is ``model.tbptt.micro_batch_size`` (``micro_refused``).
 """
 
 from __future__ import annotations
@@ -109,9 +109,9 @@ def loader() -> StreamLoader:
     return StreamLoader(torch.randint(0, 50, (6000,), generator=g, dtype=torch.uint8), 4, 64)
 
 
-def module(lr: float = 1e-2, mode: str = "tbptt") -> TBPTTModule:
+def module(lr: float = 1e-2, mode: str = "tbptt", micro: int | None = None) -> TBPTTModule:
     torch.manual_seed(0)
-    tbptt = TBPTTConfig(k1=32) if mode == "tbptt" else TBPTTConfig(mode=mode, k1=8)
+    tbptt = TBPTTConfig(k1=32, micro_batch_size=micro) if mode == "tbptt" else TBPTTConfig(mode=mode, k1=8)
     return TBPTTModule(NetworkConfig(recurrence="lstm", hidden_size=16, num_layers=2), tbptt,
                        OptimizerConfig(name="adamw", lr=lr, clip_norm=0.05, schedule="cosine", warmup_updates=2), LM)
 
@@ -129,8 +129,8 @@ class Record(L.Callback):
 
 def fit(device: str, stage: int | None, max_steps: int, precision: str = "32-true", out: Path | None = None,
         ckpt: Path | None = None, config: dict | None = None, extra: list | None = None,
-        logger=False, mode: str = "tbptt", zero: dict | None = None) -> tuple[TBPTTModule, Record]:
-    m, rec = module(mode=mode), Record()
+        logger=False, mode: str = "tbptt", zero: dict | None = None, micro: int | None = None) -> tuple[TBPTTModule, Record]:
+    m, rec = module(mode=mode, micro=micro), Record()
     if stage is None:
         strategy = "auto"
     else:
@@ -293,6 +293,11 @@ def main() -> None:
         result["ema_refused"] = "accepted"
     except ConfigError as e:
         result["ema_refused"] = str(e)
+    try:
+        fit(a.device, 2, 1, micro=2)
+        result["micro_refused"] = "accepted"
+    except ConfigError as e:
+        result["micro_refused"] = str(e)
     print("RESULT " + json.dumps(result), flush=True)
 
 

@@ -33,12 +33,32 @@ class GradRecorder(L.Callback):
         self.grads.append({n: p.grad.detach().clone() for n, p in pl_module.named_parameters() if p.grad is not None})
 
 
+class LogAllReduce(L.Callback):
+    """DDP's default gradient all-reduce, each call logged as a line with the rank in ``path``
+    (registered here: Lightning registers a strategy's ``ddp_comm_hook`` on CUDA only)."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def on_train_start(self, trainer, pl_module):
+        trainer.strategy.model.register_comm_hook(self.path, _logged_allreduce)
+
+
+def _logged_allreduce(path, bucket):
+    import torch.distributed as dist
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+    with open(path, "a") as f:
+        f.write(f"{dist.get_rank()}\n")
+    return allreduce_hook(None, bucket)
+
+
 def make_module(task: TaskSpec, recurrence="lstm", hidden=6, layers=1, mode="tbptt", k1=5, k2=None,
-                lr=1e-3, clip=None, name="sgd", dropout=0.0, seed=0, randomize=False) -> TBPTTModule:
+                lr=1e-3, clip=None, name="sgd", dropout=0.0, seed=0, randomize=False, micro_batch_size=None) -> TBPTTModule:
     torch.manual_seed(seed)
     return TBPTTModule(
         NetworkConfig(recurrence=recurrence, hidden_size=hidden, num_layers=layers, dropout=dropout),
-        TBPTTConfig(mode=mode, k1=k1, k2=k2, randomize=randomize),
+        TBPTTConfig(mode=mode, k1=k1, k2=k2, randomize=randomize, micro_batch_size=micro_batch_size),
         OptimizerConfig(name=name, lr=lr, clip_norm=clip),
         task,
         seed=seed,

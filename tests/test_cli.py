@@ -55,6 +55,7 @@ def job(tmp_path):
         (["--model.tbptt.kk", "3"], "model.tbptt.kk"),
         (["--model.tbptt.k1", "0"], "model.tbptt.k1"),
         (["--model.tbptt.k1", "64"], "model.tbptt.k1"),  # longer than data.seq_len
+        (["--model.tbptt.micro_batch_size", "0"], "model.tbptt.micro_batch_size: must be > 0 or null, got 0"),
         (["--data.init_args.path", "missing.txt"], "missing.txt"),
         (["--model.network.recurrence", "nope"], "model.network.recurrence"),
         (["--model.optimizer.lr", "-1"], "model.optimizer.lr"),
@@ -74,6 +75,7 @@ def job(tmp_path):
         (["--lr_scheduler", "torch.optim.lr_scheduler.StepLR"], "the optimizer and its schedule are model.optimizer"),
         (["--trainer.gradient_clip_val", "1.0"], "trainer.gradient_clip_val: distrnn clips in its own update; set model.optimizer.clip_norm"),
         (["--trainer.accumulate_grad_batches", "2"], "trainer.accumulate_grad_batches: not supported"),
+        (["--trainer.accumulate_grad_batches", "2"], "set model.tbptt.micro_batch_size to pass them through in groups"),
         # another library's class refusing its arguments: the class and its own error, not
         # jsonargparse's "Does not validate against any of the Union subtypes"
         (["--trainer.callbacks+=lightning.pytorch.callbacks.EMAWeightAveraging", "--trainer.callbacks.decay", "1.5"],

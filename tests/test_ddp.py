@@ -11,7 +11,7 @@ from distrnn.config import TaskSpec
 from distrnn.data.loaders import StreamLoader
 
 from conftest import ListeningSockets
-from helpers import make_module
+from helpers import LogAllReduce, make_module
 
 LM = TaskSpec(kind="language_model", output_dim=40, vocab_size=40, seq_len=16)
 
@@ -28,10 +28,12 @@ class Streams(L.LightningDataModule):
                             world_size=self.trainer.world_size)
 
 
-def _fit(devices, per_rank_batch, steps, rendezvous=None, mode="tbptt", k1=16):
-    module = make_module(LM, recurrence="gru", hidden=16, mode=mode, k1=k1, name="sgd", lr=0.5, seed=0)
+def _fit(devices, per_rank_batch, steps, rendezvous=None, mode="tbptt", k1=16, micro=None, comm_log=None):
+    module = make_module(LM, recurrence="gru", hidden=16, mode=mode, k1=k1, name="sgd", lr=0.5, seed=0,
+                         micro_batch_size=micro)
     trainer = L.Trainer(
         accelerator="cpu", devices=devices, strategy="ddp_spawn" if devices > 1 else "auto", max_steps=steps,
+        callbacks=[LogAllReduce(comm_log)] if comm_log else None,
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
     )
     if rendezvous:
@@ -41,19 +43,24 @@ def _fit(devices, per_rank_batch, steps, rendezvous=None, mode="tbptt", k1=16):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode,k1", [("tbptt", 16), ("checkpointed", 5)])
-def test_two_ranks_equal_one_process_with_the_global_batch(loopback_rendezvous, mode, k1):
+@pytest.mark.parametrize("mode,k1,micro", [("tbptt", 16, None), ("checkpointed", 5, None), ("tbptt", 16, 2)])
+def test_two_ranks_equal_one_process_with_the_global_batch(loopback_rendezvous, tmp_path, mode, k1, micro):
     """2 ranks x 3 streams take the same SGD steps as 1 process x 6 streams: DDP averages the
     ranks' mean losses, and the ranks read disjoint halves of the same 6 streams. Every socket the
     job listens on (the rendezvous store this process hosts, gloo's) is on 127.0.0.1.
     Checkpointed BPTT (segments of 5 steps, recomputed in a custom autograd Function): DDP's
-    gradient hooks see each parameter once per update, as in one graph."""
-    single = _fit(1, 6, 3, mode=mode, k1=k1)
+    gradient hooks see each parameter once per update, as in one graph. With micro_batch_size 2
+    (each rank's 3 rows in groups of 2 and 1, the single process's 6 in 3 groups) the ranks still
+    all-reduce once per update: the model's gradients fill one bucket, so each rank calls the
+    all-reduce hook once for each of the 3 updates, as without groups."""
+    single = _fit(1, 6, 3, mode=mode, k1=k1, micro=micro)
     watch = ListeningSockets(os.getpid())
     watch.start()
-    ddp = _fit(2, 3, 3, loopback_rendezvous, mode=mode, k1=k1)
+    comm_log = tmp_path / "allreduce.log"
+    ddp = _fit(2, 3, 3, loopback_rendezvous, mode=mode, k1=k1, micro=micro, comm_log=comm_log)
     seen = watch.stop()
     assert seen and not watch.exposed(), seen
+    assert sorted(comm_log.read_text().split()) == ["0", "0", "0", "1", "1", "1"]
     init = make_module(LM, recurrence="gru", hidden=16, k1=16, name="sgd", lr=0.5, seed=0)
     moved = max((a - b).abs().max().item() for a, b in zip(init.state_dict().values(), ddp.state_dict().values()))
     assert moved > 1e-3  # the spawned ranks trained and their weights came back

@@ -128,6 +128,11 @@ def test_weight_averaging_is_refused_under_deepspeed(lightning_ds):
     assert lightning_ds[0]["ema_refused"].startswith("trainer.callbacks: weight averaging"), lightning_ds[0]["ema_refused"]
 
 
+def test_micro_batches_are_refused_under_deepspeed(lightning_ds):
+    assert lightning_ds[0]["micro_refused"].startswith("model.tbptt.micro_batch_size: not supported with a DeepSpeed"), \
+        lightning_ds[0]["micro_refused"]
+
+
 def _convert(src, out, *extra):
     from conftest import distrnn_cmd
 
