@@ -329,6 +329,7 @@ class TBPTTModule(L.LightningModule):
         self._pending_rng: Optional[dict[str, Any]] = None
         self._grad_norm: Optional[Tensor] = None
         self._unchecked_loss: Optional[Tensor] = None  # stop_on_nonfinite: checked after the backward pass
+        self._gloo_group: Any = None  # _host_group
         self._pending = _PendingCheck()  # the last update's finiteness, on its way to the host
         self._lr_scale = 1.0
         self._t_last: Optional[float] = None
@@ -514,10 +515,12 @@ class TBPTTModule(L.LightningModule):
             bad = bad | ~torch.isfinite(grad_norm.to(loss.device))
         return bad
 
-    def _update(self, x: Tensor, y: Tensor, mask: Tensor, reset: Tensor, mask_cpu: Tensor, n_loss: int,
+    def _update(self, x: Tensor, y: Tensor, mask: Tensor, reset: Tensor, mask_cpu: Tensor, n_loss: int, n_total: int,
                 lr_scale: float) -> Optional[Tensor]:
-        """One optimizer update over the window that ends with this chunk; returns the mean loss.
-        ``mask_cpu``: the chunk's loss mask on the host (where the head needs to run)."""
+        """One optimizer update over the window that ends with this chunk; returns this rank's mean
+        loss (None if its rows have no loss step here). ``mask_cpu``: the chunk's loss mask on the
+        host (where the head needs to run); ``n_loss``: its loss steps, ``n_total``: those of
+        every rank's rows (:meth:`_loss_totals`)."""
         cfg = self.tbptt_cfg
         carry = self._carry
         if carry.history is not None:
@@ -533,8 +536,8 @@ class TBPTTModule(L.LightningModule):
         capture_at = T_win - keep if keep > 0 else None
         segment = cfg.k1 if cfg.mode == "checkpointed" else None
 
-        if n_loss == 0:
-            # No loss in this chunk (e.g. a label at the end of a long sequence): move the state on.
+        if n_total == 0:
+            # No loss in this chunk on any rank (e.g. a label at the end of a long sequence): move the state on.
             with torch.no_grad():
                 res = run_window(self.model, self.task, x, y, mask, reset, carry.state, capture_at, mask_host=mask_cpu)
             self._advance_carry(res, x, y, reset, keep)
@@ -543,26 +546,13 @@ class TBPTTModule(L.LightningModule):
         opt = self.optimizers()
         sched = self.lr_schedulers()
         ds = self._deepspeed()
-        groups = self._row_groups(x.shape[0])
-        if len(groups) == 1:
-            res = run_window(self.model, self.task, x, y, mask, reset, carry.state, capture_at, segment,
-                             partitioned=ds is not None and ds.zero_stage_3, mask_host=mask_cpu)
-            loss = res.loss_sum / n_loss
-            if self.optim_cfg.stop_on_nonfinite:
-                if ds is None:
-                    self._unchecked_loss = loss.detach()  # on_before_optimizer_step checks it
-                else:
-                    # DeepSpeed's engine clips inside its step: no gradient norm before the step
-                    # for the ranks to agree on, so the loss is checked before the backward pass
-                    self._stop_if_nonfinite(loss.detach())
-            opt.zero_grad(set_to_none=True)
-            self.manual_backward(loss)
-        else:
-            opt.zero_grad(set_to_none=True)
-            res = self._backward_in_groups(groups, x, y, mask, reset, mask_cpu, carry.state, capture_at, segment, n_loss)
-            loss = res.loss_sum / n_loss
-            if self.optim_cfg.stop_on_nonfinite:
-                self._unchecked_loss = loss
+        # the mean over every rank's loss steps: DDP averages the ranks' gradients, so each rank
+        # divides its sum by the total over the ranks' count (one process: its own count)
+        per_rank = n_total / self.trainer.world_size
+        opt.zero_grad(set_to_none=True)
+        res = self._forward_backward(x, y, mask, reset, mask_cpu, carry.state, capture_at, segment, per_rank, ds)
+        if self.optim_cfg.stop_on_nonfinite and ds is None:
+            self._unchecked_loss = res.loss_sum / per_rank  # on_before_optimizer_step checks it
         scheduled = [g["lr"] for g in opt.param_groups]
         for g in opt.param_groups:  # randomized chunk lengths: lr * length / k1 for this update only
             g["lr"] *= lr_scale
@@ -576,7 +566,7 @@ class TBPTTModule(L.LightningModule):
         self._check_loss_scale()
         sched.step()
         self._advance_carry(res, x, y, reset, keep)
-        return loss.detach()
+        return res.loss_sum / n_loss if n_loss else None
 
     def _row_groups(self, B: int) -> list[slice]:
         """The batch's rows in groups of ``model.tbptt.micro_batch_size`` (one group: the whole batch)."""
@@ -585,37 +575,85 @@ class TBPTTModule(L.LightningModule):
             return [slice(None)]
         return [slice(a, min(a + m, B)) for a in range(0, B, m)]
 
-    def _backward_in_groups(self, groups: list[slice], x: Tensor, y: Tensor, mask: Tensor, reset: Tensor,
-                            mask_cpu: Tensor, state: Optional[State], capture_at: Optional[int],
-                            segment: Optional[int], n_loss: int) -> WindowResult:
-        """The window's forward and backward passes, one group of rows at a time; the gradients
-        sum up in ``.grad`` to the whole batch's (the loss is normalized by the whole window's
-        ``n_loss``). Rows are independent sequences, so each group runs from its rows of the
-        carried state; a group without a loss step in the window only moves its state on, without
-        autograd. DDP all-reduces once, in the last backward: the others run under the strategy's
-        ``block_backward_sync`` (DDP's ``no_sync``), where the gradients only accumulate. Returns
-        the detached loss sum and states of the whole batch."""
-        strategy = self.trainer.strategy
+    def _forward_backward(self, x: Tensor, y: Tensor, mask: Tensor, reset: Tensor, mask_cpu: Tensor,
+                          state: Optional[State], capture_at: Optional[int], segment: Optional[int], per_rank: float,
+                          ds: Optional[Any]) -> WindowResult:
+        """The window's forward and backward passes; returns the detached loss sum and states.
+
+        With ``model.tbptt.micro_batch_size`` the rows go through in groups, each from its rows of
+        the carried state (rows are independent sequences), the gradients summing up in ``.grad``
+        to the whole batch's; a group without a loss step in the window only moves its state on,
+        without autograd. DDP all-reduces once, in the last backward: the others run under the
+        strategy's ``block_backward_sync`` (DDP's ``no_sync``), where the gradients only
+        accumulate.
+
+        A rank whose rows have no loss step in the window while another rank's do still runs a
+        backward (the last group's, of a zero loss): every rank must join each update's gradient
+        all-reduce, or the ranks wait for each other forever (or pair one update's all-reduce with
+        another's)."""
+        groups = self._row_groups(x.shape[0])
         with_loss = [bool(mask_cpu[rows].any()) for rows in groups]
-        sync_at = max(i for i, has in enumerate(with_loss) if has)  # the window has a loss: one group does
+        if not any(with_loss):
+            with_loss[-1] = None  # a zero loss, with a graph through every parameter
+        last = max(i for i, has in enumerate(with_loss) if has is not False)
+        parallel = isinstance(self.trainer.strategy, ParallelStrategy)
         parts = []
         for i, rows in enumerate(groups):
-            args = (self.model, self.task, x[rows], y[rows], mask[rows], reset[rows], slice_state(state, rows), capture_at)
-            if not with_loss[i]:  # these rows only move their state on, as a window without a loss does
+            def part(t: Tensor) -> Tensor:
+                return t if rows == slice(None) else t[rows]
+
+            args = (self.model, self.task, part(x), part(y), part(mask), part(reset), state if rows == slice(None)
+                    else slice_state(state, rows), capture_at)
+            if with_loss[i] is False:  # these rows only move their state on, as a window without a loss does
                 with torch.no_grad():
-                    res = run_window(*args, mask_host=mask_cpu[rows])
+                    res = run_window(*args, mask_host=part(mask_cpu))
             else:
-                block = strategy.block_backward_sync() if i != sync_at and isinstance(strategy, ParallelStrategy) else nullcontext()
+                block = self.trainer.strategy.block_backward_sync() if parallel and i != last else nullcontext()
                 with block:
-                    res = run_window(*args, segment, mask_host=mask_cpu[rows])
-                    self.manual_backward(res.loss_sum / n_loss)
+                    # mask_host None: the head and the (zero) loss over every step, so every
+                    # parameter has a gradient for the all-reduce
+                    res = run_window(*args, segment, partitioned=ds is not None and ds.zero_stage_3,
+                                     mask_host=None if with_loss[i] is None else part(mask_cpu))
+                    loss = res.loss_sum / per_rank
+                    if ds is not None and self.optim_cfg.stop_on_nonfinite:
+                        # DeepSpeed's engine clips inside its step: no gradient norm before the step
+                        # for the ranks to agree on, so the loss is checked before the backward pass
+                        self._stop_if_nonfinite(loss.detach())
+                    self.manual_backward(loss)
             # nothing of the group's graph outlives its backward
             parts.append(WindowResult(res.loss_sum.detach(), detach_state(res.state), detach_state(res.captured)))
+        if len(parts) == 1:
+            return parts[0]
         return WindowResult(
             torch.stack([p.loss_sum for p in parts]).sum(),
             cat_states([p.state for p in parts]),
             None if parts[0].captured is None else cat_states([p.captured for p in parts]),
         )
+
+    def _loss_totals(self, batch: dict[str, Any], bounds: list[tuple[int, int]], counts: list[int]) -> list[int]:
+        """The loss steps of each update window of this batch over every rank's rows. Under DDP
+        the ranks must agree on which windows are updates (see :meth:`_forward_backward`) and on
+        the count the mean divides by: from the loader's ``mask_total`` (the count at each step
+        over all ranks' rows, which a stream loader knows from its streams' lengths), else one
+        all-reduce of the counts per batch, on the host (gloo), not through the GPU."""
+        if self.trainer.world_size == 1:
+            return counts
+        total_T = batch.get("mask_total")
+        if total_T is not None:
+            total_T = total_T.cpu()
+            return [int(total_T[a:b].sum()) for a, b in bounds]
+        t = torch.tensor(counts, dtype=torch.int64)
+        torch.distributed.all_reduce(t, group=self._host_group())
+        return t.tolist()
+
+    def _host_group(self) -> Any:
+        """A process group whose collectives run on host tensors: the default one under gloo, a
+        gloo group beside NCCL's (made once; every rank asks for it at the same batch)."""
+        if torch.distributed.get_backend() == "gloo":
+            return None
+        if self._gloo_group is None:
+            self._gloo_group = torch.distributed.new_group(backend="gloo")
+        return self._gloo_group
 
     def _loss_scaler(self) -> Optional[torch.amp.GradScaler]:
         scaler = getattr(self.trainer.precision_plugin, "scaler", None) if self._trainer is not None else None
@@ -689,10 +727,11 @@ class TBPTTModule(L.LightningModule):
         else:
             bounds = [(0, T)]
         counts = [int(mask_cpu[:, a:b].sum()) for a, b in bounds]
+        totals = self._loss_totals(batch, bounds, counts)
         losses, weights = [], []
-        for (a, b), n in zip(bounds, counts):
+        for (a, b), n, total in zip(bounds, counts, totals):
             scale = (b - a) / cfg.k1 if cfg.randomize else 1.0
-            loss = self._update(x[:, a:b], y[:, a:b], mask[:, a:b], reset[:, a:b], mask_cpu[:, a:b], n, scale)
+            loss = self._update(x[:, a:b], y[:, a:b], mask[:, a:b], reset[:, a:b], mask_cpu[:, a:b], n, total, scale)
             if loss is not None:
                 losses.append(loss * n)
                 weights.append(n)

@@ -45,6 +45,12 @@ def test_streams_read_every_token_once(n, B, L, world):
     # across ranks: inputs 0..n-2 once each, targets 1..n-1 once each
     assert torch.equal(torch.cat(seen_inputs).sort().values, torch.arange(n - 1))
     assert torch.equal(torch.cat(seen_targets).sort().values, torch.arange(1, n))
+    # every rank's batch says how many loss steps all ranks' rows have at each step
+    loaders = [StreamLoader(tokens.to(torch.uint8), B, L, rank=rank, world_size=world) for rank in range(world)]
+    for i in range(len(loaders[0])):
+        batches = [ld.make_batch(0, i) for ld in loaders]
+        total = sum(b["mask"].sum(dim=0) for b in batches)
+        assert all(torch.equal(b["mask_total"], total) for b in batches), i
 
 
 def test_streams_are_contiguous_in_order():

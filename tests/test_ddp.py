@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from distrnn.config import TaskSpec
-from distrnn.data.loaders import StreamLoader
+from distrnn.data.loaders import StreamLoader, TensorLoader
 
 from conftest import ListeningSockets
 from helpers import LogAllReduce, make_module
@@ -64,6 +64,61 @@ def test_two_ranks_equal_one_process_with_the_global_batch(loopback_rendezvous, 
     init = make_module(LM, recurrence="gru", hidden=16, k1=16, name="sgd", lr=0.5, seed=0)
     moved = max((a - b).abs().max().item() for a, b in zip(init.state_dict().values(), ddp.state_dict().values()))
     assert moved > 1e-3  # the spawned ranks trained and their weights came back
+    for (k, a), (_, b) in zip(single.state_dict().items(), ddp.state_dict().items()):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-6, msg=k)
+
+
+class Uneven(L.LightningDataModule):
+    """``tokens`` streams (``per_rank`` each), or ``masked``: 8 sequences of 16 steps whose labels
+    lie where only some ranks' rows have them (rank r takes batches r, r + 2, ...)."""
+
+    def __init__(self, per_rank, kind):
+        super().__init__()
+        self.per_rank, self.kind = per_rank, kind
+
+    def train_dataloader(self):
+        rank, world = self.trainer.global_rank, self.trainer.world_size
+        g = torch.Generator().manual_seed(0)
+        if self.kind == "streams":
+            # 193 inputs in 6 streams: 33 steps in stream 0 (rank 0), 32 in the others; the last
+            # batch has a loss step on rank 0 only
+            return StreamLoader(torch.randint(0, 40, (194,), generator=g, dtype=torch.uint8), self.per_rank, 16,
+                                rank=rank, world_size=world)
+        x = torch.randint(0, 40, (8, 16), generator=g)
+        mask = torch.zeros(8, 16, dtype=torch.bool)
+        mask[0, 5] = mask[1, 2:7] = True  # samples 0-3: rank 0's first batch; 4-7: rank 1's
+        mask[5, 12:] = mask[6, 9] = True
+        return TensorLoader({"x": x, "y": torch.randint(0, 40, (8, 16), generator=g), "mask": mask},
+                            self.per_rank, rank=rank, world_size=world)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)  # the hang it guards against
+@pytest.mark.parametrize("kind,micro", [("streams", None), ("masked", None), ("masked", 2)])
+def test_ranks_without_loss_steps_in_an_update_join_it(loopback_rendezvous, kind, micro):
+    """An update where one rank's rows have a loss step and the other's have none (the last, ragged
+    batch of a stream corpus; labels only on some sequences): every rank joins its gradient
+    all-reduce (the run hung before, each rank waiting in another collective) and the mean
+    divides by the count over all ranks, so 2 ranks end, after 2 epochs, with the weights of one
+    process with the global batch. Streams: the loader knows the ranks' counts; masked sequences:
+    the ranks all-reduce them (chunks of 4 steps: in the first batch only rank 0 has labels in
+    chunks 0 and 1, only rank 1 in chunks 2 and 3). With groups of 2 rows, a rank without a loss
+    step runs its zero loss through the last group only."""
+    def fit(devices, per_rank):
+        module = make_module(LM, recurrence="gru", hidden=16, k1=4, name="sgd", lr=0.5, seed=0,
+                             micro_batch_size=micro)
+        trainer = L.Trainer(accelerator="cpu", devices=devices, strategy="ddp_spawn" if devices > 1 else "auto",
+                            max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                            enable_model_summary=False)
+        if devices > 1:
+            loopback_rendezvous(trainer)
+        trainer.fit(module, Uneven(per_rank, kind))
+        return module
+
+    per_rank = 3 if kind == "streams" else 4
+    single, ddp = fit(1, 2 * per_rank), fit(2, per_rank)
+    init = make_module(LM, recurrence="gru", hidden=16, k1=4, seed=0)
+    assert max((a - b).abs().max().item() for a, b in zip(init.state_dict().values(), ddp.state_dict().values())) > 1e-3
     for (k, a), (_, b) in zip(single.state_dict().items(), ddp.state_dict().items()):
         torch.testing.assert_close(b, a, rtol=0, atol=1e-6, msg=k)
 

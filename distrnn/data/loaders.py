@@ -2,7 +2,8 @@
 
 A loader yields dict batches ``{"x", "y", "mask", "reset", "epoch", "index"}``:
 ``mask_BT`` marks the steps that carry a loss, ``reset_BT`` the steps before which a row's state
-must be zeroed (a new sequence starts there). Loaders implement Lightning's ``state_dict`` /
+must be zeroed (a new sequence starts there). Optionally ``mask_total_T``, the number of loss steps
+at each step over every rank's rows (else the TBPTT module all-reduces the counts under DDP). Loaders implement Lightning's ``state_dict`` /
 ``load_state_dict`` protocol, so the read position is saved in every checkpoint and a resumed run
 continues at the next unseen batch. The TBPTT module pulls batches itself (``dataloader_iter``),
 so the saved position is exactly the number of batches consumed.
@@ -189,6 +190,7 @@ class StreamLoader(ResumableLoader):
         lengths_S[:extra] += 1
         offsets_S = torch.cumsum(lengths_S, 0) - lengths_S
         rows = slice(rank * batch_size, (rank + 1) * batch_size)
+        self.lengths_S = lengths_S
         self.lengths_B = lengths_S[rows]
         self.offsets_B = offsets_S[rows]
         self.stream_len = int(lengths_S.max())
@@ -217,6 +219,9 @@ class StreamLoader(ResumableLoader):
             "x": x_BL,
             "y": y_BL,
             "mask": valid_BL,
+            # the ranks' streams differ in length by one step at most: in the last batch some
+            # ranks' rows may have no loss step where others' do, which the engine must know
+            "mask_total": (t_L[None, :] < self.lengths_S[:, None]).sum(dim=0),
             "reset": reset_BL,
             "epoch": epoch,
             "index": index,
