@@ -41,7 +41,9 @@ def state_tensors(state: Optional[State]) -> tuple[Tensor, ...]:
 
 
 def slice_state(state: Optional[State], rows: slice) -> Optional[State]:
-    return map_state(lambda s: s[:, rows], state)
+    """The state of a range of rows, contiguous: cuDNN refuses a view of a multi-layer state's rows
+    ("rnn: hx is not contiguous")."""
+    return map_state(lambda s: s[:, rows].contiguous(), state)
 
 
 def cat_states(states: list[State]) -> State:

@@ -11,7 +11,7 @@ from distrnn.bptt import chunk_bounds, run_window
 from distrnn.config import NetworkConfig, TaskSpec
 from distrnn.data.loaders import StreamLoader, TensorLoader
 from distrnn.model import RecurrentModel
-from distrnn.state import state_tensors
+from distrnn.state import slice_state, state_tensors
 
 from helpers import GradRecorder, ListDataModule, make_module, trainer
 
@@ -223,7 +223,7 @@ def test_carried_state_equals_one_long_pass(k1, k2):
 @pytest.mark.parametrize("recurrence,mode,k1,k2", [("lstm", "tbptt", 6, 10), ("mingru", "full", 24, None),
                                                    ("gru", "checkpointed", 5, None)])
 def test_micro_batches_give_the_whole_batchs_updates(recurrence, mode, k1, k2):
-    """model.tbptt.micro_batch_size 2 of 5 streams (groups of 2, 2, 1): every update's gradients,
+    """model.tbptt.micro_batch_size 2 of 5 streams (groups of 2, 2, 1), 2 layers: every update's gradients,
     the weights after 8 SGD updates and the carried state (and k2's re-run history) equal those of
     the whole batch at once, in float64. The corpus has file boundaries inside the streams, so
     rows reset mid-batch; each group carries its own rows of the state."""
@@ -233,7 +233,7 @@ def test_micro_batches_give_the_whole_batchs_updates(recurrence, mode, k1, k2):
     runs = {}
     for micro in (None, 2):
         loader = StreamLoader(tokens, 5, 24, doc_starts_D=doc_starts)
-        module = make_module(LM, recurrence=recurrence, hidden=7, mode=mode, k1=k1, k2=k2, lr=0.3,
+        module = make_module(LM, recurrence=recurrence, hidden=7, layers=2, mode=mode, k1=k1, k2=k2, lr=0.3,
                              micro_batch_size=micro).double()
         rec = GradRecorder()
         trainer(max_steps=8, precision="64-true", callbacks=[rec]).fit(module, ListDataModule(loader))
@@ -244,7 +244,7 @@ def test_micro_batches_give_the_whole_batchs_updates(recurrence, mode, k1, k2):
         for n in a:
             torch.testing.assert_close(b[n], a[n], rtol=0, atol=1e-12, msg=f"update {i} {n}")
     moved = max((p - q).abs().max().item() for p, q in zip(whole.parameters(), make_module(
-        LM, recurrence=recurrence, hidden=7, mode=mode, k1=k1, k2=k2).double().parameters()))
+        LM, recurrence=recurrence, hidden=7, layers=2, mode=mode, k1=k1, k2=k2).double().parameters()))
     assert moved > 1e-2
     for (n, a), b in zip(whole.state_dict().items(), grouped.state_dict().values()):
         torch.testing.assert_close(b, a, rtol=0, atol=1e-12, msg=n)
@@ -252,6 +252,8 @@ def test_micro_batches_give_the_whole_batchs_updates(recurrence, mode, k1, k2):
         torch.testing.assert_close(b, a, rtol=0, atol=1e-12)
     if k2:
         assert all(torch.equal(whole._carry.history[k], grouped._carry.history[k]) for k in ("x", "y", "reset"))
+    # each group's rows of a 2-layer state are handed over contiguous, as cuDNN requires
+    assert all(s.is_contiguous() for s in state_tensors(slice_state(whole._carry.state, slice(2, 4))))
 
 
 @pytest.mark.parametrize("mode,k1", [("tbptt", 8), ("checkpointed", 8)])

@@ -187,3 +187,25 @@ def test_an_update_returns_to_the_host_while_the_gpu_still_works_on_it():
               enable_progress_bar=False, enable_model_summary=False, callbacks=[Sleep()]).fit(module, ListDataModule(_loader()))
     assert busy == {"at the end of batch 3": True}
     assert module.trainer.optimizers[0].defaults["fused"] is True
+
+
+@pytest.mark.parametrize("recurrence", ["lstm", "mingru"])
+def test_micro_batches_on_gpu_equal_the_whole_batch(recurrence, monkeypatch):
+    """model.tbptt.micro_batch_size on CUDA, 2 layers: cuDNN refuses a view of a multi-layer
+    state's rows (each group gets a contiguous copy), the Triton scan takes each group's rows.
+    Every update's gradients equal the whole batch's (fp32, TF32 off: both are sums of the same
+    products, in another order)."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    grads = []
+    for micro in (None, 3):
+        module = make_module(LM, recurrence=recurrence, hidden=32, layers=2, k1=32, name="sgd", lr=0.1,
+                             micro_batch_size=micro)
+        rec = GradRecorder()
+        L.Trainer(accelerator="gpu", devices=1, max_steps=4, logger=False, enable_checkpointing=False,
+                  enable_progress_bar=False, callbacks=[rec]).fit(module, ListDataModule(_loader()))
+        grads.append(rec.grads)
+    assert len(grads[0]) == len(grads[1]) == 4
+    for whole, grouped in zip(*grads):
+        for k in whole:
+            torch.testing.assert_close(grouped[k], whole[k], rtol=1e-4, atol=1e-6, msg=k)
