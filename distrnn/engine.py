@@ -329,7 +329,6 @@ class TBPTTModule(L.LightningModule):
         self._pending_rng: Optional[dict[str, Any]] = None
         self._grad_norm: Optional[Tensor] = None
         self._unchecked_loss: Optional[Tensor] = None  # stop_on_nonfinite: checked after the backward pass
-        self._gloo_group: Any = None  # _host_group
         self._pending = _PendingCheck()  # the last update's finiteness, on its way to the host
         self._lr_scale = 1.0
         self._t_last: Optional[float] = None
@@ -635,25 +634,19 @@ class TBPTTModule(L.LightningModule):
         the ranks must agree on which windows are updates (see :meth:`_forward_backward`) and on
         the count the mean divides by: from the loader's ``mask_total`` (the count at each step
         over all ranks' rows, which a stream loader knows from its streams' lengths), else one
-        all-reduce of the counts per batch, on the host (gloo), not through the GPU."""
+        all-reduce of the counts per batch."""
         if self.trainer.world_size == 1:
             return counts
         total_T = batch.get("mask_total")
         if total_T is not None:
             total_T = total_T.cpu()
             return [int(total_T[a:b].sum()) for a, b in bounds]
-        t = torch.tensor(counts, dtype=torch.int64)
-        torch.distributed.all_reduce(t, group=self._host_group())
+        # on the host under gloo; NCCL takes a device tensor, whose result the host then waits for
+        # (once per batch: a stream loader's and the synthetic tasks' batches carry their totals)
+        on_host = torch.distributed.get_backend() == "gloo"
+        t = torch.tensor(counts, dtype=torch.int64, device="cpu" if on_host else self.device)
+        torch.distributed.all_reduce(t)
         return t.tolist()
-
-    def _host_group(self) -> Any:
-        """A process group whose collectives run on host tensors: the default one under gloo, a
-        gloo group beside NCCL's (made once; every rank asks for it at the same batch)."""
-        if torch.distributed.get_backend() == "gloo":
-            return None
-        if self._gloo_group is None:
-            self._gloo_group = torch.distributed.new_group(backend="gloo")
-        return self._gloo_group
 
     def _loss_scaler(self) -> Optional[torch.amp.GradScaler]:
         scaler = getattr(self.trainer.precision_plugin, "scaler", None) if self._trainer is not None else None

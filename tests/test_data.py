@@ -386,6 +386,20 @@ def test_synthetic_batches_come_from_the_seed():
         SyntheticDataModule("copy_memory", seq_len=15)
 
 
+@pytest.mark.parametrize("name", ["adding", "copy_memory", "selective_copy"])
+def test_synthetic_masks_depend_on_the_step_alone(name):
+    """Every rank's rows have their loss steps where this rank's do: ``mask_total`` (the count over
+    all ranks, which spares DDP an all-reduce per batch) is world size x this rank's count."""
+    from types import SimpleNamespace
+
+    dm = SyntheticDataModule(name, seq_len=64, batch_size=4, train_batches=2, seed=5)
+    dm.trainer = SimpleNamespace(global_rank=0, world_size=3, current_epoch=0)
+    masks = [dm.generate(torch.Generator().manual_seed(s), 4)["mask"] for s in range(3)]
+    assert all(torch.equal(m, m[:1].expand_as(m)) for m in masks) and all(torch.equal(m, masks[0]) for m in masks)
+    batch = dm.generate(torch.Generator().manual_seed(7), 4)
+    assert torch.equal(batch["mask_total"], 3 * masks[0].sum(dim=0))
+
+
 def _write_idx(path: Path, arr: np.ndarray, gz: bool) -> None:
     code = {np.uint8: 0x08}[arr.dtype.type]
     raw = bytes([0, 0, code, arr.ndim]) + struct.pack(f">{arr.ndim}I", *arr.shape) + arr.tobytes()

@@ -123,10 +123,15 @@ class SyntheticDataModule(RecurrentDataModule):
 
     def generate(self, g: torch.Generator, B: int) -> dict[str, Tensor]:
         if self.name == "adding":
-            return adding_problem(g, B, self.seq_len)
-        if self.name == "copy_memory":
-            return copy_memory(g, B, self.seq_len)
-        return selective_copy(g, B, self.seq_len, self.num_tokens, self.alphabet)
+            batch = adding_problem(g, B, self.seq_len)
+        elif self.name == "copy_memory":
+            batch = copy_memory(g, B, self.seq_len)
+        else:
+            batch = selective_copy(g, B, self.seq_len, self.num_tokens, self.alphabet)
+        # where the loss is depends on the step alone, and every rank draws full batches: the
+        # count over all ranks' rows, which the TBPTT module would otherwise all-reduce under DDP
+        batch["mask_total"] = batch["mask"].sum(dim=0) * self.world_size
+        return batch
 
     def train_dataloader(self) -> GeneratedLoader:
         return self._bind(GeneratedLoader(self.generate, self.batch_size, self.train_batches, self.seed, self.rank))
