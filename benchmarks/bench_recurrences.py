@@ -180,7 +180,8 @@ def _case(kind: str, args: dict, q) -> None:
         q.put(out)
     elif kind == "micro_batches":
         # the engine's full BPTT over B rows at once or in groups of `micro` rows
-        # (model.tbptt.micro_batch_size): peak memory above the model and time per update
+        # (model.tbptt.micro_batch_size): peak memory and time per update. The peak counts AdamW's
+        # state, and on CUDA the weights too (fit moves them there): the same in every case
         import lightning as L
 
         from distrnn.config import OptimizerConfig, TBPTTConfig
