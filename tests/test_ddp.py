@@ -46,7 +46,8 @@ def _fit(devices, per_rank_batch, steps, rendezvous=None, mode="tbptt", k1=16, m
 @pytest.mark.parametrize("mode,k1,micro", [("tbptt", 16, None), ("checkpointed", 5, None), ("tbptt", 16, 2)])
 def test_two_ranks_equal_one_process_with_the_global_batch(loopback_rendezvous, tmp_path, mode, k1, micro):
     """2 ranks x 3 streams take the same SGD steps as 1 process x 6 streams: DDP averages the
-    ranks' mean losses, and the ranks read disjoint halves of the same 6 streams. Every socket the
+    ranks' gradients of their loss sums over half the global count, and the ranks read disjoint
+    halves of the same 6 streams. Every socket the
     job listens on (the rendezvous store this process hosts, gloo's) is on 127.0.0.1.
     Checkpointed BPTT (segments of 5 steps, recomputed in a custom autograd Function): DDP's
     gradient hooks see each parameter once per update, as in one graph. With micro_batch_size 2
@@ -69,7 +70,7 @@ def test_two_ranks_equal_one_process_with_the_global_batch(loopback_rendezvous, 
 
 
 class Uneven(L.LightningDataModule):
-    """``tokens`` streams (``per_rank`` each), or ``masked``: 8 sequences of 16 steps whose labels
+    """``streams`` (``per_rank`` each), or ``masked``: 8 sequences of 16 steps whose labels
     lie where only some ranks' rows have them (rank r takes batches r, r + 2, ...)."""
 
     def __init__(self, per_rank, kind):

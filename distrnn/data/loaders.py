@@ -3,9 +3,9 @@
 A loader yields dict batches ``{"x", "y", "mask", "reset", "epoch", "index"}``:
 ``mask_BT`` marks the steps that carry a loss, ``reset_BT`` the steps before which a row's state
 must be zeroed (a new sequence starts there). Optionally ``mask_total_T``, the number of loss steps
-at each step over every rank's rows (else the TBPTT module all-reduces the counts under DDP). Loaders implement Lightning's ``state_dict`` /
-``load_state_dict`` protocol, so the read position is saved in every checkpoint and a resumed run
-continues at the next unseen batch. The TBPTT module pulls batches itself (``dataloader_iter``),
+at each step over every rank's rows (without it the TBPTT module all-reduces the counts under
+DDP). Loaders implement Lightning's ``state_dict`` / ``load_state_dict`` protocol, so the read
+position is saved in every checkpoint and a resumed run continues at the next unseen batch. The TBPTT module pulls batches itself (``dataloader_iter``),
 so the saved position is exactly the number of batches consumed.
 
 A batch is a function of (epoch, index) alone, so when the run is on a GPU a loader makes the
