@@ -36,6 +36,20 @@ os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get(
 os.environ["RAY_worker_niceness"] = "0"
 
 
+def _one_thread_in_a_forked_rank() -> None:
+    """In-process multi-rank tests launch their ranks with ``ddp_fork``: a spawned rank spends
+    ~8 s importing torch, Lightning and this module again (2 x 9 s for a 2-rank test that takes
+    0.3 s forked). A forked child has none of the parent's OpenMP threads, and GNU OpenMP waits
+    for them forever in its next parallel region with more than one thread (seen: a 1-rank job
+    hung in oneDNN's LSTM). One thread per forked rank, set before Lightning would choose
+    cores // ranks (it keeps an OMP_NUM_THREADS that is set)."""
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
+
+os.register_at_fork(after_in_child=_one_thread_in_a_forked_rank)
+
+
 @pytest.fixture(scope="session")
 def store_template(tmp_path_factory) -> Optional[Path]:
     """An empty MLflow SQLite store, created once per test process. MLflow builds a new store by

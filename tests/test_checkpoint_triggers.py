@@ -215,7 +215,7 @@ def test_ranks_save_at_the_step_rank_0s_clock_chose(tmp_path, loopback_rendezvou
     module = make_module(task, recurrence="gru", hidden=8, k1=16, name="sgd", lr=0.1, seed=0)
     ckpt = _SkewedClocks(dirpath=tmp_path / "ck", every_n_train_steps=0, train_time_interval=timedelta(hours=1),
                          save_top_k=-1, filename="{step}", save_last=False)
-    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=9, logger=False,
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp_fork", max_steps=9, logger=False,
                         enable_progress_bar=False, enable_model_summary=False, plugins=[AtomicCheckpointIO()],
                         callbacks=[ckpt, CheckpointOnSigterm()])
     loopback_rendezvous(trainer)

@@ -32,7 +32,7 @@ def _fit(devices, per_rank_batch, steps, rendezvous=None, mode="tbptt", k1=16, m
     module = make_module(LM, recurrence="gru", hidden=16, mode=mode, k1=k1, name="sgd", lr=0.5, seed=0,
                          micro_batch_size=micro)
     trainer = L.Trainer(
-        accelerator="cpu", devices=devices, strategy="ddp_spawn" if devices > 1 else "auto", max_steps=steps,
+        accelerator="cpu", devices=devices, strategy="ddp_fork" if devices > 1 else "auto", max_steps=steps,
         callbacks=[LogAllReduce(comm_log)] if comm_log else None,
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
     )
@@ -108,7 +108,7 @@ def test_ranks_without_loss_steps_in_an_update_join_it(loopback_rendezvous, kind
     def fit(devices, per_rank):
         module = make_module(LM, recurrence="gru", hidden=16, k1=4, name="sgd", lr=0.5, seed=0,
                              micro_batch_size=micro)
-        trainer = L.Trainer(accelerator="cpu", devices=devices, strategy="ddp_spawn" if devices > 1 else "auto",
+        trainer = L.Trainer(accelerator="cpu", devices=devices, strategy="ddp_fork" if devices > 1 else "auto",
                             max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                             enable_model_summary=False)
         if devices > 1:
@@ -142,7 +142,7 @@ def _fit_ckpt(tmp_path, rendezvous, steps, ckpt_path=None, devices=2, reshard=Fa
         loader = StreamLoader(torch.zeros(4001, dtype=torch.uint8), per_rank, 16, world_size=devices)
         io.on_load = functools.partial(reshard_checkpoint, world=devices, loader=loader)
     trainer = L.Trainer(
-        accelerator="cpu", devices=devices, strategy="ddp_spawn", max_steps=steps, logger=False,
+        accelerator="cpu", devices=devices, strategy="ddp_fork", max_steps=steps, logger=False,
         enable_progress_bar=False, enable_model_summary=False, plugins=[io],
         callbacks=[ModelCheckpoint(dirpath=tmp_path / "ck", every_n_train_steps=4, save_top_k=-1, filename="{step}")],
     )
@@ -254,7 +254,7 @@ def test_no_batch_waits_for_a_collective_of_the_sigterm_agreement(tmp_path, loop
     # ModelCheckpoint broadcasts that decision before every batch)
     ckpt = Checkpoint(dirpath=tmp_path / "ck", every_n_train_steps=0, train_time_interval=timedelta(hours=1))
     trainer = L.Trainer(
-        accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=6, logger=False,
+        accelerator="cpu", devices=2, strategy="ddp_fork", max_steps=6, logger=False,
         enable_progress_bar=False, enable_model_summary=False,
         callbacks=[BlockingCollectives(tmp_path), CheckpointOnSigterm(), ckpt],
     )

@@ -337,7 +337,7 @@ def test_an_exploding_batch_is_clipped_equally_on_every_rank(tmp_path, loopback_
     y[16:20] *= 1e6  # rank 0, batch 2 (global batch 2 x 2 ranks + 0, batch size 4): a huge loss
 
     module = make_module(task, recurrence="gru", hidden=16, mode="full", k1=8, name="sgd", lr=1.0, clip=1.0)
-    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=5, logger=False,
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp_fork", max_steps=5, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         callbacks=[_RecordUpdates(tmp_path)])
     loopback_rendezvous(trainer)
@@ -391,7 +391,7 @@ def test_a_nan_loss_on_one_rank_stops_every_rank_at_that_update_unapplied(tmp_pa
 
     module = make_module(task, recurrence="gru", hidden=16, mode="full", k1=8, name="adamw", lr=1e-2, clip=1.0)
     module.__class__, module.out = _RecordsItsFailure, tmp_path
-    trainer = L.Trainer(accelerator="cpu", devices=2, strategy=DDPStrategy(start_method="spawn", timeout=timedelta(seconds=60)),
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy=DDPStrategy(start_method="fork", timeout=timedelta(seconds=60)),
                         max_steps=5, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, callbacks=[_RecordUpdates(tmp_path)])
     loopback_rendezvous(trainer)
