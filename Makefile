@@ -78,7 +78,7 @@ cluster-down: venv
 # A job logs where `make train` and `make mlflow-ui` do (MLFLOW_TRACKING_URI, else mlflow.db here, made
 # absolute): a job runs in its unpacked package in Ray's temporary folder, where a relative store would go.
 # Shell-quoted here: a branch name or store path may hold a quote.
-JOB_ENV = $(shell $(PY) -c 'import json, shlex; from distrnn.raytrain import tracking_env; print(shlex.quote(json.dumps({"env_vars": tracking_env()})))')
+JOB_ENV = $(shell $(PY) -c 'import json, shlex; from distrnn.provenance import tracking_env; print(shlex.quote(json.dumps({"env_vars": tracking_env()})))')
 
 ## Ray Train job on the cluster in $(RAY_STATE) (or RAY_API_SERVER_ADDRESS); the config is checked here first.
 ## TRAIN_ARGS: jobs/train.py's options and config overrides (after the config, so they win).

@@ -29,6 +29,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 
 from distrnn.checkpoint import PassedMultiple
 from distrnn.config import ConfigError
+from distrnn.provenance import tracking_env
 
 CKPT_NAME = "checkpoint.ckpt"
 REPORT_DIR_PREFIX = "distrnn-ray-"
@@ -422,22 +423,6 @@ def check_store(env: dict[str, str]) -> None:
     why = unusable_store(env["MLFLOW_TRACKING_URI"])
     if why:
         _fail(why)
-
-
-def tracking_env() -> dict[str, str]:
-    """Workers log where the driver would: the tracking URI resolved here, a relative SQLite path
-    made absolute (workers run in other folders), and the code's git tags as resolved here (a
-    job's package has no .git: :func:`distrnn.tracking.code_version`)."""
-    import json
-
-    import mlflow
-
-    from distrnn.tracking import CODE_TAGS_ENV, code_version
-
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or mlflow.get_tracking_uri()
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        uri = "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())
-    return {"MLFLOW_TRACKING_URI": uri, CODE_TAGS_ENV: json.dumps(code_version()[0], separators=(",", ":"))}
 
 
 def keep_a_local_ray_on_loopback() -> None:

@@ -78,7 +78,7 @@ def sweep_line(parent: Any, runs: list[Any]) -> str:
 
 
 def code(run: Any) -> str:
-    """The code a run trained with (distrnn.tracking.code_version's tags): the commit's first 8
+    """The code a run trained with (distrnn.provenance.code_version's tags): the commit's first 8
     characters, ``+`` when it ran with uncommitted changes (its ``code.diff``), else the version."""
     tags = run.data.tags
     commit = tags.get(GIT_COMMIT_TAG)

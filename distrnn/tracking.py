@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import re
 import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -20,7 +18,8 @@ from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from distrnn.runs import GIT_BRANCH_TAG, GIT_COMMIT_TAG, GIT_DIRTY_TAG, STAGE_TAG, VERSION_TAG
+from distrnn.provenance import code_version
+from distrnn.runs import STAGE_TAG
 
 # Set on a stopped Ray Train job's run, or an interrupted sweep's parent run, until it is resumed.
 INTERRUPTED_TAG = "distrnn.interrupted"
@@ -477,52 +476,7 @@ def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-# The tags of the checkout a Ray job was submitted from (`make submit-train`): Ray uploads the
-# working tree without its .git, so the job's own distrnn cannot tell its commit
-CODE_TAGS_ENV = "DISTRNN_CODE_TAGS"
 DIFF_LIMIT = 5_000_000  # characters of uncommitted changes logged as an artifact, at most
-
-
-def code_version(source: Optional[Path] = None) -> tuple[dict[str, str], Optional[str]]:
-    """Which code trains: ``(tags, diff)``. The tags hold distrnn's version and, when ``source``
-    (distrnn's package folder) is tracked in a git checkout, its commit, branch and whether
-    tracked files differ from that commit; ``diff`` is then ``git diff HEAD`` (else None).
-
-    MLflow would record the commit of the entry point's checkout, but ``distrnn``'s entry point is
-    in the checkout's git-ignored ``.venv``, which MLflow takes for no checkout at all. A distrnn
-    installed from a package has no commit: its version only. A Ray job's package (uploaded
-    without ``.git``) takes the submitting checkout's tags from ``DISTRNN_CODE_TAGS``, which
-    :func:`distrnn.raytrain.tracking_env` sets; its uncommitted changes are in the package but
-    not in a ``code.diff``."""
-    import distrnn
-
-    tags = {VERSION_TAG: distrnn.__version__}
-    src = Path(source or Path(distrnn.__file__).resolve().parent)
-
-    def git(*args: str) -> str:
-        r = subprocess.run(["git", "-C", str(src), *args], capture_output=True, text=True, timeout=30)
-        if r.returncode != 0:
-            raise RuntimeError(r.stderr)
-        return r.stdout
-
-    try:
-        # tracked, not merely inside some checkout (a venv's site-packages below another project's)
-        git("ls-files", "--error-unmatch", "__init__.py")
-        commit = git("rev-parse", "HEAD").strip()
-        branch = git("rev-parse", "--abbrev-ref", "HEAD").strip()
-        diff = git("diff", "HEAD", "--no-color", "--no-ext-diff")
-    except (OSError, RuntimeError, subprocess.TimeoutExpired):
-        try:
-            given = json.loads(os.environ.get(CODE_TAGS_ENV) or "{}")
-        except ValueError:
-            given = None
-        if isinstance(given, dict):
-            tags.update({str(k): str(v) for k, v in given.items()})
-        return tags, None
-    tags.update({GIT_COMMIT_TAG: commit, GIT_DIRTY_TAG: str(bool(diff)).lower()})
-    if branch != "HEAD":  # not a detached head
-        tags[GIT_BRANCH_TAG] = branch
-    return tags, diff or None
 
 
 class LogConfigToMLflow(SaveConfigCallback):

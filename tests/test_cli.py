@@ -365,7 +365,7 @@ def test_fit_against_a_real_mlflow_server(job, tmp_path):
 
 @pytest.mark.slow
 def test_code_version_names_the_commit_and_the_uncommitted_changes_of_a_tracked_source(tmp_path, monkeypatch):
-    from distrnn.tracking import code_version
+    from distrnn.provenance import code_version
 
     def git(*args):
         return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(tmp_path / "repo"), *args],
@@ -397,7 +397,7 @@ def test_code_version_names_the_commit_and_the_uncommitted_changes_of_a_tracked_
     for folder in (other, plain):
         assert code_version(folder) == ({"distrnn.version": distrnn.__version__}, None)
     # a Ray job's package (no .git) takes the submitting checkout's tags, as tracking_env passes them
-    from distrnn.raytrain import tracking_env
+    from distrnn.provenance import tracking_env
 
     monkeypatch.setenv("DISTRNN_CODE_TAGS", tracking_env()["DISTRNN_CODE_TAGS"])
     tags, diff = code_version(plain)
