@@ -64,7 +64,7 @@ def test_two_ranks_equal_one_process_with_the_global_batch(loopback_rendezvous, 
     assert sorted(comm_log.read_text().split()) == ["0", "0", "0", "1", "1", "1"]
     init = make_module(LM, recurrence="gru", hidden=16, k1=16, name="sgd", lr=0.5, seed=0)
     moved = max((a - b).abs().max().item() for a, b in zip(init.state_dict().values(), ddp.state_dict().values()))
-    assert moved > 1e-3  # the spawned ranks trained and their weights came back
+    assert moved > 1e-3  # the forked ranks trained and their weights came back
     for (k, a), (_, b) in zip(single.state_dict().items(), ddp.state_dict().items()):
         torch.testing.assert_close(b, a, rtol=0, atol=1e-6, msg=k)
 
