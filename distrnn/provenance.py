@@ -10,6 +10,8 @@ import subprocess
 from pathlib import Path
 from typing import Optional
 
+import mlflow
+
 from distrnn.runs import GIT_BRANCH_TAG, GIT_COMMIT_TAG, GIT_DIRTY_TAG, VERSION_TAG
 
 # The tags of the checkout a Ray job was submitted from (`make submit-train`): Ray uploads the
@@ -63,8 +65,6 @@ def tracking_env() -> dict[str, str]:
     """Workers log where the driver would: the tracking URI resolved here, a relative SQLite path
     made absolute (workers run in other folders), and the code's git tags as resolved here (a
     job's package has no .git: :func:`code_version`)."""
-    import mlflow  # here: reading only the environment's store, a caller need not import it
-
     uri = os.environ.get("MLFLOW_TRACKING_URI") or mlflow.get_tracking_uri()
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         uri = "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())

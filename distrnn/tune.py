@@ -433,7 +433,8 @@ def search_error(sweep: SweepConfig) -> Optional[str]:
 def _parent_run(sweep: SweepConfig, resume: bool) -> str:
     import mlflow
 
-    from distrnn.tracking import INTERRUPTED_TAG, artifact_location, code_version
+    from distrnn.provenance import code_version
+    from distrnn.tracking import INTERRUPTED_TAG, artifact_location
 
     client = mlflow.MlflowClient()
     exp = client.get_experiment_by_name(sweep.experiment_name)
