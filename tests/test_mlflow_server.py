@@ -154,11 +154,15 @@ def test_training_goes_on_when_the_tracking_server_dies(tmp_path):
     import mlflow
 
     write_corpus(tmp_path / "corpus.txt", 20000)
+    # The job holds at update 100 until the server is gone: left to run, it sometimes finished all
+    # 300 updates while the server was being stopped, and nothing was left to fail
+    release = tmp_path / "server-gone"
+    hold = json.dumps([{"class_path": "distrnn.faults.HoldAt", "init_args": {"step": 100, "until": str(release)}}])
     with mlflow_server(tmp_path, auth=False) as uri:
         env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
         fit = subprocess.Popen(
             distrnn_cmd("fit", "--config", str(REPO / "jobs/configs/tiny.yaml"), "--trainer.max_steps", "300",
-                        "--trainer.val_check_interval", "40", "--trainer.log_every_n_steps", "2"),
+                        "--trainer.val_check_interval", "40", "--trainer.log_every_n_steps", "2", f"--trainer.callbacks={hold}"),
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
         mlflow.set_tracking_uri(uri)
         deadline = time.time() + 120
@@ -170,6 +174,7 @@ def test_training_goes_on_when_the_tracking_server_dies(tmp_path):
             assert time.time() < deadline and fit.poll() is None
             time.sleep(0.5)
         store = f"sqlite:///{tmp_path}/server-{uri.rsplit(':', 1)[1]}.db"
+    release.touch()
     t_kill = time.time()
     out, err = fit.communicate(timeout=240)
     assert fit.returncode == 0, err[-3000:]
