@@ -241,6 +241,12 @@ def _nonfinite_error(loss: Tensor, grad_norm: Optional[Tensor], step: int, rank:
     )
 
 
+def _on_host(number: float) -> Tensor:
+    """A number to log, as a host tensor (``self.log`` makes a device tensor of a number, which on
+    CUDA waits for the GPU, and so does the progress bar's reading of it after every batch)."""
+    return torch.tensor(float(number), dtype=torch.float64)
+
+
 class _PendingCheck:
     """Whether an update was finite, copied to the host behind that update's gradients on the GPU;
     read (waiting for that copy alone) by the next update or before a checkpoint is written. One
@@ -734,17 +740,24 @@ class TBPTTModule(L.LightningModule):
         # Logging costs ~1 ms a call in Lightning; metrics reach the logger only every
         # log_every_n_steps anyway, so the other steps skip it.
         mean = torch.stack(losses).sum() / sum(weights)
-        self.log("train/loss", mean, prog_bar=True, batch_size=sum(weights))
+        on_device = [mean] if self._grad_norm is None else [mean, self._grad_norm.to(mean.device)]
+        # Every value is logged as a host tensor, the device's in one copy here. Lightning keeps
+        # the last logged values for the progress bar, which reads them with .item() after every
+        # batch until the next log: a CUDA tensor there made each batch wait for the GPU to
+        # finish all the work queued (a sync per update with the bar on; and Lightning turns a
+        # logged number into a device tensor, a sync per call). Now: one wait per log step.
+        host = torch.stack([v.detach().to(mean.dtype) for v in on_device]).cpu()
+        self.log("train/loss", host[0], prog_bar=True, batch_size=sum(weights))
         if self.task.kind == "language_model":
-            self.log(f"train/{self.task.bits_metric}", mean / LN2, batch_size=sum(weights))
+            self.log(f"train/{self.task.bits_metric}", host[0] / LN2, batch_size=sum(weights))
         if self._grad_norm is not None:
-            self.log("train/grad_norm", self._grad_norm, batch_size=B)
-        self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=B)
+            self.log("train/grad_norm", host[1], batch_size=B)
+        self.log("train/lr", _on_host(self.optimizers().param_groups[0]["lr"]), batch_size=B)
         scaler = self._loss_scaler()
         if scaler is not None:
-            self.log("train/loss_scale", scaler.get_scale(), batch_size=B)
+            self.log("train/loss_scale", _on_host(scaler.get_scale()), batch_size=B)
         now = time.perf_counter()
-        self.log("train/tokens_per_s", self._tokens_since_log / max(now - self._t_last, 1e-9), batch_size=B)
+        self.log("train/tokens_per_s", _on_host(self._tokens_since_log / max(now - self._t_last, 1e-9)), batch_size=B)
         self._t_last, self._tokens_since_log = now, 0
 
     def _should_log(self) -> bool:

@@ -12,6 +12,8 @@ from typing import Callable, Optional, Union
 import torch
 from torch import Tensor
 
+from distrnn.data.loaders import pinned
+
 State = Union[Tensor, tuple[Tensor, ...]]
 
 
@@ -29,7 +31,20 @@ def detach_state(state: Optional[State]) -> Optional[State]:
 
 def mask_state(state: Optional[State], keep_B: Tensor) -> Optional[State]:
     """Zero the rows of ``state`` where ``keep_B`` is False (their sequence has ended).
-    ``keep_B`` may live on the host (reset masks do): it is moved to the state's device."""
+
+    ``keep_B`` may live on the host (reset masks do, so that their boundaries are read without a
+    device sync). If no row is kept the state is None (the layers start from zeros): a batch of
+    new sequences touches no device. Otherwise the mask goes to the state's device from pinned
+    memory, queued behind the GPU's work: from pageable memory the copy waited for all of it (a
+    sync per reset step, per batch for full BPTT over batches of new sequences)."""
+    if state is None:
+        return None
+    device = state_tensors(state)[0].device
+    if keep_B.device.type == "cpu":
+        if not bool(keep_B.any()):
+            return None
+        if device.type == "cuda":
+            keep_B = pinned(keep_B).to(device, non_blocking=True)
     keep = keep_B.view(1, -1, 1)
     return map_state(lambda s: s * keep.to(device=s.device, dtype=s.dtype), state)
 

@@ -220,6 +220,41 @@ def test_carried_state_equals_one_long_pass(k1, k2):
         assert module._carry.history is None
 
 
+def test_logged_training_metrics_are_the_batchs_values_on_the_host():
+    """What the progress bar and MLflow get at a logging step: the batch's mean loss over its
+    updates (and in bits), the last update's gradient norm, the learning rate unrounded, all as
+    host tensors (tests/test_gpu.py checks on a GPU that the bar's reading them after every batch
+    leaves the GPU working). Updates too small to move float64 weights: the losses are those of
+    one long pass."""
+    _, loader = _stream()
+    module = make_module(LM, recurrence="gru", k1=6, lr=1e-300).double()
+    rec, logged = GradRecorder(), []
+
+    class Logged(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, *a):
+            logged.append({k: v.clone() for k, v in trainer.callback_metrics.items() if k.startswith("train/")})
+
+    trainer(max_epochs=1, precision="64-true", log_every_n_steps=1, callbacks=[rec, Logged()]).fit(module, ListDataModule(loader))
+    ref = RecurrentModel(module.network_cfg, LM).double()
+    ref.load_state_dict(module.model.state_dict())
+    batches = [loader.make_batch(0, i) for i in range(len(loader))]
+    y_hat, _ = ref(torch.cat([b["x"] for b in batches], dim=1))
+    y = torch.cat([b["y"] for b in batches], dim=1)
+    ce_BT = torch.nn.functional.cross_entropy(y_hat.flatten(0, 1), y.flatten().long(), reduction="none").view(y.shape)
+    ends = torch.tensor([b["x"].shape[1] for b in batches]).cumsum(0).tolist()  # the last batch is shorter
+    updates = torch.tensor([math.ceil(b["x"].shape[1] / 6) for b in batches]).cumsum(0).tolist()
+    assert len(logged) == len(batches) >= 4 and len(rec.grads) == updates[-1]
+    for i, m in enumerate(logged):
+        assert {v.device.type for v in m.values()} == {"cpu"}, m
+        mean = ce_BT[:, ends[i - 1] if i else 0 : ends[i]].mean()
+        torch.testing.assert_close(m["train/loss"], mean, rtol=0, atol=1e-12)
+        torch.testing.assert_close(m["train/bpb"], mean / math.log(2), rtol=0, atol=1e-12)
+        last = rec.grads[updates[i] - 1]  # before clipping (clip_norm unset: never clipped)
+        norm = torch.sqrt(sum(g.pow(2).sum() for g in last.values()))
+        torch.testing.assert_close(m["train/grad_norm"], norm, rtol=1e-12, atol=0)
+        assert m["train/lr"].item() == 1e-300 and m["train/tokens_per_s"].item() > 0
+
+
 @pytest.mark.parametrize("recurrence,mode,k1,k2", [("lstm", "tbptt", 6, 10), ("mingru", "full", 24, None),
                                                    ("gru", "checkpointed", 5, None)])
 def test_micro_batches_give_the_whole_batchs_updates(recurrence, mode, k1, k2):

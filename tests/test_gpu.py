@@ -95,11 +95,13 @@ def test_lightning_deepspeed_zero2_zero3_fp32_bf16_and_resume(tmp_path):
 
 
 def test_sigterm_agreement_reads_back_without_draining_the_gpu(tmp_path, monkeypatch):
-    """distrnn's per-batch SIGTERM agreement on CUDA (NCCL): its result comes back through pinned
-    memory behind an event, so reading it does not wait for GPU work queued after it (a
-    ``.item()`` would: a host sync per batch). And NCCL lets go of the agreement's tensor soon
-    after: on gloo a worker thread that released it during interpreter shutdown aborted the rank
-    (CheckpointOnSigterm._last_agreement waits for that on gloo; the CUDA path does not wait)."""
+    """distrnn's per-batch SIGTERM agreement on CUDA (NCCL): its flags go to the GPU from pinned
+    memory and its result comes back through pinned memory behind an event, so neither starting
+    it waits for the GPU work queued before it (``torch.tensor(..., device="cuda")`` did) nor
+    reading it for the work queued after it (a ``.item()`` would: a host sync per batch). And
+    NCCL lets go of the agreement's tensor soon after: on gloo a worker thread that released it
+    during interpreter shutdown aborted the rank (CheckpointOnSigterm._last_agreement waits for
+    that on gloo; the CUDA path does not wait)."""
     import time
     import weakref
 
@@ -117,8 +119,10 @@ def test_sigterm_agreement_reads_back_without_draining_the_gpu(tmp_path, monkeyp
         cb._start_agreement(trainer)
         assert cb._agreed() == (False, False)  # (a rank signalled, rank 0 asks for a checkpoint)
         cb._signalled = True
+        torch.cuda._sleep(2_000_000_000)  # ~1 s of GPU work queued before the agreement (the batch's update)
         cb._start_agreement(trainer, checkpoint_due=True)
-        torch.cuda._sleep(2_000_000_000)  # ~1 s of GPU work queued behind the agreement
+        assert not torch.cuda.current_stream().query()  # starting it waited for none of that work
+        torch.cuda._sleep(2_000_000_000)  # ~1 s of GPU work queued behind the agreement (the next batch's)
         assert cb._agreed() == (True, True)
         assert not torch.cuda.current_stream().query()  # the host has its answer, the GPU is still busy
         torch.cuda.synchronize()
@@ -187,6 +191,60 @@ def test_an_update_returns_to_the_host_while_the_gpu_still_works_on_it():
               enable_progress_bar=False, enable_model_summary=False, callbacks=[Sleep()]).fit(module, ListDataModule(_loader()))
     assert busy == {"at the end of batch 3": True}
     assert module.trainer.optimizers[0].defaults["fused"] is True
+
+
+def _documents():
+    """A stream corpus with a document starting every 97 tokens: most batches reset some rows mid-batch."""
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 50, (20_000,), generator=g, dtype=torch.uint8)
+    module = make_module(LM, recurrence="lstm", hidden=16, k1=64, name="adamw", clip=1.0)
+    return module, ListDataModule(StreamLoader(tokens, 8, 64, doc_starts_D=torch.arange(0, 20_000, 97)))
+
+
+def _selective_copy():
+    """Full BPTT over batches of new sequences: every batch resets every row at its first step."""
+    from distrnn.data import SyntheticDataModule
+
+    dm = SyntheticDataModule("selective_copy", seq_len=64, num_tokens=4, alphabet=4, batch_size=8, train_batches=20,
+                             val_batches=2)
+    return make_module(dm.task, recurrence="mingru", hidden=16, mode="full", k1=64, name="adamw", clip=1.0), dm
+
+
+@pytest.mark.parametrize("data", [_documents, _selective_copy])
+def test_the_progress_bar_logging_and_resets_leave_the_gpu_working(data):
+    """With the progress bar on (``distrnn fit``'s default) and metrics logged every 3 updates, a
+    batch that logs nothing hands the GPU its work and goes on: two seconds of GPU work queued at
+    the start of batch 4 are still running when batch 5 starts. Lightning's bar reads the last
+    logged values with ``.item()`` after every batch (device tensors there made every batch wait
+    for the GPU), and a reset mask moved to the GPU from pageable memory waited for it too (every
+    batch of new sequences, and every batch with a document start). The test above has the bar
+    off and no resets after the first batch: it could see neither."""
+    from lightning.pytorch.callbacks import TQDMProgressBar
+
+    module, dm = data()
+    busy, shown, resets, unpack = {}, [], [], module._unpack
+    module._unpack = lambda batch: (resets.append(batch["reset"].clone()), unpack(batch))[1]
+
+    class Sleep(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if batch_idx == 4:
+                torch.cuda._sleep(4_000_000_000)  # ~2 s
+            elif batch_idx == 5:
+                busy["at the start of batch 5"] = not torch.cuda.current_stream().query()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            shown.append(dict(trainer.progress_bar_metrics))
+
+    L.Trainer(accelerator="gpu", devices=1, max_steps=7, logger=False, log_every_n_steps=3, enable_checkpointing=False,
+              enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+              callbacks=[Sleep(), TQDMProgressBar()]).fit(module, dm)
+    r = resets[4]  # batch 4 resets rows: some mid-batch (documents), or all at its first step (new sequences)
+    assert bool((r.any(0) & ~r.all(0)).any()) if data is _documents else bool(r[:, 0].all())
+    assert busy == {"at the start of batch 5": True}
+    # logged at batches 2 and 5 (Lightning counts from 1): the bar shows batch 2's loss until then
+    assert "train/loss" not in shown[1] and shown[2]["train/loss"] == shown[4]["train/loss"] != shown[5]["train/loss"]
+    logged = {k: v.device.type for k, v in module.trainer.callback_metrics.items() if k.startswith("train/")}
+    assert logged and set(logged.values()) == {"cpu"}, logged
 
 
 @pytest.mark.parametrize("recurrence", ["lstm", "mingru"])
