@@ -71,7 +71,7 @@ def run_distrnn(tokens, a, tracking_dir):
                               checkpoint_dir=tracking_dir, log_model=False)
     trainer = L.Trainer(
         accelerator="gpu" if a.device == "cuda" else "cpu", devices=1, max_steps=a.warmup + a.steps,
-        logger=logger, log_every_n_steps=a.log_every, enable_checkpointing=False, enable_progress_bar=False,
+        logger=logger, log_every_n_steps=a.log_every, enable_checkpointing=False, enable_progress_bar=a.progress_bar,
         enable_model_summary=False, callbacks=[timer], precision=a.precision,
     )
     trainer.fit(module, Streams(tokens, a.batch, a.k))
@@ -130,6 +130,8 @@ def main() -> None:
     p.add_argument("--log_every", type=int, default=10)
     p.add_argument("--precision", default="32-true")
     p.add_argument("--no_mlflow", action="store_true", help="logging off (a machine without mlflow)")
+    p.add_argument("--progress_bar", action="store_true",
+                   help="distrnn with Lightning's progress bar, as `distrnn fit` shows it (refreshed after every batch)")
     a = p.parse_args()
     path, glob = LOCAL_CORPORA["python_stdlib"]()
     tokens, _ = read_bytes(path, glob)
@@ -142,7 +144,7 @@ def main() -> None:
     po, pp = statistics.median(ours), statistics.median(plain)
     print(f"device={a.device} torch={torch.__version__} threads={torch.get_num_threads()} "
           f"B={a.batch} k={a.k} H={a.hidden} precision={a.precision} steps={a.steps} repeats={a.repeats} "
-          f"mlflow={'off' if a.no_mlflow else 'on'}")
+          f"mlflow={'off' if a.no_mlflow else 'on'} progress_bar={'on' if a.progress_bar else 'off'}")
     print(f"plain PyTorch TBPTT loop : {pp:12,.0f} tokens/s   (runs: {', '.join(f'{v:,.0f}' for v in plain)})")
     print(f"distrnn (Lightning)       : {po:12,.0f} tokens/s   (runs: {', '.join(f'{v:,.0f}' for v in ours)})")
     paired = statistics.median(o / p for o, p in zip(ours, plain))

@@ -10,8 +10,9 @@
 # benchmarks/state/selective_copy/ (tracked in git: the run's state between sessions).
 # GOALS=--mingru_checkpointed runs that part of the goals alone (~1 min).
 # ENGINE=1 first runs tests/test_gpu.py (~1-2 min; $OUT/engine.txt) and the TBPTT engine against a
-# plain loop on a small LSTM, where the engine's host cost per update shows (~30-60 s): what the
-# prefetching loaders and the sync-free stop_on_nonfinite (session 33, built on CPU) do on a GPU.
+# plain loop on a small LSTM, where the engine's host cost per update shows (~30-60 s, and again with
+# the progress bar on): what the prefetching loaders, the sync-free stop_on_nonfinite (session 33)
+# and the host-side logging and reset masks (session 36), all built on CPU, do on a GPU.
 set -uo pipefail
 OUT=${OUT:-out}
 mkdir -p "$OUT"
@@ -24,6 +25,10 @@ if [ "${ENGINE:-0}" = "1" ]; then
     | grep -E 'passed|failed|skipped|Error|assert|^(FAILED|ERROR)' | tail -30 | tee "$OUT/engine.txt"
   timeout 90 $PY benchmarks/bench_tbptt.py --device cuda --hidden 128 --embed 64 --batch 64 --k 256 --steps 300 --warmup 20 \
     --repeats 2 --log_every 50 --no_mlflow 2>&1 | grep -v "^\s*$" | tail -4 | tee -a "$OUT/engine.txt"
+  # the same with the progress bar on, as `distrnn fit` runs (until session 36 the bar read the
+  # last logged loss from the GPU after every batch: a sync per update)
+  timeout 90 $PY benchmarks/bench_tbptt.py --device cuda --hidden 128 --embed 64 --batch 64 --k 256 --steps 300 --warmup 20 \
+    --repeats 2 --log_every 50 --no_mlflow --progress_bar 2>&1 | grep -v "^\s*$" | tail -4 | tee -a "$OUT/engine.txt"
 fi
 if [ "${SKIP_GOALS:-0}" != "1" ]; then
   timeout 200 $PY benchmarks/bench_recurrences.py --device cuda ${GOALS:---goals} 2>&1 | tee -a "$OUT/goals.txt"
