@@ -25,8 +25,8 @@ if [ "${ENGINE:-0}" = "1" ]; then
     | grep -E 'passed|failed|skipped|Error|assert|^(FAILED|ERROR)' | tail -30 | tee "$OUT/engine.txt"
   timeout 90 $PY benchmarks/bench_tbptt.py --device cuda --hidden 128 --embed 64 --batch 64 --k 256 --steps 300 --warmup 20 \
     --repeats 2 --log_every 50 --no_mlflow 2>&1 | grep -v "^\s*$" | tail -4 | tee -a "$OUT/engine.txt"
-  # the same with the progress bar on, as `distrnn fit` runs (until session 36 the bar read the
-  # last logged loss from the GPU after every batch: a sync per update)
+  # the same with the progress bar on, as `distrnn fit` runs (until session 36 Lightning read the
+  # last logged loss from the GPU after every batch, bar or not, and the bar once more)
   timeout 90 $PY benchmarks/bench_tbptt.py --device cuda --hidden 128 --embed 64 --batch 64 --k 256 --steps 300 --warmup 20 \
     --repeats 2 --log_every 50 --no_mlflow --progress_bar 2>&1 | grep -v "^\s*$" | tail -4 | tee -a "$OUT/engine.txt"
 fi

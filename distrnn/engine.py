@@ -243,7 +243,7 @@ def _nonfinite_error(loss: Tensor, grad_norm: Optional[Tensor], step: int, rank:
 
 def _on_host(number: float) -> Tensor:
     """A number to log, as a host tensor (``self.log`` makes a device tensor of a number, which on
-    CUDA waits for the GPU, and so does the progress bar's reading of it after every batch)."""
+    CUDA waits for the GPU, and so does Lightning's reading of it after every batch)."""
     return torch.tensor(float(number), dtype=torch.float64)
 
 
@@ -742,10 +742,10 @@ class TBPTTModule(L.LightningModule):
         mean = torch.stack(losses).sum() / sum(weights)
         on_device = [mean] if self._grad_norm is None else [mean, self._grad_norm.to(mean.device)]
         # Every value is logged as a host tensor, the device's in one copy here. Lightning keeps
-        # the last logged values for the progress bar, which reads them with .item() after every
-        # batch until the next log: a CUDA tensor there made each batch wait for the GPU to
-        # finish all the work queued (a sync per update with the bar on; and Lightning turns a
-        # logged number into a device tensor, a sync per call). Now: one wait per log step.
+        # the last logged values and reads the progress bar's with .item() after every batch
+        # (its logger connector, bar or no bar, and the bar) until the next log: a CUDA tensor
+        # there made each batch wait for the GPU to finish all the work queued (and Lightning
+        # turns a logged number into a device tensor, a wait per call). Now: one per log step.
         host = torch.stack([v.detach().to(mean.dtype) for v in on_device]).cpu()
         self.log("train/loss", host[0], prog_bar=True, batch_size=sum(weights))
         if self.task.kind == "language_model":

@@ -214,11 +214,12 @@ def _selective_copy():
 def test_the_progress_bar_logging_and_resets_leave_the_gpu_working(data):
     """With the progress bar on (``distrnn fit``'s default) and metrics logged every 3 updates, a
     batch that logs nothing hands the GPU its work and goes on: two seconds of GPU work queued at
-    the start of batch 4 are still running when batch 5 starts. Lightning's bar reads the last
-    logged values with ``.item()`` after every batch (device tensors there made every batch wait
-    for the GPU), and a reset mask moved to the GPU from pageable memory waited for it too (every
-    batch of new sequences, and every batch with a document start). The test above has the bar
-    off and no resets after the first batch: it could see neither."""
+    the start of batch 4 are still running when batch 5 starts. Lightning reads the last logged
+    progress-bar values with ``.item()`` after every batch (its logger connector, and the bar:
+    device tensors there made every batch wait for the GPU), and a reset mask moved to the GPU
+    from pageable memory waited for it too (every batch of new sequences, and every batch with a
+    document start). The test above logs nothing and has no resets after the first batch: it
+    could see neither."""
     from lightning.pytorch.callbacks import TQDMProgressBar
 
     module, dm = data()
