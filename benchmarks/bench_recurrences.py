@@ -69,10 +69,16 @@ def _case(kind: str, args: dict, q) -> None:
             y = torch.randn(B, T, 1, device=dev)
         mask = torch.ones(B, T, dtype=torch.bool, device=dev)
         amp = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=args.get("bf16", False))
+        reset = None
+        if args.get("resets") is not None:  # documents in streams: rows reset at random steps (on the host, as the engine has them)
+            g = torch.Generator().manual_seed(1)
+            reset = torch.zeros(B, T, dtype=torch.bool)
+            n = args["resets"]
+            reset[torch.randint(0, B, (n,), generator=g), torch.randint(1, T, (n,), generator=g)] = True
 
         def step():
             with amp:
-                r = run_window(model, task, x, y, mask, None, None)
+                r = run_window(model, task, x, y, mask, reset, None)
             opt.zero_grad(set_to_none=True)
             (r.loss_sum / (B * T)).backward()
             opt.step()
@@ -306,8 +312,8 @@ def ratios(results: list[dict]) -> None:
     """Throughput as a ratio to the LSTM at the same T in the same precision, and the autotuned
     Triton scan against the kernel configuration measured before it."""
     for bf16 in (False, True):
-        lstm = {r["T"]: r["tokens_per_s"] for r in results
-                if r.get("rec") == "lstm" and "tokens_per_s" in r and bool(r.get("bf16")) == bf16}
+        lstm = {r["T"]: r["tokens_per_s"] for r in results  # (not the cases with resets: their own rows say it)
+                if r.get("rec") == "lstm" and "tokens_per_s" in r and bool(r.get("bf16")) == bf16 and not r.get("resets")}
         rows = [r for r in results if "tokens_per_s" in r and r.get("T") in lstm and bool(r.get("bf16")) == bf16]
         if rows:
             print(f"\nthroughput / LSTM at the same T ({'bf16 autocast' if bf16 else 'fp32/TF32'}):")
@@ -339,6 +345,7 @@ def sweep_cpu(show) -> None:
             show(run("memory", 120, device="cpu", mode=mode, B=8, T=T, H=128, k=256, label=f"memory {mode} T={T}"))
     show(run("checkpointing", 300, device="cpu", B=16, T=4096, H=512, k=256, label="checkpointed vs full, side by side, T=4096"))
     _micro_batches(show, "cpu", B=16, T=2048, H=256)
+    _resets(show, "cpu", B=32, T=256, H=256)
 
 
 def _micro_batches(show, device: str, B: int, T: int, H: int) -> None:
@@ -347,6 +354,15 @@ def _micro_batches(show, device: str, B: int, T: int, H: int) -> None:
     for micro in (None, B // 4, B // 16):
         show(run("micro_batches", 300, device=device, B=B, T=T, H=H, micro=micro,
                  label=f"engine full BPTT B={B} T={T} H={H}, micro_batch_size {micro}"))
+
+
+def _resets(show, device: str, B: int, T: int, H: int) -> None:
+    """Rows that reset at random steps inside a window (a stream of short documents): cuDNN's
+    layers run the window in pieces cut at those steps, the min* layers' scan takes the resets."""
+    for rec in ("lstm", "mingru"):
+        for n in (0, 16, 64):
+            show(run("throughput", 300, device=device, rec=rec, B=B, T=T, H=H, layers=2, iters=3, resets=n,
+                     label=f"{rec} 2 layers B={B} T={T} H={H}, {n} resets"))
 
 
 def _mingru_checkpointed(show) -> None:
@@ -433,6 +449,9 @@ def sweep_gpu(show, a) -> None:
     if a.mingru_checkpointed:
         _mingru_checkpointed(show)
         return
+    if a.resets:
+        _resets(show, "cuda", B=B, T=1024, H=H)
+        return
     # cuDNN LSTM bf16 at T=4096: distrnn's layer in pieces of 2048 steps, then in one call
     show(run("throughput", 120, rec="lstm", B=B, T=2048, H=H, bf16=True, iters=3, label="lstm bf16 T=2048 one call"))
     show(run("throughput", 120, rec="lstm", B=B, T=4096, H=H, bf16=True, iters=3, label="lstm bf16 T=4096 in pieces"))
@@ -457,6 +476,8 @@ def main() -> None:
                     " minGRU checkpointed vs full BPTT, and a profile of the selective-copy stack")
     ap.add_argument("--mingru_checkpointed", action="store_true",
                     help="of the goals, minGRU checkpointed vs full BPTT alone (~1 min), profiled, with its segment split")
+    ap.add_argument("--resets", action="store_true",
+                    help="2-layer LSTM and minGRU with rows resetting at 0, 16, 64 random steps of a window (cut vs in the scan)")
     ap.add_argument("--micro_batches", action="store_true",
                     help="the engine's full BPTT with the batch at once and in groups of rows (model.tbptt.micro_batch_size)")
     a = ap.parse_args()
@@ -466,7 +487,9 @@ def main() -> None:
         results.append(r)
         print(json.dumps(r), flush=True)
 
-    if a.device == "cpu":
+    if a.device == "cpu" and a.resets:
+        _resets(show, "cpu", B=32, T=256, H=256)
+    elif a.device == "cpu":
         sweep_cpu(show)
     else:
         sweep_gpu(show, a)

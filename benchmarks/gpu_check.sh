@@ -32,6 +32,8 @@ if [ "${GPU_LEARN:-0}" = "1" ]; then  # selective copy (~7 min more; better a de
 fi
 if [ "${1:-}" = "bench-only" ]; then  # make gpu-bench: every recurrence for T from 256 to 16384 (~10 min more)
   timeout 1200 $PY benchmarks/bench_recurrences.py --device cuda 2>&1 | tee "$OUT/bench_gpu.txt"
+  # rows resetting inside a window: cuDNN cut at the resets, the min* scan taking them (~1 min)
+  timeout 300 $PY benchmarks/bench_recurrences.py --device cuda --resets 2>&1 | tee -a "$OUT/bench_gpu.txt"
 elif [ "${GPU_FULL:-0}" = "1" ]; then  # within a device call's 10 minutes: T = 256 and 4096 only
   timeout 400 $PY benchmarks/bench_recurrences.py --device cuda --quick 2>&1 | tee "$OUT/bench_gpu.txt"
 fi

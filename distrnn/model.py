@@ -55,18 +55,27 @@ class RecurrentModel(nn.Module):
     def hidden(
         self, x: Tensor, state: Optional[State] = None, reset_BT: Optional[Tensor] = None
     ) -> tuple[Tensor, State]:
-        """The last layer's hidden states, cut at the steps where any row resets."""
+        """The last layer's hidden states; ``reset_BT`` (on the host) zeroes a row's state before a
+        step: inside the scan for the layers that take resets, else by cutting the input there."""
         e = self.encoder(x)
         T = e.shape[1]
         if reset_BT is None:
             return self.recurrence(e, state)
-        # Resets are rare (sequence boundaries), so the input runs in as few pieces as there are
-        # reset steps; the cuDNN kernels see long pieces.
+        if state is not None and reset_BT[:, 0].any():  # (all rows: the state is dropped, no device work)
+            state = mask_state(state, ~reset_BT[:, 0])
+        if T == 1 or not reset_BT[:, 1:].any():
+            return self.recurrence(e, state)
+        takes = getattr(self.recurrence, "takes_resets", None)
+        if takes is not None and takes(e):
+            # the scan zeroes the rows' states at their resets itself: one call, however many
+            return self.recurrence(e, state, reset_BT=reset_BT)
+        # cuDNN takes no resets: the input runs in as many pieces as there are steps where a row
+        # resets (sequence boundaries: rare in long documents; each piece is a call per layer)
         starts = torch.nonzero(reset_BT.any(dim=0)).flatten().tolist()
         bounds = sorted(set([0, *starts, T]))
         ys = []
         for a, b in zip(bounds[:-1], bounds[1:]):
-            if state is not None and reset_BT[:, a].any():
+            if a > 0 and state is not None and reset_BT[:, a].any():  # (step 0: above)
                 state = mask_state(state, ~reset_BT[:, a])
             y, state = self.recurrence(e[:, a:b], state)
             ys.append(y)

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from distrnn.data.loaders import pinned
 from distrnn.kernels import scan_config_from_env
 from distrnn.layers import Recurrence, register_recurrence
 from distrnn.state import State
@@ -191,14 +192,32 @@ class _MinRecurrence(Recurrence):
         log-space gates (softplus, log, exp and their gradients) took ~60% of a training step."""
         raise NotImplementedError
 
-    def forward(self, x_BTD: Tensor, state: Optional[State] = None) -> tuple[Tensor, Tensor]:
+    def takes_resets(self, x_BTD: Tensor) -> bool:
+        """Whether ``forward`` takes a reset mask for this input: the loops and the Triton kernel
+        zero a row's state inside the scan (``h_t = a_t keep_t h_{t-1} + b_t``), so a window with
+        resets is one call per layer; the log-space scans (``eager``, ``compile``) need the
+        input cut at the resets (:meth:`distrnn.model.RecurrentModel.hidden` does it)."""
+        return (self._backend(x_BTD) if self.parallel else "sequential") in ("triton", "loop", "sequential")
+
+    def forward(self, x_BTD: Tensor, state: Optional[State] = None,
+                reset_BT: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+        """``reset_BT[b, t]`` True zeroes row b's state before step t, in every layer (only where
+        :meth:`takes_resets`); it may live on the host."""
         B, T = x_BTD.shape[:2]
         h0_LBH = state if state is not None else x_BTD.new_zeros(self.num_layers, B, self.hidden_size)
+        keep_BT = None
+        if reset_BT is not None:
+            if not self.takes_resets(x_BTD):
+                raise ValueError(f"{type(self).__name__}: backend {self._backend(x_BTD)} takes no reset mask: cut the input at the resets")
+            keep_BT = ~reset_BT
+            if x_BTD.is_cuda and keep_BT.device.type == "cpu":  # queued behind the GPU's work, not waiting for it
+                keep_BT = pinned(keep_BT).to(x_BTD.device, non_blocking=True)
+            keep_BT = keep_BT.to(x_BTD.device)
         out, finals = x_BTD, []
         for layer in range(self.num_layers):
             inp = out
             z = self.proj[layer](self.norms[layer](inp))
-            h_BTH, last_BH = self._layer(z, h0_LBH[layer])
+            h_BTH, last_BH = self._layer(z, h0_LBH[layer], keep_BT)
             finals.append(last_BH)
             # the states stay in z's dtype (bf16 under autocast, as cuDNN's outputs): the next
             # layer or the head would cast them to it anyway
@@ -224,25 +243,28 @@ class _MinRecurrence(Recurrence):
     def gate_values(self, z_BTG: Tensor) -> dict[str, Tensor]:
         raise NotImplementedError
 
-    def _layer(self, z_BTG: Tensor, h0_BH: Tensor) -> tuple[Tensor, Tensor]:
+    def _layer(self, z_BTG: Tensor, h0_BH: Tensor, keep_BT: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
         """``(h_BTH, last_BH)``: the states in ``z``'s dtype and the final state in float32
         (float64 stays float64), which TBPTT carries. The scan itself is computed in float32
-        whatever autocast chose."""
+        whatever autocast chose. ``keep_BT`` (bool, on z's device): False where a row's state is
+        zeroed before the step (the loops and the kernel only, see :meth:`takes_resets`)."""
         backend = self._backend(z_BTG) if self.parallel else "sequential"
         if backend == "triton":
             from distrnn.kernels.min_scan import min_scan
 
             # no pieces needed: the kernel keeps nothing per step but the states it returns; it
             # reads a bf16/fp16 z as it is (converting in registers) and writes states in its dtype
-            return min_scan(z_BTG, h0_BH.float(), lstm=self.gates == 3)
+            return min_scan(z_BTG, h0_BH.float(), lstm=self.gates == 3, keep_BT=keep_BT)
         out_dtype = z_BTG.dtype
         dtype = torch.float64 if z_BTG.dtype == torch.float64 else torch.float32
         z_BTG, h = z_BTG.to(dtype), h0_BH.to(dtype)
         if backend == "sequential":
-            h_BTH = self.sequential(z_BTG, h)
+            h_BTH = self.sequential(z_BTG, h, keep_BT)
         elif backend == "loop":
-            h_BTH = linear_scan(*self.linear_coefficients(z_BTG), h)
+            a, b = self.linear_coefficients(z_BTG)
+            h_BTH = linear_scan(a if keep_BT is None else a * keep_BT.unsqueeze(-1), b, h)
         else:
+            assert keep_BT is None, "the log-space scan takes no reset mask"
             piece_fn = _compiled(self._piece) if backend == "compile" else self._piece
             pieces = []
             for s in range(0, z_BTG.shape[1], self.scan_chunk):
@@ -280,11 +302,13 @@ class _MinRecurrence(Recurrence):
     def _piece(self, z_BTG: Tensor, h0_BH: Tensor) -> Tensor:
         return scan_log(*self.log_coefficients(z_BTG), h0_BH)
 
-    def sequential(self, z_BTG: Tensor, h0_BH: Tensor) -> Tensor:
-        """The reference loop ``h = a * h + b``."""
+    def sequential(self, z_BTG: Tensor, h0_BH: Tensor, keep_BT: Optional[Tensor] = None) -> Tensor:
+        """The reference loop ``h = a * h + b`` (``h = a * keep * h + b`` with a reset mask)."""
         a, b = self.linear_coefficients(z_BTG)
         h, hs = h0_BH, []
         for t in range(z_BTG.shape[1]):
+            if keep_BT is not None:
+                h = h * keep_BT[:, t, None]
             h = a[:, t] * h + b[:, t]
             hs.append(h)
         return torch.stack(hs, dim=1)

@@ -79,6 +79,45 @@ def test_stream_in_chunks_equals_one_long_scan_and_step(name, backend):
     torch.testing.assert_close(y_t, y_full[:, -1], rtol=0, atol=1e-10)
 
 
+@pytest.mark.parametrize("name", ["mingru", "minlstm"])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_resets_inside_the_scan_equal_cutting_the_input(name, seed):
+    """A window whose rows reset at random steps (documents in a stream) runs as one call per
+    layer in the loops (the CPU's scan and the sequential reference): outputs, final state and
+    the gradients of the input, the initial state and every weight equal those of the input cut
+    at the resets and run piece by piece through the log-space scan (float64), which is what the
+    model does for layers that take no resets. A reset at step 0 zeroes the initial state's
+    gradient for that row."""
+    torch.manual_seed(seed)
+    B, T, D, H, L = 4, int(torch.randint(20, 80, ()).item()), 3, 5, 2
+    task = TaskSpec(kind="regression", output_dim=2, input_dim=D)
+    models = {}
+    for backend in ("loop", "sequential", "eager"):
+        opts = {"norm": True, "residual": True, "backend": "loop" if backend == "sequential" else backend}
+        models[backend] = RecurrentModel(NetworkConfig(recurrence=name, hidden_size=H, num_layers=L, options=opts), task)
+        models[backend].load_state_dict(models["loop"].state_dict())
+    models["sequential"].recurrence.parallel = False
+    x = torch.randn(B, T, D)
+    h0 = torch.rand(L, B, H) + 0.05
+    reset = torch.rand(B, T) < 0.08
+    reset[0, 0], reset[1, 0] = True, False
+    calls, outs = [], {}
+    for backend, model in models.items():
+        forward = model.recurrence.forward
+        model.recurrence.forward = lambda *a, _f=forward, _b=backend, **k: (calls.append(_b), _f(*a, **k))[1]
+        xi, hi = x.clone().requires_grad_(), h0.clone().requires_grad_()
+        y, hT = model(xi, hi, reset)
+        (y.pow(2).sum() + hT.sin().sum()).backward()
+        outs[backend] = [y, hT, xi.grad, hi.grad, *[p.grad for p in model.parameters()]]
+    pieces = int(reset[:, 1:].any(0).sum()) + 1
+    assert pieces > 3 and calls == ["loop", "sequential"] + ["eager"] * pieces
+    for backend in ("loop", "sequential"):
+        for got, want in zip(outs[backend], outs["eager"]):
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
+    dh0 = outs["loop"][3]
+    assert dh0[:, 0].abs().max() == 0 and dh0[:, 1].abs().min() > 0
+
+
 def test_linear_scan_equals_the_loop_with_autograd_and_is_the_cpu_default():
     """The loop's hand-written backward against autograd through the same loop, with a
     gradient that does not need every input (no dL/da); float32 on a CPU picks it."""

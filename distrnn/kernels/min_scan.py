@@ -65,8 +65,9 @@ def _load_z(K, KI, C, zoff, m, LSTM: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=["shape_key"])
-def _fwd_kernel(K, KI, C, H0, Hout, Hlast, T, Hdim, stride_zb, stride_zt, stride_hb, stride_ht, shape_key,
-                LSTM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, PREFETCH: tl.constexpr):
+def _fwd_kernel(K, KI, C, H0, Hout, Hlast, Keep, T, Hdim, stride_zb, stride_zt, stride_hb, stride_ht, shape_key,
+                LSTM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, PREFETCH: tl.constexpr,
+                HAS_KEEP: tl.constexpr = False):
     pid_b = tl.program_id(0).to(tl.int64)  # B*T*G can pass 2**31
     pid_h = tl.program_id(1)
     cols = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -87,6 +88,8 @@ def _fwd_kernel(K, KI, C, H0, Hout, Hlast, T, Hdim, stride_zb, stride_zt, stride
         else:
             k, ki, c = _load_z(K, KI, C, zbase + t[:, None] * stride_zt, m, LSTM)
         a, b, _ = _coeffs(k, ki, c, LSTM)
+        if HAS_KEEP:  # a reset: the state before the step is zeroed, b stays (h_t = a keep h_{t-1} + b)
+            a = a * tl.load(Keep + pid_b * T + t, mask=t < T, other=1).to(tl.float32)[:, None]
         a = tl.where(m, a, 1.0)  # steps past T leave the state as it is
         b = tl.where(m, b, 0.0)
         A, B = tl.associative_scan((a, b), 0, _compose)
@@ -98,8 +101,8 @@ def _fwd_kernel(K, KI, C, H0, Hout, Hlast, T, Hdim, stride_zb, stride_zt, stride
 
 
 @triton.jit
-def _bwd_loads(K, KI, C, Hs, dH, i, n_tiles, rows, cmask, zbase, hbase, T, stride_zt, stride_ht,
-               LSTM: tl.constexpr, BLOCK_T: tl.constexpr):
+def _bwd_loads(K, KI, C, Hs, dH, Keep, kbase, i, n_tiles, rows, cmask, zbase, hbase, T, stride_zt, stride_ht,
+               LSTM: tl.constexpr, BLOCK_T: tl.constexpr, HAS_KEEP: tl.constexpr):
     """Everything the backward reads for tile ``i`` counted from the end, time reversed within it."""
     t = (n_tiles - 1 - i) * BLOCK_T + (BLOCK_T - 1 - rows)
     m = ((t < T) & (t >= 0))[:, None] & cmask[None, :]
@@ -112,12 +115,20 @@ def _bwd_loads(K, KI, C, Hs, dH, i, n_tiles, rows, cmask, zbase, hbase, T, strid
     k, ki, c = _load_z(K, KI, C, zoff, m, LSTM)
     m_prev = ((t - 1) >= 0)[:, None] & m
     h_prev = tl.load(Hs + hoff - stride_ht, mask=m_prev, other=0.0).to(tl.float32)
-    return k_next, ki_next, dout, k, ki, c, h_prev
+    if HAS_KEEP:  # this step's and the next's (1: no reset; past the end it does not matter)
+        valid = (t < T) & (t >= 0)
+        keep = tl.load(Keep + kbase + t, mask=valid, other=1).to(tl.float32)
+        keep_next = tl.load(Keep + kbase + t + 1, mask=valid & ((t + 1) < T), other=1).to(tl.float32)
+    else:
+        keep = tl.full([BLOCK_T], 1.0, tl.float32)
+        keep_next = keep
+    return k_next, ki_next, dout, k, ki, c, h_prev, keep, keep_next
 
 
 @triton.jit(do_not_specialize=["shape_key"])
-def _bwd_kernel(K, KI, C, H0, Hs, dH, dLast, dK, dKI, dC, dH0, T, Hdim, stride_zb, stride_zt, stride_hb, stride_ht, shape_key,
-                LSTM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, PREFETCH: tl.constexpr):
+def _bwd_kernel(K, KI, C, H0, Hs, dH, dLast, dK, dKI, dC, dH0, Keep, T, Hdim, stride_zb, stride_zt, stride_hb, stride_ht,
+                shape_key, LSTM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, PREFETCH: tl.constexpr,
+                HAS_KEEP: tl.constexpr = False):
     pid_b = tl.program_id(0).to(tl.int64)
     pid_h = tl.program_id(1)
     cols = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -125,13 +136,15 @@ def _bwd_kernel(K, KI, C, H0, Hs, dH, dLast, dK, dKI, dC, dH0, T, Hdim, stride_z
     rows = tl.arange(0, BLOCK_T)
     zbase = pid_b * stride_zb + cols[None, :]
     hbase = pid_b * stride_hb + cols[None, :]
+    kbase = pid_b * T
     h0 = tl.load(H0 + pid_b * Hdim + cols, mask=cmask, other=0.0)
     # the gradient reaching the final state from outside (the next segment, in checkpointed BPTT)
     dlast = tl.load(dLast + pid_b * Hdim + cols, mask=cmask, other=0.0)
     carry = tl.zeros([BLOCK_H], dtype=tl.float32)  # G just past the end of the tile
     n_tiles = tl.cdiv(T, BLOCK_T)
     if PREFETCH:
-        nxt = _bwd_loads(K, KI, C, Hs, dH, 0, n_tiles, rows, cmask, zbase, hbase, T, stride_zt, stride_ht, LSTM, BLOCK_T)
+        nxt = _bwd_loads(K, KI, C, Hs, dH, Keep, kbase, 0, n_tiles, rows, cmask, zbase, hbase, T, stride_zt, stride_ht,
+                         LSTM, BLOCK_T, HAS_KEEP)
     for i in range(0, n_tiles):
         # tiles from the end, each read with time reversed so that a forward scan runs backwards
         t = (n_tiles - 1 - i) * BLOCK_T + (BLOCK_T - 1 - rows)
@@ -139,16 +152,19 @@ def _bwd_kernel(K, KI, C, H0, Hs, dH, dLast, dK, dKI, dC, dH0, T, Hdim, stride_z
         m = valid[:, None] & cmask[None, :]
         zoff = zbase + t[:, None] * stride_zt
         if PREFETCH:
-            k_next, ki_next, dout, k, ki, c, h_prev = nxt
-            nxt = _bwd_loads(K, KI, C, Hs, dH, i + 1, n_tiles, rows, cmask, zbase, hbase, T, stride_zt, stride_ht,
-                             LSTM, BLOCK_T)
+            k_next, ki_next, dout, k, ki, c, h_prev, keep, keep_next = nxt
+            nxt = _bwd_loads(K, KI, C, Hs, dH, Keep, kbase, i + 1, n_tiles, rows, cmask, zbase, hbase, T, stride_zt,
+                             stride_ht, LSTM, BLOCK_T, HAS_KEEP)
         else:
-            k_next, ki_next, dout, k, ki, c, h_prev = _bwd_loads(K, KI, C, Hs, dH, i, n_tiles, rows, cmask, zbase, hbase,
-                                                                 T, stride_zt, stride_ht, LSTM, BLOCK_T)
+            k_next, ki_next, dout, k, ki, c, h_prev, keep, keep_next = _bwd_loads(
+                K, KI, C, Hs, dH, Keep, kbase, i, n_tiles, rows, cmask, zbase, hbase, T, stride_zt, stride_ht, LSTM, BLOCK_T,
+                HAS_KEEP)
         dout = dout + tl.where((t == T - 1)[:, None], dlast[None, :], 0.0)
         # a_{t+1}: the coefficient that carries G_{t+1} back to step t (0 past the end)
         m_next = ((t + 1) < T)[:, None] & m
         a_next, _, _ = _coeffs(k_next, ki_next, k_next, LSTM)
+        if HAS_KEEP:  # a reset at t + 1 cuts the path from h_t forward
+            a_next = a_next * keep_next[:, None]
         a_next = tl.where(m_next, a_next, 0.0)
         a_next = tl.where(m, a_next, 1.0)
         A, Gs = tl.associative_scan((a_next, dout), 0, _compose)
@@ -157,6 +173,8 @@ def _bwd_kernel(K, KI, C, H0, Hs, dH, dLast, dK, dKI, dC, dH0, T, Hdim, stride_z
         # gradients of the step's inputs
         a, _, g = _coeffs(k, ki, c, LSTM)
         h_prev = tl.where(((t - 1) >= 0)[:, None] & m, h_prev, h0[None, :])
+        if HAS_KEEP:  # the state the step read: zero after a reset
+            h_prev = h_prev * keep[:, None]
         # b = (1 - a) g, so dL/da = G h_prev - G g and dL/dg = G (1 - a)
         d_a = G * (h_prev - g)
         sc = tl.sigmoid(c)
@@ -171,8 +189,10 @@ def _bwd_kernel(K, KI, C, H0, Hs, dH, dLast, dK, dKI, dC, dH0, T, Hdim, stride_z
             z = 1.0 - a
             tl.store(dK + zoff, -d_a * z * (1.0 - z), mask=m)
         tl.store(dC + zoff, dc, mask=m)
-        # dL/dh0 = a_0 G_0: the row of step 0
+        # dL/dh0 = a_0 keep_0 G_0: the row of step 0
         is0 = (t == 0)[:, None] & m
+        if HAS_KEEP:
+            a = a * keep[:, None]
         tl.store(dH0 + pid_b * Hdim + cols[None, :] + 0 * t[:, None], a * G, mask=is0)
 
 
@@ -214,15 +234,15 @@ def shape_key(B: int, T: int) -> int:
 _fwd_tuned, _bwd_tuned = _autotuned(_fwd_kernel), _autotuned(_bwd_kernel)
 
 
-def _launch(kernel, tuned, B: int, H: int, args: list, lstm: bool, config) -> None:
+def _launch(kernel, tuned, B: int, H: int, args: list, lstm: bool, config, has_keep: bool = False) -> None:
     config = config or FIXED_CONFIG
     if config is None and os.environ.get("TRITON_INTERPRET") == "1":
         config = INTERPRETER_CONFIG
     if config is None:
-        tuned[lambda meta: (B, triton.cdiv(H, meta["BLOCK_H"]))](*args, LSTM=lstm)
+        tuned[lambda meta: (B, triton.cdiv(H, meta["BLOCK_H"]))](*args, LSTM=lstm, HAS_KEEP=has_keep)
         return
     bt, bh, w, p = config
-    kernel[(B, triton.cdiv(H, bh))](*args, LSTM=lstm, BLOCK_T=bt, BLOCK_H=bh, PREFETCH=p, num_warps=w)
+    kernel[(B, triton.cdiv(H, bh))](*args, LSTM=lstm, BLOCK_T=bt, BLOCK_H=bh, PREFETCH=p, num_warps=w, HAS_KEEP=has_keep)
 
 
 def tuned_configs() -> dict[str, str]:
@@ -236,10 +256,12 @@ class MinScan(torch.autograd.Function):
     under autocast (a float32 copy would be cast to bf16 by the next layer or the head anyway,
     and read back in float32 by the backward: at B=64, T=4096, H=1024 about 4.5 GB of traffic
     per step), except the final state, which the kernel writes in float32 from its carry:
-    TBPTT carries it to the next chunk. ``dz`` is written in ``z``'s dtype."""
+    TBPTT carries it to the next chunk. ``dz`` is written in ``z``'s dtype. ``keep_BT`` (bool):
+    False where a row's state is zeroed before the step (a reset), read as one byte per step."""
 
     @staticmethod
-    def forward(ctx, z_BTG: Tensor, h0_BH: Tensor, lstm: bool, config=None) -> tuple[Tensor, Tensor]:
+    def forward(ctx, z_BTG: Tensor, h0_BH: Tensor, lstm: bool, config=None, keep_BT: Optional[Tensor] = None
+                ) -> tuple[Tensor, Tensor]:
         B, T, G = z_BTG.shape
         n = 3 if lstm else 2
         H = G // n
@@ -248,15 +270,20 @@ class MinScan(torch.autograd.Function):
         h_BTH = torch.empty(B, T, H, device=z_BTG.device, dtype=z_BTG.dtype)
         last_BH = torch.empty(B, H, device=z_BTG.device, dtype=torch.float32)
         k, ki, c = z_BTG, z_BTG[..., H:], z_BTG[..., (n - 1) * H:]
-        _launch(_fwd_kernel, _fwd_tuned, B, H, [k, ki, c, h0, h_BTH, last_BH, T, H, z_BTG.stride(0), z_BTG.stride(1),
-                                                h_BTH.stride(0), h_BTH.stride(1), shape_key(B, T)], lstm, config)
-        ctx.save_for_backward(z_BTG, h0, h_BTH)
+        keep = _keep_bytes(keep_BT, z_BTG)
+        # without a mask the kernel reads none: h0 stands in for the pointer (a valid one)
+        _launch(_fwd_kernel, _fwd_tuned, B, H, [k, ki, c, h0, h_BTH, last_BH, h0 if keep is None else keep, T, H,
+                                                z_BTG.stride(0), z_BTG.stride(1),
+                                                h_BTH.stride(0), h_BTH.stride(1), shape_key(B, T)], lstm, config,
+                keep_BT is not None)
+        ctx.save_for_backward(z_BTG, h0, h_BTH, h0 if keep is None else keep)
+        ctx.has_keep = keep is not None
         ctx.h0_dtype, ctx.lstm, ctx.config = h0_BH.dtype, lstm, config
         return h_BTH, last_BH
 
     @staticmethod
     def backward(ctx, dh_BTH: Tensor, dlast_BH: Tensor):
-        z_BTG, h0, h_BTH = ctx.saved_tensors
+        z_BTG, h0, h_BTH, keep = ctx.saved_tensors
         B, T, G = z_BTG.shape
         lstm = ctx.lstm
         n = 3 if lstm else 2
@@ -266,14 +293,26 @@ class MinScan(torch.autograd.Function):
         dz = torch.empty(B, T, G, device=z_BTG.device, dtype=z_BTG.dtype)
         dh0 = torch.zeros(B, H, device=z_BTG.device, dtype=torch.float32)
         args = [z_BTG, z_BTG[..., H:], z_BTG[..., (n - 1) * H:], h0, h_BTH, dh_BTH, dlast_BH, dz, dz[..., H:],
-                dz[..., (n - 1) * H:], dh0, T, H, z_BTG.stride(0), z_BTG.stride(1), h_BTH.stride(0), h_BTH.stride(1),
+                dz[..., (n - 1) * H:], dh0, keep, T, H, z_BTG.stride(0), z_BTG.stride(1), h_BTH.stride(0), h_BTH.stride(1),
                 shape_key(B, T)]
-        _launch(_bwd_kernel, _bwd_tuned, B, H, args, lstm, ctx.config)
-        return dz, dh0.to(ctx.h0_dtype), None, None
+        _launch(_bwd_kernel, _bwd_tuned, B, H, args, lstm, ctx.config, ctx.has_keep)
+        return dz, dh0.to(ctx.h0_dtype), None, None, None
 
 
-def min_scan(z_BTG: Tensor, h0_BH: Tensor, lstm: bool, config=None) -> tuple[Tensor, Tensor]:
+def _keep_bytes(keep_BT: Optional[Tensor], z_BTG: Tensor) -> Optional[Tensor]:
+    """The reset mask as contiguous bytes on z's device."""
+    if keep_BT is None:
+        return None
+    B, T = z_BTG.shape[:2]
+    if tuple(keep_BT.shape) != (B, T):
+        raise ValueError(f"min_scan: keep_BT has shape {tuple(keep_BT.shape)}, z has (B, T) = ({B}, {T})")
+    return keep_BT.to(device=z_BTG.device, dtype=torch.uint8).contiguous()
+
+
+def min_scan(z_BTG: Tensor, h0_BH: Tensor, lstm: bool, config=None, keep_BT: Optional[Tensor] = None
+             ) -> tuple[Tensor, Tensor]:
     """``(h_BTH, last_BH)``: all states of minGRU (``z = [k, c]``) or minLSTM (``z = [k_f, k_i,
     c]``) in ``z``'s dtype (float32, bf16 or fp16), and the final state in float32. ``config``
-    (BLOCK_T, BLOCK_H, num_warps, PREFETCH) bypasses the autotuner."""
-    return MinScan.apply(z_BTG, h0_BH, lstm, config)
+    (BLOCK_T, BLOCK_H, num_warps, PREFETCH) bypasses the autotuner. ``keep_BT`` (bool, (B, T)):
+    False zeroes a row's state before that step (``h_t = a_t keep_t h_{t-1} + b_t``)."""
+    return MinScan.apply(z_BTG, h0_BH, lstm, config, keep_BT)
