@@ -208,7 +208,8 @@ class _MinRecurrence(Recurrence):
         keep_BT = None
         if reset_BT is not None:
             if not self.takes_resets(x_BTD):
-                raise ValueError(f"{type(self).__name__}: backend {self._backend(x_BTD)} takes no reset mask: cut the input at the resets")
+                raise ValueError(f"{type(self).__name__}: backend {self._backend(x_BTD)} takes no reset mask:"
+                                 " cut the input at the resets")
             keep_BT = ~reset_BT
             if x_BTD.is_cuda and keep_BT.device.type == "cpu":  # queued behind the GPU's work, not waiting for it
                 keep_BT = pinned(keep_BT).to(x_BTD.device, non_blocking=True)
