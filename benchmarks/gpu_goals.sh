@@ -9,7 +9,8 @@
 # selective-copy run alone, after copying the first call's $OUT/sc/last.ckpt* over
 # benchmarks/state/selective_copy/ (tracked in git: the run's state between sessions).
 # GOALS=--mingru_checkpointed runs that part of the goals alone (~1 min).
-# ENGINE=1 first runs tests/test_gpu.py (~1-2 min; $OUT/engine.txt) and the TBPTT engine against a
+# ENGINE=1 first runs tests/test_gpu.py and the GPU tests of tests/test_kernels.py but the long
+# kernel-against-loop one without resets (~2-3 min; $OUT/engine.txt), and the TBPTT engine against a
 # plain loop on a small LSTM, where the engine's host cost per update shows (~30-60 s, and again with
 # the progress bar on): what the prefetching loaders, the sync-free stop_on_nonfinite (session 33)
 # and the host-side logging and reset masks (session 36), all built on CPU, do on a GPU.
@@ -21,7 +22,7 @@ PY=${PY:-python3}
 CALL_SECONDS=${CALL_SECONDS:-570}
 { date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; $PY -c "import torch, lightning, triton; print('torch', torch.__version__, 'lightning', lightning.__version__, 'triton', triton.__version__)"; } | tee "$OUT/goals.txt"
 if [ "${ENGINE:-0}" = "1" ]; then
-  timeout 150 $PY -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py 2>&1 \
+  timeout 240 $PY -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py tests/test_kernels.py -k "not sequential_loop_on_gpu or resets" 2>&1 \
     | grep -E 'passed|failed|skipped|Error|assert|^(FAILED|ERROR)' | tail -30 | tee "$OUT/engine.txt"
   timeout 90 $PY benchmarks/bench_tbptt.py --device cuda --hidden 128 --embed 64 --batch 64 --k 256 --steps 300 --warmup 20 \
     --repeats 2 --log_every 50 --no_mlflow 2>&1 | grep -v "^\s*$" | tail -4 | tee -a "$OUT/engine.txt"
