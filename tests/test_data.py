@@ -386,6 +386,42 @@ def test_synthetic_batches_come_from_the_seed():
         SyntheticDataModule("copy_memory", seq_len=15)
 
 
+def test_tensor_batches_carry_every_ranks_loss_count_where_the_loader_knows_it():
+    """``mask_total`` of a TensorLoader training batch under DDP: the loss steps of every rank's
+    rows at each step (a short last global batch included), from no mask, a mask field, or a
+    transform's mask declared the same for every row; not made up from a transform's own mask,
+    nor for one process or evaluation (no collective per batch there)."""
+    g = torch.Generator().manual_seed(0)
+    n, B, T, W = 23, 4, 6, 3  # 6 global batches of which the last has 3 rows: 2 rounds of 3 ranks
+    x = torch.randn(n, T, 2, generator=g)
+    row_masks = torch.rand(n, T, generator=g) > 0.5
+    last_step = torch.zeros(T, dtype=torch.bool)
+    last_step[-1] = True
+
+    def label_at_the_end(b):
+        return {"x": b["x"], "y": b["x"][..., :1], "mask": last_step.expand(b["x"].shape[0], T).clone()}
+
+    cases = {
+        "no mask": ({"x": x, "y": x[..., :1]}, {}),
+        "mask field": ({"x": x, "y": x[..., :1], "mask": row_masks}, {}),
+        "declared": ({"x": x}, {"transform": label_at_the_end, "mask_same_every_row": True}),
+        "undeclared": ({"x": x}, {"transform": label_at_the_end}),
+    }
+    for name, (fields, kw) in cases.items():
+        loaders = [TensorLoader(fields, B, shuffle=True, seed=2, rank=r, world_size=W, **kw) for r in range(W)]
+        assert len(loaders[0]) == 2
+        for i in range(2):
+            batches = [ld.make_batch(1, i) for ld in loaders]
+            if name == "undeclared":
+                assert all("mask_total" not in b for b in batches)
+                continue
+            total = sum(b["mask"].long().sum(dim=0) for b in batches)
+            assert all(torch.equal(b["mask_total"], total) for b in batches), (name, i)
+        assert sum(b["x"].shape[0] for b in batches) == 11  # the round with the short batch
+    assert "mask_total" not in TensorLoader({"x": x, "y": x}, B).make_batch(0, 0)
+    assert "mask_total" not in TensorLoader({"x": x, "y": x}, B, rank=1, world_size=W, uneven=True).make_batch(0, 0)
+
+
 @pytest.mark.parametrize("name", ["adding", "copy_memory", "selective_copy"])
 def test_synthetic_masks_depend_on_the_step_alone(name):
     """Every rank's rows have their loss steps where this rank's do: ``mask_total`` (the count over

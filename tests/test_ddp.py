@@ -71,7 +71,9 @@ def test_two_ranks_equal_one_process_with_the_global_batch(loopback_rendezvous, 
 
 class Uneven(L.LightningDataModule):
     """``streams`` (``per_rank`` each), or ``masked``: 8 sequences of 16 steps whose labels
-    lie where only some ranks' rows have them (rank r takes batches r, r + 2, ...)."""
+    lie where only some ranks' rows have them (rank r takes batches r, r + 2, ...); the mask a
+    field (the loader counts every rank's rows) or, ``masked_transform``, made per batch by a
+    transform (the ranks all-reduce their counts)."""
 
     def __init__(self, per_rank, kind):
         super().__init__()
@@ -89,21 +91,26 @@ class Uneven(L.LightningDataModule):
         mask = torch.zeros(8, 16, dtype=torch.bool)
         mask[0, 5] = mask[1, 2:7] = True  # samples 0-3: rank 0's first batch; 4-7: rank 1's
         mask[5, 12:] = mask[6, 9] = True
-        return TensorLoader({"x": x, "y": torch.randint(0, 40, (8, 16), generator=g), "mask": mask},
-                            self.per_rank, rank=rank, world_size=world)
+        fields = {"x": x, "y": torch.randint(0, 40, (8, 16), generator=g), "mask": mask}
+        if self.kind == "masked_transform":
+            index = torch.arange(8)
+            fields = {**fields, "mask": index}  # the samples' numbers, turned into their masks per batch
+            return TensorLoader(fields, self.per_rank, rank=rank, world_size=world,
+                                transform=lambda b: {**b, "mask": mask[b["mask"]]})
+        return TensorLoader(fields, self.per_rank, rank=rank, world_size=world)
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)  # the hang it guards against
-@pytest.mark.parametrize("kind,micro", [("streams", None), ("masked", None), ("masked", 2)])
+@pytest.mark.parametrize("kind,micro", [("streams", None), ("masked", None), ("masked_transform", None), ("masked", 2)])
 def test_ranks_without_loss_steps_in_an_update_join_it(loopback_rendezvous, kind, micro):
     """An update where one rank's rows have a loss step and the other's have none (the last, ragged
     batch of a stream corpus; labels only on some sequences): every rank joins its gradient
     all-reduce (the run hung before, each rank waiting in another collective) and the mean
     divides by the count over all ranks, so 2 ranks end, after 2 epochs, with the weights of one
-    process with the global batch. Streams: the loader knows the ranks' counts; masked sequences:
-    the ranks all-reduce them (chunks of 4 steps: in the first batch only rank 0 has labels in
-    chunks 0 and 1, only rank 1 in chunks 2 and 3). With groups of 2 rows, a rank without a loss
+    process with the global batch. Streams and a mask field: the loader knows the ranks' counts;
+    a mask made by a transform: the ranks all-reduce them (chunks of 4 steps: in the first batch
+    only rank 0 has labels in chunks 0 and 1, only rank 1 in chunks 2 and 3). With groups of 2 rows, a rank without a loss
     step runs its zero loss through the last group only."""
     def fit(devices, per_rank):
         module = make_module(LM, recurrence="gru", hidden=16, k1=4, name="sgd", lr=0.5, seed=0,

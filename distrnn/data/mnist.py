@@ -107,7 +107,8 @@ class SequentialMNISTDataModule(RecurrentDataModule):
         fields = {"x": self._data[f"{split}_x"], "label": self._data[f"{split}_y"]}
         return self._bind(
             TensorLoader(fields, self.batch_size, shuffle, self.seed, drop_last=shuffle, rank=self.rank,
-                         world_size=self.world_size, transform=self._to_sequences, uneven=not shuffle)
+                         world_size=self.world_size, transform=self._to_sequences, uneven=not shuffle,
+                         mask_same_every_row=True)  # the label at the last step of every row
         )
 
     def train_dataloader(self) -> TensorLoader:
