@@ -223,8 +223,8 @@ def test_carried_state_equals_one_long_pass(k1, k2):
 def test_logged_training_metrics_are_the_batchs_values_on_the_host():
     """What the progress bar and MLflow get at a logging step: the batch's mean loss over its
     updates (and in bits), the last update's gradient norm, the learning rate unrounded, all as
-    host tensors (tests/test_gpu.py checks on a GPU that the bar's reading them after every batch
-    leaves the GPU working). Updates too small to move float64 weights: the losses are those of
+    host tensors (tests/test_gpu.py checks on a GPU that Lightning's reading them after every
+    batch leaves the GPU working). Updates too small to move float64 weights: the losses are those of
     one long pass."""
     _, loader = _stream()
     module = make_module(LM, recurrence="gru", k1=6, lr=1e-300).double()

@@ -110,8 +110,8 @@ def test_ranks_without_loss_steps_in_an_update_join_it(loopback_rendezvous, kind
     divides by the count over all ranks, so 2 ranks end, after 2 epochs, with the weights of one
     process with the global batch. Streams and a mask field: the loader knows the ranks' counts;
     a mask made by a transform: the ranks all-reduce them (chunks of 4 steps: in the first batch
-    only rank 0 has labels in chunks 0 and 1, only rank 1 in chunks 2 and 3). With groups of 2 rows, a rank without a loss
-    step runs its zero loss through the last group only."""
+    only rank 0 has labels in chunks 0 and 1, only rank 1 in chunks 2 and 3). With groups of 2
+    rows, a rank without a loss step runs its zero loss through the last group only."""
     def fit(devices, per_rank):
         module = make_module(LM, recurrence="gru", hidden=16, k1=4, name="sgd", lr=0.5, seed=0,
                              micro_batch_size=micro)
