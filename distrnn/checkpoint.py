@@ -20,7 +20,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
 from distrnn.checkpoint_files import load_checkpoint_file, remove_sidecar, save_checkpoint_file
-from distrnn.data.loaders import pinned
+from distrnn.data.loaders import to_device_queued
 
 
 # The `checkpoint:` key's defaults (distrnn fit, benchmarks/learn.py): the best file by validation
@@ -136,11 +136,8 @@ class CheckpointOnSigterm(Callback):
         return trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
 
     def _start_agreement(self, trainer: Trainer, checkpoint_due: bool = False) -> None:
-        # to the device from pinned memory, queued: torch.tensor(..., device=cuda) copies from
-        # pageable memory and waits for all the GPU's queued work first (a sync per batch)
-        flag = torch.tensor([int(self._signalled), int(checkpoint_due)])
-        device = trainer.strategy.root_device
-        flag = pinned(flag).to(device, non_blocking=True) if device.type == "cuda" else flag.to(device)
+        # not torch.tensor(..., device=cuda): from pageable memory, a wait for the GPU per batch
+        flag = to_device_queued(torch.tensor([int(self._signalled), int(checkpoint_due)]), trainer.strategy.root_device)
         work = torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, async_op=True)
         if flag.is_cuda:
             work.wait()  # NCCL: the current stream waits for the reduce; the host does not

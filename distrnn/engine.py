@@ -34,7 +34,7 @@ from distrnn.config import (
     coerce,
     to_plain,
 )
-from distrnn.data.loaders import pinned
+from distrnn.data.loaders import to_device_queued
 from distrnn.model import RecurrentModel
 from distrnn.rendezvous import release_process_group_at_exit
 from distrnn.state import State, cat_states, detach_state, map_state, slice_state, state_tensors
@@ -687,20 +687,15 @@ class TBPTTModule(L.LightningModule):
     def _unpack(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """Move x, y, mask to the device; the reset mask and a copy of the loss mask stay on the
         host, where their boundaries and counts are read without a device sync."""
-        cuda = self.device.type == "cuda"
-
-        def to_device(t: Tensor) -> Tensor:
-            # distrnn's loaders pin in their prefetch thread when the run is on CUDA; others' here
-            return (pinned(t) if cuda else t).to(self.device, non_blocking=True)
-
-        x = to_device(batch["x"])
+        # (distrnn's loaders pin in their prefetch thread when the run is on CUDA; others' here)
+        x = to_device_queued(batch["x"], self.device)
         if x.is_floating_point():
             x = x.to(self.dtype)
-        y = to_device(batch["y"])
+        y = to_device_queued(batch["y"], self.device)
         if y.is_floating_point():
             y = y.to(self.dtype)
         mask_cpu = batch["mask"].cpu()
-        return x, y, to_device(mask_cpu), batch["reset"].cpu(), mask_cpu
+        return x, y, to_device_queued(mask_cpu, self.device), batch["reset"].cpu(), mask_cpu
 
     def training_step(self, dataloader_iter: Iterator) -> None:
         batch, _, _ = next(dataloader_iter)  # StopIteration ends the epoch

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from distrnn.data.loaders import pinned
+from distrnn.data.loaders import to_device_queued
 from distrnn.kernels import scan_config_from_env
 from distrnn.layers import Recurrence, register_recurrence
 from distrnn.state import State
@@ -210,10 +210,7 @@ class _MinRecurrence(Recurrence):
             if not self.takes_resets(x_BTD):
                 raise ValueError(f"{type(self).__name__}: backend {self._backend(x_BTD)} takes no reset mask:"
                                  " cut the input at the resets")
-            keep_BT = ~reset_BT
-            if x_BTD.is_cuda and keep_BT.device.type == "cpu":  # queued behind the GPU's work, not waiting for it
-                keep_BT = pinned(keep_BT).to(x_BTD.device, non_blocking=True)
-            keep_BT = keep_BT.to(x_BTD.device)
+            keep_BT = to_device_queued(~reset_BT, x_BTD.device)
         out, finals = x_BTD, []
         for layer in range(self.num_layers):
             inp = out

@@ -12,7 +12,7 @@ from typing import Callable, Optional, Union
 import torch
 from torch import Tensor
 
-from distrnn.data.loaders import pinned
+from distrnn.data.loaders import to_device_queued
 
 State = Union[Tensor, tuple[Tensor, ...]]
 
@@ -39,13 +39,9 @@ def mask_state(state: Optional[State], keep_B: Tensor) -> Optional[State]:
     sync per reset step, per batch for full BPTT over batches of new sequences)."""
     if state is None:
         return None
-    device = state_tensors(state)[0].device
-    if keep_B.device.type == "cpu":
-        if not bool(keep_B.any()):
-            return None
-        if device.type == "cuda":
-            keep_B = pinned(keep_B).to(device, non_blocking=True)
-    keep = keep_B.view(1, -1, 1)
+    if keep_B.device.type == "cpu" and not bool(keep_B.any()):
+        return None
+    keep = to_device_queued(keep_B, state_tensors(state)[0].device).view(1, -1, 1)
     return map_state(lambda s: s * keep.to(device=s.device, dtype=s.dtype), state)
 
 

@@ -372,6 +372,16 @@ class GeneratedLoader(ResumableLoader):
         return _complete(self.generate(g, self.batch_size), epoch, index)
 
 
+def to_device_queued(t: Tensor, device: Any) -> Tensor:
+    """``t`` on ``device``; from the host to a GPU through pinned memory, non-blocking, so the copy
+    is queued behind the GPU's work instead of waiting for all of it (as a copy from pageable
+    memory does: ``t.to("cuda")``, ``torch.tensor(..., device="cuda")``)."""
+    device = torch.device(device)
+    if device.type == "cuda" and t.device.type == "cpu":
+        return pinned(t).to(device, non_blocking=True)
+    return t.to(device, non_blocking=True)
+
+
 def pinned(t: Tensor) -> Tensor:
     """``t`` in page-locked host memory (a copy unless it is there or not on the host): from
     pageable memory the driver may wait for the GPU's queue before copying (CUDA's "API
