@@ -42,19 +42,19 @@ Span = Optional[tuple[int, int]]
 
 def _piece(
     model: RecurrentModel, x: Tensor, y: Tensor, mask: Tensor, reset: Optional[Tensor], state: Optional[State], task: TaskSpec,
-    span: Span = (0, -1),
+    span: Span = (0, -1), cuts: Optional[Tensor] = None,
 ) -> tuple[Tensor, State]:
     """The piece's summed loss and final state. ``span`` ``(a, b)``: the steps that carry a loss lie
     in ``[a, b)`` (b = -1: to the end), so the head and the loss run there only; None: no step
-    does, the piece only moves the state on (a loss of 0)."""
+    does, the piece only moves the state on (a loss of 0). ``cuts``: see ``RecurrentModel.hidden``."""
     if span is None:
-        _, state = model.hidden(x, state, reset)
+        _, state = model.hidden(x, state, reset, cuts)
         return x.new_zeros((), dtype=torch.float64 if x.dtype == torch.float64 else torch.float32), state
     a, b = span
     if (a, b) == (0, -1):
-        y_hat, state = model(x, state, reset)
+        y_hat, state = model(x, state, reset, cuts)
         return loss_sum(y_hat, y, mask, task), state
-    h, state = model.hidden(x, state, reset)
+    h, state = model.hidden(x, state, reset, cuts)
     return loss_sum(model.head(h[:, a:b]), y[:, a:b], mask[:, a:b], task), state
 
 
@@ -134,15 +134,15 @@ class _RecomputedSegment(torch.autograd.Function):
 
 def _checkpointed_piece(
     model: RecurrentModel, x: Tensor, y: Tensor, mask: Tensor, reset: Optional[Tensor], state: Optional[State], task: TaskSpec,
-    params: Optional[list[Tensor]], span: Span,
+    params: Optional[list[Tensor]], span: Span, cuts: Optional[Tensor] = None,
 ) -> tuple[Tensor, State]:
     if params is None:  # partitioned parameters: the gradients' shapes would not match theirs
-        return checkpoint(_piece, model, x, y, mask, reset, state, task, span, use_reentrant=False)
+        return checkpoint(_piece, model, x, y, mask, reset, state, task, span, cuts, use_reentrant=False)
     was_tensor = isinstance(state, Tensor)
 
     def run(states: tuple[Tensor, ...]) -> tuple[Tensor, State]:
         s = None if not states else states[0] if was_tensor else states
-        return _piece(model, x, y, mask, reset, s, task, span)
+        return _piece(model, x, y, mask, reset, s, task, span, cuts)
 
     box: list = []
     part, *out = _RecomputedSegment.apply(run, box, len(state_tensors(state)), *state_tensors(state), *params)
@@ -168,6 +168,7 @@ def run_window(
     segment: Optional[int] = None,
     partitioned: bool = False,
     mask_host: Optional[Tensor] = None,
+    cuts_T: Optional[Tensor] = None,
 ) -> WindowResult:
     """Run ``x`` from ``state``; return the summed loss, the final state, and the state after
     ``capture_at`` steps (where the next truncation window starts).
@@ -186,7 +187,8 @@ def run_window(
     ``mask`` (``mask_host``): then the head and the loss run only over the steps of each piece
     that carry a loss, and not at all in a piece without one (a label at the end of a long
     sequence: the segments before it only carry the state; the head's and the loss's calls are
-    about half of such a segment's, on the host as on the device).
+    about half of such a segment's, on the host as on the device). ``cuts_T`` (host bools): other
+    processes' reset steps, see ``RecurrentModel.hidden``.
     """
     T = x.shape[1]
     cuts = {0, T}
@@ -201,11 +203,12 @@ def run_window(
     params = [p for p in model.parameters() if p.requires_grad] if recompute and not partitioned else None
     for a, b in zip(bounds[:-1], bounds[1:]):
         r = None if reset is None else reset[:, a:b]
+        c = None if cuts_T is None else cuts_T[a:b]
         span = loss_span(None if mask_host is None else mask_host[:, a:b])
         if recompute and b < T:  # the last segment keeps its activations: its backward comes first
-            part, state = _checkpointed_piece(model, x[:, a:b], y[:, a:b], mask[:, a:b], r, state, task, params, span)
+            part, state = _checkpointed_piece(model, x[:, a:b], y[:, a:b], mask[:, a:b], r, state, task, params, span, c)
         else:
-            part, state = _piece(model, x[:, a:b], y[:, a:b], mask[:, a:b], r, state, task, span)
+            part, state = _piece(model, x[:, a:b], y[:, a:b], mask[:, a:b], r, state, task, span, c)
         if span is not None:
             total = total + part
         if b == capture_at:

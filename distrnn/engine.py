@@ -370,11 +370,6 @@ class TBPTTModule(L.LightningModule):
         ds = self._deepspeed()
         if ds is None or stage != "fit":
             return
-        if self.tbptt_cfg.micro_batch_size is not None:
-            # DeepSpeed's engine counts its own accumulation steps (a fixed number per update) and
-            # reduces ZeRO's gradient partitions at each backward
-            raise ConfigError("model.tbptt.micro_batch_size: not supported with a DeepSpeed strategy; leave it null"
-                              " (ZeRO-3 or checkpointed BPTT save memory there) or use ddp")
         if any(isinstance(c, WeightAveraging) for c in self.trainer.callbacks):
             # DeepSpeed writes the engine's weights and drops the checkpoint's state_dict, where
             # WeightAveraging puts the average: best files would hold the trained weights, and a
@@ -536,6 +531,7 @@ class TBPTTModule(L.LightningModule):
             mask = torch.cat([no_loss, mask], dim=1)
             mask_cpu = torch.cat([torch.zeros(no_loss.shape, dtype=torch.bool), mask_cpu], dim=1)
             reset = torch.cat([h["reset"], reset], dim=1)
+        cuts = self._resets_of_every_rank(reset)
         T_win = x.shape[1]
         keep = min(cfg.window - cfg.k1, T_win) if cfg.mode == "tbptt" else 0
         capture_at = T_win - keep if keep > 0 else None
@@ -544,7 +540,8 @@ class TBPTTModule(L.LightningModule):
         if n_total == 0:
             # No loss in this chunk on any rank (e.g. a label at the end of a long sequence): move the state on.
             with torch.no_grad():
-                res = run_window(self.model, self.task, x, y, mask, reset, carry.state, capture_at, mask_host=mask_cpu)
+                res = run_window(self.model, self.task, x, y, mask, reset, carry.state, capture_at, mask_host=mask_cpu,
+                                 cuts_T=cuts)
             self._advance_carry(res, x, y, reset, keep)
             return None
 
@@ -555,7 +552,7 @@ class TBPTTModule(L.LightningModule):
         # divides its sum by the total over the ranks' count (one process: its own count)
         per_rank = n_total / self.trainer.world_size
         opt.zero_grad(set_to_none=True)
-        res = self._forward_backward(x, y, mask, reset, mask_cpu, carry.state, capture_at, segment, per_rank, ds)
+        res = self._forward_backward(x, y, mask, reset, mask_cpu, carry.state, capture_at, segment, per_rank, ds, cuts)
         if self.optim_cfg.stop_on_nonfinite and ds is None:
             self._unchecked_loss = res.loss_sum / per_rank  # on_before_optimizer_step checks it
         scheduled = [g["lr"] for g in opt.param_groups]
@@ -582,7 +579,7 @@ class TBPTTModule(L.LightningModule):
 
     def _forward_backward(self, x: Tensor, y: Tensor, mask: Tensor, reset: Tensor, mask_cpu: Tensor,
                           state: Optional[State], capture_at: Optional[int], segment: Optional[int], per_rank: float,
-                          ds: Optional[Any]) -> WindowResult:
+                          ds: Optional[Any], cuts: Optional[Tensor] = None) -> WindowResult:
         """The window's forward and backward passes; returns the detached loss sum and states.
 
         With ``model.tbptt.micro_batch_size`` the rows go through in groups, each from its rows of
@@ -595,13 +592,20 @@ class TBPTTModule(L.LightningModule):
         A rank whose rows have no loss step in the window while another rank's do still runs a
         backward (the last group's, of a zero loss): every rank must join each update's gradient
         all-reduce, or the ranks wait for each other forever (or pair one update's all-reduce with
-        another's)."""
+        another's). Under DeepSpeed every group runs a backward (ZeRO reduces in each), and under
+        ZeRO-3 every rank calls the same modules (``cuts``: every rank's reset steps)."""
         groups = self._row_groups(x.shape[0])
         with_loss = [bool(mask_cpu[rows].any()) for rows in groups]
+        if ds is not None and len(groups) > 1:
+            # ZeRO-2/3 reduce (a collective) in every backward, boundary or not: every rank runs
+            # one per group, a group without a loss step a zero loss
+            with_loss = [has or None for has in with_loss]
         if not any(with_loss):
             with_loss[-1] = None  # a zero loss, with a graph through every parameter
         last = max(i for i, has in enumerate(with_loss) if has is not False)
-        parallel = isinstance(self.trainer.strategy, ParallelStrategy)
+        # (DeepSpeed's engine answers Lightning's no_sync but refuses it under ZeRO-2/3)
+        parallel = isinstance(self.trainer.strategy, ParallelStrategy) and ds is None
+        zero3 = ds is not None and ds.zero_stage_3
         parts = []
         for i, rows in enumerate(groups):
             def part(t: Tensor) -> Tensor:
@@ -611,14 +615,18 @@ class TBPTTModule(L.LightningModule):
                     else slice_state(state, rows), capture_at)
             if with_loss[i] is False:  # these rows only move their state on, as a window without a loss does
                 with torch.no_grad():
-                    res = run_window(*args, mask_host=part(mask_cpu))
+                    res = run_window(*args, mask_host=part(mask_cpu), cuts_T=cuts)
             else:
                 block = self.trainer.strategy.block_backward_sync() if parallel and i != last else nullcontext()
+                if ds is not None and len(groups) > 1:
+                    self._deepspeed_micro_step(ds.deepspeed_engine, boundary=i == last)
                 with block:
                     # mask_host None: the head and the (zero) loss over every step, so every
-                    # parameter has a gradient for the all-reduce
-                    res = run_window(*args, segment, partitioned=ds is not None and ds.zero_stage_3,
-                                     mask_host=None if with_loss[i] is None else part(mask_cpu))
+                    # parameter has a gradient for the all-reduce. Under ZeRO-3 always: each
+                    # module call gathers its parameters (a collective), so every rank must call
+                    # the same modules, whatever steps its own rows have losses at
+                    res = run_window(*args, segment, partitioned=zero3,
+                                     mask_host=None if with_loss[i] is None or zero3 else part(mask_cpu), cuts_T=cuts)
                     loss = res.loss_sum / per_rank
                     if ds is not None and self.optim_cfg.stop_on_nonfinite:
                         # DeepSpeed's engine clips inside its step: no gradient norm before the step
@@ -634,6 +642,32 @@ class TBPTTModule(L.LightningModule):
             cat_states([p.state for p in parts]),
             None if parts[0].captured is None else cat_states([p.captured for p in parts]),
         )
+
+    def _resets_of_every_rank(self, reset: Tensor) -> Optional[Tensor]:
+        """Under ZeRO-3 on several processes, the steps where any process's rows reset (host bools,
+        for ``RecurrentModel.hidden``'s cuts): each layer call gathers the layer's parameters, a
+        collective, so every process must call the layers equally often, and cuDNN layers are
+        cut at resets. One all-reduce per window (under NCCL the host waits for it); None elsewhere."""
+        ds = self._deepspeed()
+        if ds is None or not ds.zero_stage_3 or self.trainer.world_size == 1:
+            return None
+        on_host = torch.distributed.get_backend() == "gloo"
+        t = reset.any(dim=0).to(torch.int32)
+        t = t if on_host else t.to(self.device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return t.cpu().bool()
+
+    @staticmethod
+    def _deepspeed_micro_step(engine: Any, boundary: bool) -> None:
+        """Before a group's forward: what DeepSpeed's engine does at each micro-batch of its own
+        gradient accumulation, which Lightning leaves at one micro-batch per step. The boundary,
+        set by hand, says whether this backward ends the update (reduce, then ``step``); the
+        optimizer's new-micro-step hook (the engine's ``forward`` calls it, and Lightning calls that
+        once per batch) makes ZeRO-3 add this group's gradient partitions to the last group's instead
+        of overwriting them."""
+        engine.set_gradient_accumulation_boundary(boundary)
+        if hasattr(engine.optimizer, "clear_backward_seen_flag"):
+            engine.optimizer.clear_backward_seen_flag()
 
     def _loss_totals(self, batch: dict[str, Any], bounds: list[tuple[int, int]], counts: list[int]) -> list[int]:
         """The loss steps of each update window of this batch over every rank's rows. Under DDP
@@ -834,7 +868,7 @@ class TBPTTModule(L.LightningModule):
         state = self._val_state
         if state is not None and state_tensors(state)[0].shape[1] != x.shape[0]:
             state = None
-        y_hat, state = self.model(x, state, reset)
+        y_hat, state = self.model(x, state, reset, self._resets_of_every_rank(reset))
         self._val_state = detach_state(state)
         return y_hat, y, mask, mask_cpu
 

@@ -47,23 +47,29 @@ class RecurrentModel(nn.Module):
         self.head = nn.Linear(network.hidden_size, task.output_dim)
 
     def forward(
-        self, x: Tensor, state: Optional[State] = None, reset_BT: Optional[Tensor] = None
+        self, x: Tensor, state: Optional[State] = None, reset_BT: Optional[Tensor] = None,
+        cuts_T: Optional[Tensor] = None,
     ) -> tuple[Tensor, State]:
-        h_BTH, state = self.hidden(x, state, reset_BT)
+        h_BTH, state = self.hidden(x, state, reset_BT, cuts_T)
         return self.head(h_BTH), state
 
     def hidden(
-        self, x: Tensor, state: Optional[State] = None, reset_BT: Optional[Tensor] = None
+        self, x: Tensor, state: Optional[State] = None, reset_BT: Optional[Tensor] = None,
+        cuts_T: Optional[Tensor] = None,
     ) -> tuple[Tensor, State]:
         """The last layer's hidden states; ``reset_BT`` (on the host) zeroes a row's state before a
-        step: inside the scan for the layers that take resets, else by cutting the input there."""
+        step: inside the scan for the layers that take resets, else by cutting the input there.
+        ``cuts_T`` (host bools, with ``reset_BT``): more steps to cut at where the input is cut
+        (the result is the same), so that processes whose rows reset at different steps call the
+        layers equally often: under ZeRO-3 each call gathers the layer's parameters, a collective."""
         e = self.encoder(x)
         T = e.shape[1]
         if reset_BT is None:
             return self.recurrence(e, state)
         if state is not None and reset_BT[:, 0].any():  # (all rows: the state is dropped, no device work)
             state = mask_state(state, ~reset_BT[:, 0])
-        if T == 1 or not reset_BT[:, 1:].any():
+        cut_T = reset_BT.any(dim=0) if cuts_T is None else reset_BT.any(dim=0) | cuts_T
+        if T == 1 or not cut_T[1:].any():
             return self.recurrence(e, state)
         takes = getattr(self.recurrence, "takes_resets", None)
         if takes is not None and takes(e):
@@ -71,7 +77,7 @@ class RecurrentModel(nn.Module):
             return self.recurrence(e, state, reset_BT=reset_BT)
         # cuDNN takes no resets: the input runs in as many pieces as there are steps where a row
         # resets (sequence boundaries: rare in long documents; each piece is a call per layer)
-        starts = torch.nonzero(reset_BT.any(dim=0)).flatten().tolist()
+        starts = torch.nonzero(cut_T).flatten().tolist()
         bounds = sorted(set([0, *starts, T]))
         ys = []
         for a, b in zip(bounds[:-1], bounds[1:]):

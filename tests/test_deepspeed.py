@@ -128,9 +128,53 @@ def test_weight_averaging_is_refused_under_deepspeed(lightning_ds):
     assert lightning_ds[0]["ema_refused"].startswith("trainer.callbacks: weight averaging"), lightning_ds[0]["ema_refused"]
 
 
-def test_micro_batches_are_refused_under_deepspeed(lightning_ds):
-    assert lightning_ds[0]["micro_refused"].startswith("model.tbptt.micro_batch_size: not supported with a DeepSpeed"), \
-        lightning_ds[0]["micro_refused"]
+@pytest.mark.parametrize("stage", [2, 3])
+def test_lightning_deepspeed_micro_batches_equal_plain_updates(lightning_ds, stage):
+    """``micro_batch_size`` 2: each update's 4 rows in 2 groups, forward and backward one at a
+    time, their gradients accumulated in DeepSpeed's buffers (the engine told which backward ends
+    the update) and one step: the plain run's weights. ZeRO-3 copied the second group's gradient
+    partitions over the first's (weights off by 7e-2) until distrnn called the optimizer's
+    per-micro-batch hook, which DeepSpeed's engine calls in its forward, once per Lightning batch."""
+    r = lightning_ds[0][f"equal_micro_zero{stage}"]
+    assert r["clip_bites"] and r["weights"] < 1e-6 and r["grad_norm"] < 1e-5, r
+
+
+@pytest.fixture(scope="module")
+def two_ranks():
+    """tests/ds_two_ranks_check.py: 2 forked CPU ranks of Lightning's DeepSpeed strategy against
+    one process with the global batch (~25 s)."""
+    pytest.importorskip("deepspeed")
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO)}
+    for k in ("MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_USE_AGENT_STORE"):
+        env.pop(k, None)
+    # a hang (what the cases guard against) ends at the timeout; its forked ranks go with the group
+    r = subprocess.run([sys.executable, str(REPO / "tests" / "ds_two_ranks_check.py")], capture_output=True, text=True,
+                       timeout=300, env=env, start_new_session=True)
+    line = next((ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    assert r.returncode == 0 and line, (r.stdout + r.stderr)[-3000:]
+    return json.loads(line.removeprefix("RESULT "))
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_two_ranks_micro_batches_under_deepspeed_equal_one_process(two_ranks, stage):
+    """Labels on some rows only, groups of 2 rows: in one window rank 0's two groups have losses
+    and rank 1's none. ZeRO reduces gradients in every backward, a collective, so each rank runs
+    one backward per group (a group without a loss step a zero loss); before, the ranks' counts
+    differed and the run died in gloo. Under ZeRO-3 each rank also runs the head over every step
+    (the module calls must agree): with the head only where its own labels are, DeepSpeed's check
+    that the ranks traced the same module calls failed."""
+    assert two_ranks[f"micro_zero{stage}"]["weights"] < 1e-6, two_ranks
+
+
+@pytest.mark.parametrize("case", ["lstm", "lstm_checkpointed", "mingru"])
+def test_zero3_ranks_with_resets_and_labels_at_other_steps_equal_one_process(two_ranks, case):
+    """Under ZeRO-3 every module call gathers its parameters, so every rank must call the same
+    modules: streams of documents resetting at other steps on each rank (LSTM, truncated and
+    checkpointed BPTT; minGRU, whose scan takes resets) train and validate as one process with
+    the global batch. Before, cuDNN layers were cut at each rank's own resets and the run hung
+    (in training, and in validation when only training cut at every rank's resets)."""
+    r = two_ranks[f"docs_zero3_{case}"]
+    assert r["weights"] < 1e-6 and r["val_loss"] < 1e-6, two_ranks
 
 
 def _convert(src, out, *extra):
