@@ -6,6 +6,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint
 
+from distrnn.averaging import EMAWeightAveraging as QueuedEMAWeightAveraging
 from distrnn.checkpoint import AtomicCheckpointIO
 from distrnn.checkpoint_files import CheckpointError, load_checkpoint_file
 from distrnn.data import ByteCorpusDataModule
@@ -102,11 +103,13 @@ def test_resume_mid_epoch_equals_uninterrupted(tmp_path, monkeypatch, prefetch):
         torch.testing.assert_close(s["exp_avg"], ref_opt[i]["exp_avg"], rtol=0, atol=1e-6)
 
 
-def test_resume_with_an_ema_of_the_weights_equals_uninterrupted(tmp_path):
+@pytest.mark.parametrize("ema_class", [EMAWeightAveraging, QueuedEMAWeightAveraging], ids=["lightning", "distrnn"])
+def test_resume_with_an_ema_of_the_weights_equals_uninterrupted(tmp_path, ema_class):
     """Lightning's EMAWeightAveraging (``trainer.callbacks`` in a config) with the TBPTT module: a
     checkpoint holds the average as its weights and the trained weights beside them, and a resumed
-    run ends with the average and the trained weights of an uninterrupted one."""
-    ema = lambda: EMAWeightAveraging(decay=0.8)  # noqa: E731
+    run ends with the average and the trained weights of an uninterrupted one. The same for
+    distrnn's (its update count on the host, read again from the restored checkpoint)."""
+    ema = lambda: ema_class(decay=0.8)  # noqa: E731
     corpus = write_corpus(tmp_path / "c.txt", 4000)
     ref, ref_trainer = _run(tmp_path, corpus, tmp_path / "ref", max_epochs=1, extra=[ema])
     with pytest.raises(RuntimeError, match="simulated crash"):
