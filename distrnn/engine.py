@@ -647,7 +647,9 @@ class TBPTTModule(L.LightningModule):
         """Under ZeRO-3 on several processes, the steps where any process's rows reset (host bools,
         for ``RecurrentModel.hidden``'s cuts): each layer call gathers the layer's parameters, a
         collective, so every process must call the layers equally often, and cuDNN layers are
-        cut at resets. One all-reduce per window (under NCCL the host waits for it); None elsewhere."""
+        cut at resets. One all-reduce per window; under NCCL the host waits for it, just after
+        ZeRO-3's step, which reads its overflow flag on the host every update (DeepSpeed 0.19), has
+        drained the queue. None elsewhere."""
         ds = self._deepspeed()
         if ds is None or not ds.zero_stage_3 or self.trainer.world_size == 1:
             return None
@@ -875,15 +877,21 @@ class TBPTTModule(L.LightningModule):
     def _eval_step(self, batch: dict[str, Any], stage: str) -> None:
         y_hat, y, mask, mask_cpu = self._eval_forward(batch)
         n = int(mask_cpu.sum())
-        if n == 0:
+        if n > 0:
+            loss = loss_sum(y_hat, y, mask, self.task) / n
+            accuracy = ((y_hat.argmax(-1) == y) & mask).sum().float() / n if self.task.kind == "classification" else None
+        elif self.trainer.world_size == 1:
             return
-        loss = loss_sum(y_hat, y, mask, self.task) / n
+        else:
+            # Lightning all-reduces each logged key once at the epoch's end, so every rank must
+            # have logged each one (a rank whose rows had no label all epoch left the others
+            # waiting forever): a weight of 0 adds nothing to the ranks' weighted means
+            loss = accuracy = torch.zeros((), device=y_hat.device)
         self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=n, sync_dist=True)
         if self.task.kind == "language_model":
             self.log(f"{stage}/{self.task.bits_metric}", loss / LN2, batch_size=n, sync_dist=True)
         elif self.task.kind == "classification":
-            correct = ((y_hat.argmax(-1) == y) & mask).sum()
-            self.log(f"{stage}/accuracy", correct.float() / n, prog_bar=True, batch_size=n, sync_dist=True)
+            self.log(f"{stage}/accuracy", accuracy, prog_bar=True, batch_size=n, sync_dist=True)
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Tensor]:
         """On the host: ``prediction`` (regression: the values; otherwise the most probable class,

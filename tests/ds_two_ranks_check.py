@@ -36,6 +36,10 @@ from distrnn.rendezvous import host_rendezvous_on_loopback, release_rendezvous  
 
 LM = TaskSpec(kind="language_model", output_dim=40, vocab_size=40, seq_len=16)
 
+# a forked rank has none of the parent's OpenMP threads, and GNU OpenMP would wait for them in its
+# next parallel region (as tests/conftest.py says): one thread per rank
+os.register_at_fork(after_in_child=lambda: torch.set_num_threads(1))
+
 
 class _GatheringLauncher(_MultiProcessingLauncher):
     """Lightning's fork launcher, whose rank 0 sends its module's weights to the main process:

@@ -309,3 +309,49 @@ def test_at_exit_the_process_group_is_gone_before_the_interpreter_shuts_down(tmp
     mp.start_processes(_all_reduce_then_exit, args=(tmp_path,), nprocs=2, start_method="spawn")
     for r in (0, 1):
         assert json.loads((tmp_path / f"rank{r}").read_text()) == {"group": False, "held": False}
+
+
+class LabelsOnRankZero(L.LightningDataModule):
+    """8 labelled training sequences; of the 8 validation sequences only rank 0's (samples 0-3)
+    have labels."""
+
+    def __init__(self, per_rank):
+        super().__init__()
+        self.per_rank = per_rank
+
+    def _loader(self, val):
+        g = torch.Generator().manual_seed(0)
+        x = torch.randint(0, 40, (8, 16), generator=g)
+        mask = torch.ones(8, 16, dtype=torch.bool)
+        if val:
+            mask[4:] = False
+        return TensorLoader({"x": x, "y": torch.randint(0, 40, (8, 16), generator=g), "mask": mask}, self.per_rank,
+                            rank=self.trainer.global_rank, world_size=self.trainer.world_size)
+
+    def train_dataloader(self):
+        return self._loader(False)
+
+    def val_dataloader(self):
+        return self._loader(True)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)  # the hang it guards against
+def test_a_rank_without_labels_in_validation_does_not_hang_the_others(loopback_rendezvous):
+    """Lightning all-reduces each logged validation key once, at the epoch's end: a rank whose
+    rows had no label all epoch logged nothing, and the other waited for it forever. Now it logs
+    with a weight of 0, and the validation loss is the one process's with the global batch."""
+    def fit(devices, per_rank):
+        module = make_module(LM, recurrence="gru", hidden=16, k1=4, name="adamw", lr=1e-2, seed=0)
+        trainer = L.Trainer(accelerator="cpu", devices=devices, strategy="ddp_fork" if devices > 1 else "auto",
+                            max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                            enable_model_summary=False, num_sanity_val_steps=0)
+        if devices > 1:
+            loopback_rendezvous(trainer)
+        trainer.fit(module, LabelsOnRankZero(per_rank))
+        return trainer.callback_metrics
+
+    single, ddp = fit(1, 8), fit(2, 4)
+    assert set(ddp) >= {"val/loss", "val/bpb"}, ddp
+    for k in ("val/loss", "val/bpb"):
+        torch.testing.assert_close(ddp[k], single[k], rtol=0, atol=1e-6, msg=k)

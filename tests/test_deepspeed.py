@@ -144,7 +144,7 @@ def two_ranks():
     """tests/ds_two_ranks_check.py: 2 forked CPU ranks of Lightning's DeepSpeed strategy against
     one process with the global batch (~25 s)."""
     pytest.importorskip("deepspeed")
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     for k in ("MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_USE_AGENT_STORE"):
         env.pop(k, None)
     # a hang (what the cases guard against) ends at the timeout; its forked ranks go with the group
