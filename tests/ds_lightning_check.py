@@ -9,7 +9,8 @@ the precision plugin, the optimizer and scheduler wiring, and the checkpoint dir
 Checks:
 - ``equal``: ZeRO-2 and ZeRO-3, fp32: 6 updates with gradient clipping that bites equal the plain
   run's weights, and the reported pre-clip gradient norm equals the plain run's; so do the same
-  updates with ``model.tbptt.micro_batch_size`` 2 (``equal_micro``);
+  updates with ``model.tbptt.micro_batch_size`` 2 (``equal_micro``; checkpointed BPTT in groups:
+  ``equal_micro_checkpointed``);
 - ``bf16``: ZeRO-2 and ZeRO-3 with bf16: the weights are bf16 in the engine, and the loss falls;
   with the Diagnostics callback, which measures what ZeRO leaves measurable and says what not; the
   checkpoint directory, and one of DeepSpeed's bf16 optimizer (ZeRO-1, fp32 gradient
@@ -112,7 +113,7 @@ def loader() -> StreamLoader:
 
 def module(lr: float = 1e-2, mode: str = "tbptt", micro: int | None = None) -> TBPTTModule:
     torch.manual_seed(0)
-    tbptt = TBPTTConfig(k1=32, micro_batch_size=micro) if mode == "tbptt" else TBPTTConfig(mode=mode, k1=8)
+    tbptt = TBPTTConfig(k1=32, micro_batch_size=micro) if mode == "tbptt" else TBPTTConfig(mode=mode, k1=8, micro_batch_size=micro)
     return TBPTTModule(NetworkConfig(recurrence="lstm", hidden_size=16, num_layers=2), tbptt,
                        OptimizerConfig(name="adamw", lr=lr, clip_norm=0.05, schedule="cosine", warmup_updates=2), LM)
 
@@ -201,6 +202,12 @@ def main() -> None:
     for stage in (2, 3):
         ds, rec = fit(a.device, stage, 6, mode="checkpointed", zero={"stage3_param_persistence_threshold": 0} if stage == 3 else None)
         result[f"equal_checkpointed_zero{stage}"] = against_plain(plain, plain_rec, ds, rec)
+    # and in groups of 2 rows, against the plain run in groups
+    plain, plain_rec = fit(a.device, None, 6, mode="checkpointed", micro=2)
+    for stage in (2, 3):
+        ds, rec = fit(a.device, stage, 6, mode="checkpointed", micro=2,
+                      zero={"stage3_param_persistence_threshold": 0} if stage == 3 else None)
+        result[f"equal_micro_checkpointed_zero{stage}"] = against_plain(plain, plain_rec, ds, rec)
 
     for stage in (2, 3):
         diag = Diagnostics(every_n_steps=10, window=16)
