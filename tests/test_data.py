@@ -677,3 +677,18 @@ def test_processes_that_start_together_copy_a_folder_once(tmp_path, monkeypatch)
         t.join(60)
     assert len(copies) == 1 and len(results) == 4, copies
     assert all(torch.equal(r[0], results[0][0]) and torch.equal(r[1], torch.tensor([0, 1000, 2000])) for r in results)
+
+
+def test_an_uneven_loader_padded_gives_every_rank_as_many_batches():
+    """5 batches of 4 over 2 ranks: unevenly 3 and 2; padded (ZeRO-3, whose forward is a
+    collective) 3 each, the second rank's third a copy of the last batch with no step to score."""
+    fields = {"x": torch.arange(18 * 3).view(18, 3), "mask": torch.ones(18, 3, dtype=torch.bool)}
+    loaders = [TensorLoader(fields, 4, rank=r, world_size=2, uneven=True) for r in (0, 1)]
+    assert [lo.num_batches() for lo in loaders] == [3, 2]
+    for lo in loaders:
+        lo.pad_uneven = True
+    assert [lo.num_batches() for lo in loaders] == [3, 3]
+    last, pad = loaders[0].make_batch(0, 2), loaders[1].make_batch(0, 2)
+    assert torch.equal(pad["x"], last["x"]) and last["x"].shape[0] == 2
+    assert last["mask"].all() and not pad["mask"].any()
+    assert loaders[1].make_batch(0, 1)["mask"].all()

@@ -173,6 +173,15 @@ def test_two_ranks_micro_batches_under_deepspeed_equal_one_process(two_ranks, st
     assert two_ranks[f"micro_zero{stage}"]["weights"] < 1e-6, two_ranks
 
 
+def test_zero3_ranks_with_uneven_validation_batches_equal_one_process(two_ranks):
+    """A table's 38 validation windows in batches of 8: 5 batches over 2 ranks. Served unevenly
+    (as under DDP), the second rank ran out of batches while the first waited in its last batch's
+    ZeRO-3 parameter gathers, forever; the data module now pads the second with a batch that has
+    nothing to score, and the validation loss is the one process's."""
+    r = two_ranks["uneven_validation_zero3"]
+    assert r["windows"] == 38 and r["weights"] < 1e-6 and r["val_loss"] < 1e-6, two_ranks
+
+
 @pytest.mark.parametrize("case", ["lstm", "lstm_checkpointed", "mingru"])
 def test_zero3_ranks_with_resets_and_labels_at_other_steps_equal_one_process(two_ranks, case):
     """Under ZeRO-3 every module call gathers its parameters, so every rank must call the same

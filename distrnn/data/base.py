@@ -60,7 +60,19 @@ class RecurrentDataModule(L.LightningDataModule):
             loader.bind_epoch(lambda: trainer.current_epoch)
             loader.pin_device = _cuda_device(trainer)
             loader.prefetch = loader.pin_device is not None
+            if hasattr(loader, "pad_uneven"):
+                loader.pad_uneven = _forward_is_collective(trainer)
         return loader
+
+
+def _forward_is_collective(trainer: L.Trainer) -> bool:
+    """Whether every rank must run every forward pass: ZeRO-3 gathers each module's parameters
+    from all ranks at its call, so a rank with one evaluation batch fewer would leave the others
+    waiting forever."""
+    try:
+        return bool(getattr(trainer.strategy, "zero_stage_3", False)) and trainer.world_size > 1
+    except (AttributeError, RuntimeError):  # a strategy not set up yet (a config check)
+        return False
 
 
 def _cuda_device(trainer: L.Trainer) -> Optional[torch.device]:

@@ -257,6 +257,12 @@ class TensorLoader(ResumableLoader):
     turns into ``x``, ``y`` and optionally ``mask`` per batch (so large per-step targets need not be
     stored).
 
+    ``pad_uneven`` (set by the data module when the strategy's forward is itself a collective:
+    DeepSpeed ZeRO-3 gathers each module's parameters) makes an uneven loader give every rank as
+    many batches as the first: a rank without a batch in the last round gets a copy of the last
+    batch with no step to score (a weight of 0 in the metrics; in predictions, a batch whose mask
+    is all False).
+
     Under DDP a training batch carries ``mask_total`` (the loss steps of every rank's rows at each
     step, which spares the engine an all-reduce per batch: under NCCL a wait for the GPU) when the
     loader knows it without the other ranks' data: no mask (every step), a ``mask`` field (gathered
@@ -279,6 +285,7 @@ class TensorLoader(ResumableLoader):
     ) -> None:
         super().__init__()
         self.uneven = uneven
+        self.pad_uneven = False
         self.mask_same_every_row = mask_same_every_row
         self.fields = fields
         self.transform = transform
@@ -299,6 +306,8 @@ class TensorLoader(ResumableLoader):
         return {"data.batch_size": self.batch_size, "the data (samples)": self.n, "data.seed": self.seed if self.shuffle else None}
 
     def num_batches(self) -> int:
+        if self.uneven and self.pad_uneven:
+            return math.ceil(self._global_batches() / self.world_size)
         if self.uneven:
             return len(range(self.rank, self._global_batches(), self.world_size))
         return self._global_batches() // self.world_size
@@ -309,12 +318,17 @@ class TensorLoader(ResumableLoader):
         else:
             order = torch.arange(self.n)
         g = index * self.world_size + self.rank
+        padding = g >= self._global_batches()  # (pad_uneven)
+        if padding:
+            g = self._global_batches() - 1
         idx = order[g * self.batch_size : (g + 1) * self.batch_size]
         batch = {k: v[idx] for k, v in self.fields.items()}
         if self.transform is not None:
             batch = self.transform(batch)
         made_mask = "mask" not in batch
         batch = _complete(batch, epoch, index)
+        if padding:
+            batch["mask"] = torch.zeros_like(batch["mask"])
         if self.world_size > 1 and not self.uneven:
             total = self._mask_total(order, index, batch["mask"], made_mask)
             if total is not None:
