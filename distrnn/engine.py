@@ -34,6 +34,7 @@ from distrnn.config import (
     coerce,
     to_plain,
 )
+from distrnn.data.base import forward_is_collective
 from distrnn.data.loaders import to_device_queued
 from distrnn.model import RecurrentModel
 from distrnn.rendezvous import release_process_group_at_exit
@@ -596,7 +597,8 @@ class TBPTTModule(L.LightningModule):
         ZeRO-3 every rank calls the same modules (``cuts``: every rank's reset steps)."""
         groups = self._row_groups(x.shape[0])
         with_loss = [bool(mask_cpu[rows].any()) for rows in groups]
-        if ds is not None and len(groups) > 1:
+        ds_groups = ds is not None and len(groups) > 1
+        if ds_groups:
             # ZeRO-2/3 reduce (a collective) in every backward, boundary or not: every rank runs
             # one per group, a group without a loss step a zero loss
             with_loss = [has or None for has in with_loss]
@@ -618,7 +620,7 @@ class TBPTTModule(L.LightningModule):
                     res = run_window(*args, mask_host=part(mask_cpu), cuts_T=cuts)
             else:
                 block = self.trainer.strategy.block_backward_sync() if parallel and i != last else nullcontext()
-                if ds is not None and len(groups) > 1:
+                if ds_groups:
                     self._deepspeed_micro_step(ds.deepspeed_engine, boundary=i == last)
                 with block:
                     # mask_host None: the head and the (zero) loss over every step, so every
@@ -650,14 +652,17 @@ class TBPTTModule(L.LightningModule):
         cut at resets. One all-reduce per window; under NCCL the host waits for it, just after
         ZeRO-3's step, which reads its overflow flag on the host every update (DeepSpeed 0.19), has
         drained the queue. None elsewhere."""
-        ds = self._deepspeed()
-        if ds is None or not ds.zero_stage_3 or self.trainer.world_size == 1:
+        if not forward_is_collective(self.trainer):
             return None
+        return self._all_reduce_to_host(reset.any(dim=0).to(torch.int32), torch.distributed.ReduceOp.MAX).bool()
+
+    def _all_reduce_to_host(self, t: Tensor, op: Any = torch.distributed.ReduceOp.SUM) -> Tensor:
+        """All-reduce a small host tensor over the ranks; back on the host. Gloo reduces it there;
+        NCCL takes a device tensor, whose result the host then waits for."""
         on_host = torch.distributed.get_backend() == "gloo"
-        t = reset.any(dim=0).to(torch.int32)
         t = t if on_host else t.to(self.device)
-        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-        return t.cpu().bool()
+        torch.distributed.all_reduce(t, op=op)
+        return t.cpu()
 
     @staticmethod
     def _deepspeed_micro_step(engine: Any, boundary: bool) -> None:
@@ -685,10 +690,7 @@ class TBPTTModule(L.LightningModule):
             return [int(total_T[a:b].sum()) for a, b in bounds]
         # on the host under gloo; NCCL takes a device tensor, whose result the host then waits for
         # (once per batch: a stream loader's and the synthetic tasks' batches carry their totals)
-        on_host = torch.distributed.get_backend() == "gloo"
-        t = torch.tensor(counts, dtype=torch.int64, device="cpu" if on_host else self.device)
-        torch.distributed.all_reduce(t)
-        return t.tolist()
+        return self._all_reduce_to_host(torch.tensor(counts, dtype=torch.int64)).tolist()
 
     def _loss_scaler(self) -> Optional[torch.amp.GradScaler]:
         scaler = getattr(self.trainer.precision_plugin, "scaler", None) if self._trainer is not None else None

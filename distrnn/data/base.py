@@ -61,11 +61,11 @@ class RecurrentDataModule(L.LightningDataModule):
             loader.pin_device = _cuda_device(trainer)
             loader.prefetch = loader.pin_device is not None
             if hasattr(loader, "pad_uneven"):
-                loader.pad_uneven = _forward_is_collective(trainer)
+                loader.pad_uneven = forward_is_collective(trainer)
         return loader
 
 
-def _forward_is_collective(trainer: L.Trainer) -> bool:
+def forward_is_collective(trainer: L.Trainer) -> bool:
     """Whether every rank must run every forward pass: ZeRO-3 gathers each module's parameters
     from all ranks at its call, so a rank with one evaluation batch fewer would leave the others
     waiting forever."""
