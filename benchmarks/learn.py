@@ -10,7 +10,9 @@ keys but needs neither jsonargparse nor MLflow (the GPU image has neither); use 
 anywhere else. With ``--save`` the config's checkpoints (best and last, distrnn's ``Checkpoint``)
 go to that folder, ``last.ckpt`` written when the time or update limit stops the call; ``--resume``
 goes on from such a file exactly as ``distrnn fit --ckpt_path`` does (weights, optimizer, schedule,
-data position, RNG), so one schedule longer than a device call runs over several calls.
+data position, RNG), so one schedule longer than a device call runs over several calls; the
+validation curve travels in the checkpoint too, so ``best`` and ``curve`` are the whole schedule's
+(``best_this_call``: this call's alone).
 """
 
 from __future__ import annotations
@@ -48,15 +50,26 @@ class StopAfter(L.Callback):
 
 
 class Report(L.Callback):
+    """The validation curve. Saved in the checkpoint (a stateful callback), so a call that resumes
+    reports the whole schedule's curve and best, not only its own (``call`` says which call
+    measured a row)."""
+
     def __init__(self) -> None:
         self.rows: list[dict] = []
         self.t0 = time.perf_counter()
+        self.call = 1
+
+    def state_dict(self) -> dict:
+        return {"rows": self.rows, "call": self.call}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.rows, self.call = list(state_dict["rows"]), state_dict["call"] + 1
 
     def on_validation_end(self, trainer, pl_module) -> None:
         if trainer.sanity_checking:
             return
         m = {k: round(float(v), 5) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
-        row = {"step": trainer.global_step, "s": round(time.perf_counter() - self.t0, 1), **m}
+        row = {"step": trainer.global_step, "call": self.call, "s": round(time.perf_counter() - self.t0, 1), **m}
         self.rows.append(row)
         print(json.dumps(row), flush=True)
 
@@ -89,10 +102,12 @@ def main() -> None:
     trainer.fit(model, data, ckpt_path=a.resume)
     key = "val/accuracy" if data.task.kind == "classification" else "val/loss"
     vals = [r[key] for r in rep.rows if key in r]
-    best = (max if key == "val/accuracy" else min)(vals) if vals else None
+    pick = max if key == "val/accuracy" else min
+    mine = [r[key] for r in rep.rows if key in r and r["call"] == rep.call]
     out = {"config": a.config, "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
            "updates": trainer.global_step, "seconds": round(time.perf_counter() - rep.t0, 1), "metric": key,
-           "best": best, "last": vals[-1] if vals else None, "resumed_from": a.resume, "curve": rep.rows}
+           "best": pick(vals) if vals else None, "best_this_call": pick(mine) if mine else None,
+           "last": vals[-1] if vals else None, "call": rep.call, "resumed_from": a.resume, "curve": rep.rows}
     print("RESULT", json.dumps({k: v for k, v in out.items() if k != "curve"}), flush=True)
     if a.json:
         json.dump(out, open(a.json, "w"), indent=1)
