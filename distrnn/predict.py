@@ -56,6 +56,8 @@ class WritePredictions(BasePredictionWriter):
 
     def write_on_batch_end(self, trainer: Trainer, pl_module: LightningModule, prediction: Any,
                            batch_indices: Any, batch: Any, batch_idx: int, dataloader_idx: int) -> None:
+        if isinstance(batch, dict) and batch.get("padding"):
+            return  # a rank's stand-in for a batch it does not have (TensorLoader.pad_uneven)
         inverse = getattr(trainer.datamodule, "inverse_targets", None)
         if callable(inverse) and pl_module.task.kind == "regression":
             prediction = {**prediction, "prediction": inverse(prediction["prediction"]), "target": inverse(prediction["target"])}

@@ -691,4 +691,5 @@ def test_an_uneven_loader_padded_gives_every_rank_as_many_batches():
     last, pad = loaders[0].make_batch(0, 2), loaders[1].make_batch(0, 2)
     assert torch.equal(pad["x"], last["x"]) and last["x"].shape[0] == 2
     assert last["mask"].all() and not pad["mask"].any()
+    assert pad["padding"] and "padding" not in last
     assert loaders[1].make_batch(0, 1)["mask"].all()

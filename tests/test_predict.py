@@ -77,3 +77,32 @@ def test_a_failed_prediction_leaves_nothing(tmp_path):
     assert [p.name for p in (tmp_path / "sub").iterdir()] == ["p.rank1.pt"] and writer.written == tmp_path / "sub" / "p.rank1.pt"
     written = torch.load(writer.written, weights_only=True)
     assert written["rank"] == 1 and len(written["batches"]) == 1 and torch.equal(written["batches"][0]["prediction"], torch.ones(2))
+
+
+def test_a_padded_batch_is_left_out_of_the_predictions(tmp_path):
+    """Under ZeRO-3 on several ranks an uneven loader pads a rank's last round with a stand-in
+    batch (every rank must call the model as often): a real Lightning predict over rank 1's share
+    of 5 batches on 2 ranks (padded to 3) writes its 2 batches, as the unpadded loader would."""
+    import lightning as L
+
+    from distrnn.config import TaskSpec
+    from distrnn.data.loaders import TensorLoader
+
+    from helpers import make_module
+
+    g = torch.Generator().manual_seed(0)
+    fields = {"x": torch.randn(18, 6, 3, generator=g), "y": torch.randn(18, 6, 1, generator=g)}
+    task = TaskSpec(kind="regression", output_dim=1, input_dim=3, seq_len=6)
+    module = make_module(task, recurrence="gru", hidden=8, k1=6)
+    written = {}
+    for pad in (False, True):
+        loader = TensorLoader(fields, 4, rank=1, world_size=2, uneven=True)
+        loader.pad_uneven = pad
+        writer = WritePredictions(str(tmp_path / f"pad{pad}.pt"))
+        L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                  callbacks=[writer]).predict(module, dataloaders=loader, return_predictions=False)
+        written[pad] = torch.load(writer.written, weights_only=True)["batches"]
+    assert TensorLoader(fields, 4, rank=1, world_size=2, uneven=True).num_batches() == 2
+    assert len(written[False]) == len(written[True]) == 2
+    for a, b in zip(written[False], written[True]):
+        assert torch.equal(a["prediction"], b["prediction"]) and b["mask"].all()

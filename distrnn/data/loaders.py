@@ -260,8 +260,8 @@ class TensorLoader(ResumableLoader):
     ``pad_uneven`` (set by the data module when the strategy's forward is itself a collective:
     DeepSpeed ZeRO-3 gathers each module's parameters) makes an uneven loader give every rank as
     many batches as the first: a rank without a batch in the last round gets a copy of the last
-    batch with no step to score (a weight of 0 in the metrics; in predictions, a batch whose mask
-    is all False).
+    batch with no step to score (a weight of 0 in the metrics), marked ``padding`` (prediction
+    writers leave it out).
 
     Under DDP a training batch carries ``mask_total`` (the loss steps of every rank's rows at each
     step, which spares the engine an all-reduce per batch: under NCCL a wait for the GPU) when the
@@ -329,6 +329,7 @@ class TensorLoader(ResumableLoader):
         batch = _complete(batch, epoch, index)
         if padding:
             batch["mask"] = torch.zeros_like(batch["mask"])
+            batch["padding"] = True
         if self.world_size > 1 and not self.uneven:
             total = self._mask_total(order, index, batch["mask"], made_mask)
             if total is not None:
