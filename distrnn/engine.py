@@ -249,34 +249,53 @@ def _on_host(number: float) -> Tensor:
 
 
 class _PendingCheck:
-    """Whether an update was finite, copied to the host behind that update's gradients on the GPU;
-    read (waiting for that copy alone) by the next update or before a checkpoint is written. One
-    pinned buffer and one event serve every update: each check is read before the next is made."""
+    """What the host learns of an update one update late: whether its loss and gradients were
+    finite and, under fp16 loss scaling, the scale it left. Each is copied to the host behind that
+    update's work on the GPU and read (waiting for those copies alone) by the next update or before
+    a checkpoint is written. One pinned buffer and one event serve every update: each check is read
+    before the next is made."""
 
     def __init__(self) -> None:
         self.host: Optional[Tensor] = None
         self.event: Optional[Any] = None
+        self.copied = False
         self.flag: Optional[Tensor] = None
+        self.scale: Optional[Tensor] = None
 
     def put(self, step: int, rank: int, loss: Tensor, grad_norm: Tensor, flag: Tensor) -> None:
         self.step, self.rank, self.loss, self.grad_norm = step, rank, loss, grad_norm
-        if flag.device.type == "cuda":
-            if self.host is None:
-                self.host = torch.empty((), dtype=flag.dtype, pin_memory=True)
-                self.event = torch.cuda.Event()
-            self.flag = self.host.copy_(flag, non_blocking=True)
-            self.event.record()
-        else:
-            self.flag = flag  # on the host already: computed when it was queued
+        self.flag = self._behind(flag, 0)
+
+    def put_scale(self, step: int, rank: int, scale: Tensor, minimum: float) -> None:
+        self.scale_step, self.scale_rank, self.minimum = step, rank, minimum
+        self.scale = self._behind(scale, 1)
+
+    def _behind(self, t: Tensor, slot: int) -> Tensor:
+        if t.device.type != "cuda":
+            return t.detach().clone()  # on the host already: computed when it was queued
+        if self.host is None:
+            self.host = torch.empty(2, dtype=torch.float32, pin_memory=True)
+            self.event = torch.cuda.Event()
+        out = self.host[slot]
+        out.copy_(t.detach().reshape(()), non_blocking=True)
+        self.event.record()
+        self.copied = True
+        return out
 
     def raise_if_nonfinite(self) -> None:
-        flag, self.flag = self.flag, None
-        if flag is None:
-            return
-        if flag is self.host:
+        flag, scale, copied = self.flag, self.scale, self.copied
+        self.flag = self.scale = None
+        self.copied = False
+        if copied:
             self.event.synchronize()
-        if flag.item():
+        if flag is not None and flag.item():
             raise _nonfinite_error(self.loss, self.grad_norm, self.step, self.rank)
+        if scale is not None and scale.item() < self.minimum:
+            raise FloatingPointError(
+                f"fp16 gradients overflow at every loss scale: the scale fell to {scale.item():g} (below"
+                f" model.optimizer.min_loss_scale={self.minimum:g}) at step {self.scale_step} on rank"
+                f" {self.scale_rank}; the overflowing updates were skipped, the last checkpoint is intact"
+            )
 
 
 class TBPTTModule(L.LightningModule):
@@ -455,38 +474,45 @@ class TBPTTModule(L.LightningModule):
         if self._deepspeed() is not None:
             self._grad_norm = None  # DeepSpeed's engine clips and reports the norm after its step
             return
+        self._check_finite()  # the last update's verdict and loss scale, read behind this update's backward
+        scaler = self._loss_scaler()
+        if scaler is not None and getattr(optimizer, "_step_supports_amp_scaling", False):
+            # Lightning leaves a fused optimizer's gradients scaled (its step can unscale them):
+            # the norm must be clipped unscaled. The scaler then hands the step its overflow flag.
+            scaler.unscale_(optimizer)
         clip = self.optim_cfg.clip_norm
         self._grad_norm = torch.nn.utils.clip_grad_norm_(
             self.model.parameters(), clip if clip is not None else float("inf"), foreach=True
         )
         if self._unchecked_loss is not None:
             loss, self._unchecked_loss = self._unchecked_loss, None
-            if optimizer.defaults.get("fused") and self._loss_scaler() is None:
-                self._skip_if_nonfinite(optimizer, loss, self._grad_norm)
+            if optimizer.defaults.get("fused"):
+                self._skip_if_nonfinite(optimizer, loss, self._grad_norm, hand_over=scaler is None)
             else:
                 self._stop_if_nonfinite(loss, self._grad_norm)
 
     def _skips_on_device(self) -> bool:
         """Whether stop_on_nonfinite can skip a non-finite update on the device and find out one
         update later (:meth:`_skip_if_nonfinite`): a fused optimizer on CUDA or a CPU, not under
-        DeepSpeed (its engine steps) or fp16 loss scaling (the scaler decides on skipping)."""
-        return (self.optim_cfg.stop_on_nonfinite and self.device.type in ("cuda", "cpu") and self._deepspeed() is None
-                and self._loss_scaler() is None)
+        DeepSpeed (its engine steps)."""
+        return self.optim_cfg.stop_on_nonfinite and self.device.type in ("cuda", "cpu") and self._deepspeed() is None
 
-    def _skip_if_nonfinite(self, optimizer: torch.optim.Optimizer, loss: Tensor, grad_norm: Tensor) -> None:
+    def _skip_if_nonfinite(self, optimizer: torch.optim.Optimizer, loss: Tensor, grad_norm: Tensor, hand_over: bool) -> None:
         """stop_on_nonfinite without a host sync per update. Whether this update's loss and
-        gradients are finite is computed on the device and handed to the fused optimizer, which
-        skips the update there if not (as GradScaler has it skip an overflowing fp16 update). The
-        host reads the flag one update later, here, before that update's step (waiting only for the
+        gradients are finite is computed on the device and handed to the fused optimizer
+        (``hand_over``), which skips the update there if not, as GradScaler has it skip an
+        overflowing fp16 update. (Under fp16 loss scaling the scaler hands over its own flag, the
+        gradients' overflow, which a non-finite loss raises too: here only the loss is checked.)
+        The host reads the flag one update later, before that update's step (waiting only for the
         last update's gradients, not for the work queued since), or before a checkpoint is
         written, validation or the end of training, and raises naming the step: no update runs
         after a non-finite one. So the GPU is never left idle while the host reads a result, nothing of a
         non-finite update is applied and no checkpoint is written after it. Under DDP the
         gradients, and so the flags, are the same on every rank: every rank stops at the same
         update."""
-        self._check_finite()
         flag = self._nonfinite(loss, grad_norm).to(torch.float32)
-        optimizer.found_inf = flag
+        if hand_over:
+            optimizer.found_inf = flag
         self._pending.put(self.global_step, self.global_rank, loss, grad_norm, flag)
 
     def _check_finite(self) -> None:
@@ -497,7 +523,7 @@ class TBPTTModule(L.LightningModule):
         """FloatingPointError before the update is applied when the loss, or the gradients (DDP:
         after their all-reduce), are not finite; one host sync for both. Where the update cannot
         be skipped on the device (:meth:`_skips_on_device`): DeepSpeed (the loss, before its
-        backward), fp16 loss scaling, devices other than CUDA and CPUs.
+        backward), devices other than CUDA and CPUs.
 
         Checked after the backward pass, not before it: a sync right after the forward would leave
         the GPU idle while the host queues the backward pass, kernel by kernel. Under DDP a NaN
@@ -566,7 +592,9 @@ class TBPTTModule(L.LightningModule):
             # before clipping, as clip_grad_norm_ returns; kept as a tensor: no host sync per update
             norm = ds.deepspeed_engine.get_global_grad_norm()
             self._grad_norm = None if norm is None else norm.detach() if isinstance(norm, Tensor) else torch.as_tensor(norm)
-        self._check_loss_scale()
+        scaler = self._loss_scaler()
+        if scaler is not None:  # read with the next update's verdict: no host sync here
+            self._pending.put_scale(self.global_step, self.global_rank, scaler._get_scale_async(), self.optim_cfg.min_loss_scale)
         sched.step()
         self._advance_carry(res, x, y, reset, keep)
         return res.loss_sum / n_loss if n_loss else None
@@ -695,20 +723,6 @@ class TBPTTModule(L.LightningModule):
     def _loss_scaler(self) -> Optional[torch.amp.GradScaler]:
         scaler = getattr(self.trainer.precision_plugin, "scaler", None) if self._trainer is not None else None
         return scaler if scaler is not None and scaler.is_enabled() else None
-
-    def _check_loss_scale(self) -> None:
-        # The scaler's step has already synchronized with the device to decide on skipping, so
-        # reading the scale costs no extra stall.
-        scaler = self._loss_scaler()
-        if scaler is None:
-            return
-        scale = scaler.get_scale()
-        if scale < self.optim_cfg.min_loss_scale:
-            raise FloatingPointError(
-                f"fp16 gradients overflow at every loss scale: the scale fell to {scale:g} (below"
-                f" model.optimizer.min_loss_scale={self.optim_cfg.min_loss_scale:g}) at step {self.global_step}"
-                f" on rank {self.global_rank}; the overflowing updates were skipped, the last checkpoint is intact"
-            )
 
     def _advance_carry(self, res: Any, x: Tensor, y: Tensor, reset: Tensor, keep: int) -> None:
         if keep > 0:

@@ -421,6 +421,9 @@ class _Snapshots(L.Callback):
         if self.inf_from is not None and trainer.global_step >= self.inf_from:
             next(pl_module.parameters()).grad.fill_(float("inf"))
 
+    def on_train_start(self, trainer, pl_module):
+        self.fused = [trainer.optimizers[0].defaults.get("fused")]
+
     def on_train_batch_end(self, trainer, pl_module, *args):
         opt = trainer.optimizers[0]
         self.after.append({
@@ -469,20 +472,42 @@ def test_fp16_overflowing_update_is_skipped_bit_identically():
     assert skipped["scale"] == before["scale"] / 2
     assert any(not torch.equal(v, after["params"][k]) for k, v in skipped["params"].items())
     assert snaps.after[1]["scale"] == snaps.after[0]["scale"] == 2.0**16  # no overflow before
+    assert snaps.fused == [True]  # the scaler hands a fused step its flag: no host sync per update
 
 
 def test_fp16_overflow_at_every_scale_is_a_hard_error():
     """Gradients infinite from update 2 on: the scale halves on every skipped update, and when it
-    falls below min_loss_scale the run stops with an error naming the step, not skipping forever."""
+    falls below min_loss_scale the run stops with an error naming the step, not skipping forever.
+    The host reads the scale one update late (no host sync per update): before the next update's
+    step, which never runs."""
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(200, 8, 3, generator=g), torch.randn(200, 8, 1, generator=g)
     snaps = _Snapshots(inf_from=2)
     with pytest.raises(FloatingPointError, match=r"overflow at every loss scale.*min_loss_scale=1024.*at step 9 on rank 0"):
         _fp16_fit(x, y, snaps, max_steps=50, min_loss_scale=2.0**10)
     # updates 2..7 overflow and halve 2**16 down to 2**10 = the minimum; update 8's halving goes
-    # below it and stops the run (after 9 counted updates)
-    assert [s["scale"] for s in snaps.after[2:]] == [2.0**15, 2.0**14, 2.0**13, 2.0**12, 2.0**11, 2.0**10]
+    # below it (after 9 counted updates), read in the next update, which stops the run before its step
+    assert [s["scale"] for s in snaps.after[2:]] == [2.0**15, 2.0**14, 2.0**13, 2.0**12, 2.0**11, 2.0**10, 2.0**9]
     assert all(torch.equal(v, snaps.after[1]["params"][k]) for s in snaps.after[2:] for k, v in s["params"].items())
+
+
+def test_fp16_nan_loss_stops_at_its_step_with_nothing_applied():
+    """fp16 loss scaling steps a fused optimizer (the scaler hands it the overflow flag: no host
+    sync per update) and reads each update's loss one update late: a NaN loss in the third update
+    (a NaN target) stops the run naming it (step 2, counted from 0), with the weights and moments
+    of the update before bit for bit, the update after it never stepped."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(40, 8, 3, generator=g), torch.randn(40, 8, 1, generator=g)
+    y[8:12, -1] = float("nan")  # batch 2, the third update
+    snaps = _Snapshots()
+    with pytest.raises(FloatingPointError, match=r"^non-finite loss \(nan\) at step 2 on rank 0: the update was not applied"):
+        _fp16_fit(x, y, snaps, max_steps=10)
+    assert len(snaps.after) == 3  # the fourth update read the third's loss before its step and stopped
+    before, bad = snaps.after[1], snaps.after[2]
+    assert all(torch.equal(v, bad["params"][k]) for k, v in before["params"].items())
+    assert all(torch.equal(t, bad["opt"][p][n]) for p, st in before["opt"].items() for n, t in st.items())
+    assert bad["scale"] == before["scale"] / 2  # the scaler saw the NaN gradients and skipped
+    assert snaps.fused == [True]
 
 
 def test_hold_at_pauses_until_its_file_appears_then_never_again(tmp_path):

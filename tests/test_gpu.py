@@ -172,11 +172,14 @@ def test_a_gpu_run_gets_its_batches_pinned_by_the_loaders_prefetch_thread():
     assert len(seen) >= 6 and all(all(s) for s in seen), seen  # training and validation batches
 
 
-def test_an_update_returns_to_the_host_while_the_gpu_still_works_on_it():
+@pytest.mark.parametrize("precision", ["32-true", "16-mixed"])
+def test_an_update_returns_to_the_host_while_the_gpu_still_works_on_it(precision):
     """stop_on_nonfinite (the default) reads no result of an update on the host before queueing the
     next: two seconds of GPU work queued before batch 3 are still running when batch 3's update
     (forward, backward, clipping, the finiteness check, AdamW's step) has been queued and its
-    training step has returned. (Update 2's finiteness is read in update 3, update 3's in update 4.)"""
+    training step has returned. (Update 2's finiteness is read in update 3, update 3's in update 4.)
+    Under fp16 loss scaling too: the scaler hands the fused step its overflow flag (an unfused
+    step reads it on the host), and the scale is read one update late."""
     module = make_module(LM, recurrence="gru", hidden=16, mode="full", k1=64, name="adamw", clip=1.0)
     busy = {}
 
@@ -190,7 +193,8 @@ def test_an_update_returns_to_the_host_while_the_gpu_still_works_on_it():
                 busy["at the end of batch 3"] = not torch.cuda.current_stream().query()
 
     L.Trainer(accelerator="gpu", devices=1, max_steps=6, logger=False, log_every_n_steps=1000, enable_checkpointing=False,
-              enable_progress_bar=False, enable_model_summary=False, callbacks=[Sleep()]).fit(module, ListDataModule(_loader()))
+              enable_progress_bar=False, enable_model_summary=False, precision=precision,
+              callbacks=[Sleep()]).fit(module, ListDataModule(_loader()))
     assert busy == {"at the end of batch 3": True}
     assert module.trainer.optimizers[0].defaults["fused"] is True
 
