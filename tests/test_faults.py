@@ -414,8 +414,9 @@ class _Snapshots(L.Callback):
     """Weights, optimizer state and loss scale after every batch; optionally makes every gradient
     from batch ``inf_from`` on infinite (what a diverged fp16 run produces at any scale)."""
 
-    def __init__(self, inf_from=None):
+    def __init__(self, inf_from=None, norms=False):
         self.after, self.inf_from = [], inf_from
+        self.norms = [] if norms else None
 
     def on_after_backward(self, trainer, pl_module):
         if self.inf_from is not None and trainer.global_step >= self.inf_from:
@@ -426,6 +427,8 @@ class _Snapshots(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, *args):
         opt = trainer.optimizers[0]
+        if self.norms is not None:  # the batch's one update's, before clipping (unscaled)
+            self.norms.append(float(pl_module._grad_norm))
         self.after.append({
             "params": {k: v.detach().clone() for k, v in pl_module.state_dict().items()},
             "opt": {k: {n: t.clone() for n, t in st.items() if torch.is_tensor(t)} for k, st in opt.state.items()},
@@ -433,7 +436,7 @@ class _Snapshots(L.Callback):
         })
 
 
-def _fp16_fit(x, y, snapshots, max_steps, min_loss_scale=1.0):
+def _fp16_fit(x, y, snapshots, max_steps, min_loss_scale=1.0, clip=1.0, stop_on_nonfinite=True):
     from lightning.pytorch.plugins.precision import MixedPrecision
 
     from distrnn.config import TaskSpec
@@ -442,8 +445,9 @@ def _fp16_fit(x, y, snapshots, max_steps, min_loss_scale=1.0):
     from helpers import ListDataModule, make_module
 
     task = TaskSpec(kind="regression", output_dim=1, input_dim=x.shape[-1], seq_len=x.shape[1])
-    module = make_module(task, recurrence="mingru", hidden=16, mode="full", k1=x.shape[1], name="adamw", lr=1e-2, clip=1.0)
+    module = make_module(task, recurrence="mingru", hidden=16, mode="full", k1=x.shape[1], name="adamw", lr=1e-2, clip=clip)
     module.optim_cfg.min_loss_scale = min_loss_scale
+    module.optim_cfg.stop_on_nonfinite = stop_on_nonfinite
     # Lightning turns precision="16-mixed" on CPU into bf16; a plugin instance keeps real fp16
     # autocast and a real GradScaler, the same path a GPU run takes.
     precision = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=2.0**16))
@@ -489,6 +493,29 @@ def test_fp16_overflow_at_every_scale_is_a_hard_error():
     # below it (after 9 counted updates), read in the next update, which stops the run before its step
     assert [s["scale"] for s in snaps.after[2:]] == [2.0**15, 2.0**14, 2.0**13, 2.0**12, 2.0**11, 2.0**10, 2.0**9]
     assert all(torch.equal(v, snaps.after[1]["params"][k]) for s in snaps.after[2:] for k, v in s["params"].items())
+
+
+def test_fp16_updates_of_the_fused_step_equal_lightnings_unscaled_unfused_ones():
+    """The fused path (distrnn unscales the gradients before clipping; the scaler hands the step
+    its flag) gives the updates of Lightning's own fp16 path (it unscales; PyTorch's unfused step,
+    which reads the flag on the host), with clipping biting (clipping the scaled gradients would
+    take steps 65,536x too small) and one overflowing batch skipped by both."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(32, 8, 3, generator=g), torch.randn(32, 8, 1, generator=g)
+    x[12:16] *= 1e4  # batch 3 overflows
+    runs = {}
+    for fused in (True, False):
+        snaps = _Snapshots(norms=True)
+        _fp16_fit(x, y, snaps, max_steps=8, clip=0.05, stop_on_nonfinite=fused)
+        assert snaps.fused == [fused or None]
+        runs[fused] = snaps
+    a, b = runs[True], runs[False]
+    assert [s["scale"] for s in a.after] == [s["scale"] for s in b.after] == [2.0**16] * 3 + [2.0**15] * 5
+    assert min(a.norms[:3] + a.norms[4:]) > 0.05  # clipping bites (unscaled norms; batch 3's is inf)
+    for sa, sb in zip(a.after, b.after):
+        for k, v in sa["params"].items():
+            torch.testing.assert_close(v, sb["params"][k], rtol=0, atol=2e-6)
+    assert any(not torch.equal(v, a.after[0]["params"][k]) for k, v in a.after[-1]["params"].items())
 
 
 def test_fp16_nan_loss_stops_at_its_step_with_nothing_applied():
