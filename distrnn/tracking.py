@@ -483,8 +483,8 @@ class LogConfigToMLflow(SaveConfigCallback):
     """Logs the resolved config to the job's MLflow run: every key as a param (and the network's
     parameter count as ``model.num_params``), the YAML as
     ``config.yaml``, and the code that trains (:func:`code_version`: version, git commit, branch,
-    uncommitted changes as tags and ``code.diff``). Runs after instantiation, so a bad config
-    never creates a run."""
+    uncommitted changes as tags and ``code.diff``), and the data as MLflow datasets (:meth:`_log_datasets`).
+    Runs after instantiation, so a bad config never creates a run."""
 
     @rank_zero_only
     def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -509,6 +509,35 @@ class LogConfigToMLflow(SaveConfigCallback):
         suffix = "" if not logged else time.strftime("-resumed-%Y%m%d-%H%M%S")
         logger.experiment.log_text(logger.run_id, text, f"config{suffix}.yaml")
         self._log_code(logger, resumed=bool(logged), suffix=suffix, before=run.data.tags)
+        self._log_datasets(logger, trainer.datamodule, stage)
+
+    # the splits a stage reads, and MLflow's name for their role
+    CONTEXTS = {"fit": (("train", "training"), ("val", "validation")), "validate": (("val", "validation"),)}
+
+    @classmethod
+    def _log_datasets(cls, logger: MLFlowLogger, datamodule: Any, stage: str) -> None:
+        """The run's inputs in MLflow's dataset tracking (the "Datasets" column and tab of the UI):
+        per split its name, source, a digest of its content and a profile (tokens, documents,
+        samples). Runs over the same data show the same digest. MLflow keeps an input once, so a
+        resumed run adds nothing unless its data changed."""
+        import json
+
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        from distrnn.data.base import content_digest
+
+        sources = datamodule.datasets() if hasattr(datamodule, "datasets") else {}
+        inputs = []
+        for split, context in cls.CONTEXTS.get(stage, ()):
+            d = sources.get(split)
+            if d is None:
+                continue
+            local = d.source_type == "local"
+            source = json.dumps({"uri": str(Path(d.uri).resolve())} if local else {"tags": {"mlflow.source.name": d.uri}})
+            dataset = Dataset(d.name, content_digest(d.content), d.source_type, source, profile=json.dumps(d.profile))
+            inputs.append(DatasetInput(dataset, [InputTag("mlflow.data.context", context)]))
+        if inputs:
+            logger.experiment.log_inputs(logger.run_id, inputs)
 
     @staticmethod
     def _log_code(logger: MLFlowLogger, resumed: bool, suffix: str, before: dict[str, str]) -> None:

@@ -147,6 +147,45 @@ def test_enable_checkpointing_false_trains_without_writing_checkpoints(job, caps
     assert not [p for p in Path.cwd().rglob("*.ckpt")], list(Path.cwd().rglob("*.ckpt"))
 
 
+def test_runs_record_their_data_as_mlflow_datasets_with_a_digest_of_the_content(job, capsys):
+    """MLflow's dataset tracking (the UI's "Datasets"): a fit logs its training and validation
+    splits (name, absolute path, a digest of the bytes, token and document counts); a second fit
+    on the same corpus the same digests; one with a byte of the corpus changed in the training part
+    another training digest and the same validation one; `validate` its validation split."""
+    import json
+
+    def inputs(run):
+        return {t.value: d.dataset for d in run.inputs.dataset_inputs for t in d.tags if t.key == "mlflow.data.context"}
+
+    def fit():
+        code, _, err = cli(capsys, "fit", "--config", str(job), "--trainer.max_steps", "2")
+        assert code == 0, err[-3000:]
+        mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+        return mlflow.search_runs(search_all_experiments=True, output_format="list", order_by=["start_time DESC"])[0]
+
+    first, again = fit(), fit()
+    a, b = inputs(first), inputs(again)
+    assert sorted(a) == ["training", "validation"] and first.info.run_id != again.info.run_id
+    corpus = (job.parent / "corpus.txt").resolve()
+    for context, d in a.items():
+        assert (d.name, d.source_type, json.loads(d.source)) == ("corpus.txt", "local", {"uri": str(corpus)})
+        assert (d.digest, d.profile) == (b[context].digest, b[context].profile) and len(d.digest) == 16
+    n = corpus.stat().st_size
+    assert json.loads(a["training"].profile)["tokens"] + json.loads(a["validation"].profile)["tokens"] == n
+    data = bytearray(corpus.read_bytes())
+    data[100] = (data[100] + 1) % 256
+    corpus.write_bytes(bytes(data))
+    c = inputs(fit())
+    assert c["training"].digest != a["training"].digest and c["validation"].digest == a["validation"].digest
+
+    code, _, err = cli(capsys, "validate", "--config", str(job), "--ckpt_path", "last")
+    assert code == 0, err[-3000:]
+    (evaluation,) = [r for r in mlflow.search_runs(search_all_experiments=True, output_format="list")
+                     if r.data.tags.get("distrnn.stage") == "validate"]
+    v = inputs(evaluation)
+    assert sorted(v) == ["validation"] and v["validation"].digest == a["validation"].digest
+
+
 def test_a_file_that_is_no_checkpoint_is_one_line_for_every_command(job, capsys):
     """validate/test/predict read --ckpt_path through Lightning first (a torch.load traceback for
     a file that is no checkpoint); fit read it through distrnn: one line naming the file, each."""

@@ -386,6 +386,66 @@ def test_synthetic_batches_come_from_the_seed():
         SyntheticDataModule("copy_memory", seq_len=15)
 
 
+def test_content_digest_reads_small_data_whole_and_large_data_in_spans():
+    """Up to its limit every byte counts; beyond it the spans from the first byte to the last do
+    (a change between two spans goes unseen: the price of not reading a corpus of gigabytes)."""
+    from distrnn.data.base import content_digest
+
+    t = torch.arange(10_000, dtype=torch.int64).to(torch.uint8)
+    base = content_digest([t])
+    assert content_digest([t.clone()]) == base and content_digest([t.to(torch.int16)]) != base  # dtype counts
+    assert content_digest([t.view(100, 100)]) != base and content_digest([t, "x"]) != content_digest([t, "y"])
+    for at in (0, 5_000, 9_999):
+        u = t.clone()
+        u[at] += 1
+        assert content_digest([u]) != base
+        # sampled: 4 spans of 10 bytes at 0, 3330, 6660, 9990 (the last ends at the last byte)
+        assert (content_digest([u], whole_up_to=1_000, spans=4, span=10) != content_digest([t], whole_up_to=1_000, spans=4, span=10)) == (at != 5_000)
+
+
+def test_data_modules_describe_their_splits_for_mlflow(tmp_path):
+    """Each module's splits as MLflow datasets: generated tasks by their arguments (another seed,
+    another digest), tables and MNIST by their content (the permutation included)."""
+    import pandas as pd
+
+    from distrnn.data.base import content_digest
+
+    def digests(dm):
+        return {k: content_digest(d.content) for k, d in dm.datasets().items()}
+
+    sc = SyntheticDataModule("selective_copy", seq_len=64, batch_size=4, train_batches=3, seed=5)
+    d = sc.datasets()["train"]
+    assert (d.name, d.source_type, d.profile) == ("selective_copy", "code", {"batches_per_epoch": 3, "batch_size": 4})
+    assert d.uri == "distrnn.data.synthetic.SyntheticDataModule(name='selective_copy', seq_len=64, seed=5, num_tokens=16, alphabet=16)"
+    same = SyntheticDataModule("selective_copy", seq_len=64, batch_size=8, train_batches=3, seed=5)
+    assert digests(sc) == digests(same) and digests(sc) != digests(SyntheticDataModule("selective_copy", seq_len=64, seed=6))
+    assert len(set(digests(sc).values())) == 2  # training and validation are drawn apart
+
+    frame = pd.DataFrame({"a": np.sin(np.arange(300) / 7), "b": np.arange(300) / 300})
+    frame.to_csv(tmp_path / "s.csv", index=False)
+    ts = TimeSeriesDataModule(str(tmp_path / "s.csv"), features=["a", "b"], targets=["a"], window=20, horizon=3)
+    assert ts.datasets() == {}  # before the table is read
+    ts.setup("fit")
+    assert ts.datasets()["val"].profile == {"windows": 38, "rows": 300} and ts.datasets()["train"].name == "s.csv"
+    before = digests(ts)
+    frame.loc[150, "b"] = 7.0
+    frame.to_csv(tmp_path / "s.csv", index=False)
+    changed = TimeSeriesDataModule(str(tmp_path / "s.csv"), features=["a", "b"], targets=["a"], window=20, horizon=3)
+    changed.setup("fit")
+    assert digests(changed)["train"] != before["train"]
+
+    rng = np.random.default_rng(0)
+    _write_idx(tmp_path / "train-images-idx3-ubyte", rng.integers(0, 256, (30, 28, 28), dtype=np.uint8), False)
+    _write_idx(tmp_path / "train-labels-idx1-ubyte", rng.integers(0, 10, (30,), dtype=np.uint8), False)
+    mnist = {}
+    for permuted in (False, True):
+        dm = SequentialMNISTDataModule(str(tmp_path), permuted=permuted, val_size=10)
+        dm.setup("fit")
+        mnist[permuted] = dm.datasets()
+    assert mnist[False]["train"].profile == {"samples": 20} and mnist[True]["val"].name == "permuted-mnist"
+    assert content_digest(mnist[False]["val"].content) != content_digest(mnist[True]["val"].content)
+
+
 def test_tensor_batches_carry_every_ranks_loss_count_where_the_loader_knows_it():
     """``mask_total`` of a TensorLoader training batch under DDP: the loss steps of every rank's
     rows at each step (a short last global batch included), from no mask, a mask field, or a

@@ -54,6 +54,12 @@ class RecurrentDataModule(L.LightningDataModule):
     def predict_dataloader(self):
         return self.val_dataloader()
 
+    def datasets(self) -> dict[str, "DataSource"]:
+        """What each split (``train``, ``val``) holds, for MLflow's dataset tracking (the run's
+        "Datasets" in the UI: name, source and a digest of the content, so runs over the same data
+        show the same digest and a changed file another). After :meth:`check`. Empty: not tracked."""
+        return {}
+
     def _bind(self, loader: ResumableLoader) -> ResumableLoader:
         if self.trainer is not None:
             trainer = self.trainer
@@ -81,6 +87,44 @@ def _cuda_device(trainer: L.Trainer) -> Optional[torch.device]:
     except (AttributeError, RuntimeError):  # a strategy not set up yet (a config check)
         return None
     return device if device.type == "cuda" else None
+
+
+@dataclass
+class DataSource:
+    """One split of a data module as MLflow's dataset tracking records it (:meth:`RecurrentDataModule.datasets`)."""
+
+    name: str
+    uri: str
+    """A file or folder; for data made by code, the class and arguments that make it."""
+    content: list[Any]
+    """What the digest is taken of: tensors (sampled when large, :func:`content_digest`) and strings."""
+    profile: dict[str, Any]
+    source_type: str = "local"
+
+
+def content_digest(parts: list[Any], whole_up_to: int = 64 << 20, spans: int = 256, span: int = 64 << 10) -> str:
+    """SHA-256 of the parts (their shapes and dtypes too), first 16 hex digits. A tensor of up to
+    ``whole_up_to`` bytes is read whole; a larger one (a corpus of gigabytes, memory-mapped) as
+    ``spans`` spans of ``span`` bytes spread evenly from its first byte to its last, so the digest
+    costs ~16 MiB of reading whatever the size: a change between two spans goes unseen."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for part in parts:
+        if not isinstance(part, Tensor):
+            h.update(f"str:{part}".encode())
+            continue
+        h.update(f"tensor:{part.dtype}:{tuple(part.shape)}".encode())
+        flat = part.detach().contiguous().reshape(-1)
+        raw = flat.view(torch.uint8) if flat.numel() else torch.empty(0, dtype=torch.uint8)
+        n = raw.numel()
+        if n <= whole_up_to:
+            h.update(raw.numpy().tobytes())
+        else:
+            for i in range(spans):
+                at = (n - span) * i // (spans - 1)
+                h.update(raw[at : at + span].numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 @dataclass
@@ -144,6 +188,18 @@ class StreamCorpusDataModule(RecurrentDataModule):
 
     def test_dataloader(self) -> StreamLoader:
         return self.val_dataloader()
+
+    def datasets(self) -> dict[str, DataSource]:
+        out = {}
+        for split, s in (self.splits or {}).items():
+            uri = s.source.partition(" ")[2]  # "<config key> <path>"
+            docs = [] if s.doc_starts_D is None else [s.doc_starts_D]
+            profile = {"tokens": s.tokens_N.numel(), **({"documents": s.doc_starts_D.numel()} if docs else {})}
+            out[split] = DataSource(self.dataset_name(), uri, [s.tokens_N, *docs], profile)
+        return out
+
+    def dataset_name(self) -> str:
+        return type(self).__name__
 
     def check(self, stage: str) -> dict[str, Any]:
         loaders = super().check(stage)

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from distrnn.config import ConfigError, TaskSpec
-from distrnn.data.base import RecurrentDataModule, existing_path
+from distrnn.data.base import DataSource, RecurrentDataModule, existing_path
 from distrnn.data.loaders import TensorLoader, batch_generator
 
 _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
@@ -110,6 +110,12 @@ class SequentialMNISTDataModule(RecurrentDataModule):
                          world_size=self.world_size, transform=self._to_sequences, uneven=not shuffle,
                          mask_same_every_row=True)  # the label at the last step of every row
         )
+
+    def datasets(self) -> dict[str, DataSource]:
+        name = "permuted-mnist" if self.permuted else "mnist"
+        return {split: DataSource(name, str(self.root), [self._data[f"{split}_x"], self._data[f"{split}_y"], self.permutation],
+                                  {"samples": self._data[f"{split}_y"].numel()})
+                for split in ("train", "val") if self._data is not None}
 
     def train_dataloader(self) -> TensorLoader:
         return self._loader("train", shuffle=True)

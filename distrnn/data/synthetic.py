@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from distrnn.config import ConfigError, TaskSpec
-from distrnn.data.base import RecurrentDataModule
+from distrnn.data.base import DataSource, RecurrentDataModule
 from distrnn.data.loaders import GeneratedLoader
 
 COPY_LEN = 10
@@ -132,6 +132,16 @@ class SyntheticDataModule(RecurrentDataModule):
         # count over all ranks' rows, which the TBPTT module would otherwise all-reduce under DDP
         batch["mask_total"] = batch["mask"].sum(dim=0) * self.world_size
         return batch
+
+    def datasets(self) -> dict[str, DataSource]:
+        args = {"name": self.name, "seq_len": self.seq_len, "seed": self.seed}
+        if self.name == "selective_copy":
+            args.update(num_tokens=self.num_tokens, alphabet=self.alphabet)
+        uri = f"{type(self).__module__}.{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in args.items())})"
+        # drawn from (seed, epoch, index): the arguments are the content (the code's version is the run's tags)
+        return {split: DataSource(self.name, uri, [uri, split], {"batches_per_epoch": n, "batch_size": self.batch_size},
+                                  source_type="code")
+                for split, n in (("train", self.train_batches), ("val", self.val_batches))}
 
     def train_dataloader(self) -> GeneratedLoader:
         return self._bind(GeneratedLoader(self.generate, self.batch_size, self.train_batches, self.seed, self.rank))

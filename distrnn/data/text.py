@@ -137,6 +137,9 @@ class ByteCorpusDataModule(StreamCorpusDataModule):
 
             fetch_corpus(self.corpus, self.cache_dir)
 
+    def dataset_name(self) -> str:
+        return self.corpus or self.path.name
+
     def read_splits(self) -> dict[str, Split]:
         path = self.path
         if path is None:

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from distrnn.config import ConfigError, TaskSpec
-from distrnn.data.base import RecurrentDataModule, existing_path
+from distrnn.data.base import DataSource, RecurrentDataModule, existing_path
 from distrnn.data.loaders import TensorLoader
 
 
@@ -129,6 +129,15 @@ class TimeSeriesDataModule(RecurrentDataModule):
             TensorLoader({"x": self._starts[split]}, self.batch_size, shuffle, self.seed, rank=self.rank,
                          world_size=self.world_size, transform=self._windows, uneven=not shuffle)
         )
+
+    def datasets(self) -> dict[str, DataSource]:
+        if self._series is None:
+            return {}
+        # the table's columns as the windows read them (standardized), and how they are cut
+        content = [self._series["x"], self._series["y"], repr((self.features, self.targets, self.window, self.horizon))]
+        return {split: DataSource(self.path.name, str(self.path), [*content, self._starts[split]],
+                                  {"windows": self._starts[split].numel(), "rows": self._series["x"].shape[0]})
+                for split in ("train", "val")}
 
     def train_dataloader(self) -> TensorLoader:
         return self._loader("train", shuffle=True)

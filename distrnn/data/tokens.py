@@ -124,6 +124,9 @@ class TokenFileDataModule(StreamCorpusDataModule):
         self.task = TaskSpec(kind="language_model", output_dim=vocab_size, vocab_size=vocab_size, seq_len=seq_len,
                              token_unit="token")
 
+    def dataset_name(self) -> str:
+        return self.path.name
+
     def read_splits(self) -> dict[str, Split]:
         tokens = map_tokens(self.path, self.dtype, "data.path")
         source = f"data.path {self.path}"
