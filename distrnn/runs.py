@@ -87,17 +87,28 @@ def code(run: Any) -> str:
     return tags.get(VERSION_TAG, "-")
 
 
+def data(run: Any) -> str:
+    """The data a run trained on: the digest of its training split in MLflow's dataset tracking
+    (first 8 characters; tracking.LogConfigToMLflow._log_datasets), ``-`` for a run without one."""
+    inputs = getattr(getattr(run, "inputs", None), "dataset_inputs", None) or []
+    for d in inputs:
+        if any(t.key == "mlflow.data.context" and t.value == "training" for t in d.tags):
+            return d.dataset.digest[:8]
+    return "-"
+
+
 def table(runs: list[Any], metrics: Optional[list[str]] = None) -> str:
     params = differing_params(runs)
     metric_keys = metrics or sorted({k for r in runs for k in r.data.metrics if not k.startswith("system/")})
-    # a column only when the runs differ in it, as for params
-    with_code = len({code(r) for r in runs}) > 1
-    head = ["run", "status", *(["code"] if with_code else []), *params, *metric_keys]
+    # a column only when the runs differ in it, as for params (the same config over a changed
+    # corpus: the data column)
+    extra = [(name, fn) for name, fn in (("code", code), ("data", data)) if len({fn(r) for r in runs}) > 1]
+    head = ["run", "status", *(name for name, _ in extra), *params, *metric_keys]
     rows = []
     for r in runs:
         vals = [r.data.params.get(k, "-") for k in params]
         ms = [f"{r.data.metrics[k]:.4g}" if k in r.data.metrics else "-" for k in metric_keys]
-        rows.append([_name(r), _status(r), *([code(r)] if with_code else []), *vals, *ms])
+        rows.append([_name(r), _status(r), *(fn(r) for _, fn in extra), *vals, *ms])
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
     fmt = lambda row: "  ".join(str(x).ljust(w) for x, w in zip(row, widths))  # noqa: E731
     return "\n".join([fmt(head), fmt(["-" * w for w in widths]), *map(fmt, rows)])

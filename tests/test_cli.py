@@ -175,8 +175,15 @@ def test_runs_record_their_data_as_mlflow_datasets_with_a_digest_of_the_content(
     data = bytearray(corpus.read_bytes())
     data[100] = (data[100] + 1) % 256
     corpus.write_bytes(bytes(data))
-    c = inputs(fit())
+    third = fit()
+    c = inputs(third)
     assert c["training"].digest != a["training"].digest and c["validation"].digest == a["validation"].digest
+    # `runs compare` shows a data column: the same config, the corpus changed under the third run
+    code, out, err = cli(capsys, "runs", "compare", "--experiment", "distrnn")
+    assert code == 0, err[-2000:]
+    head, _, *rows = out.strip().splitlines()
+    col = head.split().index("data")
+    assert [r.split()[col] for r in rows] == [a["training"].digest[:8]] * 2 + [c["training"].digest[:8]], out
 
     code, _, err = cli(capsys, "validate", "--config", str(job), "--ckpt_path", "last")
     assert code == 0, err[-3000:]
