@@ -93,7 +93,10 @@ def run_plain(tokens, a):
     x_all = data[:-1].view(a.batch, n).long()
     y_all = data[1:].view(a.batch, n).long()
     state = None
-    autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=a.precision == "bf16-mixed")
+    half = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(a.precision)
+    autocast = torch.autocast(dev.type, dtype=half or torch.float32, enabled=half is not None)
+    # fp16: PyTorch's loss scaler, sync-free with the fused optimizer (it hands the step its flag)
+    scaler = torch.amp.GradScaler(dev.type, enabled=half is torch.float16)
     t0 = None
     for i in range(a.warmup + a.steps):
         s = (i * a.k) % (n - a.k)
@@ -104,9 +107,11 @@ def run_plain(tokens, a):
             logits = head(h)
         loss = nn.functional.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
         torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
-        opt.step()
+        scaler.step(opt)
+        scaler.update()
         state = tuple(t.detach() for t in state)
         if i + 1 == a.warmup:
             if dev.type == "cuda":

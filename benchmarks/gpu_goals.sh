@@ -13,7 +13,8 @@
 # kernel-against-loop one without resets (~2-3 min; $OUT/engine.txt), and the TBPTT engine against a
 # plain loop on a small LSTM, where the engine's host cost per update shows (~30-60 s, and again with
 # the progress bar on): what the prefetching loaders, the sync-free stop_on_nonfinite (session 33)
-# and the host-side logging and reset masks (session 36), all built on CPU, do on a GPU.
+# and the host-side logging and reset masks (session 36), fp16 without a sync per update (session
+# 38), all built on CPU, do on a GPU.
 set -uo pipefail
 OUT=${OUT:-out}
 mkdir -p "$OUT"
@@ -30,6 +31,10 @@ if [ "${ENGINE:-0}" = "1" ]; then
   # last logged loss from the GPU after every batch, bar or not, and the bar once more)
   timeout 90 $PY benchmarks/bench_tbptt.py --device cuda --hidden 128 --embed 64 --batch 64 --k 256 --steps 300 --warmup 20 \
     --repeats 2 --log_every 50 --no_mlflow --progress_bar 2>&1 | grep -v "^\s*$" | tail -4 | tee -a "$OUT/engine.txt"
+  # fp16 loss scaling (session 38: the scaler hands the fused step its overflow flag; before, each
+  # update waited for the GPU in PyTorch's unfused step): against the plain loop with the same scaler
+  timeout 90 $PY benchmarks/bench_tbptt.py --device cuda --hidden 128 --embed 64 --batch 64 --k 256 --steps 300 --warmup 20 \
+    --repeats 2 --log_every 50 --no_mlflow --precision 16-mixed 2>&1 | grep -v "^\s*$" | tail -4 | tee -a "$OUT/engine.txt"
 fi
 if [ "${SKIP_GOALS:-0}" != "1" ]; then
   timeout 200 $PY benchmarks/bench_recurrences.py --device cuda ${GOALS:---goals} 2>&1 | tee -a "$OUT/goals.txt"
