@@ -19,6 +19,40 @@ from distrnn.runs import GIT_BRANCH_TAG, GIT_COMMIT_TAG, GIT_DIRTY_TAG, VERSION_
 CODE_TAGS_ENV = "DISTRNN_CODE_TAGS"
 
 
+ENV_TAG = "distrnn.env."
+# libraries whose version is recorded when the run has imported them (a run without DeepSpeed
+# does not import it for this)
+_LIBRARIES = ("torch", "lightning", "mlflow", "deepspeed", "ray", "triton", "numpy")
+
+
+def environment_tags(device: Optional[str] = None) -> dict[str, str]:
+    """What else decides a run's numbers besides its code and config: Python's version, those of
+    the libraries the process has imported (torch with the CUDA it was built for), and the device
+    (``device``: a ``torch.device`` string; CUDA devices by their name). Recorded as tags
+    ``distrnn.env.*``; a resume under another environment adds ``resumed.distrnn.env.*``."""
+    import platform
+    import sys
+    from importlib.metadata import PackageNotFoundError, version
+
+    tags = {f"{ENV_TAG}python": platform.python_version()}
+    for name in _LIBRARIES:
+        if name in sys.modules:
+            try:
+                tags[f"{ENV_TAG}{name}"] = version(name)
+            except PackageNotFoundError:
+                pass
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        tags[f"{ENV_TAG}torch"] = torch.__version__
+        if torch.version.cuda:
+            tags[f"{ENV_TAG}cuda"] = torch.version.cuda
+        if device is not None and device.startswith("cuda") and torch.cuda.is_available():
+            tags[f"{ENV_TAG}device"] = torch.cuda.get_device_name(torch.device(device))
+        elif device is not None:
+            tags[f"{ENV_TAG}device"] = device
+    return tags
+
+
 def code_version(source: Optional[Path] = None) -> tuple[dict[str, str], Optional[str]]:
     """Which code trains: ``(tags, diff)``. The tags hold distrnn's version and, when ``source``
     (distrnn's package folder) is tracked in a git checkout, its commit, branch and whether

@@ -18,7 +18,7 @@ from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from distrnn.provenance import code_version
+from distrnn.provenance import code_version, environment_tags
 from distrnn.runs import STAGE_TAG
 
 # Set on a stopped Ray Train job's run, or an interrupted sweep's parent run, until it is resumed.
@@ -482,8 +482,9 @@ DIFF_LIMIT = 5_000_000  # characters of uncommitted changes logged as an artifac
 class LogConfigToMLflow(SaveConfigCallback):
     """Logs the resolved config to the job's MLflow run: every key as a param (and the network's
     parameter count as ``model.num_params``), the YAML as
-    ``config.yaml``, and the code that trains (:func:`code_version`: version, git commit, branch,
-    uncommitted changes as tags and ``code.diff``), and the data as MLflow datasets (:meth:`_log_datasets`).
+    ``config.yaml``, the code that trains (:func:`code_version`: version, git commit, branch,
+    uncommitted changes as tags and ``code.diff``), the libraries and device it trains with
+    (:func:`environment_tags`), and the data as MLflow datasets (:meth:`_log_datasets`).
     Runs after instantiation, so a bad config never creates a run."""
 
     @rank_zero_only
@@ -508,7 +509,11 @@ class LogConfigToMLflow(SaveConfigCallback):
             logger.experiment.set_tag(logger.run_id, f"resumed.{k}"[:250], v[:5000])
         suffix = "" if not logged else time.strftime("-resumed-%Y%m%d-%H%M%S")
         logger.experiment.log_text(logger.run_id, text, f"config{suffix}.yaml")
-        self._log_code(logger, resumed=bool(logged), suffix=suffix, before=run.data.tags)
+        try:
+            device = str(trainer.strategy.root_device)
+        except (AttributeError, RuntimeError):
+            device = None
+        self._log_code(logger, resumed=bool(logged), suffix=suffix, before=run.data.tags, env=environment_tags(device))
         self._log_datasets(logger, trainer.datamodule, stage)
 
     # the splits a stage reads, and MLflow's name for their role
@@ -540,11 +545,14 @@ class LogConfigToMLflow(SaveConfigCallback):
             logger.experiment.log_inputs(logger.run_id, inputs)
 
     @staticmethod
-    def _log_code(logger: MLFlowLogger, resumed: bool, suffix: str, before: dict[str, str]) -> None:
-        # a resume may run other code than the start: its version beside the first, as resumed.<tag>
+    def _log_code(logger: MLFlowLogger, resumed: bool, suffix: str, before: dict[str, str],
+                  env: Optional[dict[str, str]] = None) -> None:
+        # a resume may run other code (or under other libraries) than the start: its version
+        # beside the first, as resumed.<tag>
         from mlflow.entities import RunTag
 
         tags, diff = code_version()
+        tags = {**tags, **(env or {})}
         before = before if resumed else {}
         new = {k if k not in before else f"resumed.{k}": v for k, v in tags.items() if before.get(k) != v}
         logger.experiment.log_batch(logger.run_id, tags=[RunTag(k, v) for k, v in new.items()])

@@ -164,6 +164,11 @@ def test_runs_record_their_data_as_mlflow_datasets_with_a_digest_of_the_content(
         return mlflow.search_runs(search_all_experiments=True, output_format="list", order_by=["start_time DESC"])[0]
 
     first, again = fit(), fit()
+    import lightning
+
+    env = {k: v for k, v in first.data.tags.items() if k.startswith("distrnn.env.")}  # the libraries and device too
+    assert env["distrnn.env.torch"] == torch.__version__ and env["distrnn.env.lightning"] == lightning.__version__
+    assert env["distrnn.env.device"] == "cpu" and env["distrnn.env.mlflow"] == mlflow.__version__ and "distrnn.env.python" in env
     a, b = inputs(first), inputs(again)
     assert sorted(a) == ["training", "validation"] and first.info.run_id != again.info.run_id
     corpus = (job.parent / "corpus.txt").resolve()
@@ -461,15 +466,18 @@ def test_a_resume_under_other_code_records_it_beside_the_first(tmp_path, monkeyp
     logger = tracking.MLflowLogger(experiment_name="code", tracking_uri=f"sqlite:///{tmp_path}/m.db", system_metrics_s=0)
     first = {"distrnn.version": "0.1.0", "mlflow.source.git.commit": "a" * 40, "distrnn.git.dirty": "false"}
     monkeypatch.setattr(tracking, "code_version", lambda: (first, None))
-    tracking.LogConfigToMLflow._log_code(logger, resumed=False, suffix="", before={})
+    env = {"distrnn.env.torch": "2.13.0+cpu", "distrnn.env.device": "cpu"}
+    tracking.LogConfigToMLflow._log_code(logger, resumed=False, suffix="", before={}, env=env)
     later = {**first, "mlflow.source.git.commit": "b" * 40, "distrnn.git.dirty": "true"}
     monkeypatch.setattr(tracking, "code_version", lambda: (later, "diff --git a/x b/x\n"))
     tracking.LogConfigToMLflow._log_code(logger, resumed=True, suffix="-resumed-1",
-                                         before=logger.experiment.get_run(logger.run_id).data.tags)
+                                         before=logger.experiment.get_run(logger.run_id).data.tags,
+                                         env={**env, "distrnn.env.device": "NVIDIA H100 80GB HBM3"})
     tags = logger.experiment.get_run(logger.run_id).data.tags
     assert tags["mlflow.source.git.commit"] == "a" * 40 and tags["resumed.mlflow.source.git.commit"] == "b" * 40
     assert tags["distrnn.git.dirty"] == "false" and tags["resumed.distrnn.git.dirty"] == "true"
-    assert "resumed.distrnn.version" not in tags  # unchanged
+    assert tags["distrnn.env.device"] == "cpu" and tags["resumed.distrnn.env.device"] == "NVIDIA H100 80GB HBM3"
+    assert "resumed.distrnn.version" not in tags and "resumed.distrnn.env.torch" not in tags  # unchanged
     assert [a.path for a in logger.experiment.list_artifacts(logger.run_id)] == ["code-resumed-1.diff"]
 
 
