@@ -102,7 +102,10 @@ def table(runs: list[Any], metrics: Optional[list[str]] = None) -> str:
     metric_keys = metrics or sorted({k for r in runs for k in r.data.metrics if not k.startswith("system/")})
     # a column only when the runs differ in it, as for params (the same config over a changed
     # corpus: the data column)
-    extra = [(name, fn) for name, fn in (("code", code), ("data", data)) if len({fn(r) for r in runs}) > 1]
+    env = sorted({k for r in runs for k in r.data.tags if k.startswith("distrnn.env.")})
+    columns = [("code", code), ("data", data),
+               *((k[len("distrnn."):], lambda r, k=k: r.data.tags.get(k, "-")) for k in env)]  # env.torch, env.device, ...
+    extra = [(name, fn) for name, fn in columns if len({fn(r) for r in runs}) > 1]
     head = ["run", "status", *(name for name, _ in extra), *params, *metric_keys]
     rows = []
     for r in runs:

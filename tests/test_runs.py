@@ -67,21 +67,25 @@ def test_compare_table_shows_the_differing_params_and_final_metrics(two_runs, tm
     assert "lightning" not in imported and "distrnn.tracking" not in imported, sorted(m for m in imported if "lightning" in m)[:5]
     code, _, err = cli(capsys, "runs", "compare", "--experiment", "nope")
     assert code == 2 and err.strip().startswith("distrnn: error: --experiment: no experiment named 'nope'"), err
-    # both runs trained with the same code: no column for it; one with other code gets one
-    assert "code" not in head
+    # both runs trained with the same code, data and libraries: no column for them; one with other
+    # code and another torch gets a column for each
+    assert "code" not in head and "data" not in head and not [h for h in head if h.startswith("env.")]
     other = runs.iloc[0]["run_id"]
     client = mlflow.MlflowClient()
     before = client.get_run(other).data.tags
+    assert before["distrnn.env.torch"] == torch.__version__
+    changed = ("mlflow.source.git.commit", "distrnn.git.dirty", "distrnn.env.torch")
     try:
         client.set_tag(other, "mlflow.source.git.commit", "0123456789abcdef")
         client.set_tag(other, "distrnn.git.dirty", "true")
+        client.set_tag(other, "distrnn.env.torch", "2.99.0")
         code, out, err = cli(capsys, "runs", "compare", "--experiment", "cmp")
         head = out.splitlines()[0].split()
-        assert code == 0 and head[:3] == ["run", "status", "code"], out
+        assert code == 0 and head[:4] == ["run", "status", "code", "env.torch"], out
         row = next(ln.split() for ln in out.splitlines()[2:] if ln.split()[0] == runs.iloc[0]["tags.mlflow.runName"])
-        assert row[2] == "01234567+"
+        assert row[2:4] == ["01234567+", "2.99.0"]
     finally:
-        for k in ("mlflow.source.git.commit", "distrnn.git.dirty"):
+        for k in changed:
             client.set_tag(other, k, before[k]) if k in before else client.delete_tag(other, k)
     # in a folder without the store, the commands that read it say so and do not create an empty one
     elsewhere = tmp_path / "elsewhere"
