@@ -541,8 +541,13 @@ class LogConfigToMLflow(SaveConfigCallback):
             source = json.dumps({"uri": str(Path(d.uri).resolve())} if local else {"tags": {"mlflow.source.name": d.uri}})
             dataset = Dataset(d.name, content_digest(d.content), d.source_type, source, profile=json.dumps(d.profile))
             inputs.append(DatasetInput(dataset, [InputTag("mlflow.data.context", context)]))
-        if inputs:
+        if not inputs:
+            return
+        try:
             logger.experiment.log_inputs(logger.run_id, inputs)
+        except mlflow.exceptions.MlflowException as e:  # a tracking server from before MLflow 2.4 has no inputs API
+            print(f"distrnn: warning: the MLflow store did not take the run's datasets ({str(e).splitlines()[0][:200]});"
+                  " training goes on without them", file=sys.stderr, flush=True)
 
     @staticmethod
     def _log_code(logger: MLFlowLogger, resumed: bool, suffix: str, before: dict[str, str],

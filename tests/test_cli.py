@@ -198,6 +198,22 @@ def test_runs_record_their_data_as_mlflow_datasets_with_a_digest_of_the_content(
     assert sorted(v) == ["validation"] and v["validation"].digest == a["validation"].digest
 
 
+def test_a_store_without_the_datasets_api_warns_and_trains(job, capsys, monkeypatch):
+    """A tracking server from before MLflow 2.4 answers the inputs call with an error (404): the
+    run trains and finishes all the same, with one warning."""
+    from mlflow.exceptions import MlflowException
+
+    def refuse(self, run_id, datasets=None, models=None):
+        raise MlflowException("API request to endpoint /api/2.0/mlflow/runs/log-inputs failed with error code 404")
+
+    monkeypatch.setattr(mlflow.MlflowClient, "log_inputs", refuse)
+    code, _, err = cli(capsys, "fit", "--config", str(job), "--trainer.max_steps", "2")
+    assert code == 0, err[-3000:]
+    assert err.count("distrnn: warning: the MLflow store did not take the run's datasets (API request") == 1, err[-2000:]
+    (run,) = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    assert run.info.status == "FINISHED" and not run.inputs.dataset_inputs
+
+
 def test_a_file_that_is_no_checkpoint_is_one_line_for_every_command(job, capsys):
     """validate/test/predict read --ckpt_path through Lightning first (a torch.load traceback for
     a file that is no checkpoint); fit read it through distrnn: one line naming the file, each."""
