@@ -476,10 +476,6 @@ class TBPTTModule(L.LightningModule):
             return
         self._check_finite()  # the last update's verdict and loss scale, read behind this update's backward
         scaler = self._loss_scaler()
-        if scaler is not None and getattr(optimizer, "_step_supports_amp_scaling", False):
-            # Lightning leaves a fused optimizer's gradients scaled (its step can unscale them):
-            # the norm must be clipped unscaled. The scaler then hands the step its overflow flag.
-            scaler.unscale_(optimizer)
         clip = self.optim_cfg.clip_norm
         self._grad_norm = torch.nn.utils.clip_grad_norm_(
             self.model.parameters(), clip if clip is not None else float("inf"), foreach=True
@@ -582,6 +578,12 @@ class TBPTTModule(L.LightningModule):
         res = self._forward_backward(x, y, mask, reset, mask_cpu, carry.state, capture_at, segment, per_rank, ds, cuts)
         if self.optim_cfg.stop_on_nonfinite and ds is None:
             self._unchecked_loss = res.loss_sum / per_rank  # on_before_optimizer_step checks it
+        scaler = self._loss_scaler()
+        if scaler is not None and getattr(opt.optimizer, "_step_supports_amp_scaling", False):
+            # Lightning leaves a fused optimizer's gradients scaled (its step could unscale them):
+            # unscaled here, before the optimizer-step hooks (callbacks measure them, this module
+            # clips them); the scaler then hands the step its overflow flag
+            scaler.unscale_(opt.optimizer)
         scheduled = [g["lr"] for g in opt.param_groups]
         for g in opt.param_groups:  # randomized chunk lengths: lr * length / k1 for this update only
             g["lr"] *= lr_scale
@@ -592,7 +594,6 @@ class TBPTTModule(L.LightningModule):
             # before clipping, as clip_grad_norm_ returns; kept as a tensor: no host sync per update
             norm = ds.deepspeed_engine.get_global_grad_norm()
             self._grad_norm = None if norm is None else norm.detach() if isinstance(norm, Tensor) else torch.as_tensor(norm)
-        scaler = self._loss_scaler()
         if scaler is not None:  # read with the next update's verdict: no host sync here
             self._pending.put_scale(self.global_step, self.global_rank, scaler._get_scale_async(), self.optim_cfg.min_loss_scale)
         sched.step()

@@ -417,6 +417,12 @@ class _Snapshots(L.Callback):
     def __init__(self, inf_from=None, norms=False):
         self.after, self.inf_from = [], inf_from
         self.norms = [] if norms else None
+        self.raw = [] if norms else None
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        if self.raw is not None:  # what a callback sees (Diagnostics' per-layer norms): unscaled
+            grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
+            self.raw.append(float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))))
 
     def on_after_backward(self, trainer, pl_module):
         if self.inf_from is not None and trainer.global_step >= self.inf_from:
@@ -512,6 +518,8 @@ def test_fp16_updates_of_the_fused_step_equal_lightnings_unscaled_unfused_ones()
     a, b = runs[True], runs[False]
     assert [s["scale"] for s in a.after] == [s["scale"] for s in b.after] == [2.0**16] * 3 + [2.0**15] * 5
     assert min(a.norms[:3] + a.norms[4:]) > 0.05  # clipping bites (unscaled norms; batch 3's is inf)
+    # callbacks' optimizer-step hooks see the unscaled gradients too (Lightning's path unscales before them)
+    assert a.raw[:3] + a.raw[4:] == pytest.approx(b.raw[:3] + b.raw[4:], rel=1e-5) and max(a.raw[:3]) < 100
     for sa, sb in zip(a.after, b.after):
         for k, v in sa["params"].items():
             torch.testing.assert_close(v, sb["params"][k], rtol=0, atol=2e-6)
