@@ -118,11 +118,14 @@ def test_checkpointed_segments_replay_dropout_and_return_the_initial_state_gradi
     ref_loss, ref_state = _segmented_reference(model, x, y, mask, h0_ref, 8)
     ref_loss.backward()
     ref = _grads(model)
+    rng_after = torch.get_rng_state()
     model.zero_grad()
     h0 = leaf()
     torch.manual_seed(9)
     res = run_window(model, LM, x, y, mask, None, h0, segment=8)
     res.loss_sum.backward()
+    # the generators are where the plain run left them: the next update draws the same masks
+    assert torch.equal(torch.get_rng_state(), rng_after)
     torch.testing.assert_close(res.loss_sum, ref_loss, rtol=0, atol=1e-10)
     for a, b in zip(state_tensors(res.state), state_tensors(ref_state)):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
@@ -131,6 +134,28 @@ def test_checkpointed_segments_replay_dropout_and_return_the_initial_state_gradi
     for a, b in zip(state_tensors(h0), state_tensors(h0_ref)):
         assert b.grad.abs().max() > 1e-6
         torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=1e-10)
+
+
+class _NoiseUnderAutograd(torch.nn.Module):
+    """Draws random numbers in grad mode only: the first pass (no autograd) and the recomputation
+    would see different inputs."""
+
+    def forward(self, e):
+        return e + 1e-3 * torch.rand_like(e) if torch.is_grad_enabled() else e
+
+
+def test_a_model_that_draws_only_under_autograd_is_refused_when_recomputed():
+    """A first pass that drew nothing is recomputed without replaying the generators; if the
+    recomputation draws after all, its gradients would not be the first pass's: a clear error."""
+    torch.manual_seed(4)
+    model = RecurrentModel(NetworkConfig(recurrence="mingru", hidden_size=6, embedding_dim=5), LM).double()
+    model.encoder = torch.nn.Sequential(model.encoder, _NoiseUnderAutograd())
+    x, y = torch.randint(0, 11, (2, 12)), torch.randint(0, 11, (2, 12))
+    mask = torch.ones(2, 12, dtype=torch.bool)
+    run_window(model, LM, x, y, mask, None, None).loss_sum.backward()  # full BPTT: fine
+    res = run_window(model, LM, x, y, mask, None, None, segment=4)
+    with pytest.raises(RuntimeError, match="drew random numbers when a segment was recomputed"):
+        res.loss_sum.backward()
 
 
 def test_checkpointed_segments_recompute_under_the_first_passes_autocast():
