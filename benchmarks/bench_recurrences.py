@@ -96,6 +96,7 @@ def _case(kind: str, args: dict, q) -> None:
         out = {"tokens_per_s": B * T / dt, "s_per_step": dt, "peak_gib": peak_gib(base)}
         if args.get("profile"):
             out["profile_top"] = _profile(step, cuda)
+            out["host"] = _host_view(step, cuda)
         if cuda and args["rec"] in ("mingru", "minlstm") and not args.get("scan_config") and args.get("parallel", True):
             from distrnn.kernels.min_scan import tuned_configs
 
@@ -183,6 +184,7 @@ def _case(kind: str, args: dict, q) -> None:
             # GPU waiting on the host (each segment's calls, twice) or adds device work
             for name in ("full", "distrnn_checkpointed"):
                 out[f"profile_{name}"] = _profile(cases[name], cuda, steps=1, top=8)
+                out[f"host_{name}"] = _host_view(cases[name], cuda)
         q.put(out)
     elif kind == "micro_batches":
         # the engine's full BPTT over B rows at once or in groups of `micro` rows
@@ -289,6 +291,58 @@ def _profile(step, cuda: bool, steps: int = 2, top: int = 12) -> list:
     rows = [["total", round(total / steps / 1e3, 3), 1.0]]
     rows += [[e.key[:60], round(own(e) / steps / 1e3, 3), round(own(e) / total, 3)] for e in events[:top] if own(e) > 0]
     return rows
+
+
+def _host_view(step, cuda: bool, steps: int = 3) -> dict:
+    """Whether a step waits on the GPU: the host's time to issue it (the call returns) against
+    its time to complete (after a synchronize), medians of ``steps``, and the calls that make the
+    host wait for the device, as PyTorch's sync debug mode reports them (each with the innermost
+    distrnn or benchmark frame that made it). issue ~ total with no syncs: the host is the bound;
+    issue << total: the GPU is."""
+    if not cuda:
+        return {}
+    try:
+        return _host_view_cuda(step, steps)
+    except Exception as e:  # a diagnostic: it must not cost the case its timings
+        return {"error": repr(e)[:300]}
+
+
+def _host_view_cuda(step, steps: int) -> dict:
+    import traceback
+    import warnings
+
+    import torch
+
+    issue, total = [], []
+    for _ in range(steps):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        step()
+        t1 = time.perf_counter()
+        torch.cuda.synchronize()
+        issue.append(t1 - t0)
+        total.append(time.perf_counter() - t0)
+    where: dict[str, int] = {}
+
+    def note(message, category, filename, lineno, file=None, line=None):
+        frames = [f for f in traceback.extract_stack()[:-1] if "distrnn" in f.filename or "bench_" in f.filename]
+        key = f"{frames[-1].filename.rsplit('/', 1)[-1]}:{frames[-1].lineno} {frames[-1].line}" if frames else str(message)[:80]
+        where[key] = where.get(key, 0) + 1
+
+    torch.cuda.synchronize()
+    shown = warnings.showwarning
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.showwarning = note
+            step()
+    finally:
+        warnings.showwarning = shown
+        torch.cuda.set_sync_debug_mode("default")
+        torch.cuda.synchronize()
+    med = lambda v: round(sorted(v)[len(v) // 2], 5)  # noqa: E731
+    return {"issue_s": med(issue), "total_s": med(total), "syncs_per_step": sum(where.values()), "sync_sites": where}
 
 
 def run(kind: str, limit: float, **args) -> dict:
