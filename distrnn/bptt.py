@@ -48,7 +48,7 @@ def _piece(
     in ``[a, b)`` (b = -1: to the end), so the head and the loss run there only; None: no step
     does, the piece only moves the state on (a loss of 0). ``cuts``: see ``RecurrentModel.hidden``."""
     if span is None:
-        _, state = model.hidden(x, state, reset, cuts)
+        _, state = model.hidden(x, state, reset, cuts, outputs=False)
         return x.new_zeros((), dtype=torch.float64 if x.dtype == torch.float64 else torch.float32), state
     a, b = span
     if (a, b) == (0, -1):

@@ -55,26 +55,29 @@ class RecurrentModel(nn.Module):
 
     def hidden(
         self, x: Tensor, state: Optional[State] = None, reset_BT: Optional[Tensor] = None,
-        cuts_T: Optional[Tensor] = None,
-    ) -> tuple[Tensor, State]:
+        cuts_T: Optional[Tensor] = None, outputs: bool = True,
+    ) -> tuple[Optional[Tensor], State]:
         """The last layer's hidden states; ``reset_BT`` (on the host) zeroes a row's state before a
         step: inside the scan for the layers that take resets, else by cutting the input there.
         ``cuts_T`` (host bools, with ``reset_BT``): more steps to cut at where the input is cut
         (the result is the same), so that processes whose rows reset at different steps call the
-        layers equally often: under ZeRO-3 each call gathers the layer's parameters, a collective."""
+        layers equally often: under ZeRO-3 each call gathers the layer's parameters, a collective.
+        ``outputs=False``: only the final state is read, and a layer that can (``skips_outputs``:
+        the min* layers' Triton kernel, outside autograd) may skip writing the states (None)."""
         e = self.encoder(x)
         T = e.shape[1]
+        kw = {"outputs": False} if not outputs and getattr(self.recurrence, "skips_outputs", False) else {}
         if reset_BT is None:
-            return self.recurrence(e, state)
+            return self.recurrence(e, state, **kw)
         if state is not None and reset_BT[:, 0].any():  # (all rows: the state is dropped, no device work)
             state = mask_state(state, ~reset_BT[:, 0])
         cut_T = reset_BT.any(dim=0) if cuts_T is None else reset_BT.any(dim=0) | cuts_T
         if T == 1 or not cut_T[1:].any():
-            return self.recurrence(e, state)
+            return self.recurrence(e, state, **kw)
         takes = getattr(self.recurrence, "takes_resets", None)
         if takes is not None and takes(e):
             # the scan zeroes the rows' states at their resets itself: one call, however many
-            return self.recurrence(e, state, reset_BT=reset_BT)
+            return self.recurrence(e, state, reset_BT=reset_BT, **kw)
         # cuDNN takes no resets: the input runs in as many pieces as there are steps where a row
         # resets (sequence boundaries: rare in long documents; each piece is a call per layer)
         starts = torch.nonzero(cut_T).flatten().tolist()

@@ -199,10 +199,15 @@ class _MinRecurrence(Recurrence):
         input cut at the resets (:meth:`distrnn.model.RecurrentModel.hidden` does it)."""
         return (self._backend(x_BTD) if self.parallel else "sequential") in ("triton", "loop", "sequential")
 
+    # forward(..., outputs=False) is understood (see RecurrentModel.hidden)
+    skips_outputs = True
+
     def forward(self, x_BTD: Tensor, state: Optional[State] = None,
-                reset_BT: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+                reset_BT: Optional[Tensor] = None, outputs: bool = True) -> tuple[Optional[Tensor], Tensor]:
         """``reset_BT[b, t]`` True zeroes row b's state before step t, in every layer (only where
-        :meth:`takes_resets`); it may live on the host."""
+        :meth:`takes_resets`); it may live on the host. ``outputs=False`` (the caller reads the
+        final state alone) may return None for the outputs: outside autograd, the Triton kernel
+        then writes no states for the last layer."""
         B, T = x_BTD.shape[:2]
         h0_LBH = state if state is not None else x_BTD.new_zeros(self.num_layers, B, self.hidden_size)
         keep_BT = None
@@ -215,8 +220,11 @@ class _MinRecurrence(Recurrence):
         for layer in range(self.num_layers):
             inp = out
             z = self.proj[layer](self.norms[layer](inp))
-            h_BTH, last_BH = self._layer(z, h0_LBH[layer], keep_BT)
+            states = outputs or layer < self.num_layers - 1 or torch.is_grad_enabled()
+            h_BTH, last_BH = self._layer(z, h0_LBH[layer], keep_BT, states)
             finals.append(last_BH)
+            if h_BTH is None:
+                return None, torch.stack(finals)
             # the states stay in z's dtype (bf16 under autocast, as cuDNN's outputs): the next
             # layer or the head would cast them to it anyway
             out = inp + h_BTH if self.residual and inp.shape[-1] == self.hidden_size else h_BTH
@@ -241,15 +249,19 @@ class _MinRecurrence(Recurrence):
     def gate_values(self, z_BTG: Tensor) -> dict[str, Tensor]:
         raise NotImplementedError
 
-    def _layer(self, z_BTG: Tensor, h0_BH: Tensor, keep_BT: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    def _layer(self, z_BTG: Tensor, h0_BH: Tensor, keep_BT: Optional[Tensor] = None,
+               states: bool = True) -> tuple[Optional[Tensor], Tensor]:
         """``(h_BTH, last_BH)``: the states in ``z``'s dtype and the final state in float32
         (float64 stays float64), which TBPTT carries. The scan itself is computed in float32
         whatever autocast chose. ``keep_BT`` (bool, on z's device): False where a row's state is
-        zeroed before the step (the loops and the kernel only, see :meth:`takes_resets`)."""
+        zeroed before the step (the loops and the kernel only, see :meth:`takes_resets`).
+        ``states=False``: the Triton kernel returns the final state alone (h_BTH None)."""
         backend = self._backend(z_BTG) if self.parallel else "sequential"
         if backend == "triton":
-            from distrnn.kernels.min_scan import min_scan
+            from distrnn.kernels.min_scan import min_scan, min_scan_final
 
+            if not states:
+                return None, min_scan_final(z_BTG, h0_BH.float(), lstm=self.gates == 3, keep_BT=keep_BT)
             # no pieces needed: the kernel keeps nothing per step but the states it returns; it
             # reads a bf16/fp16 z as it is (converting in registers) and writes states in its dtype
             return min_scan(z_BTG, h0_BH.float(), lstm=self.gates == 3, keep_BT=keep_BT)

@@ -22,7 +22,7 @@ def _python(code: str, interpret: bool, timeout: int = 300, **env: str) -> subpr
 CHECK = """
 import torch
 {prelude}
-from distrnn.kernels.min_scan import min_scan
+from distrnn.kernels.min_scan import min_scan, min_scan_final
 from distrnn.scan import MinGRU, MinLSTM
 torch.manual_seed(0)
 dev = "{dev}"
@@ -49,6 +49,8 @@ for cls, lstm in ((MinGRU, False), (MinLSTM, True)):
             out1, last1 = min_scan(z1, h1, lstm, config, keep)
             ((out1.double() * w).sum() + (last1.double() * v).sum()).backward()
             assert last1.dtype == torch.float32
+            with torch.no_grad():  # without writing the states: the same final state, bit for bit
+                assert torch.equal(min_scan_final(z, h0, lstm, config, keep), last1), (config, cls.__name__, B, T, H)
             for name, a, b in (("h", out1, out2), ("last", last1, out2[:, -1]), ("dz", z1.grad, z2.grad), ("dh0", h1.grad, h2.grad)):
                 err = ((a.double() - b).abs() / (1 + b.abs())).max().item()
                 worst = max(worst, err)
@@ -142,6 +144,60 @@ def test_kernel_with_resets_equals_sequential_loop_in_triton_interpreter():
     configs = [(32, 64, 4, False), (4, 128, 4, True)]
     r = _python(CHECK.format(dev="cpu", shapes=[(3, 21, 5)], configs=configs, prelude="", resets=True), interpret=True)
     assert r.returncode == 0 and "worst" in r.stdout, r.stderr[-3000:]
+
+
+CHECKPOINTED = """
+import torch
+from distrnn.bptt import run_window
+from distrnn.config import NetworkConfig, TaskSpec
+from distrnn.kernels import min_scan as ms
+from distrnn.model import RecurrentModel
+calls = {{"states": 0, "final": 0}}
+full_fn, final_fn = ms.min_scan, ms.min_scan_final
+ms.min_scan = lambda *a, **k: (calls.__setitem__("states", calls["states"] + 1), full_fn(*a, **k))[1]
+ms.min_scan_final = lambda *a, **k: (calls.__setitem__("final", calls["final"] + 1), final_fn(*a, **k))[1]
+torch.manual_seed(0)
+task = TaskSpec(kind="regression", output_dim=1, input_dim=3)
+options = {{"backend": "triton", "norm": True, "residual": True}}
+model = RecurrentModel(NetworkConfig(recurrence="{rec}", hidden_size=6, num_layers=2, options=options), task)
+B, T = 2, 24
+x, y = torch.randn(B, T, 3), torch.randn(B, T, 1)
+mask = torch.zeros(B, T, dtype=torch.bool)
+mask[:, -1] = True  # a loss at the last step: segments [0, 8) and [8, 16) only carry the state
+grads = []
+for segment in (None, 8):
+    model.zero_grad()
+    before = dict(calls)
+    res = run_window(model, task, x, y, mask, None, None, segment=segment, mask_host=mask.clone())
+    res.loss_sum.backward()
+    grads.append([p.grad.clone() for p in model.parameters()])
+    print(segment, {{k: calls[k] - before[k] for k in calls}})
+for a, b in zip(*grads):
+    assert (a - b).abs().max() <= 1e-6 * (1 + b.abs().max()), (a - b).abs().max()
+# a window that only moves the state on, as TBPTT does without a loss: the last layer writes no states
+with torch.no_grad():
+    before = dict(calls)
+    moved = run_window(model, task, x, y, torch.zeros_like(mask), None, None, mask_host=torch.zeros_like(mask)).state
+    print("moved", {{k: calls[k] - before[k] for k in calls}})
+    ref = model(x, None)[1]
+assert torch.equal(moved, ref), (moved - ref).abs().max()
+"""
+
+
+def test_checkpointed_first_pass_writes_no_states_in_triton_interpreter():
+    """The first pass of a checkpointed segment without a loss reads only its final state: the
+    last layer's kernel runs without writing the states of the steps (``min_scan_final``), and
+    the gradients equal full BPTT's (2 layers, norm and residual); a window that only moves the
+    state on does the same, with the final state of a plain forward, bit for bit."""
+    # minGRU only (the interpreter takes ~15 s a model); minLSTM's final state: CHECK above
+    r = _python(CHECKPOINTED.format(rec="mingru"), interpret=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = r.stdout.splitlines()
+    # full BPTT: one call a layer; checkpointed: the 2 loss-free segments' first passes (layer 1
+    # with states, layer 2 without), their recomputation (both with), the last segment (both with)
+    assert lines[0] == "None {'states': 2, 'final': 0}", r.stdout
+    assert lines[1] == "8 {'states': 8, 'final': 2}", r.stdout
+    assert lines[2] == "moved {'states': 1, 'final': 1}", r.stdout
 
 
 AUTOTUNED = """

@@ -67,7 +67,7 @@ def _load_z(K, KI, C, zoff, m, LSTM: tl.constexpr):
 @triton.jit(do_not_specialize=["shape_key"])
 def _fwd_kernel(K, KI, C, H0, Hout, Hlast, Keep, T, Hdim, stride_zb, stride_zt, stride_hb, stride_ht, shape_key,
                 LSTM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, PREFETCH: tl.constexpr,
-                HAS_KEEP: tl.constexpr = False):
+                HAS_KEEP: tl.constexpr = False, STORE_H: tl.constexpr = True):
     pid_b = tl.program_id(0).to(tl.int64)  # B*T*G can pass 2**31
     pid_h = tl.program_id(1)
     cols = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -94,7 +94,8 @@ def _fwd_kernel(K, KI, C, H0, Hout, Hlast, Keep, T, Hdim, stride_zb, stride_zt, 
         b = tl.where(m, b, 0.0)
         A, B = tl.associative_scan((a, b), 0, _compose)
         h = A * carry[None, :] + B
-        tl.store(Hout + pid_b * stride_hb + t[:, None] * stride_ht + cols[None, :], h, mask=m)
+        if STORE_H:
+            tl.store(Hout + pid_b * stride_hb + t[:, None] * stride_ht + cols[None, :], h, mask=m)
         carry = tl.sum(tl.where(rows[:, None] == BLOCK_T - 1, h, 0.0), axis=0)
     # the final state in float32 whatever the dtype of Hout: it is what TBPTT carries
     tl.store(Hlast + pid_b * Hdim + cols, carry, mask=cmask)
@@ -234,15 +235,16 @@ def shape_key(B: int, T: int) -> int:
 _fwd_tuned, _bwd_tuned = _autotuned(_fwd_kernel), _autotuned(_bwd_kernel)
 
 
-def _launch(kernel, tuned, B: int, H: int, args: list, lstm: bool, config, has_keep: bool = False) -> None:
+def _launch(kernel, tuned, B: int, H: int, args: list, lstm: bool, config, has_keep: bool = False, **flags) -> None:
     config = config or FIXED_CONFIG
     if config is None and os.environ.get("TRITON_INTERPRET") == "1":
         config = INTERPRETER_CONFIG
     if config is None:
-        tuned[lambda meta: (B, triton.cdiv(H, meta["BLOCK_H"]))](*args, LSTM=lstm, HAS_KEEP=has_keep)
+        tuned[lambda meta: (B, triton.cdiv(H, meta["BLOCK_H"]))](*args, LSTM=lstm, HAS_KEEP=has_keep, **flags)
         return
     bt, bh, w, p = config
-    kernel[(B, triton.cdiv(H, bh))](*args, LSTM=lstm, BLOCK_T=bt, BLOCK_H=bh, PREFETCH=p, num_warps=w, HAS_KEEP=has_keep)
+    kernel[(B, triton.cdiv(H, bh))](*args, LSTM=lstm, BLOCK_T=bt, BLOCK_H=bh, PREFETCH=p, num_warps=w, HAS_KEEP=has_keep,
+                                    **flags)
 
 
 def tuned_configs() -> dict[str, str]:
@@ -262,20 +264,7 @@ class MinScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, z_BTG: Tensor, h0_BH: Tensor, lstm: bool, config=None, keep_BT: Optional[Tensor] = None
                 ) -> tuple[Tensor, Tensor]:
-        B, T, G = z_BTG.shape
-        n = 3 if lstm else 2
-        H = G // n
-        z_BTG = z_BTG.contiguous()
-        h0 = h0_BH.float().contiguous()
-        h_BTH = torch.empty(B, T, H, device=z_BTG.device, dtype=z_BTG.dtype)
-        last_BH = torch.empty(B, H, device=z_BTG.device, dtype=torch.float32)
-        k, ki, c = z_BTG, z_BTG[..., H:], z_BTG[..., (n - 1) * H:]
-        keep = _keep_bytes(keep_BT, z_BTG)
-        # without a mask the kernel reads none: h0 stands in for the pointer (a valid one)
-        _launch(_fwd_kernel, _fwd_tuned, B, H, [k, ki, c, h0, h_BTH, last_BH, h0 if keep is None else keep, T, H,
-                                                z_BTG.stride(0), z_BTG.stride(1),
-                                                h_BTH.stride(0), h_BTH.stride(1), shape_key(B, T)], lstm, config,
-                keep_BT is not None)
+        z_BTG, h0, h_BTH, last_BH, keep = _forward(z_BTG, h0_BH, lstm, config, keep_BT, states=True)
         ctx.save_for_backward(z_BTG, h0, h_BTH, h0 if keep is None else keep)
         ctx.has_keep = keep is not None
         ctx.h0_dtype, ctx.lstm, ctx.config = h0_BH.dtype, lstm, config
@@ -299,6 +288,25 @@ class MinScan(torch.autograd.Function):
         return dz, dh0.to(ctx.h0_dtype), None, None, None
 
 
+def _forward(z_BTG: Tensor, h0_BH: Tensor, lstm: bool, config, keep_BT: Optional[Tensor], states: bool):
+    B, T, G = z_BTG.shape
+    n = 3 if lstm else 2
+    H = G // n
+    z_BTG = z_BTG.contiguous()
+    h0 = h0_BH.float().contiguous()
+    # without the states the kernel writes none: a (B, 1, H) stand-in gives it a valid pointer
+    h_BTH = torch.empty(B, T if states else 1, H, device=z_BTG.device, dtype=z_BTG.dtype)
+    last_BH = torch.empty(B, H, device=z_BTG.device, dtype=torch.float32)
+    k, ki, c = z_BTG, z_BTG[..., H:], z_BTG[..., (n - 1) * H:]
+    keep = _keep_bytes(keep_BT, z_BTG)
+    # without a mask the kernel reads none: h0 stands in for the pointer (a valid one)
+    _launch(_fwd_kernel, _fwd_tuned, B, H, [k, ki, c, h0, h_BTH, last_BH, h0 if keep is None else keep, T, H,
+                                            z_BTG.stride(0), z_BTG.stride(1),
+                                            h_BTH.stride(0), h_BTH.stride(1), shape_key(B, T)], lstm, config,
+            keep_BT is not None, **({} if states else {"STORE_H": False}))
+    return z_BTG, h0, (h_BTH if states else None), last_BH, keep
+
+
 def _keep_bytes(keep_BT: Optional[Tensor], z_BTG: Tensor) -> Optional[Tensor]:
     """The reset mask as contiguous bytes on z's device."""
     if keep_BT is None:
@@ -316,3 +324,13 @@ def min_scan(z_BTG: Tensor, h0_BH: Tensor, lstm: bool, config=None, keep_BT: Opt
     (BLOCK_T, BLOCK_H, num_warps, PREFETCH) bypasses the autotuner. ``keep_BT`` (bool, (B, T)):
     False zeroes a row's state before that step (``h_t = a_t keep_t h_{t-1} + b_t``)."""
     return MinScan.apply(z_BTG, h0_BH, lstm, config, keep_BT)
+
+
+def min_scan_final(z_BTG: Tensor, h0_BH: Tensor, lstm: bool, config=None, keep_BT: Optional[Tensor] = None) -> Tensor:
+    """The final state alone (float32, equal to :func:`min_scan`'s), the states of the steps not
+    written: for a piece whose outputs nobody reads (the first pass of a checkpointed segment
+    without a loss, a TBPTT window that only moves the state on), a third of the forward's
+    memory traffic less (it reads ``z`` and writes nothing per step). No autograd."""
+    if torch.is_grad_enabled() and (z_BTG.requires_grad or h0_BH.requires_grad):
+        raise RuntimeError("min_scan_final has no backward: use min_scan where gradients are needed")
+    return _forward(z_BTG, h0_BH, lstm, config, keep_BT, states=False)[3]
