@@ -587,6 +587,7 @@ class TBPTTModule(L.LightningModule):
         scheduled = [g["lr"] for g in opt.param_groups]
         for g in opt.param_groups:  # randomized chunk lengths: lr * length / k1 for this update only
             g["lr"] *= lr_scale
+        step = self.global_step  # this update's index, as errors name it (the count before it)
         opt.step()  # with fp16 loss scaling, skipped if the gradients overflowed
         for g, lr in zip(opt.param_groups, scheduled):
             g["lr"] = lr
@@ -595,7 +596,7 @@ class TBPTTModule(L.LightningModule):
             norm = ds.deepspeed_engine.get_global_grad_norm()
             self._grad_norm = None if norm is None else norm.detach() if isinstance(norm, Tensor) else torch.as_tensor(norm)
         if scaler is not None:  # read with the next update's verdict: no host sync here
-            self._pending.put_scale(self.global_step, self.global_rank, scaler._get_scale_async(), self.optim_cfg.min_loss_scale)
+            self._pending.put_scale(step, self.global_rank, scaler._get_scale_async(), self.optim_cfg.min_loss_scale)
         sched.step()
         self._advance_carry(res, x, y, reset, keep)
         return res.loss_sum / n_loss if n_loss else None

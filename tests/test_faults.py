@@ -493,10 +493,11 @@ def test_fp16_overflow_at_every_scale_is_a_hard_error():
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(200, 8, 3, generator=g), torch.randn(200, 8, 1, generator=g)
     snaps = _Snapshots(inf_from=2)
-    with pytest.raises(FloatingPointError, match=r"overflow at every loss scale.*min_loss_scale=1024.*at step 9 on rank 0"):
+    with pytest.raises(FloatingPointError, match=r"overflow at every loss scale.*min_loss_scale=1024.*at step 8 on rank 0"):
         _fp16_fit(x, y, snaps, max_steps=50, min_loss_scale=2.0**10)
     # updates 2..7 overflow and halve 2**16 down to 2**10 = the minimum; update 8's halving goes
-    # below it (after 9 counted updates), read in the next update, which stops the run before its step
+    # below it, read in the next update, which stops the run before its step. The error names
+    # update 8 as a non-finite loss names its update: by the count of updates before it
     assert [s["scale"] for s in snaps.after[2:]] == [2.0**15, 2.0**14, 2.0**13, 2.0**12, 2.0**11, 2.0**10, 2.0**9]
     assert all(torch.equal(v, snaps.after[1]["params"][k]) for s in snaps.after[2:] for k, v in s["params"].items())
 
