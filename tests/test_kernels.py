@@ -49,8 +49,9 @@ for cls, lstm in ((MinGRU, False), (MinLSTM, True)):
             out1, last1 = min_scan(z1, h1, lstm, config, keep)
             ((out1.double() * w).sum() + (last1.double() * v).sum()).backward()
             assert last1.dtype == torch.float32
-            with torch.no_grad():  # without writing the states: the same final state, bit for bit
-                assert torch.equal(min_scan_final(z, h0, lstm, config, keep), last1), (config, cls.__name__, B, T, H)
+            if config == {configs}[0]:  # without writing the states: the same final state, bit for bit
+                with torch.no_grad():       # (one configuration: the interpreter's time)
+                    assert torch.equal(min_scan_final(z, h0, lstm, config, keep), last1), (config, cls.__name__, B, T, H)
             for name, a, b in (("h", out1, out2), ("last", last1, out2[:, -1]), ("dz", z1.grad, z2.grad), ("dh0", h1.grad, h2.grad)):
                 err = ((a.double() - b).abs() / (1 + b.abs())).max().item()
                 worst = max(worst, err)
