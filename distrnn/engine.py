@@ -352,6 +352,8 @@ class TBPTTModule(L.LightningModule):
         self._carry = Carry()
         self._carry_restored = False
         self._val_state: Optional[State] = None
+        self._eval_sums: Optional[Tensor] = None  # an evaluation epoch's summed loss and correct answers
+        self._eval_count = 0  # and its labelled steps
         self._pending_rng: Optional[dict[str, Any]] = None
         self._grad_norm: Optional[Tensor] = None
         self._unchecked_loss: Optional[Tensor] = None  # stop_on_nonfinite: checked after the backward pass
@@ -867,15 +869,23 @@ class TBPTTModule(L.LightningModule):
     def on_validation_epoch_start(self) -> None:
         self._check_finite()  # validation and the checkpoints it triggers see only finite updates
         self._val_state = None
+        self._eval_sums, self._eval_count = None, 0
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._eval_step(batch, "val")
+        self._eval_step(batch)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_eval("val")
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._eval_step(batch, "test")
+        self._eval_step(batch)
 
     def on_test_epoch_start(self) -> None:
         self._val_state = None
+        self._eval_sums, self._eval_count = None, 0
+
+    def on_test_epoch_end(self) -> None:
+        self._log_eval("test")
 
     def on_predict_epoch_start(self) -> None:
         self._val_state = None
@@ -892,24 +902,41 @@ class TBPTTModule(L.LightningModule):
         self._val_state = detach_state(state)
         return y_hat, y, mask, mask_cpu
 
-    def _eval_step(self, batch: dict[str, Any], stage: str) -> None:
+    def _eval_step(self, batch: dict[str, Any]) -> None:
+        """Adds the batch's summed loss (and correct answers) over its labelled steps to the
+        epoch's sums, on the device; :meth:`_log_eval` reduces them once at the epoch's end."""
         y_hat, y, mask, mask_cpu = self._eval_forward(batch)
         n = int(mask_cpu.sum())
-        if n > 0:
-            loss = loss_sum(y_hat, y, mask, self.task) / n
-            accuracy = ((y_hat.argmax(-1) == y) & mask).sum().float() / n if self.task.kind == "classification" else None
-        elif self.trainer.world_size == 1:
+        if n == 0:
             return
-        else:
-            # Lightning all-reduces each logged key once at the epoch's end, so every rank must
-            # have logged each one (a rank whose rows had no label all epoch left the others
-            # waiting forever): a weight of 0 adds nothing to the ranks' weighted means
-            loss = accuracy = torch.zeros((), device=y_hat.device)
-        self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=n, sync_dist=True)
+        dtype = torch.float32 if y_hat.device.type == "mps" else torch.float64
+        correct = ((y_hat.argmax(-1) == y) & mask).sum() if self.task.kind == "classification" else y_hat.new_zeros(())
+        sums = torch.stack([loss_sum(y_hat, y, mask, self.task).to(dtype), correct.to(dtype)])
+        self._eval_sums = sums if self._eval_sums is None else self._eval_sums + sums
+        self._eval_count += n
+
+    def _log_eval(self, stage: str) -> None:
+        """The epoch's metrics over every labelled step of every rank: the sums all-reduced once
+        (every rank calls this, whatever it evaluated), the means taken over the total count, so
+        they equal one process's; nothing is logged when no rank had a labelled step (one process
+        logs nothing then either; a mean over ranks of per-rank means would be 0/0)."""
+        dtype = torch.float32 if self.device.type == "mps" else torch.float64
+        sums = self._eval_sums if self._eval_sums is not None else torch.zeros(2, dtype=dtype, device=self.device)
+        totals = torch.cat([sums.to(self.device, dtype), torch.tensor([float(self._eval_count)], dtype=dtype, device=self.device)])
+        if self.trainer.world_size > 1:
+            totals = self.trainer.strategy.reduce(totals, reduce_op="sum")
+        loss_total, correct, n = totals.tolist()
+        self._eval_sums, self._eval_count = None, 0
+        if n == 0:
+            return
+        # the same numbers on every rank: sync_dist only keeps Lightning from warning about an
+        # epoch-level value logged without it (its mean over ranks is the value itself)
+        loss = loss_total / n
+        self.log(f"{stage}/loss", loss, prog_bar=True, sync_dist=True)
         if self.task.kind == "language_model":
-            self.log(f"{stage}/{self.task.bits_metric}", loss / LN2, batch_size=n, sync_dist=True)
+            self.log(f"{stage}/{self.task.bits_metric}", loss / LN2, sync_dist=True)
         elif self.task.kind == "classification":
-            self.log(f"{stage}/accuracy", accuracy, prog_bar=True, batch_size=n, sync_dist=True)
+            self.log(f"{stage}/accuracy", correct / n, prog_bar=True, sync_dist=True)
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Tensor]:
         """On the host: ``prediction`` (regression: the values; otherwise the most probable class,

@@ -313,18 +313,18 @@ def test_at_exit_the_process_group_is_gone_before_the_interpreter_shuts_down(tmp
 
 class LabelsOnRankZero(L.LightningDataModule):
     """8 labelled training sequences; of the 8 validation sequences only rank 0's (samples 0-3)
-    have labels."""
+    have labels (``labelled=False``: none has)."""
 
-    def __init__(self, per_rank):
+    def __init__(self, per_rank, labelled=True):
         super().__init__()
-        self.per_rank = per_rank
+        self.per_rank, self.labelled = per_rank, labelled
 
     def _loader(self, val):
         g = torch.Generator().manual_seed(0)
         x = torch.randint(0, 40, (8, 16), generator=g)
         mask = torch.ones(8, 16, dtype=torch.bool)
         if val:
-            mask[4:] = False
+            mask[4 if self.labelled else 0:] = False
         return TensorLoader({"x": x, "y": torch.randint(0, 40, (8, 16), generator=g), "mask": mask}, self.per_rank,
                             rank=self.trainer.global_rank, world_size=self.trainer.world_size)
 
@@ -338,20 +338,24 @@ class LabelsOnRankZero(L.LightningDataModule):
 @pytest.mark.slow
 @pytest.mark.timeout(300)  # the hang it guards against
 def test_a_rank_without_labels_in_validation_does_not_hang_the_others(loopback_rendezvous):
-    """Lightning all-reduces each logged validation key once, at the epoch's end: a rank whose
-    rows had no label all epoch logged nothing, and the other waited for it forever. Now it logs
-    with a weight of 0, and the validation loss is the one process's with the global batch."""
-    def fit(devices, per_rank):
+    """A rank whose rows had no label all epoch once logged nothing, and the other waited for it
+    forever in Lightning's all-reduce of the logged keys. The sums are now reduced once at the
+    epoch's end on every rank: the validation loss is the one process's with the global batch.
+    With no label on any rank nothing is logged, as by one process (a mean over ranks' weighted
+    means was 0/0: NaN)."""
+    def fit(devices, per_rank, labelled=True):
         module = make_module(LM, recurrence="gru", hidden=16, k1=4, name="adamw", lr=1e-2, seed=0)
         trainer = L.Trainer(accelerator="cpu", devices=devices, strategy="ddp_fork" if devices > 1 else "auto",
                             max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                             enable_model_summary=False, num_sanity_val_steps=0)
         if devices > 1:
             loopback_rendezvous(trainer)
-        trainer.fit(module, LabelsOnRankZero(per_rank))
+        trainer.fit(module, LabelsOnRankZero(per_rank, labelled))
         return trainer.callback_metrics
 
     single, ddp = fit(1, 8), fit(2, 4)
     assert set(ddp) >= {"val/loss", "val/bpb"}, ddp
     for k in ("val/loss", "val/bpb"):
         torch.testing.assert_close(ddp[k], single[k], rtol=0, atol=1e-6, msg=k)
+    single, ddp = fit(1, 8, labelled=False), fit(2, 4, labelled=False)
+    assert not any(k.startswith("val/") for k in (*single, *ddp)), (single, ddp)
