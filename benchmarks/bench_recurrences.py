@@ -426,18 +426,20 @@ def _resets(show, device: str, B: int, T: int, H: int) -> None:
 
 def _mingru_checkpointed(show) -> None:
     # the goal names no layer: minGRU's forward (one GEMM and the scan) was expected to cost one
-    # more forward, ~1.4x; the H200 measured 2.0x (2026-12-04), hence the profile and the split
+    # more forward, ~1.4x; the H200 measured 2.0x (2026-12-04), hence the profile and the split.
+    # Most telling first (a device call may end early): side by side with the profiles and the
+    # host's view (issue time against completion, synchronizing calls), then one segment's split
+    # (its bound, with the first pass writing the final state alone), then the memory
+    show(run("checkpointing", 100, rec="mingru", B=64, T=16384, H=1024, k=1024, rounds=3, profile=True,
+             label="mingru checkpointed vs full, side by side, B=64 H=1024 T=16384 k=1024"))
+    show(run("split", 60, rec="mingru", B=64, T=1024, H=1024, label="mingru segment split B=64 H=1024 T=1024"))
     for mode in ("full", "checkpointed"):
         show(run("memory", 60, rec="mingru", mode=mode, B=64, T=16384, H=1024, k=1024,
                  label=f"memory mingru {mode} B=64 H=1024 T=16384 k=1024"))
-    show(run("checkpointing", 100, rec="mingru", B=64, T=16384, H=1024, k=1024, rounds=3, profile=True,
-             label="mingru checkpointed vs full, side by side, B=64 H=1024 T=16384 k=1024"))
     # as measured on 2026-12-04: the head and the loss over every step of every segment (session
     # 33 runs them only where the loss is, about half of a loss-free segment's calls)
     show(run("checkpointing", 100, rec="mingru", B=64, T=16384, H=1024, k=1024, rounds=3, mask_host=False,
              label="mingru checkpointed vs full, head everywhere (before session 33)"))
-    # its bound: one segment's no-grad forward, forward with autograd and backward
-    show(run("split", 60, rec="mingru", B=64, T=1024, H=1024, label="mingru segment split B=64 H=1024 T=1024"))
 
 
 def _goals(show, B: int, H: int) -> None:

@@ -8,7 +8,9 @@
 # A second call right after it (the machine still warm): SKIP_GOALS=1 CALL_SECONDS=... for the
 # selective-copy run alone, after copying the first call's $OUT/sc/last.ckpt* over
 # benchmarks/state/selective_copy/ (tracked in git: the run's state between sessions).
-# GOALS=--mingru_checkpointed runs that part of the goals alone (~1 min).
+# GOALS=--mingru_checkpointed runs that part of the goals alone (~1-2 min: side by side with the
+# profiles and the host's view first, then the segment split, the memory, the head everywhere);
+# SKIP_LEARN=1 GOALS=--mingru_checkpointed ENGINE=last: that, then the engine's checks in the time left.
 # SKIP_LEARN=1 leaves the selective-copy run out. ENGINE=1 first runs tests/test_gpu.py and the GPU tests of tests/test_kernels.py but the long
 # kernel-against-loop one without resets (~2-3 min; $OUT/engine.txt), and the TBPTT engine against a
 # plain loop on a small LSTM, where the engine's host cost per update shows (~30-60 s, and again with
