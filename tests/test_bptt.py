@@ -454,3 +454,40 @@ def test_cosine_schedule_with_warmup_steps_per_update(limit, total):
             p = min(1.0, (u - 3) / (total - 3))
             expect.append(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)))
     assert seen == pytest.approx(expect, rel=1e-9)
+
+
+@pytest.mark.parametrize("task", [LM, TaskSpec(kind="classification", output_dim=5, vocab_size=11)], ids=["lm", "classification"])
+def test_validation_metrics_are_the_means_over_every_labelled_step(task):
+    """val/loss (and val/bpb, val/accuracy) over batches with different label counts: the loss
+    summed over every labelled step of the epoch divided by their count, computed here by hand
+    from the model's outputs in float64, not a mean of the batches' means; test/* the same."""
+    torch.manual_seed(5)
+    module = make_module(task, recurrence="gru", hidden=8)
+    B, T = 3, 10
+    x = torch.randint(0, 11, (9, T))
+    y = torch.randint(0, task.output_dim, (9, T))
+    mask = torch.rand(9, T) < 0.5
+    mask[3:6] = False
+    mask[4, 2] = True  # the second batch: one label
+    loader = TensorLoader({"x": x, "y": y, "mask": mask}, B, shuffle=False)
+
+    class Data(L.LightningDataModule):
+        def val_dataloader(self):
+            return loader
+
+        def test_dataloader(self):
+            return loader
+
+    with torch.no_grad():
+        y_hat = module.model(x, None)[0].double()  # each batch's rows start from a fresh state, as here
+    per = torch.nn.functional.cross_entropy(y_hat.flatten(0, 1), y.flatten(), reduction="none").view_as(mask)
+    loss = (per * mask).sum() / mask.sum()
+    correct = ((y_hat.argmax(-1) == y) & mask).sum() / mask.sum()
+    for stage, run in (("val", trainer(limit_val_batches=1.0).validate), ("test", trainer().test)):
+        metrics = run(module, Data(), verbose=False)[0]
+        assert metrics[f"{stage}/loss"] == pytest.approx(loss.item(), rel=1e-6)
+        if task.kind == "classification":
+            assert metrics[f"{stage}/accuracy"] == pytest.approx(correct.item(), rel=1e-9)
+            assert f"{stage}/bpb" not in metrics
+        else:
+            assert metrics[f"{stage}/bpb"] == pytest.approx(loss.item() / math.log(2), rel=1e-6)
