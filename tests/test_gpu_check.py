@@ -70,3 +70,18 @@ def test_device_scripts_parse_and_name_only_shipped_files():
         assert r.returncode == 0, (script.name, r.stderr)
         for name in re.findall(r"\b((?:benchmarks|tests|jobs/configs)/[\w./-]+\.(?:py|sh|yaml))", script.read_text()):
             assert (REPO / name).exists(), (script.name, name)
+
+
+def test_the_overlapped_recomputation_experiment_computes_full_bptt_gradients():
+    """The benchmark's experiment (each segment recomputed before the backward of the segment
+    after it; side streams on a GPU) must measure the right computation: on CPU, where it runs
+    the same order one thing at a time, its gradients are full BPTT's (it reports the difference)."""
+    sys.path.insert(0, str(REPO / "benchmarks"))  # also for the case's child process (spawned)
+    try:
+        import bench_recurrences as bench
+
+        for rec in ("lstm", "mingru"):
+            r = bench.run("checkpointing", 120, device="cpu", rec=rec, B=3, T=48, H=8, k=8, rounds=1, overlap=True)
+            assert "error" not in r and r["overlapped_max_grad_diff"] < 1e-6, r
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
