@@ -143,7 +143,7 @@ def _case(kind: str, args: dict, q) -> None:
         # (non-reentrant: the first pass a training forward with its saved tensors dropped).
         from torch.utils.checkpoint import checkpoint
 
-        from distrnn.bptt import _piece, loss_span, loss_sum
+        from distrnn.bptt import _piece, loss_span
 
         task, model, x, y, mask = _loss_at_the_end(B, T, H, dev, args.get("rec", "lstm"))
         # the engine hands run_window the mask on the host: the head and the loss run only where
@@ -161,69 +161,11 @@ def _case(kind: str, args: dict, q) -> None:
             total.backward()
 
         def overlapped():
-            # An experiment, not distrnn's scheme (yet): the same segments, but each segment's
-            # recomputation is issued on a side stream before the backward of the segment after it,
-            # so the two run at once on the GPU (a cuDNN LSTM at B=64 is latency-bound step by
-            # step: one recurrence leaves most SMs idle). Two segments' activations live at once.
-            # Streams alternate; on a CPU it runs the same order, one thing at a time.
-            from contextlib import nullcontext
-
-            from distrnn.state import detach_state, state_tensors
-
-            params = [p for p in model.parameters() if p.requires_grad]
-            main = torch.cuda.current_stream() if cuda else None
-            side = [torch.cuda.Stream(), torch.cuda.Stream()] if cuda else [None, None]
-            on = (lambda st: torch.cuda.stream(st)) if cuda else (lambda st: nullcontext())
-            n = T // k
-            bounds = [None]
-            with torch.no_grad():
-                st_ = None
-                for i in range(n - 1):
-                    _, st_ = model.hidden(x[:, i * k:(i + 1) * k], st_, outputs=False)
-                    bounds.append(st_)
-
-            def leaf(state, grad):
-                state = detach_state(state)
-                if state is not None and grad:
-                    for t in state_tensors(state):
-                        t.requires_grad_()
-                return state
-
-            def recompute(i):
-                st = side[i % 2]
-                if cuda:
-                    st.wait_stream(main)
-                with on(st), torch.enable_grad():
-                    s_in = leaf(bounds[i], i > 0)
-                    _, s_out = model.hidden(x[:, i * k:(i + 1) * k], s_in)
-                return s_in, s_out, st
-
-            s_last = leaf(bounds[-1], n > 1)
-            a = (n - 1) * k
-            total = loss_sum(model(x[:, a:], s_last)[0][:, -1:], y[:, -1:], mask[:, -1:], task)
-            pending = recompute(n - 2) if n > 1 else None
-            wrt = list(state_tensors(s_last)) + params
-            grads = torch.autograd.grad(total, wrt, allow_unused=True)
-            g_state, acc = grads[:len(wrt) - len(params)], [g for g in grads[len(wrt) - len(params):]]
-            for i in range(n - 2, -1, -1):
-                s_in, s_out, st = pending
-                pending = recompute(i - 1) if i > 0 else None  # issued before this segment's backward
-                ins = list(state_tensors(s_in)) if i > 0 else []
-                if cuda:
-                    st.wait_stream(main)  # the state's gradient, made by the segment after
-                    for g in g_state:
-                        g.record_stream(st)
-                with on(st):
-                    out = torch.autograd.grad(state_tensors(s_out), ins + params, g_state, allow_unused=True)
-                if cuda:
-                    main.wait_stream(st)
-                    for g in out:
-                        if g is not None:
-                            g.record_stream(main)
-                g_state = out[:len(ins)]
-                acc = [u if v is None else v if u is None else u + v for u, v in zip(acc, out[len(ins):])]
-            for p_, g in zip(params, acc):
-                p_.grad = g if p_.grad is None else p_.grad + g
+            # distrnn's checkpointed BPTT with model.tbptt.overlap_recompute: each segment's
+            # recomputation issued on a side stream before the backward of the segment after it,
+            # so the two run at once (a cuDNN LSTM at B=64 is latency-bound step by step: one
+            # recurrence leaves most SMs idle); two segments' activations live at once
+            run_window(model, task, x, y, mask, None, None, segment=k, mask_host=mask_host, overlap=True).loss_sum.backward()
 
         cases = {
             "full": lambda: run_window(model, task, x, y, mask, None, None, mask_host=mask_host).loss_sum.backward(),
@@ -231,10 +173,10 @@ def _case(kind: str, args: dict, q) -> None:
                                                        mask_host=mask_host).loss_sum.backward(),
             "torch_checkpoint": torch_checkpoint,
         }
-        if args.get("overlap") and T % k == 0 and mask_host is not None and not mask_host[:, :-1].any():
+        if args.get("overlap"):
             cases["overlapped"] = overlapped
-            # the experiment's gradients against full BPTT's (it must compute the same thing), and
-            # each scheme's peak memory above what is allocated before its step
+            # the overlapped gradients against full BPTT's (on a GPU: the side streams' ordering
+            # checked), and each scheme's peak memory above what is allocated before its step
             grads, peaks = {}, {}
             for name in ("full", "distrnn_checkpointed", "overlapped"):
                 model.zero_grad(set_to_none=True)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from contextlib import ExitStack
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -118,6 +118,55 @@ class _Replay:
             )
 
 
+class _Segment:
+    """What recomputing one checkpointed segment takes: its closure, its replay, its input states
+    and which of them need a gradient, and the device tensors it reads (marked for a side stream)."""
+
+    __slots__ = ("run", "replay", "states", "needs", "inputs")
+
+    def __init__(self, run: Callable, replay: _Replay, needs: list[bool], inputs: tuple[Tensor, ...]) -> None:
+        self.run, self.replay, self.needs, self.inputs = run, replay, needs, inputs
+        self.states: tuple[Tensor, ...] = ()
+
+    def recompute(self, stream: Optional[Any]) -> tuple:
+        """``(leaf states, part, state, stream)``: the segment rerun with autograd on ``stream``
+        (None: the current one)."""
+        leaves = tuple(s.detach().requires_grad_(n) for s, n in zip(self.states, self.needs))
+        with ExitStack() as stack:
+            if stream is not None:
+                stream.wait_stream(torch.cuda.current_stream(stream.device))
+                for t in (*self.states, *self.inputs):
+                    t.record_stream(stream)  # their memory is not reused while the stream reads it
+                stack.enter_context(torch.cuda.stream(stream))
+            self.replay.restore(stack)
+            with torch.enable_grad():
+                part, state = self.run(leaves)
+        self.replay.check()
+        return leaves, part, state, stream
+
+
+class _Overlap:
+    """``run_window(overlap=True)``: the checkpointed segments of one window, so that each
+    segment's backward first issues the recomputation of the segment before it on a side stream
+    (two, alternating): on a GPU it runs while this segment's backward does (a recurrence at a
+    small batch is latency-bound step by step and leaves most of the GPU idle), at the memory of
+    two segments' activations instead of one. Without CUDA, the same order one after the other."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.streams = [torch.cuda.Stream(device), torch.cuda.Stream(device)] if device.type == "cuda" else None
+        self.segments: list[Optional[_Segment]] = []
+        self.ahead: dict[int, tuple] = {}
+
+    def add(self, segment: _Segment) -> int:
+        self.segments.append(segment)
+        return len(self.segments) - 1
+
+    def prefetch(self, i: int) -> None:
+        if i >= 0 and self.segments[i] is not None:
+            segment, self.segments[i] = self.segments[i], None
+            self.ahead[i] = segment.recompute(self.streams[i % 2] if self.streams else None)
+
+
 class _RecomputedSegment(torch.autograd.Function):
     """One checkpointed segment whose first pass runs without autograd (for cuDNN: its inference
     forward, no reserve space) and whose backward recomputes it with autograd and hands the
@@ -126,41 +175,63 @@ class _RecomputedSegment(torch.autograd.Function):
     The parameters are inputs of this Function, so each reaches its AccumulateGrad node through
     autograd once per backward, summed over all segments: DDP's and ZeRO's gradient hooks fire
     once per parameter, as for an uncheckpointed graph (a reentrant ``torch.utils.checkpoint``
-    would accumulate into ``.grad`` once per segment inside its own backward)."""
+    would accumulate into ``.grad`` once per segment inside its own backward). A segment
+    recomputed ahead on a side stream (:class:`_Overlap`) runs its backward there; the current
+    stream waits for it before the gradients are handed back."""
 
     @staticmethod
-    def forward(ctx, run: Callable, box: list, n_state: int, *tensors: Tensor):
+    def forward(ctx, run: Callable, box: list, n_state: int, overlap: Optional[_Overlap], inputs: tuple[Tensor, ...],
+                *tensors: Tensor):
         states, params = tensors[:n_state], tensors[n_state:]
-        ctx.run, ctx.params = run, params
-        ctx.replay = _Replay(tensors)
+        ctx.params, ctx.overlap, ctx.index = params, overlap, None
+        ctx.segment = _Segment(run, _Replay(tensors), [s.requires_grad for s in states], inputs)
         ctx.save_for_backward(*states)
         ctx.set_materialize_grads(False)
         part, state = run(states)
-        ctx.replay.first_pass_done()
+        ctx.segment.replay.first_pass_done()
+        if overlap is not None:
+            ctx.segment.states = states
+            ctx.index = overlap.add(ctx.segment)
         box.append(isinstance(state, Tensor))
         return (part, *state_tensors(state))
 
     @staticmethod
     def backward(ctx, g_part: Optional[Tensor], *g_state: Optional[Tensor]):
-        need = ctx.needs_input_grad[3:]
-        states = tuple(s.detach().requires_grad_(need[i]) for i, s in enumerate(ctx.saved_tensors))
-        with ExitStack() as stack:
-            ctx.replay.restore(stack)
-            with torch.enable_grad():
-                part, state = ctx.run(states)
-        ctx.replay.check()
+        need = ctx.needs_input_grad[5:]
+        overlap, segment = ctx.overlap, ctx.segment
+        ctx.segment = None
+        ahead = overlap.ahead.pop(ctx.index, None) if overlap is not None else None
+        if ahead is None:
+            segment.states = ctx.saved_tensors
+            ahead = segment.recompute(None)
+        if overlap is not None:
+            overlap.prefetch(ctx.index - 1)  # before this backward, so that both run at once
+        leaves, part, state, stream = ahead
         pairs = [(o, g) for o, g in zip((part, *state_tensors(state)), (g_part, *g_state)) if g is not None and o.requires_grad]
-        wrt = [t for t, n in zip((*states, *ctx.params), need) if n]
-        grads = iter(
-            torch.autograd.grad([o for o, _ in pairs], wrt, [g for _, g in pairs], allow_unused=True)
-            if pairs and wrt else [None] * len(wrt)
-        )
-        return (None, None, None, *(next(grads) if n else None for n in need))
+        wrt = [t for t, n in zip((*leaves, *ctx.params), need) if n]
+        none = (None,) * 5
+        if not (pairs and wrt):
+            return (*none, *(None for _ in need))
+        with ExitStack() as stack:
+            if stream is not None:
+                current = torch.cuda.current_stream(stream.device)
+                stream.wait_stream(current)  # the incoming gradients
+                for _, g in pairs:
+                    g.record_stream(stream)
+                stack.enter_context(torch.cuda.stream(stream))
+            got = torch.autograd.grad([o for o, _ in pairs], wrt, [g for _, g in pairs], allow_unused=True)
+        if stream is not None:
+            current.wait_stream(stream)
+            for g in got:
+                if g is not None:
+                    g.record_stream(current)
+        grads = iter(got)
+        return (*none, *(next(grads) if n else None for n in need))
 
 
 def _checkpointed_piece(
     model: RecurrentModel, x: Tensor, y: Tensor, mask: Tensor, reset: Optional[Tensor], state: Optional[State], task: TaskSpec,
-    params: Optional[list[Tensor]], span: Span, cuts: Optional[Tensor] = None,
+    params: Optional[list[Tensor]], span: Span, cuts: Optional[Tensor] = None, overlap: Optional[_Overlap] = None,
 ) -> tuple[Tensor, State]:
     if params is None:  # partitioned parameters: the gradients' shapes would not match theirs
         return checkpoint(_piece, model, x, y, mask, reset, state, task, span, cuts, use_reentrant=False)
@@ -171,7 +242,8 @@ def _checkpointed_piece(
         return _piece(model, x, y, mask, reset, s, task, span, cuts)
 
     box: list = []
-    part, *out = _RecomputedSegment.apply(run, box, len(state_tensors(state)), *state_tensors(state), *params)
+    part, *out = _RecomputedSegment.apply(run, box, len(state_tensors(state)), overlap, (x, y, mask),
+                                          *state_tensors(state), *params)
     return part, out[0] if box[0] else tuple(out)
 
 
@@ -195,6 +267,7 @@ def run_window(
     partitioned: bool = False,
     mask_host: Optional[Tensor] = None,
     cuts_T: Optional[Tensor] = None,
+    overlap: bool = False,
 ) -> WindowResult:
     """Run ``x`` from ``state``; return the summed loss, the final state, and the state after
     ``capture_at`` steps (where the next truncation window starts).
@@ -214,7 +287,9 @@ def run_window(
     that carry a loss, and not at all in a piece without one (a label at the end of a long
     sequence: the segments before it only carry the state; the head's and the loss's calls are
     about half of such a segment's, on the host as on the device). ``cuts_T`` (host bools): other
-    processes' reset steps, see ``RecurrentModel.hidden``.
+    processes' reset steps, see ``RecurrentModel.hidden``. ``overlap`` (with ``segment``): each
+    segment's recomputation is issued, on a side stream, before the backward of the segment after
+    it (:class:`_Overlap`): two segments' activations at once.
     """
     T = x.shape[1]
     cuts = {0, T}
@@ -227,12 +302,14 @@ def run_window(
     captured = state if capture_at == 0 else None
     recompute = bool(segment) and torch.is_grad_enabled()
     params = [p for p in model.parameters() if p.requires_grad] if recompute and not partitioned else None
+    chain = _Overlap(x.device) if overlap and params is not None else None
     for a, b in zip(bounds[:-1], bounds[1:]):
         r = None if reset is None else reset[:, a:b]
         c = None if cuts_T is None else cuts_T[a:b]
         span = loss_span(None if mask_host is None else mask_host[:, a:b])
         if recompute and b < T:  # the last segment keeps its activations: its backward comes first
-            part, state = _checkpointed_piece(model, x[:, a:b], y[:, a:b], mask[:, a:b], r, state, task, params, span, c)
+            part, state = _checkpointed_piece(model, x[:, a:b], y[:, a:b], mask[:, a:b], r, state, task, params, span, c,
+                                              chain)
         else:
             part, state = _piece(model, x[:, a:b], y[:, a:b], mask[:, a:b], r, state, task, span, c)
         if span is not None:

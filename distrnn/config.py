@@ -75,6 +75,11 @@ class TBPTTConfig:
     this many rows, their gradients summed (under DDP all-reduced once, after the last group)
     before the one optimizer step. The update equals the whole batch's (dropout aside, whose draws
     differ) at the activation memory of one group. None: the whole batch at once. Not with DeepSpeed."""
+    overlap_recompute: bool = False
+    """checkpointed: each segment's backward first issues the recomputation of the segment before
+    it, on a CUDA side stream, so that on a GPU the two run at once (a recurrence at a small batch
+    leaves most of the GPU idle); the activations of two segments are held instead of one. The
+    same gradients; on a CPU the same order, one after the other. Not under ZeRO-3."""
 
     def __post_init__(self) -> None:
         _check(self.k1 > 0, "model.tbptt.k1", f"must be > 0, got {self.k1}")
@@ -84,6 +89,8 @@ class TBPTTConfig:
             _check(self.k2 >= self.k1, "model.tbptt.k2", f"must be >= k1 ({self.k1}), got {self.k2}")
             _check(self.mode == "tbptt", "model.tbptt.k2", f"only applies to mode 'tbptt', not {self.mode!r}")
         _check(not self.randomize or self.mode == "tbptt", "model.tbptt.randomize", "only applies to mode 'tbptt'")
+        _check(not self.overlap_recompute or self.mode == "checkpointed", "model.tbptt.overlap_recompute",
+               f"only applies to mode 'checkpointed', not {self.mode!r}")
 
     @property
     def window(self) -> int:

@@ -660,7 +660,8 @@ class TBPTTModule(L.LightningModule):
                     # module call gathers its parameters (a collective), so every rank must call
                     # the same modules, whatever steps its own rows have losses at
                     res = run_window(*args, segment, partitioned=zero3,
-                                     mask_host=None if with_loss[i] is None or zero3 else part(mask_cpu), cuts_T=cuts)
+                                     mask_host=None if with_loss[i] is None or zero3 else part(mask_cpu), cuts_T=cuts,
+                                     overlap=self.tbptt_cfg.overlap_recompute)
                     loss = res.loss_sum / per_rank
                     if ds is not None and self.optim_cfg.stop_on_nonfinite:
                         # DeepSpeed's engine clips inside its step: no gradient norm before the step

@@ -35,8 +35,11 @@ def _full_reference(model, task, x, y, mask, reset):
     return loss.detach(), _grads(model)
 
 
-@pytest.mark.parametrize("name", ["elman", "lstm", "gru"])
-def test_checkpointed_bptt_gives_full_bptt_gradients(name):
+@pytest.mark.parametrize("name,overlap", [("elman", False), ("lstm", False), ("gru", False), ("lstm", True), ("mingru", True)])
+def test_checkpointed_bptt_gives_full_bptt_gradients(name, overlap):
+    """Segments of 10 steps, a reset inside one, losses at 70% of the steps: full BPTT's loss and
+    gradients (float64, 1e-10). ``overlap``: each segment recomputed before the backward of the
+    segment after it (on a GPU on a side stream; here the same order, one after the other)."""
     torch.manual_seed(1)
     model = RecurrentModel(NetworkConfig(recurrence=name, hidden_size=7, num_layers=2), LM).double()
     B, T = 3, 53
@@ -47,7 +50,7 @@ def test_checkpointed_bptt_gives_full_bptt_gradients(name):
     reset[1, 20] = True
     ref_loss, ref = _full_reference(model, LM, x, y, mask, reset)
     model.zero_grad()
-    res = run_window(model, LM, x, y, mask, reset, None, segment=10)
+    res = run_window(model, LM, x, y, mask, reset, None, segment=10, overlap=overlap)
     (res.loss_sum / mask.sum()).backward()
     torch.testing.assert_close(res.loss_sum / mask.sum(), ref_loss, rtol=0, atol=1e-10)
     for n, g in _grads(model).items():
@@ -97,8 +100,8 @@ def _segmented_reference(model, x, y, mask, state, segment):
     return total, state
 
 
-@pytest.mark.parametrize("name", ["lstm", "mingru"])
-def test_checkpointed_segments_replay_dropout_and_return_the_initial_state_gradient(name):
+@pytest.mark.parametrize("name,overlap", [("lstm", False), ("mingru", False), ("lstm", True)])
+def test_checkpointed_segments_replay_dropout_and_return_the_initial_state_gradient(name, overlap):
     """The recomputation sees the dropout masks of the first pass (the RNG is replayed), and the
     gradient reaches a carried initial state that requires it, as through the plain segments."""
     torch.manual_seed(2)
@@ -122,7 +125,7 @@ def test_checkpointed_segments_replay_dropout_and_return_the_initial_state_gradi
     model.zero_grad()
     h0 = leaf()
     torch.manual_seed(9)
-    res = run_window(model, LM, x, y, mask, None, h0, segment=8)
+    res = run_window(model, LM, x, y, mask, None, h0, segment=8, overlap=overlap)
     res.loss_sum.backward()
     # the generators are where the plain run left them: the next update draws the same masks
     assert torch.equal(torch.get_rng_state(), rng_after)
@@ -185,9 +188,11 @@ def _sequence_batches(x, y, mask, batch_size):
     return TensorLoader({"x": x, "y": y, "mask": mask}, batch_size, shuffle=False)
 
 
-@pytest.mark.parametrize("mode,k1", [("tbptt", 40), ("full", 40), ("checkpointed", 9)])
-def test_module_update_equals_full_bptt(mode, k1):
-    """One optimizer step of the module (k1 = T for tbptt) sees the gradients of full BPTT."""
+@pytest.mark.parametrize("mode,k1,overlap", [("tbptt", 40, False), ("full", 40, False), ("checkpointed", 9, False),
+                                             ("checkpointed", 9, True)])
+def test_module_update_equals_full_bptt(mode, k1, overlap):
+    """One optimizer step of the module (k1 = T for tbptt) sees the gradients of full BPTT
+    (checkpointed: also with ``overlap_recompute``)."""
     task = TaskSpec(kind="regression", output_dim=2, input_dim=3, seq_len=40)
     B, T = 4, 40
     g = torch.Generator().manual_seed(3)
@@ -195,6 +200,7 @@ def test_module_update_equals_full_bptt(mode, k1):
     mask = torch.zeros(B, T, dtype=torch.bool)
     mask[:, -5:] = True
     module = make_module(task, recurrence="gru", mode=mode, k1=k1).double()
+    module.tbptt_cfg.overlap_recompute = overlap
     ref_model = RecurrentModel(module.network_cfg, task).double()
     ref_model.load_state_dict(module.model.state_dict())
     reset = torch.zeros(B, T, dtype=torch.bool)
@@ -491,3 +497,22 @@ def test_validation_metrics_are_the_means_over_every_labelled_step(task):
             assert f"{stage}/bpb" not in metrics
         else:
             assert metrics[f"{stage}/bpb"] == pytest.approx(loss.item() / math.log(2), rel=1e-6)
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_overlap_recomputes_each_segment_before_the_backward_of_the_one_after_it(overlap, monkeypatch):
+    """The order that lets a GPU run a recomputation beside a backward: with ``overlap`` the
+    backward of segment i first recomputes segment i - 1 (R), then takes its own gradients (G);
+    without it each segment is recomputed when its own backward comes."""
+    import distrnn.bptt as bptt
+
+    events = []
+    recompute, grad = bptt._Segment.recompute, torch.autograd.grad
+    monkeypatch.setattr(bptt._Segment, "recompute", lambda self, stream: events.append("R") or recompute(self, stream))
+    monkeypatch.setattr(torch.autograd, "grad", lambda *a, **k: events.append("G") or grad(*a, **k))
+    torch.manual_seed(0)
+    model = RecurrentModel(NetworkConfig(recurrence="gru", hidden_size=5), LM)
+    x, y = torch.randint(0, 11, (2, 53)), torch.randint(0, 11, (2, 53))
+    run_window(model, LM, x, y, torch.ones(2, 53, dtype=torch.bool), None, None, segment=10, overlap=overlap).loss_sum.backward()
+    # segments [0, 10) ... [40, 50) are recomputed; [50, 53) keeps its activations
+    assert "".join(events) == ("RRGRGRGRGG" if overlap else "RGRGRGRGRG")

@@ -56,6 +56,7 @@ def job(tmp_path):
         (["--model.tbptt.k1", "0"], "model.tbptt.k1"),
         (["--model.tbptt.k1", "64"], "model.tbptt.k1"),  # longer than data.seq_len
         (["--model.tbptt.micro_batch_size", "0"], "model.tbptt.micro_batch_size: must be > 0 or null, got 0"),
+        (["--model.tbptt.overlap_recompute", "true"], "model.tbptt.overlap_recompute: only applies to mode 'checkpointed', not 'tbptt'"),
         (["--data.init_args.path", "missing.txt"], "missing.txt"),
         (["--model.network.recurrence", "nope"], "model.network.recurrence"),
         (["--model.optimizer.lr", "-1"], "model.optimizer.lr"),

@@ -72,10 +72,10 @@ def test_device_scripts_parse_and_name_only_shipped_files():
             assert (REPO / name).exists(), (script.name, name)
 
 
-def test_the_overlapped_recomputation_experiment_computes_full_bptt_gradients():
-    """The benchmark's experiment (each segment recomputed before the backward of the segment
-    after it; side streams on a GPU) must measure the right computation: on CPU, where it runs
-    the same order one thing at a time, its gradients are full BPTT's (it reports the difference)."""
+def test_the_benchmark_of_overlapped_recomputation_runs_and_checks_its_gradients():
+    """The checkpointing case with ``overlap`` (model.tbptt.overlap_recompute) times it beside
+    the other schemes and reports its gradients' distance from full BPTT's, the check of the
+    side streams' ordering on a GPU: on CPU the case runs and the distance is nil."""
     sys.path.insert(0, str(REPO / "benchmarks"))  # also for the case's child process (spawned)
     try:
         import bench_recurrences as bench
