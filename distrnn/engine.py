@@ -36,6 +36,7 @@ from distrnn.config import (
 )
 from distrnn.data.base import forward_is_collective
 from distrnn.data.loaders import to_device_queued
+from distrnn.layers import _CudnnRecurrence
 from distrnn.model import RecurrentModel
 from distrnn.rendezvous import release_process_group_at_exit
 from distrnn.state import State, cat_states, detach_state, map_state, slice_state, state_tensors
@@ -384,7 +385,25 @@ class TBPTTModule(L.LightningModule):
         """The trainer's DeepSpeed strategy, or None."""
         return deepspeed_strategy(self.trainer) if self._trainer is not None else None
 
+    def check_device(self, device_type: str, device_setting: str = "trainer.accelerator") -> None:
+        """ValueError naming the keys when this configuration cannot train correctly on
+        ``device_type`` (the CLI asks before a run opens, ``setup`` again). On a GPU, cuDNN draws
+        the dropout between the layers of its multi-layer RNN from a state of its own, which
+        neither a recomputation nor torch's generators can rewind: checkpointed BPTT would
+        recompute its segments with other masks than their first pass, and take the gradients
+        of neither."""
+        net = self.network_cfg
+        if (device_type == "cuda" and self.tbptt_cfg.mode == "checkpointed" and net.dropout > 0 and net.num_layers > 1
+                and isinstance(self.model.recurrence, _CudnnRecurrence)):
+            raise ValueError(
+                f"model.network.dropout: {net.dropout:g} between the layers of the cuDNN {net.recurrence} cannot be"
+                " replayed when checkpointed BPTT recomputes a segment on a GPU (cuDNN draws it from its own state);"
+                f" use model.tbptt.mode full or tbptt, dropout 0, or a min* recurrence ({device_setting}: {device_type})"
+            )
+
     def setup(self, stage: str) -> None:
+        if stage == "fit" and self._trainer is not None:
+            self.check_device(self.trainer.strategy.root_device.type)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             release_process_group_at_exit()
         if self._trainer is not None:

@@ -516,3 +516,20 @@ def test_overlap_recomputes_each_segment_before_the_backward_of_the_one_after_it
     run_window(model, LM, x, y, torch.ones(2, 53, dtype=torch.bool), None, None, segment=10, overlap=overlap).loss_sum.backward()
     # segments [0, 10) ... [40, 50) are recomputed; [50, 53) keeps its activations
     assert "".join(events) == ("RRGRGRGRGG" if overlap else "RGRGRGRGRG")
+
+
+def test_checkpointed_cudnn_dropout_between_layers_is_refused_on_a_gpu():
+    """cuDNN draws a multi-layer RNN's dropout from its own state, which a recomputation cannot
+    rewind: checkpointed BPTT with it on a GPU is refused naming the key; with the min* layers
+    (torch's generators, replayed), one layer, no dropout, another mode or a CPU it is not."""
+    def module(recurrence="lstm", layers=2, dropout=0.3, mode="checkpointed"):
+        return make_module(LM, recurrence=recurrence, layers=layers, dropout=dropout, mode=mode, k1=8)
+
+    with pytest.raises(ValueError, match=r"^model\.network\.dropout: 0\.3 between the layers of the cuDNN lstm cannot be"
+                                         r" replayed.*\(trainer\.accelerator: cuda\)$"):
+        module().check_device("cuda")
+    module("gru").check_device("cpu")
+    for ok in (module("mingru"), module(layers=1), module(dropout=0.0), module(mode="full")):
+        ok.check_device("cuda")
+    with pytest.raises(ValueError, match="cuDNN gru"):
+        module("gru").check_device("cuda")

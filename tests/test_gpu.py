@@ -275,3 +275,43 @@ def test_micro_batches_on_gpu_equal_the_whole_batch(recurrence, monkeypatch):
     for whole, grouped in zip(*grads):
         for k in whole:
             torch.testing.assert_close(grouped[k], whole[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+@pytest.mark.parametrize("recurrence,dropout", [("lstm", 0.0), ("mingru", 0.0), ("mingru", 0.3)])
+def test_overlapped_recomputation_on_side_streams_gives_full_bptt_gradients(recurrence, dropout):
+    """model.tbptt.overlap_recompute on a GPU, where the recomputations run on side streams beside
+    the backward passes: float64, the gradients (parameters and initial state) of full BPTT
+    (with dropout, whose masks depend on the segments: of distrnn's checkpointed BPTT without the
+    overlap, the masks replayed on the CUDA generator); float32 at a size where the streams do
+    overlap (the LSTM on cuDNN, the minGRU on the Triton kernel), those of checkpointed BPTT
+    without the overlap; the generator left where that leaves it. (cuDNN's own dropout between
+    layers cannot be replayed: refused, tests/test_bptt.py.)"""
+    from distrnn.bptt import run_window
+    from distrnn.config import NetworkConfig
+    from distrnn.model import RecurrentModel
+    from distrnn.state import state_tensors
+
+    task = TaskSpec(kind="regression", output_dim=1, input_dim=8)
+    for dtype, B, T, H, k, tol in ((torch.float64, 3, 70, 16, 8, 1e-10), (torch.float32, 32, 1024, 256, 128, 1e-5)):
+        torch.manual_seed(0)
+        model = RecurrentModel(NetworkConfig(recurrence=recurrence, hidden_size=H, num_layers=2, dropout=dropout),
+                               task).to("cuda", dtype)
+        x, y = torch.randn(B, T, 8, device="cuda", dtype=dtype), torch.randn(B, T, 1, device="cuda", dtype=dtype)
+        mask = torch.zeros(B, T, dtype=torch.bool, device="cuda")
+        mask[:, -3:] = True
+        _, like = model(x[:, :1])
+        h0 = [torch.randn_like(s) for s in state_tensors(like)]
+        runs = {}
+        for name, kw in (("full", {}), ("checkpointed", {"segment": k}), ("overlap", {"segment": k, "overlap": True})):
+            model.zero_grad(set_to_none=True)
+            leaf = [s.clone().requires_grad_() for s in h0]
+            torch.cuda.manual_seed(7)
+            res = run_window(model, task, x, y, mask, None, tuple(leaf) if len(leaf) > 1 else leaf[0], **kw)
+            res.loss_sum.backward()
+            torch.cuda.synchronize()
+            runs[name] = ([p.grad.clone() for p in model.parameters()] + [s.grad.clone() for s in leaf],
+                          torch.cuda.get_rng_state())
+        ref = runs["full" if dtype == torch.float64 and not dropout else "checkpointed"]
+        for a, b in zip(runs["overlap"][0], ref[0]):
+            assert (a - b).abs().max() <= tol * (1 + b.abs().max()), (dtype, (a - b).abs().max())
+        assert torch.equal(runs["overlap"][1], ref[1])
