@@ -377,12 +377,14 @@ class DistrnnCLI(LightningCLI):
                 f" or convert it into one file: distrnn convert-checkpoint {ckpt_path} model.ckpt {TRUST_FLAG}")
         return check_deepspeed_checkpoint(ckpt_path, trusted)
 
-    def check_layers(self, device_setting: str = "trainer.accelerator") -> None:
-        """Layers that cannot run on this trainer's device (a Triton backend on a CPU), refused
-        before a run opens; a Ray driver asks it for workers on CPUs (it checks a config on its CPU),
-        naming its own ``device_setting``."""
-        device = self.trainer.strategy.root_device.type
-        for layer in self.model.modules():
+    def check_layers(self, device_setting: str = "trainer.accelerator", gpu_workers: bool = False) -> None:
+        """Layers that cannot run on this trainer's device (a Triton backend on a CPU), and a
+        configuration that cannot train correctly there (the module's own ``check_device``),
+        refused before a run opens; a Ray driver asks it on its CPU for its workers, naming its
+        own ``device_setting``: with ``gpu_workers`` the module alone is asked, for CUDA (the
+        layers on a GPU are the workers' to judge: the driver may lack Triton)."""
+        device = "cuda" if gpu_workers else self.trainer.strategy.root_device.type
+        for layer in [self.model] if gpu_workers else self.model.modules():
             check = getattr(layer, "check_device", None)
             if callable(check):
                 try:

@@ -337,16 +337,16 @@ def check_config(args: list[str], world_size: int = 1, use_gpu: bool = False, de
     """Build the model, data and trainer once on the driver and read the data, so that a bad config
     or file fails here with exit code 2 (one line naming the key) before any worker, trial or MLflow
     run exists. Workers on CPUs (``use_gpu`` false) run the layers as this check does, so layers
-    that cannot run there (a Triton backend) are refused too, naming ``device_setting``; GPU
-    workers' are theirs to judge."""
+    that cannot run there (a Triton backend) are refused too, naming ``device_setting``; for GPU
+    workers the module's configuration is checked for CUDA (cuDNN dropout under checkpointed
+    BPTT), their layers are theirs to judge."""
     from distrnn.cli import DistrnnCLI
 
     # The logger is parsed (and so checked) with the config, then replaced: a check creates no store.
     cli = DistrnnCLI(args=[*args, "--trainer.logger=false"], run=False,
                      trainer_extra={"accelerator": "cpu", "devices": 1, "strategy": "auto"})
     cli.check_data("fit", world_size)  # the data too, as the workers will read it: not in every worker
-    if not use_gpu:
-        cli.check_layers(device_setting)  # each worker group (and each restart) failed inside training
+    cli.check_layers(device_setting, gpu_workers=use_gpu)  # each worker group (and each restart) failed inside training
 
 
 def help_of(cls: type) -> dict[str, str]:

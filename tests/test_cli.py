@@ -878,3 +878,19 @@ def test_the_ui_hint_opens_the_run_where_its_store_is_served(tmp_path):
     assert ui_hint(here, "3", "abc", cwd=str(tmp_path)).startswith("mlflow ui ")
     (tmp_path / "Makefile").write_text((REPO / "Makefile").read_text())
     assert ui_hint(here, "3", "abc", cwd=str(tmp_path)) == f"make mlflow-ui   (then open http://127.0.0.1:5000/{page})"
+
+
+def test_a_ray_driver_refuses_cudnn_dropout_under_checkpointed_bptt_for_gpu_workers(job, capsys):
+    """The Ray driver checks a config on its CPU before any worker exists: for GPU workers it asks
+    the module about CUDA too, so cuDNN's dropout between layers under checkpointed BPTT (which a
+    recomputation cannot replay there) fails in one line before the job, not in every worker."""
+    from distrnn.raytrain import check_config
+
+    args = ["--config", str(job), "--model.tbptt.mode", "checkpointed", "--model.network.num_layers", "2",
+            "--model.network.dropout", "0.2"]
+    check_config(args)  # CPU workers: the CPU's RNNs draw dropout from torch's generators, replayed
+    with pytest.raises(SystemExit) as e:
+        check_config(args, use_gpu=True)
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert e.value.code == 2 and err.startswith("distrnn: error: model.network.dropout: 0.2 between the layers of the cuDNN gru"), err
+    assert err.endswith("(use_gpu: cuda)"), err
