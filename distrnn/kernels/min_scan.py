@@ -329,7 +329,7 @@ def min_scan(z_BTG: Tensor, h0_BH: Tensor, lstm: bool, config=None, keep_BT: Opt
 def min_scan_final(z_BTG: Tensor, h0_BH: Tensor, lstm: bool, config=None, keep_BT: Optional[Tensor] = None) -> Tensor:
     """The final state alone (float32, equal to :func:`min_scan`'s), the states of the steps not
     written: for a piece whose outputs nobody reads (the first pass of a checkpointed segment
-    without a loss, a TBPTT window that only moves the state on), a third of the forward's
+    without a loss, a TBPTT window that only moves the state on), a third of the kernel's
     memory traffic less (it reads ``z`` and writes nothing per step). No autograd."""
     if torch.is_grad_enabled() and (z_BTG.requires_grad or h0_BH.requires_grad):
         raise RuntimeError("min_scan_final has no backward: use min_scan where gradients are needed")
