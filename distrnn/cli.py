@@ -377,14 +377,24 @@ class DistrnnCLI(LightningCLI):
                 f" or convert it into one file: distrnn convert-checkpoint {ckpt_path} model.ckpt {TRUST_FLAG}")
         return check_deepspeed_checkpoint(ckpt_path, trusted)
 
-    def check_layers(self, device_setting: str = "trainer.accelerator", gpu_workers: bool = False) -> None:
-        """Layers that cannot run on this trainer's device (a Triton backend on a CPU), and a
-        configuration that cannot train correctly there (the module's own ``check_device``),
-        refused before a run opens; a Ray driver asks it on its CPU for its workers, naming its
-        own ``device_setting``: with ``gpu_workers`` the module alone is asked, for CUDA (the
-        layers on a GPU are the workers' to judge: the driver may lack Triton)."""
+    def check_layers(self, device_setting: str = "trainer.accelerator", gpu_workers: bool = False,
+                     training: bool = False) -> None:
+        """Layers that cannot run on this trainer's device (a Triton backend on a CPU), and, for
+        ``training``, a configuration that cannot train correctly there (the module's
+        ``check_training_device``), refused before a run opens; a Ray driver asks it on its CPU
+        for its workers, naming its own ``device_setting``: with ``gpu_workers`` only the module's
+        training check, for CUDA (the layers on a GPU are the workers' to judge: the driver may
+        lack Triton)."""
         device = "cuda" if gpu_workers else self.trainer.strategy.root_device.type
-        for layer in [self.model] if gpu_workers else self.model.modules():
+        check_training = getattr(self.model, "check_training_device", None)
+        if training and callable(check_training):
+            try:
+                check_training(device, device_setting)
+            except ValueError as e:
+                fail(_key_line(str(e)))
+        if gpu_workers:
+            return
+        for layer in self.model.modules():
             check = getattr(layer, "check_device", None)
             if callable(check):
                 try:
@@ -491,7 +501,7 @@ class DistrnnCLI(LightningCLI):
             fail(why)
 
     def before_fit(self) -> None:
-        self.check_layers()
+        self.check_layers(training=True)
         self.check_data("fit")
         self.check_checkpoint_folder()
         self.check_store()

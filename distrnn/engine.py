@@ -385,9 +385,10 @@ class TBPTTModule(L.LightningModule):
         """The trainer's DeepSpeed strategy, or None."""
         return deepspeed_strategy(self.trainer) if self._trainer is not None else None
 
-    def check_device(self, device_type: str, device_setting: str = "trainer.accelerator") -> None:
+    def check_training_device(self, device_type: str, device_setting: str = "trainer.accelerator") -> None:
         """ValueError naming the keys when this configuration cannot train correctly on
-        ``device_type`` (the CLI asks before a run opens, ``setup`` again). On a GPU, cuDNN draws
+        ``device_type`` (``fit``: the CLI asks before a run opens, ``setup`` again; evaluation
+        recomputes nothing and is not refused). On a GPU, cuDNN draws
         the dropout between the layers of its multi-layer RNN from a state of its own, which
         neither a recomputation nor torch's generators can rewind: checkpointed BPTT would
         recompute its segments with other masks than their first pass, and take the gradients
@@ -403,7 +404,7 @@ class TBPTTModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         if stage == "fit" and self._trainer is not None:
-            self.check_device(self.trainer.strategy.root_device.type)
+            self.check_training_device(self.trainer.strategy.root_device.type)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             release_process_group_at_exit()
         if self._trainer is not None:

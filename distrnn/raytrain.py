@@ -346,7 +346,7 @@ def check_config(args: list[str], world_size: int = 1, use_gpu: bool = False, de
     cli = DistrnnCLI(args=[*args, "--trainer.logger=false"], run=False,
                      trainer_extra={"accelerator": "cpu", "devices": 1, "strategy": "auto"})
     cli.check_data("fit", world_size)  # the data too, as the workers will read it: not in every worker
-    cli.check_layers(device_setting, gpu_workers=use_gpu)  # each worker group (and each restart) failed inside training
+    cli.check_layers(device_setting, gpu_workers=use_gpu, training=True)  # each worker group (and each restart) failed inside training
 
 
 def help_of(cls: type) -> dict[str, str]:

@@ -527,9 +527,9 @@ def test_checkpointed_cudnn_dropout_between_layers_is_refused_on_a_gpu():
 
     with pytest.raises(ValueError, match=r"^model\.network\.dropout: 0\.3 between the layers of the cuDNN lstm cannot be"
                                          r" replayed.*\(trainer\.accelerator: cuda\)$"):
-        module().check_device("cuda")
-    module("gru").check_device("cpu")
+        module().check_training_device("cuda")
+    module("gru").check_training_device("cpu")
     for ok in (module("mingru"), module(layers=1), module(dropout=0.0), module(mode="full")):
-        ok.check_device("cuda")
+        ok.check_training_device("cuda")
     with pytest.raises(ValueError, match="cuDNN gru"):
-        module("gru").check_device("cuda")
+        module("gru").check_training_device("cuda")
