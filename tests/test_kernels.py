@@ -52,6 +52,17 @@ for cls, lstm in ((MinGRU, False), (MinLSTM, True)):
             if config == {configs}[0]:  # without writing the states: the same final state, bit for bit
                 with torch.no_grad():       # (one configuration: the interpreter's time)
                     assert torch.equal(min_scan_final(z, h0, lstm, config, keep), last1), (config, cls.__name__, B, T, H)
+                # only the final state read (a checkpointed segment's recomputation without a
+                # loss): the kernel gets no gradient of the states, and dz, dh0 are the loop's
+                z3, h3 = z.clone().requires_grad_(), h0.clone().requires_grad_()
+                _, last3 = min_scan(z3, h3, lstm, config, keep)
+                (last3.double() * v).sum().backward()
+                z4, h4 = z.double().clone().requires_grad_(), h0.double().clone().requires_grad_()
+                (ref_layer.sequential(z4, h4, keep)[:, -1] * v).sum().backward()
+                for name, a, b in (("dz only last", z3.grad, z4.grad), ("dh0 only last", h3.grad, h4.grad)):
+                    err = ((a.double() - b).abs() / (1 + b.abs())).max().item()
+                    worst = max(worst, err)
+                    assert err < 2e-5, (config, cls.__name__, B, T, H, name, err)
             for name, a, b in (("h", out1, out2), ("last", last1, out2[:, -1]), ("dz", z1.grad, z2.grad), ("dh0", h1.grad, h2.grad)):
                 err = ((a.double() - b).abs() / (1 + b.abs())).max().item()
                 worst = max(worst, err)
@@ -331,8 +342,10 @@ done = 0
 for dtype, keep in (("bf16", False), ("fp32", False), ("bf16", True)):
     for lstm in (False, True):
         for bt, bh, w, p in ms.CONFIGS if not keep else [ms.CONFIGS[0], ms.CONFIGS[1]]:
-            for fn in (ms._fwd_kernel, ms._bwd_kernel):
-                const = {"LSTM": lstm, "BLOCK_T": bt, "BLOCK_H": bh, "PREFETCH": p, "HAS_KEEP": keep}
+            # the backward also without a gradient of the states (only the final state read), in fp32
+            for fn, flags in ((ms._fwd_kernel, {}), (ms._bwd_kernel, {"HAS_DH": True}),
+                              *(((ms._bwd_kernel, {"HAS_DH": False}),) if dtype == "fp32" else ())):
+                const = {"LSTM": lstm, "BLOCK_T": bt, "BLOCK_H": bh, "PREFETCH": p, "HAS_KEEP": keep, **flags}
                 sig = {a: "constexpr" if a in const else "i32" if a[0] in "Ts" or a == "Hdim" else "*fp32" if a in FP32
                        else ("*u8" if keep else "*fp32") if a == "Keep" else "*" + dtype
                        for a in fn.arg_names}
@@ -350,7 +363,7 @@ def test_every_autotuner_candidate_compiles_for_hopper():
     catch (an operation or layout the GPU backend refuses) fails here rather than in a rare GPU
     session."""
     r = _python(COMPILE, interpret=False, timeout=600, TRITON_DEFAULT_FP_FUSION="1")
-    assert r.returncode == 0 and "compiled 40" in r.stdout, r.stderr[-3000:]
+    assert r.returncode == 0 and "compiled 48" in r.stdout, r.stderr[-3000:]
 
 
 def test_scan_config_from_the_environment():

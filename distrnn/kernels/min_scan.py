@@ -103,8 +103,10 @@ def _fwd_kernel(K, KI, C, H0, Hout, Hlast, Keep, T, Hdim, stride_zb, stride_zt, 
 
 @triton.jit
 def _bwd_loads(K, KI, C, Hs, dH, Keep, kbase, i, n_tiles, rows, cmask, zbase, hbase, T, stride_zt, stride_ht,
-               LSTM: tl.constexpr, BLOCK_T: tl.constexpr, HAS_KEEP: tl.constexpr):
-    """Everything the backward reads for tile ``i`` counted from the end, time reversed within it."""
+               LSTM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, HAS_KEEP: tl.constexpr,
+               HAS_DH: tl.constexpr):
+    """Everything the backward reads for tile ``i`` counted from the end, time reversed within it
+    (without ``HAS_DH`` no gradient reaches the states of the steps: nothing read for them)."""
     t = (n_tiles - 1 - i) * BLOCK_T + (BLOCK_T - 1 - rows)
     m = ((t < T) & (t >= 0))[:, None] & cmask[None, :]
     zoff = zbase + t[:, None] * stride_zt
@@ -112,7 +114,10 @@ def _bwd_loads(K, KI, C, Hs, dH, Keep, kbase, i, n_tiles, rows, cmask, zbase, hb
     m_next = ((t + 1) < T)[:, None] & m
     k_next = tl.load(K + zoff + stride_zt, mask=m_next, other=0.0).to(tl.float32)
     ki_next = tl.load(KI + zoff + stride_zt, mask=m_next & LSTM, other=0.0).to(tl.float32)
-    dout = tl.load(dH + hoff, mask=m, other=0.0).to(tl.float32)
+    if HAS_DH:
+        dout = tl.load(dH + hoff, mask=m, other=0.0).to(tl.float32)
+    else:
+        dout = tl.zeros([BLOCK_T, BLOCK_H], dtype=tl.float32)
     k, ki, c = _load_z(K, KI, C, zoff, m, LSTM)
     m_prev = ((t - 1) >= 0)[:, None] & m
     h_prev = tl.load(Hs + hoff - stride_ht, mask=m_prev, other=0.0).to(tl.float32)
@@ -129,7 +134,7 @@ def _bwd_loads(K, KI, C, Hs, dH, Keep, kbase, i, n_tiles, rows, cmask, zbase, hb
 @triton.jit(do_not_specialize=["shape_key"])
 def _bwd_kernel(K, KI, C, H0, Hs, dH, dLast, dK, dKI, dC, dH0, Keep, T, Hdim, stride_zb, stride_zt, stride_hb, stride_ht,
                 shape_key, LSTM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, PREFETCH: tl.constexpr,
-                HAS_KEEP: tl.constexpr = False):
+                HAS_KEEP: tl.constexpr = False, HAS_DH: tl.constexpr = True):
     pid_b = tl.program_id(0).to(tl.int64)
     pid_h = tl.program_id(1)
     cols = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -145,7 +150,7 @@ def _bwd_kernel(K, KI, C, H0, Hs, dH, dLast, dK, dKI, dC, dH0, Keep, T, Hdim, st
     n_tiles = tl.cdiv(T, BLOCK_T)
     if PREFETCH:
         nxt = _bwd_loads(K, KI, C, Hs, dH, Keep, kbase, 0, n_tiles, rows, cmask, zbase, hbase, T, stride_zt, stride_ht,
-                         LSTM, BLOCK_T, HAS_KEEP)
+                         LSTM, BLOCK_T, BLOCK_H, HAS_KEEP, HAS_DH)
     for i in range(0, n_tiles):
         # tiles from the end, each read with time reversed so that a forward scan runs backwards
         t = (n_tiles - 1 - i) * BLOCK_T + (BLOCK_T - 1 - rows)
@@ -155,11 +160,11 @@ def _bwd_kernel(K, KI, C, H0, Hs, dH, dLast, dK, dKI, dC, dH0, Keep, T, Hdim, st
         if PREFETCH:
             k_next, ki_next, dout, k, ki, c, h_prev, keep, keep_next = nxt
             nxt = _bwd_loads(K, KI, C, Hs, dH, Keep, kbase, i + 1, n_tiles, rows, cmask, zbase, hbase, T, stride_zt,
-                             stride_ht, LSTM, BLOCK_T, HAS_KEEP)
+                             stride_ht, LSTM, BLOCK_T, BLOCK_H, HAS_KEEP, HAS_DH)
         else:
             k_next, ki_next, dout, k, ki, c, h_prev, keep, keep_next = _bwd_loads(
                 K, KI, C, Hs, dH, Keep, kbase, i, n_tiles, rows, cmask, zbase, hbase, T, stride_zt, stride_ht, LSTM, BLOCK_T,
-                HAS_KEEP)
+                BLOCK_H, HAS_KEEP, HAS_DH)
         dout = dout + tl.where((t == T - 1)[:, None], dlast[None, :], 0.0)
         # a_{t+1}: the coefficient that carries G_{t+1} back to step t (0 past the end)
         m_next = ((t + 1) < T)[:, None] & m
@@ -268,23 +273,31 @@ class MinScan(torch.autograd.Function):
         ctx.save_for_backward(z_BTG, h0, h_BTH, h0 if keep is None else keep)
         ctx.has_keep = keep is not None
         ctx.h0_dtype, ctx.lstm, ctx.config = h0_BH.dtype, lstm, config
+        # an output nobody read gets None, not zeros: where only the final state is read (the
+        # recomputation of a checkpointed segment without a loss) the kernel reads no gradient
+        # of the states, and no (B, T, H) of zeros is written for it first
+        ctx.set_materialize_grads(False)
         return h_BTH, last_BH
 
     @staticmethod
-    def backward(ctx, dh_BTH: Tensor, dlast_BH: Tensor):
+    def backward(ctx, dh_BTH: Optional[Tensor], dlast_BH: Optional[Tensor]):
         z_BTG, h0, h_BTH, keep = ctx.saved_tensors
         B, T, G = z_BTG.shape
         lstm = ctx.lstm
         n = 3 if lstm else 2
         H = G // n
-        dh_BTH = dh_BTH.contiguous()  # any float dtype: the kernel converts as it loads
-        dlast_BH = dlast_BH.float().contiguous()
+        if dh_BTH is None and dlast_BH is None:
+            return None, None, None, None, None
+        # any float dtype: the kernel converts as it loads; without it h stands in for the pointer
+        dh = h_BTH if dh_BTH is None else dh_BTH.contiguous()
+        dlast_BH = torch.zeros_like(h0) if dlast_BH is None else dlast_BH.float().contiguous()
         dz = torch.empty(B, T, G, device=z_BTG.device, dtype=z_BTG.dtype)
         dh0 = torch.zeros(B, H, device=z_BTG.device, dtype=torch.float32)
-        args = [z_BTG, z_BTG[..., H:], z_BTG[..., (n - 1) * H:], h0, h_BTH, dh_BTH, dlast_BH, dz, dz[..., H:],
+        args = [z_BTG, z_BTG[..., H:], z_BTG[..., (n - 1) * H:], h0, h_BTH, dh, dlast_BH, dz, dz[..., H:],
                 dz[..., (n - 1) * H:], dh0, keep, T, H, z_BTG.stride(0), z_BTG.stride(1), h_BTH.stride(0), h_BTH.stride(1),
                 shape_key(B, T)]
-        _launch(_bwd_kernel, _bwd_tuned, B, H, args, lstm, ctx.config, ctx.has_keep)
+        _launch(_bwd_kernel, _bwd_tuned, B, H, args, lstm, ctx.config, ctx.has_keep,
+                **({} if dh_BTH is not None else {"HAS_DH": False}))
         return dz, dh0.to(ctx.h0_dtype), None, None, None
 
 
