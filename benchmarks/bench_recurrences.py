@@ -101,6 +101,9 @@ def _case(kind: str, args: dict, q) -> None:
             from distrnn.kernels.min_scan import tuned_configs
 
             out["scan_configs"] = tuned_configs()
+        if cuda and args["rec"] in ("mingru", "minlstm"):  # the chunks of the time axis the kernel ran in
+            z = torch.empty(B, T, model.recurrence.gates * H, device=dev)
+            out["kernel_split"] = model.recurrence._split(z)
         q.put(out)
     elif kind == "memory":
         task, model, x, y, mask = _loss_at_the_end(B, T, H, dev, args.get("rec", "lstm"))
@@ -474,6 +477,21 @@ def _mingru_checkpointed(show) -> None:
              label="mingru checkpointed vs full, head everywhere (before session 33)"))
 
 
+def _splits(show) -> None:
+    """The Triton kernel with the time axis in chunks (``kernel_split: auto``) against one program
+    per (row, block of units) walking the whole sequence, where B x H gives the GPU few programs:
+    the kernel alone, the selective-copy model (~46% of its device time in the scans, 2026-12-05),
+    and a few long rows."""
+    sc = dict(layers=3, vocab=18, embedding_dim=64, options={"norm": True, "residual": True, "chrono": 4096})
+    for label, kw in (("one minGRU layer B=64 H=128 T=4096", dict(B=64, T=4096, H=128)),
+                      ("the selective-copy model (3-layer minGRU H=128, norm+residual) T=4096", dict(B=64, T=4096, H=128, **sc)),
+                      ("one minGRU layer B=4 H=256 T=16384", dict(B=4, T=16384, H=256))):
+        for split in (1, "auto"):
+            options = {**kw.get("options", {}), "kernel_split": split}
+            show(run("throughput", 90, rec="mingru", iters=10, **{**kw, "options": options},
+                     label=f"{label}, kernel_split {split}"))
+
+
 def _goals(show, B: int, H: int) -> None:
     """Issue 3's goals still open after the H200 run of 2026-12-04, in about two minutes."""
     # >= 100x its own loop at T=512: in fp32/TF32 (64x on the H200, the loop host-bound), and the
@@ -539,8 +557,11 @@ def sweep_gpu(show, a) -> None:
     if a.micro_batches:
         _micro_batches(show, "cuda", B=B, T=4096, H=H)
         return
-    if a.mingru_checkpointed:
-        _mingru_checkpointed(show)
+    if a.split or a.mingru_checkpointed:  # either or both, the split first (~1 min)
+        if a.split:
+            _splits(show)
+        if a.mingru_checkpointed:
+            _mingru_checkpointed(show)
         return
     if a.resets:
         _resets(show, "cuda", B=B, T=1024, H=H)
@@ -569,6 +590,8 @@ def main() -> None:
                     " minGRU checkpointed vs full BPTT, and a profile of the selective-copy stack")
     ap.add_argument("--mingru_checkpointed", action="store_true",
                     help="of the goals, minGRU checkpointed vs full BPTT alone (~1 min), profiled, with its segment split")
+    ap.add_argument("--split", action="store_true",
+                    help="minGRU's Triton kernel with the time axis in chunks (kernel_split auto) against one chunk, at small B x H")
     ap.add_argument("--resets", action="store_true",
                     help="2-layer LSTM and minGRU with rows resetting at 0, 16, 64 random steps of a window (cut vs in the scan)")
     ap.add_argument("--micro_batches", action="store_true",

@@ -11,6 +11,8 @@
 # GOALS=--mingru_checkpointed runs that part of the goals alone (~1-2 min: side by side with the
 # profiles and the host's view first, then the segment split, the memory, the head everywhere);
 # SKIP_LEARN=1 GOALS=--mingru_checkpointed ENGINE=last: that, then the engine's checks in the time left.
+# GOALS="--split --mingru_checkpointed": first the Triton kernel with the time axis in chunks
+# (kernel_split auto, session 40) against one chunk at small B x H (~1 min), then the above.
 # SKIP_LEARN=1 leaves the selective-copy run out. ENGINE=1 first runs tests/test_gpu.py and the GPU tests of tests/test_kernels.py but the long
 # kernel-against-loop one without resets (~2-3 min; $OUT/engine.txt), and the TBPTT engine against a
 # plain loop on a small LSTM, where the engine's host cost per update shows (~30-60 s, and again with
@@ -44,7 +46,7 @@ engine() {
 }
 [ "${ENGINE:-0}" = "1" ] && engine
 if [ "${SKIP_GOALS:-0}" != "1" ]; then
-  timeout 200 $PY benchmarks/bench_recurrences.py --device cuda ${GOALS:---goals} 2>&1 | tee -a "$OUT/goals.txt"
+  timeout $(cap 330) $PY benchmarks/bench_recurrences.py --device cuda ${GOALS:---goals} 2>&1 | tee -a "$OUT/goals.txt"
 fi
 left=$(( CALL_SECONDS - SECONDS - 25 ))  # learn.py's start (imports, the data) and its final saves
 [ "${SKIP_LEARN:-0}" != "1" ] && [ "$left" -gt 30 ] && SC_SECONDS=$left bash benchmarks/learn_gpu.sh

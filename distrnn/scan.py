@@ -56,6 +56,11 @@ def _compiled(fn):
 
 
 @functools.lru_cache(maxsize=None)
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+@functools.lru_cache(maxsize=None)
 def _triton_available() -> bool:
     # asked at every forward on CUDA (which backend, and check_device): looked up once
     import importlib.util
@@ -133,6 +138,12 @@ class _MinRecurrence(Recurrence):
     each step and nothing reaches the loss from more than a few dozen steps back, so tasks with
     dependencies over hundreds of steps never start learning (the adding problem at T = 1000).
     Set it to the longest dependency the task has.
+
+    ``kernel_split`` (the Triton kernel only): the time axis in that many chunks, each scanned by
+    programs of its own and joined by a second, short pass (``auto``: as many as fill the GPU,
+    :func:`distrnn.kernels.min_scan.auto_split`). The kernel gives one program a whole sequence
+    for each row and block of units, so at a small batch and width (B=64, H=128) it keeps fewer
+    programs busy than a GPU has multiprocessors; a split reads the input twice to use them all.
     """
 
     gates: int  # linear maps of x per layer: the candidate and the gates
@@ -150,8 +161,13 @@ class _MinRecurrence(Recurrence):
         backend: Optional[Literal["triton", "compile", "eager", "loop"]] = None,
         compile: Optional[bool] = None,
         chrono: Optional[float] = None,
+        kernel_split: int | Literal["auto"] = 1,
     ) -> None:
         super().__init__(input_size, hidden_size, num_layers, dropout)
+        if kernel_split != "auto" and (isinstance(kernel_split, bool) or not isinstance(kernel_split, int) or kernel_split < 1):
+            raise ValueError("model.network.options.kernel_split: must be auto or an integer >= 1 (chunks of the time"
+                             f" axis), got {kernel_split!r}")
+        self.kernel_split = kernel_split
         if isinstance(scan_chunk, bool) or not isinstance(scan_chunk, int) or scan_chunk < 1:
             # (only the GPU paths cut the scan: a CPU run would not find it out)
             raise ValueError(f"model.network.options.scan_chunk: must be an integer >= 1 (steps), got {scan_chunk!r}")
@@ -260,11 +276,12 @@ class _MinRecurrence(Recurrence):
         if backend == "triton":
             from distrnn.kernels.min_scan import min_scan, min_scan_final
 
+            split = self._split(z_BTG)
             if not states:
-                return None, min_scan_final(z_BTG, h0_BH.float(), lstm=self.gates == 3, keep_BT=keep_BT)
+                return None, min_scan_final(z_BTG, h0_BH.float(), lstm=self.gates == 3, keep_BT=keep_BT, split=split)
             # no pieces needed: the kernel keeps nothing per step but the states it returns; it
             # reads a bf16/fp16 z as it is (converting in registers) and writes states in its dtype
-            return min_scan(z_BTG, h0_BH.float(), lstm=self.gates == 3, keep_BT=keep_BT)
+            return min_scan(z_BTG, h0_BH.float(), lstm=self.gates == 3, keep_BT=keep_BT, split=split)
         out_dtype = z_BTG.dtype
         dtype = torch.float64 if z_BTG.dtype == torch.float64 else torch.float32
         z_BTG, h = z_BTG.to(dtype), h0_BH.to(dtype)
@@ -283,6 +300,15 @@ class _MinRecurrence(Recurrence):
                 h = h_BtH[:, -1]
             h_BTH = torch.cat(pieces, dim=1) if len(pieces) > 1 else pieces[0]
         return h_BTH.to(out_dtype), h_BTH[:, -1]
+
+    def _split(self, z_BTG: Tensor) -> int:
+        """The Triton kernel's chunks of the time axis (``kernel_split``; auto: by the GPU's size)."""
+        if self.kernel_split != "auto":
+            return self.kernel_split
+        from distrnn.kernels.min_scan import auto_split
+
+        B, T, G = z_BTG.shape
+        return auto_split(B, G // self.gates, T, _multiprocessors(z_BTG.device) if z_BTG.is_cuda else 1)
 
     def _backend(self, z_BTG: Tensor) -> str:
         if z_BTG.dtype == torch.float64:

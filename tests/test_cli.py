@@ -109,6 +109,8 @@ def job(tmp_path):
          "model.network.options.scan_chunk: must be an integer >= 1 (steps), got 0"),
         (["--model.network.recurrence", "minlstm", "--model.network.options", "{chrono: abc}"],
          "model.network.options.chrono: abc must be a number > 2"),
+        (["--model.network.recurrence", "mingru", "--model.network.options", "{kernel_split: half}"],
+         "model.network.options.kernel_split: must be auto or an integer >= 1 (chunks of the time axis), got 'half'"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_no_run(job, args, key, capsys):

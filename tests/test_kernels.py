@@ -46,16 +46,16 @@ for cls, lstm in ((MinGRU, False), (MinLSTM, True)):
         ((out2 * w).sum() + (out2[:, -1] * v).sum()).backward()
         for config in {configs}:
             z1, h1 = z.clone().requires_grad_(), h0.clone().requires_grad_()
-            out1, last1 = min_scan(z1, h1, lstm, config, keep)
+            out1, last1 = min_scan(z1, h1, lstm, config, keep, {split})
             ((out1.double() * w).sum() + (last1.double() * v).sum()).backward()
             assert last1.dtype == torch.float32
             if config == {configs}[0]:  # without writing the states: the same final state, bit for bit
                 with torch.no_grad():       # (one configuration: the interpreter's time)
-                    assert torch.equal(min_scan_final(z, h0, lstm, config, keep), last1), (config, cls.__name__, B, T, H)
+                    assert torch.equal(min_scan_final(z, h0, lstm, config, keep, {split}), last1), (config, cls.__name__, B, T, H)
                 # only the final state read (a checkpointed segment's recomputation without a
                 # loss): the kernel gets no gradient of the states, and dz, dh0 are the loop's
                 z3, h3 = z.clone().requires_grad_(), h0.clone().requires_grad_()
-                _, last3 = min_scan(z3, h3, lstm, config, keep)
+                _, last3 = min_scan(z3, h3, lstm, config, keep, {split})
                 (last3.double() * v).sum().backward()
                 z4, h4 = z.double().clone().requires_grad_(), h0.double().clone().requires_grad_()
                 (ref_layer.sequential(z4, h4, keep)[:, -1] * v).sum().backward()
@@ -145,7 +145,7 @@ def test_kernel_equals_sequential_loop_in_triton_interpreter():
     shapes = [(2, 37, 5), (1, 70, 70), (1, 1, 3)]
     # both ways of loading (PREFETCH on and off) and both tile shapes the autotuner chooses from
     configs = [(32, 64, 4, False), (4, 128, 4, True)]
-    r = _python(CHECK.format(dev="cpu", shapes=shapes, configs=configs, prelude="", resets=False), interpret=True)
+    r = _python(CHECK.format(dev="cpu", shapes=shapes, configs=configs, prelude="", resets=False, split=1), interpret=True)
     assert r.returncode == 0 and "worst" in r.stdout, r.stderr[-3000:]
 
 
@@ -154,8 +154,31 @@ def test_kernel_with_resets_equals_sequential_loop_in_triton_interpreter():
     gradients of z and h0 (0 for a row reset at step 0) equal the loop's, both ways of loading,
     tiles with a tail."""
     configs = [(32, 64, 4, False), (4, 128, 4, True)]
-    r = _python(CHECK.format(dev="cpu", shapes=[(3, 21, 5)], configs=configs, prelude="", resets=True), interpret=True)
+    r = _python(CHECK.format(dev="cpu", shapes=[(3, 21, 5)], configs=configs, prelude="", resets=True, split=1), interpret=True)
     assert r.returncode == 0 and "worst" in r.stdout, r.stderr[-3000:]
+
+
+def test_split_kernel_equals_sequential_loop_in_triton_interpreter():
+    """The time axis in chunks scanned by programs of their own and joined (``split``): states,
+    final state and gradients equal the loop's, with only the final state read too, with and
+    without resets, in chunks that end inside a tile, of one step, and a last one shorter."""
+    prelude = "import distrnn.kernels.min_scan as _ms; _ms.SPLIT_STEP = 1"
+    for resets, shapes, split in ((False, [(2, 23, 5)], 3), (True, [(1, 6, 3)], 6)):
+        r = _python(CHECK.format(dev="cpu", shapes=shapes, configs=[(4, 128, 4, True)], prelude=prelude, resets=resets,
+                                 split=split), interpret=True)
+        assert r.returncode == 0 and "worst" in r.stdout, r.stderr[-3000:]
+
+
+def test_split_chunks_and_when_auto_splits():
+    from distrnn.kernels import min_scan as ms
+
+    assert ms._chunks(4096, 1) == (4096, 1) and ms._chunks(20, 4) == (20, 1)  # shorter than a chunk's step
+    assert ms._chunks(4096, 5) == (832, 5) and ms._chunks(100, 3) == (64, 2)  # whole tiles of 32 steps
+    # H100/H200 (132 SMs): the selective-copy model's B=64, H=128 splits in 5; B=64, H=1024 (512
+    # programs) and short sequences do not; one long row of 1024 units in chunks of >= 256 steps
+    assert ms.auto_split(64, 128, 4096, 132) == 5
+    assert ms.auto_split(64, 1024, 4096, 132) == 1 and ms.auto_split(64, 128, 500, 132) == 1
+    assert ms.auto_split(1, 1024, 65536, 132) == 33 and ms.auto_split(1, 1024, 2048, 132) == 8
 
 
 CHECKPOINTED = """
@@ -238,7 +261,7 @@ def test_autotuned_launch_in_triton_interpreter():
     from distrnn.kernels.min_scan import CONFIGS
 
     shapes = [(2, 17, 5), (2, 20, 5), (1, 1, 5), (1, 9, 130)]  # 17 and 20: one size class (shape_key)
-    r = _python(CHECK.format(dev="cpu", shapes=shapes, configs=[None], prelude=AUTOTUNED, resets=False), interpret=True)
+    r = _python(CHECK.format(dev="cpu", shapes=shapes, configs=[None], prelude=AUTOTUNED, resets=False, split=1), interpret=True)
     assert r.returncode == 0 and "worst" in r.stdout, r.stderr[-3000:]
     bt, bh, w, p = CONFIGS[2]
     assert f"BLOCK_T: {bt}, BLOCK_H: {bh}, PREFETCH: {p}, num_warps: {w}" in r.stdout, r.stdout
@@ -253,9 +276,20 @@ def test_kernel_equals_sequential_loop_on_gpu():
 
     # every configuration the autotuner may pick, and the autotuner itself (None)
     shapes = [(4, 3001, 1000), (2, 64, 1024), (3, 1, 7)]
-    r = _python(CHECK.format(dev="cuda", shapes=shapes, configs=[*CONFIGS, None], prelude="", resets=False), interpret=False,
+    r = _python(CHECK.format(dev="cuda", shapes=shapes, configs=[*CONFIGS, None], prelude="", resets=False, split=1), interpret=False,
                 timeout=600)
     assert r.returncode == 0 and "worst" in r.stdout, r.stderr[-3000:]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_split_kernel_equals_the_loop_on_gpu():
+    from distrnn.kernels.min_scan import CONFIGS
+
+    for resets, split in ((False, 7), (True, 3)):
+        r = _python(CHECK.format(dev="cuda", shapes=[(4, 3001, 130), (2, 700, 1000)], configs=[*CONFIGS, None], prelude="",
+                                 resets=resets, split=split), interpret=False, timeout=600)
+        assert r.returncode == 0 and "worst" in r.stdout, r.stderr[-3000:]
 
 
 @pytest.mark.gpu
@@ -264,18 +298,22 @@ def test_kernel_with_resets_equals_sequential_loop_on_gpu():
     from distrnn.kernels.min_scan import CONFIGS
 
     r = _python(CHECK.format(dev="cuda", shapes=[(4, 1001, 1000), (3, 1, 7)], configs=[*CONFIGS, None], prelude="",
-                             resets=True), interpret=False, timeout=600)
+                             resets=True, split=1), interpret=False, timeout=600)
     assert r.returncode == 0 and "worst" in r.stdout, r.stderr[-3000:]
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("rec", ["mingru", "minlstm"])
-def test_triton_layer_equals_eager_layer_and_is_chosen_on_cuda(rec):
+@pytest.mark.parametrize("split", [1, "auto"])
+def test_triton_layer_equals_eager_layer_and_is_chosen_on_cuda(rec, split):
     from distrnn.layers import build_recurrence
 
     torch.manual_seed(0)
-    fast = build_recurrence(rec, input_size=32, hidden_size=256, num_layers=2, norm=True, residual=True).cuda()
+    fast = build_recurrence(rec, input_size=32, hidden_size=256, num_layers=2, norm=True, residual=True,
+                            kernel_split=split).cuda()
+    if split == "auto":  # 8 rows x 2 blocks of units: 16 programs, fewer than any GPU's multiprocessors
+        assert fast._split(torch.empty(8, 777, fast.gates * 256, device="cuda")) > 1
     slow = build_recurrence(rec, input_size=32, hidden_size=256, num_layers=2, norm=True, residual=True,
                             backend="eager", scan_chunk=100).cuda()
     slow.load_state_dict(fast.state_dict())
@@ -335,24 +373,34 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from distrnn.kernels import min_scan as ms
-FP32 = {"H0", "Hlast", "dLast", "dH0"}
+FP32 = {"H0", "Hlast", "dLast", "dH0", "Aprod"}
 done = 0
 # fp32 and bf16 without resets; bf16 with them (the reset mask is bytes) in the two kinds of tile
 # (the time axis across threads, and whole columns per thread with prefetching)
 for dtype, keep in (("bf16", False), ("fp32", False), ("bf16", True)):
     for lstm in (False, True):
         for bt, bh, w, p in ms.CONFIGS if not keep else [ms.CONFIGS[0], ms.CONFIGS[1]]:
-            # the backward also without a gradient of the states (only the final state read), in fp32
+            # the backward also without a gradient of the states (only the final state read), in
+            # fp32; a split scan's first passes (no states, no dz: each chunk's map) in both kinds of
+            # tile, bf16
+            split = [(ms._fwd_kernel, {"STORE_H": False, "STORE_A": True}), (ms._bwd_kernel, {"STORE_DZ": False, "STORE_A": True})]
             for fn, flags in ((ms._fwd_kernel, {}), (ms._bwd_kernel, {"HAS_DH": True}),
-                              *(((ms._bwd_kernel, {"HAS_DH": False}),) if dtype == "fp32" else ())):
+                              *(((ms._bwd_kernel, {"HAS_DH": False}),) if dtype == "fp32" else ()),
+                              *(split if (bt, bh, w, p) in ms.CONFIGS[:2] and dtype == "bf16" else ())):
                 const = {"LSTM": lstm, "BLOCK_T": bt, "BLOCK_H": bh, "PREFETCH": p, "HAS_KEEP": keep, **flags}
-                sig = {a: "constexpr" if a in const else "i32" if a[0] in "Ts" or a == "Hdim" else "*fp32" if a in FP32
+                sig = {a: "constexpr" if a in const else "i32" if a[0] in "Ts" or a in ("Hdim", "CHUNK") else "*fp32" if a in FP32
                        else ("*u8" if keep else "*fp32") if a == "Keep" else "*" + dtype
                        for a in fn.arg_names}
                 k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const), target=GPUTarget("cuda", 90, 32),
                                    options={"num_warps": w})
                 assert k.asm["cubin"], (fn.__name__, dtype, lstm, bt, bh, w, p)
                 done += 1
+for reverse in (False, True):  # the pass that joins a split scan's chunks
+    sig = {a: "constexpr" if a in ("REVERSE", "BLOCK") else "i32" if a in ("n", "BH") else "*fp32" for a in ms._chain.arg_names}
+    k = triton.compile(ASTSource(fn=ms._chain, signature=sig, constexprs={"REVERSE": reverse, "BLOCK": 1024}),
+                       target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+    assert k.asm["cubin"]
+    done += 1
 print("compiled", done)
 """
 
@@ -363,7 +411,7 @@ def test_every_autotuner_candidate_compiles_for_hopper():
     catch (an operation or layout the GPU backend refuses) fails here rather than in a rare GPU
     session."""
     r = _python(COMPILE, interpret=False, timeout=600, TRITON_DEFAULT_FP_FUSION="1")
-    assert r.returncode == 0 and "compiled 48" in r.stdout, r.stderr[-3000:]
+    assert r.returncode == 0 and "compiled 66" in r.stdout, r.stderr[-3000:]
 
 
 def test_scan_config_from_the_environment():
