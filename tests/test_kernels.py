@@ -167,6 +167,10 @@ def test_split_kernel_equals_sequential_loop_in_triton_interpreter():
         r = _python(CHECK.format(dev="cpu", shapes=shapes, configs=[(4, 128, 4, True)], prelude=prelude, resets=resets,
                                  split=split), interpret=True)
         assert r.returncode == 0 and "worst" in r.stdout, r.stderr[-3000:]
+    # through a 2-layer model (norm, residual): checkpointed BPTT's gradients equal full BPTT's, and
+    # the final state moved on without the states equals a plain forward's (both from the join)
+    r = _python(CHECKPOINTED.format(rec="mingru", split=3), interpret=True)
+    assert r.returncode == 0 and "moved" in r.stdout, r.stderr[-3000:]
 
 
 def test_split_chunks_and_when_auto_splits():
@@ -193,7 +197,8 @@ ms.min_scan = lambda *a, **k: (calls.__setitem__("states", calls["states"] + 1),
 ms.min_scan_final = lambda *a, **k: (calls.__setitem__("final", calls["final"] + 1), final_fn(*a, **k))[1]
 torch.manual_seed(0)
 task = TaskSpec(kind="regression", output_dim=1, input_dim=3)
-options = {{"backend": "triton", "norm": True, "residual": True}}
+ms.SPLIT_STEP = 1
+options = {{"backend": "triton", "norm": True, "residual": True, "kernel_split": {split}}}
 model = RecurrentModel(NetworkConfig(recurrence="{rec}", hidden_size=6, num_layers=2, options=options), task)
 B, T = 2, 24
 x, y = torch.randn(B, T, 3), torch.randn(B, T, 1)
@@ -225,7 +230,7 @@ def test_checkpointed_first_pass_writes_no_states_in_triton_interpreter():
     the gradients equal full BPTT's (2 layers, norm and residual); a window that only moves the
     state on does the same, with the final state of a plain forward, bit for bit."""
     # minGRU only (the interpreter takes ~15 s a model); minLSTM's final state: CHECK above
-    r = _python(CHECKPOINTED.format(rec="mingru"), interpret=True)
+    r = _python(CHECKPOINTED.format(rec="mingru", split=1), interpret=True)
     assert r.returncode == 0, r.stderr[-3000:]
     lines = r.stdout.splitlines()
     # full BPTT: one call a layer; checkpointed: the 2 loss-free segments' first passes (layer 1
