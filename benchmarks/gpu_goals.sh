@@ -11,8 +11,8 @@
 # GOALS=--mingru_checkpointed runs that part of the goals alone (~1-2 min: side by side with the
 # profiles and the host's view first, then the segment split, the memory, the head everywhere);
 # SKIP_LEARN=1 GOALS=--mingru_checkpointed ENGINE=last: that, then the engine's checks in the time left.
-# GOALS="--split --mingru_checkpointed": first the Triton kernel with the time axis in chunks
-# (kernel_split auto, session 40) against one chunk at small B x H (~1 min), then the above.
+# GOALS="--mingru_checkpointed --split": that, then the Triton kernel with the time axis in
+# chunks (kernel_split auto, session 40) against one chunk at small B x H (~1-2 min).
 # SKIP_LEARN=1 leaves the selective-copy run out. ENGINE=1 first runs tests/test_gpu.py and the GPU tests of tests/test_kernels.py but the long
 # kernel-against-loop one without resets (~2-3 min; $OUT/engine.txt), and the TBPTT engine against a
 # plain loop on a small LSTM, where the engine's host cost per update shows (~30-60 s, and again with
