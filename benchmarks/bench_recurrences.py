@@ -102,7 +102,7 @@ def _case(kind: str, args: dict, q) -> None:
 
             out["scan_configs"] = tuned_configs()
         if cuda and args["rec"] in ("mingru", "minlstm"):  # the chunks of the time axis the kernel ran in
-            z = torch.empty(B, T, model.recurrence.gates * H, device=dev)
+            z = torch.empty((), device=dev).expand(B, T, model.recurrence.gates * H)  # its shape and device
             out["kernel_split"] = model.recurrence._split(z)
         q.put(out)
     elif kind == "memory":
