@@ -483,7 +483,8 @@ def _splits(show) -> None:
     the kernel alone, the selective-copy model (~46% of its device time in the scans, 2026-12-05),
     and a few long rows."""
     sc = dict(layers=3, vocab=18, embedding_dim=64, options={"norm": True, "residual": True, "chrono": 4096})
-    for label, kw in (("one minGRU layer B=64 H=128 T=4096", dict(B=64, T=4096, H=128)),
+    # the kernel alone profiled: each pass's device time (the chunks' maps, the join, the scans)
+    for label, kw in (("one minGRU layer B=64 H=128 T=4096", dict(B=64, T=4096, H=128, profile=True)),
                       ("the selective-copy model (3-layer minGRU H=128, norm+residual) T=4096", dict(B=64, T=4096, H=128, **sc)),
                       ("one minGRU layer B=4 H=256 T=16384", dict(B=4, T=16384, H=256))):
         for split in (1, "auto"):
