@@ -291,9 +291,10 @@ def test_kernel_equals_sequential_loop_on_gpu():
 def test_split_kernel_equals_the_loop_on_gpu():
     from distrnn.kernels.min_scan import CONFIGS
 
+    # both kinds of tile (the time axis across threads; whole columns per thread) and the autotuner
     for resets, split in ((False, 7), (True, 3)):
-        r = _python(CHECK.format(dev="cuda", shapes=[(4, 3001, 130), (2, 700, 1000)], configs=[*CONFIGS, None], prelude="",
-                                 resets=resets, split=split), interpret=False, timeout=600)
+        r = _python(CHECK.format(dev="cuda", shapes=[(4, 3001, 130), (2, 700, 1000)], configs=[*CONFIGS[:2], None],
+                                 prelude="", resets=resets, split=split), interpret=False, timeout=600)
         assert r.returncode == 0 and "worst" in r.stdout, r.stderr[-3000:]
 
 
