@@ -13,6 +13,11 @@ recurrence ``G_t = dL/dh_t + a_{t+1} G_{t+1}`` backwards in the same way and wri
 and ``dh0``. The reference is :meth:`distrnn.scan._MinRecurrence.sequential`; tests compare the two,
 forward and backward (on CPU through Triton's interpreter, on a GPU natively).
 
+One program walks a whole sequence per (row, block of units). With ``split`` (the layers'
+``kernel_split``) the time axis is cut into chunks, each with programs of its own: a first pass
+writes each chunk's map ``h -> A h + b`` (``STORE_A``, no states or dz), ``_chain`` joins the
+maps (forward in order, backward from the end), a second pass runs each chunk from what enters it.
+
 The tile shape, the number of warps and whether the next tile is loaded before this one is
 scanned are chosen by Triton's autotuner on the first call for each hidden size, gate count,
 dtype and size class of (B, T) (``CONFIGS``, ``shape_key``); ``FIXED_CONFIG`` or the ``config`` argument set one instead.
