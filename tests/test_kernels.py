@@ -52,6 +52,7 @@ for cls, lstm in ((MinGRU, False), (MinLSTM, True)):
             if config == {configs}[0]:  # without writing the states: the same final state, bit for bit
                 with torch.no_grad():       # (one configuration: the interpreter's time)
                     assert torch.equal(min_scan_final(z, h0, lstm, config, keep, {split}), last1), (config, cls.__name__, B, T, H)
+            if config == {configs}[0] and {only_last}:
                 # only the final state read (a checkpointed segment's recomputation without a
                 # loss): the kernel gets no gradient of the states, and dz, dh0 are the loop's
                 z3, h3 = z.clone().requires_grad_(), h0.clone().requires_grad_()
@@ -145,7 +146,8 @@ def test_kernel_equals_sequential_loop_in_triton_interpreter():
     shapes = [(2, 37, 5), (1, 70, 70), (1, 1, 3)]
     # both ways of loading (PREFETCH on and off) and both tile shapes the autotuner chooses from
     configs = [(32, 64, 4, False), (4, 128, 4, True)]
-    r = _python(CHECK.format(dev="cpu", shapes=shapes, configs=configs, prelude="", resets=False, split=1), interpret=True)
+    r = _python(CHECK.format(dev="cpu", shapes=shapes, configs=configs, prelude="", resets=False, split=1, only_last=True),
+                interpret=True)
     assert r.returncode == 0 and "worst" in r.stdout, r.stderr[-3000:]
 
 
@@ -154,7 +156,8 @@ def test_kernel_with_resets_equals_sequential_loop_in_triton_interpreter():
     gradients of z and h0 (0 for a row reset at step 0) equal the loop's, both ways of loading,
     tiles with a tail."""
     configs = [(32, 64, 4, False), (4, 128, 4, True)]
-    r = _python(CHECK.format(dev="cpu", shapes=[(3, 21, 5)], configs=configs, prelude="", resets=True, split=1), interpret=True)
+    r = _python(CHECK.format(dev="cpu", shapes=[(3, 21, 5)], configs=configs, prelude="", resets=True, split=1,
+                             only_last=True), interpret=True)
     assert r.returncode == 0 and "worst" in r.stdout, r.stderr[-3000:]
 
 
@@ -165,7 +168,7 @@ def test_split_kernel_equals_sequential_loop_in_triton_interpreter():
     prelude = "import distrnn.kernels.min_scan as _ms; _ms.SPLIT_STEP = 1"
     for resets, shapes, split in ((False, [(2, 14, 3)], 3), (True, [(1, 6, 3)], 6)):
         r = _python(CHECK.format(dev="cpu", shapes=shapes, configs=[(4, 128, 4, True)], prelude=prelude, resets=resets,
-                                 split=split), interpret=True)
+                                 split=split, only_last=True), interpret=True)
         assert r.returncode == 0 and "worst" in r.stdout, r.stderr[-3000:]
     # through a 2-layer model (norm, residual): checkpointed BPTT's gradients equal full BPTT's, and
     # the final state moved on without the states equals a plain forward's (both from the join)
@@ -266,7 +269,8 @@ def test_autotuned_launch_in_triton_interpreter():
     from distrnn.kernels.min_scan import CONFIGS
 
     shapes = [(2, 17, 5), (2, 20, 5), (1, 1, 5), (1, 9, 130)]  # 17 and 20: one size class (shape_key)
-    r = _python(CHECK.format(dev="cpu", shapes=shapes, configs=[None], prelude=AUTOTUNED, resets=False, split=1), interpret=True)
+    r = _python(CHECK.format(dev="cpu", shapes=shapes, configs=[None], prelude=AUTOTUNED, resets=False, split=1,
+                             only_last=False), interpret=True)
     assert r.returncode == 0 and "worst" in r.stdout, r.stderr[-3000:]
     bt, bh, w, p = CONFIGS[2]
     assert f"BLOCK_T: {bt}, BLOCK_H: {bh}, PREFETCH: {p}, num_warps: {w}" in r.stdout, r.stdout
@@ -281,8 +285,8 @@ def test_kernel_equals_sequential_loop_on_gpu():
 
     # every configuration the autotuner may pick, and the autotuner itself (None)
     shapes = [(4, 3001, 1000), (2, 64, 1024), (3, 1, 7)]
-    r = _python(CHECK.format(dev="cuda", shapes=shapes, configs=[*CONFIGS, None], prelude="", resets=False, split=1), interpret=False,
-                timeout=600)
+    r = _python(CHECK.format(dev="cuda", shapes=shapes, configs=[*CONFIGS, None], prelude="", resets=False, split=1,
+                             only_last=True), interpret=False, timeout=600)
     assert r.returncode == 0 and "worst" in r.stdout, r.stderr[-3000:]
 
 
@@ -294,7 +298,7 @@ def test_split_kernel_equals_the_loop_on_gpu():
     # both kinds of tile (the time axis across threads; whole columns per thread) and the autotuner
     for resets, split in ((False, 7), (True, 3)):
         r = _python(CHECK.format(dev="cuda", shapes=[(4, 3001, 130), (2, 700, 1000)], configs=[*CONFIGS[:2], None],
-                                 prelude="", resets=resets, split=split), interpret=False, timeout=600)
+                                 prelude="", resets=resets, split=split, only_last=True), interpret=False, timeout=600)
         assert r.returncode == 0 and "worst" in r.stdout, r.stderr[-3000:]
 
 
@@ -304,7 +308,7 @@ def test_kernel_with_resets_equals_sequential_loop_on_gpu():
     from distrnn.kernels.min_scan import CONFIGS
 
     r = _python(CHECK.format(dev="cuda", shapes=[(4, 1001, 1000), (3, 1, 7)], configs=[*CONFIGS, None], prelude="",
-                             resets=True, split=1), interpret=False, timeout=600)
+                             resets=True, split=1, only_last=True), interpret=False, timeout=600)
     assert r.returncode == 0 and "worst" in r.stdout, r.stderr[-3000:]
 
 
@@ -386,12 +390,13 @@ done = 0
 for dtype, keep in (("bf16", False), ("fp32", False), ("bf16", True)):
     for lstm in (False, True):
         for bt, bh, w, p in ms.CONFIGS if not keep else [ms.CONFIGS[0], ms.CONFIGS[1]]:
-            # the backward also without a gradient of the states (only the final state read), in
-            # fp32; a split scan's first passes (no states, no dz: each chunk's map) in both kinds of
-            # tile, bf16
+            # the backward also without a gradient of the states (only the final state read) in fp32,
+            # and a split scan's first passes (no states, no dz: each chunk's map) in bf16, both in
+            # the two kinds of tile
             split = [(ms._fwd_kernel, {"STORE_H": False, "STORE_A": True}), (ms._bwd_kernel, {"STORE_DZ": False, "STORE_A": True})]
             for fn, flags in ((ms._fwd_kernel, {}), (ms._bwd_kernel, {"HAS_DH": True}),
-                              *(((ms._bwd_kernel, {"HAS_DH": False}),) if dtype == "fp32" else ()),
+                              *(((ms._bwd_kernel, {"HAS_DH": False}),) if dtype == "fp32" and (bt, bh, w, p) in ms.CONFIGS[:2]
+                                else ()),
                               *(split if (bt, bh, w, p) in ms.CONFIGS[:2] and dtype == "bf16" else ())):
                 const = {"LSTM": lstm, "BLOCK_T": bt, "BLOCK_H": bh, "PREFETCH": p, "HAS_KEEP": keep, **flags}
                 sig = {a: "constexpr" if a in const else "i32" if a[0] in "Ts" or a in ("Hdim", "CHUNK") else "*fp32" if a in FP32
@@ -417,7 +422,7 @@ def test_every_autotuner_candidate_compiles_for_hopper():
     catch (an operation or layout the GPU backend refuses) fails here rather than in a rare GPU
     session."""
     r = _python(COMPILE, interpret=False, timeout=600, TRITON_DEFAULT_FP_FUSION="1")
-    assert r.returncode == 0 and "compiled 66" in r.stdout, r.stderr[-3000:]
+    assert r.returncode == 0 and "compiled 62" in r.stdout, r.stderr[-3000:]
 
 
 def test_scan_config_from_the_environment():
