@@ -300,6 +300,12 @@ _fwd_tuned, _bwd_tuned = _autotuned(_fwd_kernel), _autotuned(_bwd_kernel)
 SUMMARY_KEY = 1024
 
 
+def _pass_key(B: int, parts: int, chunk: int, first: bool) -> int:
+    """The autotuner's size class of one pass: ``parts`` chunks of ``chunk`` steps per row, the
+    first pass of a split scan apart."""
+    return shape_key(B * parts, chunk) + (SUMMARY_KEY if first else 0)
+
+
 def _launch(kernel, tuned, B: int, H: int, args: list, lstm: bool, config, has_keep: bool = False, n: int = 1,
             **flags) -> None:
     config = config or FIXED_CONFIG
@@ -393,8 +399,7 @@ class MinScan(torch.autograd.Function):
         flags = {} if dh_BTH is not None else {"HAS_DH": False}
 
         def run(dlast, dH0, aprod, **more):
-            # (the chunks' first pass tunes for itself: it writes no dz)
-            key = shape_key(B * parts, chunk) + (SUMMARY_KEY if more else 0)
+            key = _pass_key(B, parts, chunk, first=bool(more))  # (the chunks' first pass writes no dz)
             args = [z_BTG, z_BTG[..., H:], z_BTG[..., (n - 1) * H:], h0, h_BTH, dh, dlast, dz, dz[..., H:],
                     dz[..., (n - 1) * H:], dH0, aprod, keep, T, chunk, H, z_BTG.stride(0), z_BTG.stride(1),
                     h_BTH.stride(0), h_BTH.stride(1), key]
@@ -429,7 +434,7 @@ def _forward(z_BTG: Tensor, h0_BH: Tensor, lstm: bool, config, keep_BT: Optional
 
     def run(h_in, h_out, aprod, **flags):
         # without a mask the kernel reads none: h0 stands in for the pointer (a valid one)
-        key = shape_key(B * parts, chunk) + (SUMMARY_KEY if flags.get("STORE_A") else 0)
+        key = _pass_key(B, parts, chunk, first=bool(flags.get("STORE_A")))
         _launch(_fwd_kernel, _fwd_tuned, B, H, [k, ki, c, h_in, h_BTH, h_out, aprod, h0 if keep is None else keep, T, chunk,
                                                 H, z_BTG.stride(0), z_BTG.stride(1), h_BTH.stride(0), h_BTH.stride(1), key],
                 lstm, config, keep_BT is not None, parts, **flags)
