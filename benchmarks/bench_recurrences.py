@@ -4,6 +4,7 @@ ratios to the LSTM, the long-input pieces of the cuDNN layers under bf16, and pe
 truncated, full and checkpointed BPTT against T.
 
     python benchmarks/bench_recurrences.py --device cpu          # CPU sizes (make bench)
+    python benchmarks/bench_recurrences.py --device cpu --compile  # min* loop, gates compiled or not
     python benchmarks/bench_recurrences.py --device cuda --quick # GPU sizes (make gpu-bench)
     python benchmarks/bench_recurrences.py --device cuda --scan  # minGRU/minLSTM vs cuDNN LSTM
     python benchmarks/bench_recurrences.py --device cuda --goals  # issue 3's open goals (~2 min)
@@ -416,6 +417,10 @@ def ratios(results: list[dict]) -> None:
         key = (r.get("rec"), r.get("T"), bool(r.get("bf16")))
         if key in loops and r.get("parallel", True) and not r.get("scan_config") and r.get("layers", 1) == 1 and "tokens_per_s" in r:
             print(f"\nparallel / its own sequential loop, {key}: {r['tokens_per_s'] / loops[key]:.1f}x")
+        loop = next((o for o in results if o.get("label") == r.get("label", "").replace("backend compile", "backend loop")
+                     and "tokens_per_s" in o), None)
+        if r.get("backend") == "compile" and "tokens_per_s" in r and loop and loop is not r:
+            print(f"\n{r['label']} / the loop's: {r['tokens_per_s'] / loop['tokens_per_s']:.2f}x")
         if r.get("scan_config") and "tokens_per_s" in r and key in tuned:
             print(f"\nautotuned Triton scan / configuration {tuple(r['scan_config'])}, {key}: {tuned[key] / r['tokens_per_s']:.2f}x")
 
@@ -423,10 +428,11 @@ def ratios(results: list[dict]) -> None:
 def sweep_cpu(show) -> None:
     B, H = 8, 128
     for T in (256, 1024, 4096, 16384):
-        # the min* layers by their CPU default (the loop with its hand-written backward) and by
-        # the log-space scan
+        # the min* layers by their CPU default (the loop with its hand-written backward), with the
+        # loop's gates compiled, and by the log-space scan
         for rec, extra in (("lstm", {}), ("gru", {}), ("elman", {}), ("mingru", {"backend": "loop"}),
-                           ("mingru", {"backend": "eager"}), ("minlstm", {"backend": "loop"}), ("minlstm", {"backend": "eager"})):
+                           ("mingru", {"backend": "compile"}), ("mingru", {"backend": "eager"}), ("minlstm", {"backend": "loop"}),
+                           ("minlstm", {"backend": "compile"}), ("minlstm", {"backend": "eager"})):
             show(run("throughput", 120, device="cpu", rec=rec, B=B, T=T, H=H, iters=2 if T < 16384 else 1,
                      label=f"{rec}{' ' + extra['backend'] if extra else ''} T={T}", **extra))
     for T in (1024, 4096, 16384):
@@ -435,6 +441,19 @@ def sweep_cpu(show) -> None:
     show(run("checkpointing", 300, device="cpu", B=16, T=4096, H=512, k=256, label="checkpointed vs full, side by side, T=4096"))
     _micro_batches(show, "cpu", B=16, T=2048, H=256)
     _resets(show, "cpu", B=32, T=256, H=256)
+    _cpu_compile(show)
+
+
+def _cpu_compile(show) -> None:
+    """The min* layers on a CPU with the loop's gates compiled (``backend: compile``) against the
+    loop alone, side by side: the selective-copy model at a quarter of its batch, one wide layer,
+    and a 2-layer minLSTM (the compilation happens in the warm-up steps, outside the timing)."""
+    sc = dict(layers=3, vocab=18, embedding_dim=64, options={"norm": True, "residual": True, "chrono": 4096})
+    for label, kw in (("the selective-copy model B=16 T=4096 H=128", dict(rec="mingru", B=16, T=4096, H=128, **sc)),
+                      ("minGRU B=8 T=512 H=1024", dict(rec="mingru", B=8, T=512, H=1024)),
+                      ("minLSTM 2 layers B=32 T=1024 H=128", dict(rec="minlstm", B=32, T=1024, H=128, layers=2))):
+        for backend in ("loop", "compile"):
+            show(run("throughput", 300, device="cpu", iters=3, backend=backend, label=f"{label}, backend {backend}", **kw))
 
 
 def _micro_batches(show, device: str, B: int, T: int, H: int) -> None:
@@ -595,6 +614,8 @@ def main() -> None:
                     help="minGRU's Triton kernel with the time axis in chunks (kernel_split auto) against one chunk, at small B x H")
     ap.add_argument("--resets", action="store_true",
                     help="2-layer LSTM and minGRU with rows resetting at 0, 16, 64 random steps of a window (cut vs in the scan)")
+    ap.add_argument("--compile", action="store_true",
+                    help="(--device cpu) the min* layers' loop with its gates compiled against the loop alone, side by side")
     ap.add_argument("--micro_batches", action="store_true",
                     help="the engine's full BPTT with the batch at once and in groups of rows (model.tbptt.micro_batch_size)")
     a = ap.parse_args()
@@ -606,6 +627,8 @@ def main() -> None:
 
     if a.device == "cpu" and a.resets:
         _resets(show, "cpu", B=32, T=256, H=256)
+    elif a.device == "cpu" and a.compile:
+        _cpu_compile(show)
     elif a.device == "cpu":
         sweep_cpu(show)
     else:

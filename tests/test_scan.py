@@ -145,6 +145,47 @@ def test_linear_scan_equals_the_loop_with_autograd_and_is_the_cpu_default():
     assert layer._backend(torch.zeros(1, 1, 6, dtype=torch.float64)) == "eager"
 
 
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["mingru", "minlstm"])
+def test_cpu_compile_backend_compiles_the_gates_of_the_loop(name, monkeypatch):
+    """``backend: compile`` on a CPU: the loop with its gates compiled (C++ from torch.compile)
+    equals the sequential reference in float64 (outputs, final state, the gradients of the input,
+    the initial state and every weight), with rows that reset inside the window, across shapes that
+    share one compilation; float32 stays within rounding of the uncompiled loop. Without a C++
+    compiler it is refused before a run, naming the option."""
+    from distrnn import scan
+
+    torch.manual_seed(3)
+    layer = build_recurrence(name, input_size=3, hidden_size=5, num_layers=2, norm=True, residual=True, backend="compile")
+    for B, T in ((3, 41), (2, 67)):
+        x = torch.randn(B, T, 3)
+        h0 = torch.rand(2, B, 5) + 0.05
+        reset = torch.rand(B, T) < 0.1
+        reset[0, 5] = True
+        outs = []
+        for parallel in (True, False):
+            layer.parallel = parallel
+            layer.zero_grad()
+            xi, hi = x.clone().requires_grad_(), h0.clone().requires_grad_()
+            y, hT = layer(xi, hi, reset_BT=reset)
+            (y.pow(2).sum() + hT.sin().sum()).backward()
+            outs.append([y, hT, xi.grad, hi.grad, *[p.grad.clone() for p in layer.parameters()]])
+        for got, want in zip(*outs):
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
+    assert type(layer).linear_coefficients in scan._COMPILED  # the gates really went through torch.compile
+    layer32 = build_recurrence(name, input_size=3, hidden_size=5, num_layers=2, backend="compile").float()
+    loop32 = build_recurrence(name, input_size=3, hidden_size=5, num_layers=2, backend="loop").float()
+    loop32.load_state_dict(layer32.state_dict())
+    x32 = torch.randn(2, 50, 3, dtype=torch.float32)
+    torch.testing.assert_close(layer32(x32)[0], loop32(x32)[0], rtol=1e-5, atol=1e-6)
+    assert build_recurrence(name, input_size=3, hidden_size=5)._backend(x32) == "loop"  # still the CPU's default
+    layer.check_device("cpu")
+    monkeypatch.setenv("CXX", "/nonexistent/c++")
+    with pytest.raises(ValueError, match=r"model.network.options.backend: compile on a CPU .*C\+\+ compiler"):
+        layer.check_device("cpu")
+
+
 def test_bf16_and_fp16_stay_finite_and_close():
     torch.set_default_dtype(torch.float32)
     torch.manual_seed(0)
