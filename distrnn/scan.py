@@ -189,8 +189,9 @@ class _MinRecurrence(Recurrence):
             backend = "compile" if compile else "eager"
         if backend not in (None, "triton", "compile", "eager", "loop"):
             raise ValueError(f"model.network.options.backend: '{backend}' is not one of triton, compile, eager, loop")
-        # None: the fused Triton kernel on CUDA (torch.compile of the log-space scan if Triton is
-        # missing), the loop with its hand-written backward elsewhere
+        # None: the fused Triton kernel on CUDA (the plain log-space scan if Triton is missing:
+        # torch.compile generates its GPU code with Triton too), the loop with its hand-written
+        # backward elsewhere
         self.backend = backend
         if backend in (None, "triton"):
             # checked here, before a run starts, not at the kernel's import on the first CUDA forward
@@ -336,7 +337,7 @@ class _MinRecurrence(Recurrence):
             return self.backend
         if not z_BTG.is_cuda:
             return "loop"
-        return "triton" if _triton_available() else "compile"
+        return "triton" if _triton_available() else "eager"
 
     def check_device(self, device_type: str, device_setting: str = "trainer.accelerator") -> None:
         """ValueError naming the option when the layer cannot run on ``device_type``, chosen by
@@ -345,6 +346,9 @@ class _MinRecurrence(Recurrence):
             raise ValueError(f"model.network.options.backend: compile on a CPU ({device_setting}) needs a C++ compiler"
                              f" for torch.compile, and none was found ({os.environ.get('CXX') or 'g++, clang++'});"
                              " install one or leave backend unset")
+        if self.backend == "compile" and device_type == "cuda" and not _triton_available():
+            raise ValueError(f"model.network.options.backend: compile on CUDA ({device_setting}) needs Triton, torch.compile's"
+                             " GPU code generator, and it is not installed (pip install triton); or leave backend unset")
         if self.backend != "triton":
             return
         if device_type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
@@ -352,7 +356,7 @@ class _MinRecurrence(Recurrence):
                              f" ({device_setting}); leave backend unset to have the layer choose")
         if not _triton_available():
             raise ValueError("model.network.options.backend: triton is not installed (pip install triton);"
-                             " leave backend unset for torch.compile of the scan")
+                             " leave backend unset for the plain PyTorch scan")
 
     def _piece(self, z_BTG: Tensor, h0_BH: Tensor) -> Tensor:
         return scan_log(*self.log_coefficients(z_BTG), h0_BH)

@@ -186,6 +186,27 @@ def test_cpu_compile_backend_compiles_the_gates_of_the_loop(name, monkeypatch):
         layer.check_device("cpu")
 
 
+
+def test_cuda_without_triton_runs_the_plain_scan_and_refuses_compile(monkeypatch):
+    """torch.compile generates GPU code with Triton: on CUDA without it the default is the plain
+    log-space scan (compile would fail in the first forward, inside training), and an explicit
+    ``compile`` or ``triton`` is refused before a run, naming the option."""
+    from types import SimpleNamespace
+
+    from distrnn import scan
+
+    monkeypatch.setattr(scan, "_triton_available", lambda: False)
+    cuda_z = SimpleNamespace(dtype=torch.float32, is_cuda=True)  # what _backend reads of a CUDA tensor
+    assert build_recurrence("mingru", input_size=2, hidden_size=3)._backend(cuda_z) == "eager"
+    for backend in ("compile", "triton"):
+        layer = build_recurrence("mingru", input_size=2, hidden_size=3, backend=backend)
+        with pytest.raises(ValueError, match=f"model.network.options.backend: {backend} .*(not installed|pip install triton)"):
+            layer.check_device("cuda")
+    monkeypatch.setattr(scan, "_triton_available", lambda: True)
+    assert build_recurrence("mingru", input_size=2, hidden_size=3)._backend(cuda_z) == "triton"
+    build_recurrence("mingru", input_size=2, hidden_size=3, backend="compile").check_device("cuda")
+
+
 def test_bf16_and_fp16_stay_finite_and_close():
     torch.set_default_dtype(torch.float32)
     torch.manual_seed(0)
