@@ -145,7 +145,6 @@ def test_linear_scan_equals_the_loop_with_autograd_and_is_the_cpu_default():
     assert layer._backend(torch.zeros(1, 1, 6, dtype=torch.float64)) == "eager"
 
 
-
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["mingru", "minlstm"])
 def test_cpu_compile_backend_compiles_the_gates_of_the_loop(name, monkeypatch):
@@ -184,7 +183,6 @@ def test_cpu_compile_backend_compiles_the_gates_of_the_loop(name, monkeypatch):
     monkeypatch.setenv("CXX", "/nonexistent/c++")
     with pytest.raises(ValueError, match=r"model.network.options.backend: compile on a CPU .*C\+\+ compiler"):
         layer.check_device("cpu")
-
 
 
 def test_cuda_without_triton_runs_the_plain_scan_and_refuses_compile(monkeypatch):
