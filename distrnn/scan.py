@@ -228,8 +228,7 @@ class _MinRecurrence(Recurrence):
         zero a row's state inside the scan (``h_t = a_t keep_t h_{t-1} + b_t``), so a window with
         resets is one call per layer; the log-space scans (``eager``, ``compile`` on CUDA) need the
         input cut at the resets (:meth:`distrnn.model.RecurrentModel.hidden` does it)."""
-        backend = self._backend(x_BTD) if self.parallel else "sequential"
-        return backend in ("triton", "loop", "sequential") or (backend == "compile" and not x_BTD.is_cuda)
+        return (self._backend(x_BTD) if self.parallel else "sequential") in ("triton", "loop", "compiled_loop", "sequential")
 
     # forward(..., outputs=False) is understood (see RecurrentModel.hidden)
     skips_outputs = True
@@ -303,8 +302,8 @@ class _MinRecurrence(Recurrence):
         z_BTG, h = z_BTG.to(dtype), h0_BH.to(dtype)
         if backend == "sequential":
             h_BTH = self.sequential(z_BTG, h, keep_BT)
-        elif backend == "loop" or (backend == "compile" and not z_BTG.is_cuda):
-            a, b = (_compiled(self.linear_coefficients) if backend == "compile" else self.linear_coefficients)(z_BTG)
+        elif backend in ("loop", "compiled_loop"):
+            a, b = (_compiled(self.linear_coefficients) if backend == "compiled_loop" else self.linear_coefficients)(z_BTG)
             h_BTH = linear_scan(a if keep_BT is None else a * keep_BT.unsqueeze(-1), b, h)
         else:
             assert keep_BT is None, "the log-space scan takes no reset mask"
@@ -327,10 +326,11 @@ class _MinRecurrence(Recurrence):
         return auto_split(B, G // self.gates, T, _multiprocessors(z_BTG.device) if z_BTG.is_cuda else 1)
 
     def _backend(self, z_BTG: Tensor) -> str:
+        if self.backend == "compile" and not z_BTG.is_cuda:
+            return "compiled_loop"  # the loop with its gates compiled, in z's dtype (float64 too)
         if z_BTG.dtype == torch.float64:
-            # the references and float64 tests: the kernel computes in float32 (the CPU's loop,
-            # with its gates compiled or not, computes in z's dtype)
-            return self.backend if self.backend == "loop" or (self.backend == "compile" and not z_BTG.is_cuda) else "eager"
+            # the references and float64 tests: the kernel computes in float32
+            return "loop" if self.backend == "loop" else "eager"
         if self.backend == "triton":
             self.check_device(z_BTG.device.type)
             return "triton"
