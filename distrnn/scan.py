@@ -303,7 +303,10 @@ class _MinRecurrence(Recurrence):
         if backend == "sequential":
             h_BTH = self.sequential(z_BTG, h, keep_BT)
         elif backend in ("loop", "compiled_loop"):
-            a, b = (_compiled(self.linear_coefficients) if backend == "compiled_loop" else self.linear_coefficients)(z_BTG)
+            # a batch or window of one would compile once more (dynamo specializes sizes 0 and 1,
+            # 3-4 s each): its gates are a handful of small ops, eager costs nothing there
+            compiled = backend == "compiled_loop" and min(z_BTG.shape[:2]) > 1
+            a, b = (_compiled(self.linear_coefficients) if compiled else self.linear_coefficients)(z_BTG)
             h_BTH = linear_scan(a if keep_BT is None else a * keep_BT.unsqueeze(-1), b, h)
         else:
             assert keep_BT is None, "the log-space scan takes no reset mask"

@@ -151,17 +151,23 @@ def test_cpu_compile_backend_compiles_the_gates_of_the_loop(name, monkeypatch):
     """``backend: compile`` on a CPU: the loop with its gates compiled (C++ from torch.compile)
     equals the sequential reference in float64 (outputs, final state, the gradients of the input,
     the initial state and every weight), with rows that reset inside the window, across shapes that
-    share one compilation; float32 stays within rounding of the uncompiled loop. Without a C++
-    compiler it is refused before a run, naming the option."""
+    share one compilation (a batch or a window of one: eager gates, no compilation more); float32
+    stays within rounding of the uncompiled loop. Without a C++ compiler it is refused before a
+    run, naming the option."""
+    from torch._dynamo.utils import counters
+
     from distrnn import scan
 
     torch.manual_seed(3)
     layer = build_recurrence(name, input_size=3, hidden_size=5, num_layers=2, norm=True, residual=True, backend="compile")
-    for B, T in ((3, 41), (2, 67)):
+    graphs = None
+    for B, T in ((3, 41), (2, 67), (1, 30), (3, 1)):
+        if B == 1 and graphs is None:
+            graphs = counters["stats"]["unique_graphs"]
         x = torch.randn(B, T, 3)
         h0 = torch.rand(2, B, 5) + 0.05
         reset = torch.rand(B, T) < 0.1
-        reset[0, 5] = True
+        reset[0, min(5, T - 1)] = True
         outs = []
         for parallel in (True, False):
             layer.parallel = parallel
@@ -173,6 +179,7 @@ def test_cpu_compile_backend_compiles_the_gates_of_the_loop(name, monkeypatch):
         for got, want in zip(*outs):
             torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
     assert type(layer).linear_coefficients in scan._COMPILED  # the gates really went through torch.compile
+    assert counters["stats"]["unique_graphs"] == graphs  # sizes of one compiled nothing more
     layer32 = build_recurrence(name, input_size=3, hidden_size=5, num_layers=2, backend="compile").float()
     loop32 = build_recurrence(name, input_size=3, hidden_size=5, num_layers=2, backend="loop").float()
     loop32.load_state_dict(layer32.state_dict())
