@@ -49,10 +49,12 @@ test-fast: venv
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder -m "not slow" $(PYTEST_ARGS)
 
 ## CPU sizes: distrnn's TBPTT engine against a plain PyTorch loop (tokens/s side by side), then
-## every recurrence against T as ratios to the LSTM, and peak memory of TBPTT/full/checkpointed BPTT.
+## every recurrence against T as ratios to the LSTM, and peak memory of TBPTT/full/checkpointed BPTT;
+## then `distrnn fit` with glibc's malloc as distrnn sets it on a CPU against glibc as it is.
 bench: venv
 	$(PY) benchmarks/bench_tbptt.py
 	$(PY) benchmarks/bench_recurrences.py --device cpu
+	$(PY) benchmarks/bench_host_memory.py
 
 ## On a machine with a GPU: GPU-marked tests and the GPU benchmarks in one command; results to $$OUT.
 gpu-check:

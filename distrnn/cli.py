@@ -18,6 +18,7 @@ from typing import Any, Iterator, NoReturn, Optional
 
 from jsonargparse import ArgumentParser, set_parsing_settings
 from lightning.pytorch import Trainer
+from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.callbacks import BasePredictionWriter, ProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.fabric.utilities.exceptions import MisconfigurationException
@@ -39,6 +40,7 @@ from distrnn.data.base import RecurrentDataModule
 from distrnn.data.download import DownloadError
 from distrnn.data.loaders import layout_change
 from distrnn.engine import TBPTTModule, check_carried_state, needs_reshard, reshard_checkpoint
+from distrnn.host_memory import keep_freed_memory, malloc_choice
 from distrnn.paths import unwritable_file, unwritable_folder
 from distrnn.predict import WritePredictions
 from distrnn.rendezvous import host_rendezvous_on_loopback
@@ -250,6 +252,10 @@ class DistrnnCLI(LightningCLI):
 
     def __init__(self, args: Optional[list[str]] = None, trainer_extra: Optional[dict[str, Any]] = None, **kwargs: Any) -> None:
         self.trainer_extra = dict(trainer_extra or {})
+        try:
+            malloc_choice()  # before anything is read or written
+        except ValueError as e:
+            fail(str(e))
         super().__init__(
             TBPTTModule,
             RecurrentDataModule,
@@ -308,6 +314,10 @@ class DistrnnCLI(LightningCLI):
             host_rendezvous_on_loopback(trainer)
         except OSError as e:
             fail(str(e))
+        if isinstance(trainer.accelerator, CPUAccelerator):
+            # (not beside a GPU: there the host's large buffers are rare, checkpoint copies
+            # mostly, and the memory they freed would stay with the process)
+            keep_freed_memory()
         return trainer
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Any]) -> Trainer:
