@@ -30,6 +30,10 @@ def _case(kind: str, args: dict, q) -> None:
     torch.backends.cudnn.allow_tf32 = True
     dev = torch.device(args.get("device", "cuda"))
     cuda = dev.type == "cuda"
+    if not cuda:
+        from distrnn.host_memory import keep_freed_memory
+
+        keep_freed_memory()  # glibc as `distrnn fit` sets it on a CPU (DISTRNN_MALLOC=system: as it is)
 
     def sync():
         if cuda:
