@@ -25,10 +25,12 @@ import time
 import lightning as L
 import torch
 import yaml
+from lightning.pytorch.accelerators import CPUAccelerator
 
 from distrnn.checkpoint import CHECKPOINT_DEFAULTS, AtomicCheckpointIO, Checkpoint
 from distrnn.config import NetworkConfig, OptimizerConfig, TBPTTConfig
 from distrnn.engine import TBPTTModule
+from distrnn.host_memory import keep_freed_memory
 
 
 class StopAfter(L.Callback):
@@ -99,6 +101,8 @@ def main() -> None:
         callbacks.append(Checkpoint(dirpath=a.save, **{**CHECKPOINT_DEFAULTS, **(cfg.get("checkpoint") or {})}))
     trainer = L.Trainer(**t, logger=False, enable_checkpointing=bool(a.save), enable_progress_bar=False,
                         callbacks=callbacks, plugins=[AtomicCheckpointIO()])
+    if isinstance(trainer.accelerator, CPUAccelerator):
+        keep_freed_memory()  # as `distrnn fit` runs on a CPU (README, "Memory on a CPU")
     trainer.fit(model, data, ckpt_path=a.resume)
     key = "val/accuracy" if data.task.kind == "classification" else "val/loss"
     vals = [r[key] for r in rep.rows if key in r]
