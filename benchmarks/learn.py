@@ -25,12 +25,11 @@ import time
 import lightning as L
 import torch
 import yaml
-from lightning.pytorch.accelerators import CPUAccelerator
 
 from distrnn.checkpoint import CHECKPOINT_DEFAULTS, AtomicCheckpointIO, Checkpoint
 from distrnn.config import NetworkConfig, OptimizerConfig, TBPTTConfig
 from distrnn.engine import TBPTTModule
-from distrnn.host_memory import keep_freed_memory
+from distrnn.host_memory import keep_freed_memory_on_cpu
 
 
 class StopAfter(L.Callback):
@@ -101,8 +100,7 @@ def main() -> None:
         callbacks.append(Checkpoint(dirpath=a.save, **{**CHECKPOINT_DEFAULTS, **(cfg.get("checkpoint") or {})}))
     trainer = L.Trainer(**t, logger=False, enable_checkpointing=bool(a.save), enable_progress_bar=False,
                         callbacks=callbacks, plugins=[AtomicCheckpointIO()])
-    if isinstance(trainer.accelerator, CPUAccelerator):
-        keep_freed_memory()  # as `distrnn fit` runs on a CPU (README, "Memory on a CPU")
+    keep_freed_memory_on_cpu(trainer)  # as `distrnn fit` runs (README, "Memory on a CPU")
     trainer.fit(model, data, ckpt_path=a.resume)
     key = "val/accuracy" if data.task.kind == "classification" else "val/loss"
     vals = [r[key] for r in rep.rows if key in r]

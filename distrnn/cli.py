@@ -18,7 +18,6 @@ from typing import Any, Iterator, NoReturn, Optional
 
 from jsonargparse import ArgumentParser, set_parsing_settings
 from lightning.pytorch import Trainer
-from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.callbacks import BasePredictionWriter, ProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.fabric.utilities.exceptions import MisconfigurationException
@@ -40,7 +39,7 @@ from distrnn.data.base import RecurrentDataModule
 from distrnn.data.download import DownloadError
 from distrnn.data.loaders import layout_change
 from distrnn.engine import TBPTTModule, check_carried_state, needs_reshard, reshard_checkpoint
-from distrnn.host_memory import keep_freed_memory, malloc_choice
+from distrnn.host_memory import keep_freed_memory_on_cpu, malloc_choice
 from distrnn.paths import unwritable_file, unwritable_folder
 from distrnn.predict import WritePredictions
 from distrnn.rendezvous import host_rendezvous_on_loopback
@@ -314,10 +313,7 @@ class DistrnnCLI(LightningCLI):
             host_rendezvous_on_loopback(trainer)
         except OSError as e:
             fail(str(e))
-        if isinstance(trainer.accelerator, CPUAccelerator):
-            # (not beside a GPU: there the host's large buffers are rare, checkpoint copies
-            # mostly, and the memory they freed would stay with the process)
-            keep_freed_memory()
+        keep_freed_memory_on_cpu(trainer)
         return trainer
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Any]) -> Trainer:

@@ -66,6 +66,17 @@ def keep_freed_memory() -> str:
     return "keep"
 
 
+def keep_freed_memory_on_cpu(trainer) -> str:
+    """:func:`keep_freed_memory` when ``trainer`` runs on a CPU. Not beside a GPU: there the host's
+    large buffers are rare (checkpoint copies, mostly), and the memory they freed would stay with
+    the process."""
+    from lightning.pytorch.accelerators import CPUAccelerator
+
+    if not isinstance(trainer.accelerator, CPUAccelerator):
+        return "system: not a CPU run"
+    return keep_freed_memory()
+
+
 def mmapped_bytes() -> int | None:
     """Bytes glibc holds in ``mmap``-ed chunks now (``mallinfo2``'s hblkhd); None without glibc 2.33+."""
     libc = _glibc()

@@ -24,9 +24,10 @@ which is stable because every h stays positive: the candidate goes through
   T=1024, H=128): the loop's forward and backward are ~5-10x faster than the log-space scan's.
   ``backend: compile`` on a CPU keeps that loop and compiles the gates (``linear_coefficients``
   and their gradient, each one fused loop in C++ instead of a dozen passes over (B, T, H)
-  tensors): 1.13-1.77x the training step on 2 cores (0.8x for small windows: the compiled call's
-  fixed cost), for a few seconds of compilation and a C++ compiler (the log-space scan compiled
-  was 3x slower than the loop there).
+  tensors): 1.23-1.35x the training step on 2 cores with glibc's malloc as distrnn sets it, up to
+  1.77x with glibc as it is (0.8x for small windows: the compiled call's fixed cost), for a few
+  seconds of compilation and a C++ compiler (the log-space scan compiled was 3x slower than the
+  loop there).
 """
 
 from __future__ import annotations
