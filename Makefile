@@ -50,7 +50,8 @@ test-fast: venv
 
 ## CPU sizes: distrnn's TBPTT engine against a plain PyTorch loop (tokens/s side by side), then
 ## every recurrence against T as ratios to the LSTM, and peak memory of TBPTT/full/checkpointed BPTT;
-## then `distrnn fit` with glibc's malloc as distrnn sets it on a CPU against glibc as it is.
+## then `distrnn fit` with the CPU set as distrnn sets it (glibc's malloc, subnormals flushed) against
+## the CPU as it is.
 bench: venv
 	$(PY) benchmarks/bench_tbptt.py
 	$(PY) benchmarks/bench_recurrences.py --device cpu

@@ -31,9 +31,12 @@ def _case(kind: str, args: dict, q) -> None:
     dev = torch.device(args.get("device", "cuda"))
     cuda = dev.type == "cuda"
     if not cuda:
+        from distrnn.denormals import flush_denormals
         from distrnn.host_memory import keep_freed_memory
 
-        keep_freed_memory()  # glibc as `distrnn fit` sets it on a CPU (DISTRNN_MALLOC=system: as it is)
+        # as `distrnn fit` runs on a CPU (DISTRNN_MALLOC=system, DISTRNN_DENORMALS=keep: as the CPU is)
+        keep_freed_memory()
+        flush_denormals()
 
     def sync():
         if cuda:

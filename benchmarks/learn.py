@@ -29,6 +29,7 @@ import yaml
 from distrnn.checkpoint import CHECKPOINT_DEFAULTS, AtomicCheckpointIO, Checkpoint
 from distrnn.config import NetworkConfig, OptimizerConfig, TBPTTConfig
 from distrnn.engine import TBPTTModule
+from distrnn.denormals import flush_denormals
 from distrnn.host_memory import keep_freed_memory_on_cpu
 
 
@@ -84,6 +85,7 @@ def main() -> None:
     ap.add_argument("--save", default=None, help="folder for the config's checkpoints (best and last.ckpt)")
     ap.add_argument("--resume", default=None, help="a last.ckpt of an earlier call to go on from")
     a = ap.parse_args()
+    flush_denormals()  # as `distrnn fit` runs, before PyTorch starts its CPU threads (distrnn/denormals.py)
     cfg = yaml.safe_load(open(a.config))
     torch.set_float32_matmul_precision("high")
     L.seed_everything(cfg.get("seed_everything", 0))

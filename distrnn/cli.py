@@ -39,6 +39,7 @@ from distrnn.data.base import RecurrentDataModule
 from distrnn.data.download import DownloadError
 from distrnn.data.loaders import layout_change
 from distrnn.engine import TBPTTModule, check_carried_state, needs_reshard, reshard_checkpoint
+from distrnn.denormals import denormals_choice, flush_denormals
 from distrnn.host_memory import keep_freed_memory_on_cpu, malloc_choice
 from distrnn.paths import unwritable_file, unwritable_folder
 from distrnn.predict import WritePredictions
@@ -253,8 +254,10 @@ class DistrnnCLI(LightningCLI):
         self.trainer_extra = dict(trainer_extra or {})
         try:
             malloc_choice()  # before anything is read or written
+            denormals_choice()
         except ValueError as e:
             fail(str(e))
+        flush_denormals()  # before PyTorch starts its CPU threads, which take the setting with them
         super().__init__(
             TBPTTModule,
             RecurrentDataModule,

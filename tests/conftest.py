@@ -12,6 +12,8 @@ from typing import Optional
 import pytest
 import torch
 
+from distrnn.denormals import flush_denormals
+
 # Imported at collection, not under a test's capsys: Lightning's log handlers keep the stream
 # they were created with. The GPU image (`make gpu-check`) runs only GPU tests and lacks the CLI's
 # jsonargparse and MLflow.
@@ -48,6 +50,11 @@ def _one_thread_in_a_forked_rank() -> None:
 
 
 os.register_at_fork(after_in_child=_one_thread_in_a_forked_rank)
+
+# The tests compute as distrnn's processes do, subnormal floats flushed (distrnn/denormals.py): an
+# in-process `distrnn` command sets it for the rest of its worker, and the tests' float results
+# would depend on their order.
+flush_denormals()
 
 # pytest-xdist workers share the machine's cores: each process these workers run (the workers
 # themselves and the jobs they start) gets its share of threads. With 2 OpenMP threads per process

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import lightning as L
 import torch
 
@@ -108,3 +114,14 @@ def against_deepspeed_universal(ds_dir, converted_file) -> dict:
                 theirs = theirs["param"] if isinstance(theirs, dict) else theirs  # (DeepSpeed's file format varies)
                 diff[key] = max(diff[key], (mine[key].float() - theirs.float().view_as(mine[key])).abs().max().item())
     return diff
+
+
+def run_probe(cwd: Path, script: str, *args: str, drop=lambda name: False, **env: str) -> dict:
+    """Runs ``script`` with ``args`` in a fresh Python process in ``cwd`` (settings made once per
+    process are seen there from the start), without the environment's variables that ``drop``
+    names and with ``env``; returns the JSON it printed after ``PROBE``."""
+    environ = {k: v for k, v in os.environ.items() if not drop(k)}
+    r = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=300, cwd=cwd,
+                       env={**environ, **env})
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    return json.loads(r.stdout.split("PROBE ")[-1])

@@ -1,10 +1,6 @@
 """glibc's malloc as distrnn sets it for training on a CPU (distrnn.host_memory), in fresh processes:
 what glibc does with a large tensor before and after, by glibc's own count of its mmap-ed chunks."""
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +8,7 @@ import pytest
 from distrnn import host_memory
 
 from conftest import cli, write_corpus
+from helpers import run_probe
 
 pytestmark = pytest.mark.skipif(host_memory.mmapped_bytes() is None, reason="needs glibc 2.33+ (mallinfo2)")
 
@@ -49,11 +46,7 @@ data:
 
 
 def _probe(tmp_path: Path, *args: str, **env: str) -> dict:
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "DISTRNN_MALLOC"}
-    r = subprocess.run([sys.executable, "-c", PROBE, *args], capture_output=True, text=True, timeout=300, cwd=tmp_path,
-                       env={**environ, **env})
-    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
-    return json.loads(r.stdout.split("PROBE ")[-1])
+    return run_probe(tmp_path, PROBE, *args, drop=lambda k: k.startswith("MALLOC_") or k == "DISTRNN_MALLOC", **env)
 
 
 def test_keep_freed_memory_serves_large_tensors_from_the_heap_unless_told_not_to(tmp_path):
