@@ -45,7 +45,18 @@ def flush_denormals() -> str:
     return "flush"
 
 
-def flushes_denormals() -> bool:
-    """Whether this thread's PyTorch CPU arithmetic flushes subnormals: the smallest normal float32
-    halved is subnormal, and reads as zero when they are flushed."""
-    return bool(torch.tensor(torch.finfo(torch.float32).tiny).mul(0.5).item() == 0.0)
+def subnormals() -> str:
+    """How PyTorch's CPU arithmetic in this thread and its OpenMP threads treats subnormal floats:
+    ``flushed``, ``computed``, or ``flushed in some threads`` (set after some had started).
+    Recorded with a run's environment: it decides the last bits of a CPU run's numbers."""
+    x = subnormal_floats(65536 * max(1, torch.get_num_threads()))
+    # multiplied by 1 over enough elements that every thread computes a part (ATen's grain:
+    # 32,768), a subnormal stays so where it is computed
+    kept = int(torch.count_nonzero(x.mul(1.0)))
+    return "flushed" if kept == 0 else "computed" if kept == x.numel() else "flushed in some threads"
+
+
+def subnormal_floats(n: int) -> torch.Tensor:
+    """``n`` float32 subnormals (2**-127), written as bits: a float fill would convert the value
+    with this thread's arithmetic, which flushes it to zero once flushing is on."""
+    return torch.full((n,), 1 << 22, dtype=torch.int32).view(torch.float32)

@@ -27,8 +27,9 @@ _LIBRARIES = ("torch", "lightning", "mlflow", "deepspeed", "ray", "triton", "num
 
 def environment_tags(device: Optional[str] = None) -> dict[str, str]:
     """What else decides a run's numbers besides its code and config: Python's version, those of
-    the libraries the process has imported (torch with the CUDA it was built for), and the device
-    (``device``: a ``torch.device`` string; CUDA devices by their name). Recorded as tags
+    the libraries the process has imported (torch with the CUDA it was built for), whether the CPU
+    flushes subnormal floats (:func:`distrnn.denormals.subnormals`), and the device (``device``: a
+    ``torch.device`` string; CUDA devices by their name). Recorded as tags
     ``distrnn.env.*``; a resume under another environment adds ``resumed.distrnn.env.*``."""
     import platform
     import sys
@@ -46,6 +47,9 @@ def environment_tags(device: Optional[str] = None) -> dict[str, str]:
         tags[f"{ENV_TAG}torch"] = torch.__version__
         if torch.version.cuda:
             tags[f"{ENV_TAG}cuda"] = torch.version.cuda
+        from distrnn.denormals import subnormals
+
+        tags[f"{ENV_TAG}cpu_subnormals"] = subnormals()
         if device is not None and device.startswith("cuda") and torch.cuda.is_available():
             tags[f"{ENV_TAG}device"] = torch.cuda.get_device_name(torch.device(device))
         elif device is not None:

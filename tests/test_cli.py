@@ -172,6 +172,7 @@ def test_runs_record_their_data_as_mlflow_datasets_with_a_digest_of_the_content(
     env = {k: v for k, v in first.data.tags.items() if k.startswith("distrnn.env.")}  # the libraries and device too
     assert env["distrnn.env.torch"] == torch.__version__ and env["distrnn.env.lightning"] == lightning.__version__
     assert env["distrnn.env.device"] == "cpu" and env["distrnn.env.mlflow"] == mlflow.__version__ and "distrnn.env.python" in env
+    assert env["distrnn.env.cpu_subnormals"] == "flushed"  # (distrnn/denormals.py)
     a, b = inputs(first), inputs(again)
     assert sorted(a) == ["training", "validation"] and first.info.run_id != again.info.run_id
     corpus = (job.parent / "corpus.txt").resolve()

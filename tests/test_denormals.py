@@ -21,14 +21,18 @@ torch.set_num_threads(2)
 from distrnn import denormals
 
 out = {}
-if sys.argv[1:]:
+args = sys.argv[1:]
+if args[:1] == ["late"]:
+    torch.ones(1 << 22).mul(2.0)  # starts PyTorch's OpenMP threads before the setting
+    args = args[1:]
+if args:
     from distrnn.cli import main
-    main(sys.argv[1:])
+    main(args)
 else:
     out["result"] = denormals.flush_denormals()
-x = torch.full((1 << 22,), torch.finfo(torch.float32).tiny / 2)
+x = denormals.subnormal_floats(1 << 22)
 out["kept"] = (x.mul(1.0) != 0).float().mean().item()
-out["this_thread"] = denormals.flushes_denormals()
+out["subnormals"] = denormals.subnormals()
 print("PROBE " + json.dumps(out))
 """
 
@@ -49,11 +53,15 @@ def _probe(tmp_path: Path, *args: str, **env: str) -> dict:
 
 def test_flush_denormals_reaches_the_threads_started_after_it_unless_told_not_to(tmp_path):
     """A fresh process computes subnormals; after flush_denormals, it and the OpenMP threads it
-    starts flush them. DISTRNN_DENORMALS=keep leaves the CPU alone and says so."""
+    starts flush them. DISTRNN_DENORMALS=keep leaves the CPU alone and says so. Threads started
+    before keep computing them, and `subnormals()` (a run's environment tag) says so."""
     got = _probe(tmp_path)
-    assert got == {"result": "flush", "kept": 0.0, "this_thread": True}, got
+    assert got == {"result": "flush", "kept": 0.0, "subnormals": "flushed"}, got
     got = _probe(tmp_path, DISTRNN_DENORMALS="keep")
-    assert got == {"result": "keep: DISTRNN_DENORMALS=keep", "kept": 1.0, "this_thread": False}, got
+    assert got == {"result": "keep: DISTRNN_DENORMALS=keep", "kept": 1.0, "subnormals": "computed"}, got
+    # set after PyTorch started its threads, it reaches this thread alone: half the product
+    got = _probe(tmp_path, "late")
+    assert got["result"] == "flush" and 0 < got["kept"] < 1 and got["subnormals"] == "flushed in some threads", got
 
 
 def test_fit_flushes_denormals_in_every_thread(tmp_path):
@@ -63,9 +71,9 @@ def test_fit_flushes_denormals_in_every_thread(tmp_path):
     write_corpus(tmp_path / "corpus.txt", 4000)
     (tmp_path / "job.yaml").write_text(JOB)
     got = _probe(tmp_path, "fit", "--config", "job.yaml", "--trainer.accelerator", "cpu")
-    assert got == {"kept": 0.0, "this_thread": True}, got
+    assert got == {"kept": 0.0, "subnormals": "flushed"}, got
     got = _probe(tmp_path, "fit", "--config", "job.yaml", "--trainer.accelerator", "cpu", DISTRNN_DENORMALS="keep")
-    assert got == {"kept": 1.0, "this_thread": False}, got
+    assert got == {"kept": 1.0, "subnormals": "computed"}, got
 
 
 @pytest.mark.fresh_store

@@ -129,6 +129,8 @@ def test_two_workers_train_like_one_process_with_the_global_batch(two_workers, s
     mlflow.set_tracking_uri(f"sqlite:///{tmp}/mlflow.db")
     runs = mlflow.search_runs(experiment_names=["ray"])
     assert len(runs) == 1 and runs["metrics.train/loss"].notna().all()  # one MLflow run per job (rank 0)
+    # a worker flushes subnormal floats as `distrnn fit` does (it builds the same DistrnnCLI)
+    assert runs["tags.distrnn.env.cpu_subnormals"][0] == "flushed"
     # the driver ends by naming it and how to open it, as `distrnn fit` does
     assert f"MLflow run {runs.run_id[0]} in experiment 'ray' at sqlite:///{tmp}/mlflow.db" in out, out[-3000:]
     assert f"#/experiments/{runs.experiment_id[0]}/runs/{runs.run_id[0]})" in out, out[-3000:]
