@@ -28,8 +28,8 @@ import yaml
 
 from distrnn.checkpoint import CHECKPOINT_DEFAULTS, AtomicCheckpointIO, Checkpoint
 from distrnn.config import NetworkConfig, OptimizerConfig, TBPTTConfig
-from distrnn.engine import TBPTTModule
 from distrnn.denormals import flush_denormals
+from distrnn.engine import TBPTTModule
 from distrnn.host_memory import keep_freed_memory_on_cpu
 
 

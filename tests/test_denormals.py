@@ -67,7 +67,7 @@ def test_flush_denormals_reaches_the_threads_started_after_it_unless_told_not_to
 def test_fit_flushes_denormals_in_every_thread(tmp_path):
     """`distrnn fit` flushes before PyTorch starts its CPU threads (the training steps start them):
     flushed too late, the threads would keep computing subnormals (RESULTS.md, session 43: the
-    selective-copy model from its trained weights trains 1.66x faster flushed)."""
+    selective-copy model from its trained weights trains 1.69x faster flushed)."""
     write_corpus(tmp_path / "corpus.txt", 4000)
     (tmp_path / "job.yaml").write_text(JOB)
     got = _probe(tmp_path, "fit", "--config", "job.yaml", "--trainer.accelerator", "cpu")
