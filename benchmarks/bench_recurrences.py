@@ -5,6 +5,7 @@ truncated, full and checkpointed BPTT against T.
 
     python benchmarks/bench_recurrences.py --device cpu          # CPU sizes (make bench)
     python benchmarks/bench_recurrences.py --device cpu --compile  # min* loop, gates compiled or not
+    python benchmarks/bench_recurrences.py --device cpu --linear_scan  # the loop's scan, chunked or not
     python benchmarks/bench_recurrences.py --device cuda --quick # GPU sizes (make gpu-bench)
     python benchmarks/bench_recurrences.py --device cuda --scan  # minGRU/minLSTM vs cuDNN LSTM
     python benchmarks/bench_recurrences.py --device cuda --goals  # issue 3's open goals (~2 min)
@@ -294,6 +295,23 @@ def _case(kind: str, args: dict, q) -> None:
                "recompute_bound": (2 * t_train + (t_both - t_train)) / t_both,
                "no_grad_first_pass_bound": (t_infer + t_both) / t_both,
                "final_state_first_pass_bound": (t_final + t_both) / t_both})
+    elif kind == "linear_scan":
+        # the CPU loop's scan (forward order, and backwards in time as its backward runs it) in
+        # chunks as distrnn chooses against every step alone, interleaved
+        from distrnn.scan import _scan_into
+
+        a, b, h0 = torch.rand(B, T, H), torch.randn(B, T, H), torch.randn(B, H)
+        out = torch.empty_like(b)
+        times = {(chunk, reverse): [] for chunk in (None, T) for reverse in (False, True)}
+        for _ in range(args.get("repeats", 5) + 1):
+            for (chunk, reverse), ts in times.items():
+                t0 = time.perf_counter()
+                _scan_into(a, b, h0, out, reverse, chunk)
+                ts.append(time.perf_counter() - t0)
+        med = {key: sorted(ts[1:])[len(ts) // 2 - 1] for key, ts in times.items()}  # the first call warms up
+        q.put({f"{'chunked' if chunk is None else 'step_alone'}_{'backward' if reverse else 'forward'}_ms": round(t * 1e3, 3)
+               for (chunk, reverse), t in med.items()}
+              | {"forward_ratio": med[(T, False)] / med[(None, False)], "backward_ratio": med[(T, True)] / med[(None, True)]})
 
 
 def _loss_at_the_end(B: int, T: int, H: int, dev, rec: str = "lstm"):
@@ -431,6 +449,8 @@ def ratios(results: list[dict]) -> None:
                      and "tokens_per_s" in o), None)
         if r.get("backend") == "compile" and "tokens_per_s" in r and loop and loop is not r:
             print(f"\n{r['label']} / the loop's: {r['tokens_per_s'] / loop['tokens_per_s']:.2f}x")
+        if "forward_ratio" in r:
+            print(f"\n{r['label']}: chunked / every step alone, forward {r['forward_ratio']:.2f}x, backward {r['backward_ratio']:.2f}x")
         if r.get("scan_config") and "tokens_per_s" in r and key in tuned:
             print(f"\nautotuned Triton scan / configuration {tuple(r['scan_config'])}, {key}: {tuned[key] / r['tokens_per_s']:.2f}x")
 
@@ -452,6 +472,16 @@ def sweep_cpu(show) -> None:
     _micro_batches(show, "cpu", B=16, T=2048, H=256)
     _resets(show, "cpu", B=32, T=256, H=256)
     _cpu_compile(show)
+    _linear_scan(show)
+
+
+def _linear_scan(show) -> None:
+    """The CPU loop's scan, ``h_t = a_t h_{t-1} + b_t``, in chunks against every step alone, over
+    batch and width (the chunks pay where one step's B x H numbers are few) and T."""
+    for H in (128, 512):
+        for B in (1, 16, 64):
+            for T in (256, 1024, 4096):
+                show(run("linear_scan", 120, device="cpu", B=B, T=T, H=H, label=f"linear scan B={B} T={T} H={H}"))
 
 
 def _cpu_compile(show) -> None:
@@ -626,6 +656,8 @@ def main() -> None:
                     help="2-layer LSTM and minGRU with rows resetting at 0, 16, 64 random steps of a window (cut vs in the scan)")
     ap.add_argument("--compile", action="store_true",
                     help="(--device cpu) the min* layers' loop with its gates compiled against the loop alone, side by side")
+    ap.add_argument("--linear_scan", action="store_true",
+                    help="(--device cpu) the min* loop's scan in chunks against every step alone, side by side")
     ap.add_argument("--micro_batches", action="store_true",
                     help="the engine's full BPTT with the batch at once and in groups of rows (model.tbptt.micro_batch_size)")
     a = ap.parse_args()
@@ -637,6 +669,8 @@ def main() -> None:
 
     if a.device == "cpu" and a.resets:
         _resets(show, "cpu", B=32, T=256, H=256)
+    elif a.device == "cpu" and a.linear_scan:
+        _linear_scan(show)
     elif a.device == "cpu" and a.compile:
         _cpu_compile(show)
     elif a.device == "cpu":

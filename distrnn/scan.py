@@ -18,8 +18,9 @@ which is stable because every h stays positive: the candidate goes through
   gradients in one pass each, in linear space) chosen automatically; ``options: {backend: compile}``
   uses torch.compile of the log-space scan there instead, ``backend: eager`` plain PyTorch;
 - on a CPU, ``linear_scan`` (``backend: loop``, the default there): the recurrence stepped in
-  linear space without a graph per step, with its adjoint recurrence as a hand-written backward.
-  Its depth is T, not log T, but a CPU has few cores to spread a scan over, and PyTorch's CPU
+  linear space without a graph per step, with its adjoint recurrence as a hand-written backward,
+  all chunks of ~sqrt(T/2) steps at once (:func:`_scan_into`). Its depth is ~2 sqrt(2T), not
+  log T, but a CPU has few cores to spread a scan over, and PyTorch's CPU
   ``logcumsumexp`` costs ~12 ns per element (62% of a 3-layer minGRU training step at B=32,
   T=1024, H=128): the loop's forward and backward are ~5-10x faster than the log-space scan's.
   ``backend: compile`` on a CPU keeps that loop and compiles the gates (``linear_coefficients``
@@ -33,6 +34,7 @@ which is stable because every h stays positive: the candidate goes through
 from __future__ import annotations
 
 import functools
+import math
 import os
 from typing import Literal, Optional
 
@@ -91,28 +93,68 @@ def log_g(x: Tensor) -> Tensor:
     return torch.where(x >= 0, torch.log(F.relu(x) + 0.5), -F.softplus(-x))
 
 
+def _scan_into(a_BNH: Tensor, b_BNH: Tensor, h0_BH: Tensor, out_BNH: Tensor, reverse: bool = False,
+               chunk: Optional[int] = None) -> None:
+    """``out_t = a_t out_{t-1} + b_t`` for t = 0..N-1 from ``out_{-1} = h0`` (``reverse``:
+    ``out_t = a_t out_{t+1} + b_t`` from ``out_N = h0``), for coefficients in [0, 1].
+
+    In chunks of L ~ sqrt(N / 2) steps, all chunks stepped at once: a first pass finds where each
+    chunk ends from a zero state, a walk over the C chunk ends (joined by the products of their
+    coefficients) gives the state each chunk starts from, and a second pass steps every chunk from
+    its start, writing the states. That is 2L + C operations on (B, C, H) slices instead of N on
+    (B, H) rows: stepped one at a time, a CPU spends microseconds a step dispatching an operation
+    on a few thousand numbers, on one thread (H=128, T=4096: 2.6x faster chunked at B=16, 12x at
+    B=1; benchmarks/RESULTS.md). From B*H = 32768 on, PyTorch's grain size, one step's operation
+    already spreads over the threads and the chunks' second reading of a and b costs more than it
+    saves (0.8-0.9x at B=64, H=512): there every step goes alone. The chunks' products lose
+    nothing a step at a time would keep: for coefficients in [0, 1] they only shrink, to 0 where
+    the state is forgotten. ``chunk``: L (default as said; N or more: every step alone)."""
+    B, N, H = b_BNH.shape
+    L = chunk or (max(8, math.isqrt(N // 2)) if B * H < 32768 else N)
+    C = N // L if N >= 2 * L else 0
+    body = C * L  # the first C*L steps in the recurrence's order are chunked, the rest stepped
+    if body:
+        span = slice(N - body, N) if reverse else slice(0, body)
+        a4, b4, out4 = (x[:, span].unflatten(1, (C, L)) for x in (a_BNH, b_BNH, out_BNH))
+        steps = range(L - 1, -1, -1) if reverse else range(L)
+        chunks = range(C - 1, -1, -1) if reverse else range(C)
+        end_BCH = b4[:, :, steps[0]].clone()
+        end_BCH[:, chunks[0]].addcmul_(a4[:, chunks[0], steps[0]], h0_BH)
+        for l in steps[1:]:
+            torch.addcmul(b4[:, :, l], a4[:, :, l], end_BCH, out=end_BCH)
+        prod_BCH = torch.prod(a4, dim=2)
+        start_BCH = torch.empty_like(end_BCH)
+        start_BCH[:, chunks[0]] = h0_BH
+        start_BCH[:, chunks[1]] = end_BCH[:, chunks[0]]  # the first chunk started from h0 already
+        for prev, c in zip(chunks[1:], chunks[2:]):
+            torch.addcmul(end_BCH[:, prev], prod_BCH[:, prev], start_BCH[:, prev], out=start_BCH[:, c])
+        h = start_BCH
+        for l in steps:
+            h = torch.addcmul(b4[:, :, l], a4[:, :, l], h, out=out4[:, :, l])
+    h = h0_BH if not body else out_BNH[:, N - body] if reverse else out_BNH[:, body - 1]
+    for t in range(N - body - 1, -1, -1) if reverse else range(body, N):
+        h = torch.addcmul(b_BNH[:, t], a_BNH[:, t], h, out=out_BNH[:, t])
+
+
 class _LinearScan(torch.autograd.Function):
-    """``h_t = a_t h_{t-1} + b_t`` one step at a time, with no graph per step; backward runs the
-    adjoint ``G_t = dL/dh_t + a_{t+1} G_{t+1}`` the same way, then ``dL/da_t = G_t h_{t-1}``,
-    ``dL/db_t = G_t``, ``dL/dh0 = a_0 G_0``. Batch-major: each step touches B rows of H
-    contiguous values, and no (B, T, H) tensor is transposed into a copy (at B=32, T=1024, H=128
-    forward and backward took 22 ms against 26-33 ms stepping time-major copies)."""
+    """``h_t = a_t h_{t-1} + b_t`` with no graph per step (:func:`_scan_into`); backward runs the
+    adjoint ``G_t = dL/dh_t + a_{t+1} G_{t+1}`` the same way, backwards in time, then
+    ``dL/da_t = G_t h_{t-1}``, ``dL/db_t = G_t``, ``dL/dh0 = a_0 G_0``. Batch-major: no (B, T, H)
+    tensor is transposed into a copy (at B=32, T=1024, H=128 stepping time-major copies was slower)."""
 
     @staticmethod
     def forward(ctx, a_BTH: Tensor, b_BTH: Tensor, h0_BH: Tensor) -> Tensor:
         h_BTH = torch.empty_like(b_BTH, memory_format=torch.contiguous_format)
-        h = h0_BH
-        for t in range(a_BTH.shape[1]):
-            h = torch.addcmul(b_BTH[:, t], a_BTH[:, t], h, out=h_BTH[:, t])
+        _scan_into(a_BTH, b_BTH, h0_BH, h_BTH)
         ctx.save_for_backward(a_BTH, h0_BH, h_BTH)
         return h_BTH
 
     @staticmethod
     def backward(ctx, dh_BTH: Tensor):
         a_BTH, h0_BH, h_BTH = ctx.saved_tensors
-        G_BTH = dh_BTH.clone(memory_format=torch.contiguous_format)  # turned into G in place
-        for t in range(G_BTH.shape[1] - 2, -1, -1):
-            G_BTH[:, t].addcmul_(a_BTH[:, t + 1], G_BTH[:, t + 1])
+        G_BTH = torch.empty_like(h_BTH)
+        G_BTH[:, -1] = dh_BTH[:, -1]
+        _scan_into(a_BTH[:, 1:], dh_BTH[:, :-1], G_BTH[:, -1], G_BTH[:, :-1], reverse=True)
         da = None
         if ctx.needs_input_grad[0]:
             da = torch.empty_like(G_BTH)

@@ -118,28 +118,37 @@ def test_resets_inside_the_scan_equal_cutting_the_input(name, seed):
     assert dh0[:, 0].abs().max() == 0 and dh0[:, 1].abs().min() > 0
 
 
-def test_linear_scan_equals_the_loop_with_autograd_and_is_the_cpu_default():
-    """The loop's hand-written backward against autograd through the same loop, with a
-    gradient that does not need every input (no dL/da); float32 on a CPU picks it."""
+@pytest.mark.parametrize("T", [1, 2, 15, 16, 41, 300])
+def test_linear_scan_equals_the_loop_with_autograd_and_is_the_cpu_default(T):
+    """The chunked scan and its hand-written backward against autograd through the plain loop,
+    with a gradient that does not need every input (no dL/da) and coefficients that are 0 (a
+    reset) or 1; lengths that are stepped alone (1, 2, 15), chunked exactly (16: 2 chunks of 8)
+    or chunked with steps left over (41 forward, 40 backward; 300); float32 on a CPU picks it."""
     from distrnn.scan import linear_scan
 
-    torch.manual_seed(0)
-    a = (torch.rand(3, 41, 5) * 0.98 + 0.01).requires_grad_()
-    b = torch.randn(3, 41, 5, requires_grad=True)
+    torch.manual_seed(T)
+    a = torch.rand(3, T, 5) * 0.98 + 0.01
+    a[0, T // 2, :2], a[1, T // 3, 3], a[2, -1, 4], a[2, :T // 4, 1] = 0, 0, 1, 1
+    a.requires_grad_()
+    b = torch.randn(3, T, 5, requires_grad=True)
     h0 = torch.randn(3, 5, requires_grad=True)
-    w = torch.randn(3, 41, 5)
+    w = torch.randn(3, T, 5)
     h, hs = h0, []
-    for t in range(41):
+    for t in range(T):
         h = a[:, t] * h + b[:, t]
         hs.append(h)
     ref = torch.stack(hs, 1)
-    ref_grads = torch.autograd.grad((ref * w).sum(), (a, b, h0))
+    ref_grads = torch.autograd.grad((ref * w).sum(), (a, b, h0), retain_graph=True)
     out = linear_scan(a, b, h0)
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
     for got, want in zip(torch.autograd.grad((out * w).sum(), (a, b, h0)), ref_grads):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
     db, = torch.autograd.grad((linear_scan(a.detach(), b, h0.detach()) * w).sum(), (b,))
     torch.testing.assert_close(db, ref_grads[1], rtol=0, atol=1e-12)
+    # an upstream gradient that is not contiguous (expanded): read in place, as autograd hands it
+    dh0, = torch.autograd.grad(linear_scan(a.detach(), b.detach(), h0)[:, :, 1].sum(), (h0,))
+    want, = torch.autograd.grad(ref[:, :, 1].sum(), (h0,))
+    torch.testing.assert_close(dh0, want, rtol=0, atol=1e-12)
     layer = build_recurrence("mingru", input_size=2, hidden_size=3)
     assert layer._backend(torch.zeros(1, 1, 6, dtype=torch.float32)) == "loop"
     assert layer._backend(torch.zeros(1, 1, 6, dtype=torch.float64)) == "eager"
