@@ -25,7 +25,10 @@ args = sys.argv[1:]
 if args[:1] == ["late"]:
     torch.ones(1 << 22).mul(2.0)  # starts PyTorch's OpenMP threads before the setting
     args = args[1:]
-if args:
+if args[:1] == ["generate"]:  # (distrnn.commands would exit after it)
+    from distrnn.generate import main
+    assert main(args[1:]) == 0
+elif args:
     from distrnn.cli import main
     main(args)
 else:
@@ -64,16 +67,21 @@ def test_flush_denormals_reaches_the_threads_started_after_it_unless_told_not_to
     assert got["result"] == "flush" and 0 < got["kept"] < 1 and got["subnormals"] == "flushed in some threads", got
 
 
-def test_fit_flushes_denormals_in_every_thread(tmp_path):
+def test_fit_and_generate_flush_denormals_in_every_thread(tmp_path):
     """`distrnn fit` flushes before PyTorch starts its CPU threads (the training steps start them):
     flushed too late, the threads would keep computing subnormals (RESULTS.md, session 43: the
-    selective-copy model from its trained weights trains 1.69x faster flushed)."""
+    selective-copy model from its trained weights trains 1.69x faster flushed). `distrnn generate` too."""
     write_corpus(tmp_path / "corpus.txt", 4000)
     (tmp_path / "job.yaml").write_text(JOB)
     got = _probe(tmp_path, "fit", "--config", "job.yaml", "--trainer.accelerator", "cpu")
     assert got == {"kept": 0.0, "subnormals": "flushed"}, got
     got = _probe(tmp_path, "fit", "--config", "job.yaml", "--trainer.accelerator", "cpu", DISTRNN_DENORMALS="keep")
     assert got == {"kept": 1.0, "subnormals": "computed"}, got
+    # `distrnn generate` from that run's checkpoint, which does not go through the CLI class
+    ckpt = str(next(tmp_path.glob("**/last.ckpt")))
+    for env, want in (({}, {"kept": 0.0, "subnormals": "flushed"}), ({"DISTRNN_DENORMALS": "keep"}, {"kept": 1.0, "subnormals": "computed"})):
+        got = _probe(tmp_path, "generate", "--checkpoint", ckpt, "--length", "20", **env)
+        assert got == want, (env, got)
 
 
 @pytest.mark.fresh_store
@@ -84,3 +92,5 @@ def test_a_bad_distrnn_denormals_is_one_line_exit_2_before_anything_is_written(t
     code, _, err = cli(capsys, "fit", "--config", "job.yaml")
     assert code == 2 and err.strip().splitlines()[-1] == "distrnn: error: DISTRNN_DENORMALS: must be one of flush, keep, got 'daz'", err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus.txt", "job.yaml"]
+    code, _, err = cli(capsys, "generate", "--checkpoint", "missing.ckpt")
+    assert code == 2 and err.strip().splitlines() == ["distrnn: error: DISTRNN_DENORMALS: must be one of flush, keep, got 'daz'"], err
