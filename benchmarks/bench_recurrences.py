@@ -308,7 +308,7 @@ def _case(kind: str, args: dict, q) -> None:
                 t0 = time.perf_counter()
                 _scan_into(a, b, h0, out, reverse, chunk)
                 ts.append(time.perf_counter() - t0)
-        med = {key: sorted(ts[1:])[len(ts) // 2 - 1] for key, ts in times.items()}  # the first call warms up
+        med = {key: sorted(ts[1:])[(len(ts) - 1) // 2] for key, ts in times.items()}  # the first call warms up
         q.put({f"{'chunked' if chunk is None else 'step_alone'}_{'backward' if reverse else 'forward'}_ms": round(t * 1e3, 3)
                for (chunk, reverse), t in med.items()}
               | {"forward_ratio": med[(T, False)] / med[(None, False)], "backward_ratio": med[(T, True)] / med[(None, True)]})

@@ -85,3 +85,18 @@ def test_the_benchmark_of_overlapped_recomputation_runs_and_checks_its_gradients
             assert "error" not in r and r["overlapped_max_grad_diff"] < 1e-6, r
     finally:
         sys.path.remove(str(REPO / "benchmarks"))
+
+
+def test_the_benchmark_of_the_chunked_cpu_scan_runs_both_ways():
+    """``--linear_scan`` times the CPU loop's scan chunked and every step alone, forward and
+    backwards in time, in a child process as ``make bench`` runs it."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import bench_recurrences as bench
+
+        r = bench.run("linear_scan", 120, device="cpu", B=2, T=40, H=3, repeats=2)
+        assert "error" not in r, r
+        assert {k for k in r if k.endswith("_ms")} == {f"{w}_{d}_ms" for w in ("chunked", "step_alone") for d in ("forward", "backward")}, r
+        assert r["forward_ratio"] > 0 and r["backward_ratio"] > 0, r
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
