@@ -103,8 +103,8 @@ def _scan_into(a_BNH: Tensor, b_BNH: Tensor, h0_BH: Tensor, out_BNH: Tensor, rev
     coefficients) gives the state each chunk starts from, and a second pass steps every chunk from
     its start, writing the states. That is 2L + C operations on (B, C, H) slices instead of N on
     (B, H) rows: stepped one at a time, a CPU spends microseconds a step dispatching an operation
-    on a few thousand numbers, on one thread (H=128, T=4096: 2.6x faster chunked at B=16, 12x at
-    B=1; benchmarks/RESULTS.md). From B*H = 32768 on, PyTorch's grain size, one step's operation
+    on a few thousand numbers, on one thread (H=128, T=4096: 1.9-2.5x faster chunked at B=16,
+    8-12x at B=1; benchmarks/RESULTS.md). From B*H = 32768 on, PyTorch's grain size, one step's operation
     already spreads over the threads and the chunks' second reading of a and b costs more than it
     saves (0.8-0.9x at B=64, H=512): there every step goes alone. The chunks' products lose
     nothing a step at a time would keep: for coefficients in [0, 1] they only shrink, to 0 where
