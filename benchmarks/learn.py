@@ -4,6 +4,7 @@ validation metric after every validation: the learning results of benchmarks/RES
     python benchmarks/learn.py jobs/configs/selective_copy_mingru.yaml --seconds 200 --json out.json
     python benchmarks/learn.py CONFIG --seconds 500 --save out/sc                  # then, later:
     python benchmarks/learn.py CONFIG --seconds 500 --save out/sc2 --resume out/sc/last.ckpt
+    kill -USR1 PID                # stop a call now: last.ckpt is written, the next call goes on from it
 
 It builds the same objects as ``distrnn fit --config`` from the YAML's model/data/checkpoint/trainer
 keys but needs neither jsonargparse nor MLflow (the GPU image has neither); use ``distrnn fit``
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import signal
 import time
 
 import lightning as L
@@ -34,20 +36,28 @@ from distrnn.host_memory import keep_freed_memory_on_cpu
 
 
 class StopAfter(L.Callback):
-    """Stops training after this process's seconds or updates. Not Lightning's ``max_time``: its
-    timer is saved in the checkpoint, so a resumed call would count the earlier calls' time."""
+    """Stops training after this process's seconds or updates, or when asked by SIGUSR1 (``kill
+    -USR1 PID``: the update under way ends, and with ``--save`` last.ckpt is written as at a limit,
+    so a long run on a shared machine stops at any time without losing the updates since its last
+    validation). Not Lightning's ``max_time``: its timer is saved in the checkpoint, so a resumed
+    call would count the earlier calls' time."""
 
     def __init__(self, seconds: float, updates: int | None) -> None:
         self.seconds, self.updates = seconds, updates
         self.t0 = time.perf_counter()
         self.first = 0
+        self.asked = False
+        signal.signal(signal.SIGUSR1, self._ask)
+
+    def _ask(self, signum, frame) -> None:
+        self.asked = True
 
     def on_train_start(self, trainer, pl_module) -> None:
         self.first = trainer.global_step  # restored by now when the call resumes
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         out_of_time = time.perf_counter() - self.t0 >= self.seconds
-        if out_of_time or (self.updates is not None and trainer.global_step - self.first >= self.updates):
+        if self.asked or out_of_time or (self.updates is not None and trainer.global_step - self.first >= self.updates):
             trainer.should_stop = True
 
 

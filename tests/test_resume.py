@@ -658,3 +658,32 @@ def test_learning_script_runs_one_schedule_over_several_calls_exactly(tmp_path):
     for sa, sb in zip(a["optimizer_states"][0]["state"].values(), b["optimizer_states"][0]["state"].values()):
         assert torch.equal(sa["exp_avg_sq"], sb["exp_avg_sq"])
     assert a["lr_schedulers"] == b["lr_schedulers"]
+
+
+@pytest.mark.slow
+def test_learning_script_stops_at_sigusr1_with_its_last_checkpoint(tmp_path):
+    """``kill -USR1`` stops benchmarks/learn.py after the update under way, as its limits do: it
+    exits 0, reports the updates it made, and its last.ckpt holds them (a long schedule on a shared
+    machine stops at any time without losing the updates since its last validation)."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    (tmp_path / "c.yaml").write_text(LEARN_CONFIG.replace("max_steps: 12", "max_steps: 100000"))
+    p = subprocess.Popen([sys.executable, str(REPO / "benchmarks" / "learn.py"), "c.yaml", "--seconds", "150",
+                          "--save", "out", "--json", "out.json"], cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)},
+                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        for line in p.stdout:  # the first validation's row: training is under way
+            if line.startswith("{"):
+                break
+        p.send_signal(signal.SIGUSR1)
+        p.stdout.read()
+        assert p.wait(timeout=60) == 0
+    finally:
+        p.kill()
+    out = json.loads((tmp_path / "out.json").read_text())
+    assert 0 < out["updates"] < 1000 and out["seconds"] < 150, out
+    assert load_checkpoint_file(tmp_path / "out" / "last.ckpt")["global_step"] == out["updates"]
