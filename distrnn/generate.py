@@ -11,7 +11,7 @@ import torch
 
 from distrnn.checkpoint_files import CheckpointError, load_checkpoint_file
 from distrnn.config import ConfigError, NetworkConfig, TaskSpec, coerce
-from distrnn.denormals import denormals_choice, flush_denormals
+from distrnn.denormals import flush_denormals
 from distrnn.model import RecurrentModel
 
 
@@ -98,11 +98,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--top_k", type=int, default=None, help="sample among the k most probable only (0 or unset: among all)")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
-    try:
-        denormals_choice()
+    try:  # as distrnn fit has it, before PyTorch starts its threads: a trained model's gates make them
+        flush_denormals()  # (ValueError naming DISTRNN_DENORMALS for a bad value)
     except ValueError as e:
         return _error(str(e))
-    flush_denormals()  # as distrnn fit has it, before PyTorch starts its threads: a trained model's gates make them
     if a.length < 0:
         p.error("--length must be >= 0")
     if not a.temperature >= 0:  # (NaN too) a negative one would favour the least probable
