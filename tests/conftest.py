@@ -1,3 +1,4 @@
+import contextlib
 import ipaddress
 import os
 import socket
@@ -6,8 +7,10 @@ import sys
 import threading
 import time
 import traceback
+import urllib.error
+import urllib.request
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import pytest
 import torch
@@ -84,19 +87,83 @@ def store_template(tmp_path_factory) -> Optional[Path]:
     return path
 
 
-def seed_store(folder: Path, template: Path) -> str:
-    """``folder/mlflow.db`` as MLflow would create it there: a copy of ``template`` whose Default
-    experiment keeps its artifacts in ``folder/mlruns/0`` (MLflow names the creating process's
-    working directory). Returns its URI."""
-    import contextlib
+def seed_store(folder: Path, template: Path, name: str = "mlflow.db", artifacts: Optional[str] = None) -> str:
+    """``folder/name`` as MLflow would create it there: a copy of ``template`` whose Default
+    experiment keeps its artifacts in ``artifacts`` (if not given, ``folder/mlruns/0``: MLflow names
+    the creating process's working directory; a server that serves artifacts names
+    ``mlflow-artifacts:/0``). Returns its URI."""
     import shutil
     import sqlite3
 
-    db = folder / "mlflow.db"
+    db = folder / name
     shutil.copyfile(template, db)
     with contextlib.closing(sqlite3.connect(db)) as con, con:
-        con.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = 0", (str(folder / "mlruns" / "0"),))
+        con.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = 0",
+                    (artifacts or str(folder / "mlruns" / "0"),))
     return f"sqlite:///{db}"
+
+
+MLFLOW_ADMIN_PASSWORD = "bootstrap-admin-password-0123"
+
+
+@contextlib.contextmanager
+def mlflow_server(tmp_path: Path, auth: bool, template: Optional[Path] = None) -> Iterator[str]:
+    """A real MLflow tracking server on 127.0.0.1 and a free port, serving artifacts from
+    ``tmp_path/artifacts``, with its store in ``tmp_path/server-PORT.db`` (a copy of ``template``
+    when given: MLflow's migrations take 4.5-7 s on busy cores) and its log in
+    ``tmp_path/server-PORT.log``; yields its URI and always stops it. With ``auth``, it is
+    `cluster/mlflow-server.sh` itself (basic-auth, the admin ``MLFLOW_ADMIN_PASSWORD``, a Host
+    allow-list); without, a plain `mlflow server` as anyone may start one. Neither starts MLflow's
+    job runner (8 more processes, 25 s more to start on 2 busy cores: see the script)."""
+    port = free_port()
+    db = f"server-{port}.db"
+    store = (seed_store(tmp_path, template, db, "mlflow-artifacts:/0") if template is not None
+             else f"sqlite:///{tmp_path}/{db}")
+    env = {**os.environ, "MLFLOW_FLASK_SERVER_SECRET_KEY": f"test-secret-{port}"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    if auth:
+        ini = tmp_path / "auth.ini"
+        ini.write_text(
+            "[mlflow]\ndefault_permission = NO_PERMISSIONS\n"
+            f"database_uri = sqlite:///{tmp_path}/auth.db\nadmin_username = admin\nadmin_password = {MLFLOW_ADMIN_PASSWORD}\n"
+            "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+        )
+        env.update(MLFLOW_AUTH_CONFIG_PATH=str(ini), MLFLOW_BACKEND_URI=store, MLFLOW_ARTIFACTS_URI=str(tmp_path / "artifacts"),
+                   MLFLOW_HOST="127.0.0.1", MLFLOW_PORT=str(port), MLFLOW_ALLOWED_HOSTS=f"127.0.0.1:{port},localhost:{port}",
+                   MLFLOW_WORKERS="1")
+        env.pop("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", None)  # the script's own default
+        cmd = ["bash", str(REPO / "cluster/mlflow-server.sh")]
+    else:
+        env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
+        cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+               "--backend-store-uri", store, "--artifacts-destination", str(tmp_path / "artifacts"),
+               "--serve-artifacts", "--workers", "1"]
+    log = tmp_path / f"server-{port}.log"
+    server = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True, env=env)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(240):
+            try:
+                urllib.request.urlopen(f"{uri}/health", timeout=1)
+                break
+            except urllib.error.HTTPError:
+                break
+            except OSError:
+                if server.poll() is not None:
+                    pytest.fail(log.read_text()[-3000:])
+                time.sleep(0.5)
+        else:
+            pytest.fail("mlflow server did not start")
+        yield uri
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, 15)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            # seen once in CI: the uvicorn worker had finished, MLflow's launcher outlived SIGTERM by 30 s
+            os.killpg(server.pid, 9)
+            server.wait(timeout=30)
 
 
 @pytest.fixture(autouse=True)

@@ -5,8 +5,6 @@ import math
 import os
 import shlex
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import mlflow
@@ -16,7 +14,7 @@ import torch
 
 import distrnn
 
-from conftest import REPO, cli, distrnn_cmd, free_port, run_installed, write_corpus
+from conftest import REPO, cli, distrnn_cmd, mlflow_server, run_installed, write_corpus
 
 CONFIG = """
 seed_everything: 0
@@ -402,26 +400,8 @@ def test_fit_logs_one_run_to_mlflow_and_generates(job, capsys):
 
 @pytest.mark.fresh_store  # checks that no local store was created
 @pytest.mark.slow
-def test_fit_against_a_real_mlflow_server(job, tmp_path):
-    port = free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{tmp_path}/server.db", "--artifacts-destination", str(tmp_path / "artifacts"),
-         "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )
-    try:
-        uri = f"http://127.0.0.1:{port}"
-        import urllib.request
-
-        for _ in range(120):
-            try:
-                urllib.request.urlopen(f"{uri}/health", timeout=1)
-                break
-            except OSError:
-                time.sleep(0.5)
-        else:
-            pytest.fail("mlflow server did not start")
+def test_fit_against_a_real_mlflow_server(job, tmp_path, store_template):
+    with mlflow_server(tmp_path, auth=False, template=store_template) as uri:
         env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
         r = _run("fit", "--config", str(job), env=env)
         assert r.returncode == 0, r.stderr[-3000:]
@@ -429,9 +409,6 @@ def test_fit_against_a_real_mlflow_server(job, tmp_path):
         assert len(runs) == 1 and runs.iloc[0]["status"] == "FINISHED"
         assert runs.iloc[0]["metrics.val/loss"] > 0
         assert not Path("mlflow.db").exists()  # nothing went to the local default store
-    finally:
-        os.killpg(server.pid, 15)
-        server.wait(timeout=30)
 
 
 @pytest.mark.slow

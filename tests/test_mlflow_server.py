@@ -1,72 +1,26 @@
-"""A real MLflow tracking server with basic-auth, started on 127.0.0.1 by the test and always
-stopped: `cluster/mlflow_check.py` finds what an unsafe deployment leaves open, and a distrnn
-run logs to the hardened server with credentials."""
+"""A real MLflow tracking server, started on 127.0.0.1 by the test and always stopped: the
+cluster's `cluster/mlflow-server.sh` (basic-auth, a Host allow-list) on a SQLite store, to which a
+distrnn run logs with credentials, and a plain server without authentication, whose openings
+`cluster/mlflow_check.py` finds."""
 
 from __future__ import annotations
 
 import base64
-import contextlib
 import json
 import os
 import subprocess
 import sys
 import time
-import urllib.error
 import urllib.request
 
 import pytest
 
-from conftest import REPO, cli, distrnn_cmd, free_port, write_corpus
+from conftest import MLFLOW_ADMIN_PASSWORD, REPO, cli, distrnn_cmd, free_port, mlflow_server, write_corpus
 
 pytestmark = pytest.mark.slow
 
 OLD_DEFAULT = "password1234"  # what older MLflow versions shipped; servers set up then may still have it
-BOOTSTRAP = "bootstrap-admin-password-0123"
-
-
-@contextlib.contextmanager
-def mlflow_server(tmp_path, auth: bool):
-    port = free_port()
-    env = {**os.environ, "MLFLOW_FLASK_SERVER_SECRET_KEY": "test-secret-" + str(port)}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-           "--backend-store-uri", f"sqlite:///{tmp_path}/server-{port}.db", "--artifacts-destination", str(tmp_path / "artifacts"),
-           "--serve-artifacts", "--workers", "1"]
-    if auth:
-        ini = tmp_path / "auth.ini"
-        ini.write_text(
-            "[mlflow]\ndefault_permission = NO_PERMISSIONS\n"
-            f"database_uri = sqlite:///{tmp_path}/auth.db\nadmin_username = admin\nadmin_password = {BOOTSTRAP}\n"
-            "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
-        )
-        env["MLFLOW_AUTH_CONFIG_PATH"] = str(ini)
-        cmd += ["--app-name", "basic-auth", "--allowed-hosts", f"127.0.0.1:{port},localhost:{port}"]
-    log = tmp_path / f"server-{port}.log"
-    server = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True, env=env)
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(240):
-            try:
-                urllib.request.urlopen(f"{uri}/health", timeout=1)
-                break
-            except urllib.error.HTTPError:
-                break
-            except OSError:
-                if server.poll() is not None:
-                    pytest.fail(log.read_text()[-3000:])
-                time.sleep(0.5)
-        else:
-            pytest.fail("mlflow server did not start")
-        yield uri
-    finally:
-        if server.poll() is None:
-            os.killpg(server.pid, 15)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            # seen once in CI: the uvicorn worker had finished, MLflow's launcher outlived SIGTERM by 30 s
-            os.killpg(server.pid, 9)
-            server.wait(timeout=30)
+BOOTSTRAP = MLFLOW_ADMIN_PASSWORD
 
 
 def _post(url, body, auth):
@@ -87,17 +41,31 @@ def _check(uri, user=None):
                           timeout=60, env=env)
 
 
-def test_deployment_check_fails_an_open_server(tmp_path):
+def test_deployment_check_fails_an_open_server(tmp_path, store_template):
     """The negative control: a server started without authentication answers anyone, and with
     any password, so the check fails and says why."""
-    with mlflow_server(tmp_path, auth=False) as uri:
+    with mlflow_server(tmp_path, auth=False, template=store_template) as uri:
         r = _check(uri)
     assert r.returncode == 1, r.stdout + r.stderr
     assert "without credentials" in r.stderr and "default admin password" in r.stderr
 
 
-def test_hardened_server_refuses_what_it_must(tmp_path, capsys, monkeypatch):
-    with mlflow_server(tmp_path, auth=True) as uri:
+def test_server_script_refuses_to_bind_to_every_interface_and_names_what_is_missing(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    given = {"MLFLOW_BACKEND_URI": f"sqlite:///{tmp_path}/x.db", "MLFLOW_ARTIFACTS_URI": str(tmp_path / "artifacts"),
+             "MLFLOW_ALLOWED_HOSTS": "mlflow.internal:5000"}
+    script = ["bash", str(REPO / "cluster/mlflow-server.sh")]
+    r = subprocess.run(script, env={**env, **given, "MLFLOW_HOST": "0.0.0.0"}, capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2 and r.stderr.strip() == (
+        "mlflow-server: refusing to bind to all interfaces; give MLFLOW_HOST a private address"), r.stderr
+    r = subprocess.run(script, env={**env, **given}, capture_output=True, text=True, timeout=30)
+    assert r.returncode != 0 and "MLFLOW_HOST: a private address to bind to" in r.stderr, r.stderr
+    assert not list(tmp_path.glob("x.db*")) and not (tmp_path / "artifacts").exists()
+
+
+def test_hardened_server_refuses_what_it_must(tmp_path, capsys, monkeypatch, store_template):
+    """`cluster/mlflow-server.sh` on a SQLite store."""
+    with mlflow_server(tmp_path, auth=True, template=store_template) as uri:
         monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # for the fit run in this process
         _hardened(uri, tmp_path, capsys)
 
@@ -148,7 +116,7 @@ def test_a_tracking_server_that_does_not_answer_is_one_line_before_training(tmp_
     assert not (tmp_path / "checkpoints").exists()
 
 
-def test_training_goes_on_when_the_tracking_server_dies(tmp_path):
+def test_training_goes_on_when_the_tracking_server_dies(tmp_path, store_template):
     """The server is killed mid-training: the job still finishes (exit 0, in bounded time), says
     so once, and every logging step after the failure is in the local JSONL file, none dropped."""
     import mlflow
@@ -158,7 +126,7 @@ def test_training_goes_on_when_the_tracking_server_dies(tmp_path):
     # 300 updates while the server was being stopped, and nothing was left to fail
     release = tmp_path / "server-gone"
     hold = json.dumps([{"class_path": "distrnn.faults.HoldAt", "init_args": {"step": 100, "until": str(release)}}])
-    with mlflow_server(tmp_path, auth=False) as uri:
+    with mlflow_server(tmp_path, auth=False, template=store_template) as uri:
         env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
         fit = subprocess.Popen(
             distrnn_cmd("fit", "--config", str(REPO / "jobs/configs/tiny.yaml"), "--trainer.max_steps", "300",
