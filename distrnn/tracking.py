@@ -200,7 +200,7 @@ def ui_hint(tracking_uri: str, experiment_id: str, run_id: str, cwd: Optional[st
     if tracking_uri in (default, "sqlite:///mlflow.db") and _has_mlflow_ui_target(os.path.join(cwd, "Makefile")):
         serve = "make mlflow-ui"
     else:
-        serve = f"mlflow ui --host 127.0.0.1 --port 5000 --backend-store-uri {shlex.quote(tracking_uri)}"
+        serve = f"mlflow ui --host 127.0.0.1 --port 5000 --workers 1 --backend-store-uri {shlex.quote(tracking_uri)}"
     return f"{serve}   (then open http://127.0.0.1:5000/{page})"
 
 

@@ -1,10 +1,15 @@
 """The `distrnn` command: bad input, a real training job into MLflow, generation, a real server."""
 
 import importlib.util
+import json
 import math
 import os
 import shlex
+import signal
 import subprocess
+import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import mlflow
@@ -14,7 +19,7 @@ import torch
 
 import distrnn
 
-from conftest import REPO, cli, distrnn_cmd, mlflow_server, run_installed, write_corpus
+from conftest import REPO, cli, distrnn_cmd, free_port, mlflow_server, run_installed, write_corpus
 
 CONFIG = """
 seed_everything: 0
@@ -153,7 +158,6 @@ def test_runs_record_their_data_as_mlflow_datasets_with_a_digest_of_the_content(
     splits (name, absolute path, a digest of the bytes, token and document counts); a second fit
     on the same corpus the same digests; one with a byte of the corpus changed in the training part
     another training digest and the same validation one; `validate` its validation split."""
-    import json
 
     def inputs(run):
         return {t.value: d.dataset for d in run.inputs.dataset_inputs for t in d.tags if t.key == "mlflow.data.context"}
@@ -850,7 +854,7 @@ def test_the_ui_hint_opens_the_run_where_its_store_is_served(tmp_path):
     # a store of one's own: the command that serves it, quoted for the shell
     store = f"sqlite:///{tmp_path}/it's here/mlflow.db"
     hint = ui_hint(store, "3", "abc", cwd=str(tmp_path))
-    assert hint.startswith("mlflow ui --host 127.0.0.1 --port 5000 --backend-store-uri ") and hint.endswith(f"http://127.0.0.1:5000/{page})")
+    assert hint.startswith("mlflow ui --host 127.0.0.1 --port 5000 --workers 1 --backend-store-uri ") and hint.endswith(f"http://127.0.0.1:5000/{page})")
     assert shlex.split(hint.split("   (")[0])[-1] == store
     # this checkout's default store: its Makefile serves it (another project's Makefile does not)
     here = f"sqlite:///{tmp_path}/mlflow.db"
@@ -858,6 +862,40 @@ def test_the_ui_hint_opens_the_run_where_its_store_is_served(tmp_path):
     assert ui_hint(here, "3", "abc", cwd=str(tmp_path)).startswith("mlflow ui ")
     (tmp_path / "Makefile").write_text((REPO / "Makefile").read_text())
     assert ui_hint(here, "3", "abc", cwd=str(tmp_path)) == f"make mlflow-ui   (then open http://127.0.0.1:5000/{page})"
+
+
+@pytest.mark.slow
+def test_make_mlflow_ui_serves_the_store_in_one_worker_without_mlflows_job_runner(tmp_path):
+    """What the README's `make mlflow-ui` starts (here on a free port, over this test's store):
+    the runs of the store, served by one uvicorn process and no job runner (MLflow's defaults
+    started 15 processes, 2.75 GB)."""
+    import psutil
+
+    run_id = mlflow.MlflowClient().create_run(mlflow.MlflowClient().create_experiment("ui")).info.run_id
+    port, venv = free_port(), Path(sys.executable).parent.parent
+    ui = subprocess.Popen(["make", "-C", str(REPO), "-o", f"{venv}/.installed", "mlflow-ui", f"VENV={venv}", f"MLFLOW_UI_PORT={port}"],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                body = json.dumps({"experiment_ids": [mlflow.get_experiment_by_name("ui").experiment_id]}).encode()
+                req = urllib.request.Request(f"http://127.0.0.1:{port}/api/2.0/mlflow/runs/search", data=body,
+                                             headers={"Content-Type": "application/json"})
+                with urllib.request.urlopen(req, timeout=5) as r:
+                    runs = json.load(r)["runs"]
+                break
+            except OSError:
+                assert ui.poll() is None and time.time() < deadline, ui.communicate()[1][-3000:]
+                time.sleep(0.5)
+        assert [r["info"]["run_id"] for r in runs] == [run_id]
+        # two Python processes under make's shell: MLflow's launcher and uvicorn serving alone
+        commands = [p.cmdline() for p in psutil.Process(ui.pid).children(recursive=True)]
+        pythons = [c for c in commands if Path(c[0]).name.startswith("python")]
+        assert len(pythons) == 2 and sum(c[1:3] == ["-m", "uvicorn"] for c in pythons) == 1, commands
+    finally:
+        os.killpg(ui.pid, signal.SIGTERM)
+        ui.wait(timeout=60)
 
 
 def test_a_ray_driver_refuses_cudnn_dropout_under_checkpointed_bptt_for_gpu_workers(job, capsys):
