@@ -8,7 +8,7 @@ CONFIG ?= jobs/configs/default.yaml
 STRATEGY ?= ddp
 DEVICES ?= auto
 PYTEST_ARGS ?=
-# 2 workers on 2 cores: 13:37 on 2026-12-05 (much of the suite waits on process start-ups; tests/conftest.py
+# 2 workers on 2 cores: 16:34 on 2026-12-06 with a training run beside (much of the suite waits on process start-ups; tests/conftest.py
 # gives each worker its share of the cores and forks in-process ranks instead of spawning them)
 TEST_WORKERS ?= 2
 # the versions the suite last passed with (empty: let pip choose within pyproject's ranges)
