@@ -20,7 +20,6 @@ from conftest import MLFLOW_ADMIN_PASSWORD, REPO, cli, distrnn_cmd, free_port, m
 pytestmark = pytest.mark.slow
 
 OLD_DEFAULT = "password1234"  # what older MLflow versions shipped; servers set up then may still have it
-BOOTSTRAP = MLFLOW_ADMIN_PASSWORD
 
 
 def _post(url, body, auth):
@@ -73,7 +72,7 @@ def test_hardened_server_refuses_what_it_must(tmp_path, capsys, monkeypatch, sto
 def _hardened(auth_server, tmp_path, capsys):
     trainer = ("trainer", "another-long-random-password")
     assert _post(f"{auth_server}/api/2.0/mlflow/users/create", {"username": trainer[0], "password": trainer[1]},
-                 ("admin", BOOTSTRAP)) == 200
+                 ("admin", MLFLOW_ADMIN_PASSWORD)) == 200
     # no credentials, the old default admin password, a foreign Host, path traversal: all refused
     r = _check(auth_server, trainer)
     assert r.returncode == 0, r.stderr
