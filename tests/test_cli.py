@@ -873,8 +873,9 @@ def test_make_mlflow_ui_serves_the_store_in_one_worker_without_mlflows_job_runne
 
     run_id = mlflow.MlflowClient().create_run(mlflow.MlflowClient().create_experiment("ui")).info.run_id
     port, venv = free_port(), Path(sys.executable).parent.parent
+    log = tmp_path / "ui.log"  # a file: a pipe nobody reads would stop the server once full
     ui = subprocess.Popen(["make", "-C", str(REPO), "-o", f"{venv}/.installed", "mlflow-ui", f"VENV={venv}", f"MLFLOW_UI_PORT={port}"],
-                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+                          stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.time() + 120
         while True:
@@ -886,7 +887,7 @@ def test_make_mlflow_ui_serves_the_store_in_one_worker_without_mlflows_job_runne
                     runs = json.load(r)["runs"]
                 break
             except OSError:
-                assert ui.poll() is None and time.time() < deadline, ui.communicate()[1][-3000:]
+                assert ui.poll() is None and time.time() < deadline, log.read_text()[-3000:]
                 time.sleep(0.5)
         assert [r["info"]["run_id"] for r in runs] == [run_id]
         # two Python processes under make's shell: MLflow's launcher and uvicorn serving alone
